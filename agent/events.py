@@ -1,0 +1,179 @@
+"""Immutable events: the one seam between the engine and whatever shows it (CLI lines, JSON, the TUI)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base of every event; `ts` is the wall-clock time it was made."""
+
+    ts: float = field(default_factory=time.time)
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StateChanged(Event):
+    """The engine's state: idle, baseline, proposing, waiting_review, running, paused, stopped."""
+
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStarted(Event):
+    """A training run of experiment `exp_id` began (one per seed)."""
+
+    exp_id: int
+    description: str
+    commit: str
+    seed: int
+    budget: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogLine(Event):
+    """One line of a run's output; `replace` means it overwrites the previous line (a `\\r` progress line)."""
+
+    exp_id: int
+    text: str
+    replace: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepMetric(Event):
+    """One parsed progress line of a run: enough for a live loss curve."""
+
+    exp_id: int
+    step: int
+    loss: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFinished(Event):
+    """A run ended: outcome is ok, crash, timeout, oom, nan, invalid or interrupted."""
+
+    exp_id: int
+    outcome: str
+    val_bpb: float | None
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+    log_tail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoiseFloor(Event):
+    """The measured spread of the baseline over seeds, and the margin a candidate must beat."""
+
+    values: tuple[float, ...]
+    spread: float
+    margin: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProposalStarted(Event):
+    """A proposer began thinking about the next experiment."""
+
+    proposer: str
+    model: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProposalToken(Event):
+    """A streamed piece of the model's reply."""
+
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProposalReady(Event):
+    """A proposal that applies cleanly: its description, reasoning and unified diff."""
+
+    exp_id: int
+    description: str
+    diff: str
+    reasoning: str = ""
+    proposer: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProposalRejected(Event):
+    """A proposer failed to produce a valid proposal; every reply is kept."""
+
+    exp_id: int | None
+    reason: str
+    replies: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReviewRequested(Event):
+    """The review gate holds proposal `exp_id` until approve, edit or veto."""
+
+    exp_id: int
+    description: str
+    diff: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decided(Event):
+    """The verdict on an experiment: keep, discard, crash, ... ; `by` is engine or user (an override)."""
+
+    exp_id: int
+    status: str
+    val_bpb: float | None
+    best_bpb: float | None
+    margin: float
+    reason: str
+    by: str = "engine"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLoading(Event):
+    """A local model is being loaded or assembled; progress in [0, 1] when known."""
+
+    name: str
+    progress: float | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelLoaded(Event):
+    """A local model is ready."""
+
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineError(Event):
+    """Something went wrong that the user should see; the engine keeps going unless `fatal`."""
+
+    message: str
+    detail: str = ""
+    fatal: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Info(Event):
+    """A plain informational message."""
+
+    message: str
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict of an event, with its kind."""
+    data = dataclasses.asdict(event)
+    data["kind"] = event.kind
+    return data

@@ -1,0 +1,84 @@
+"""What a proposer is given and what it returns: the contract between the engine and its idea sources."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.events import EventSink
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace the text `search` (which must occur exactly once in train.py) by `replace`."""
+
+    search: str
+    replace: str
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One idea: a description and the edits to train.py that implement it."""
+
+    description: str
+    edits: tuple[Edit, ...]
+    reasoning: str = ""
+    proposer: str = ""
+    """Who made it: 'ideas', 'llama', 'user', 'reapply'."""
+    model: str | None = None
+    """The model name when a model made it."""
+    temperature: float | None = None
+    seed: int | None = None
+    replies: tuple[str, ...] = ()
+    """Every raw model reply that led to this proposal (failed tries included)."""
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One past experiment as a proposer sees it."""
+
+    exp_id: int
+    description: str
+    status: str
+    val_bpb: float | None
+    crash_tail: str = ""
+
+
+@dataclass(frozen=True)
+class ProposalContext:
+    """Everything a proposer may look at to propose the next experiment."""
+
+    program_md: str
+    train_py: str
+    """The current best train.py."""
+    history: tuple[HistoryRow, ...]
+    """Oldest first."""
+    best_bpb: float | None
+    noise_margin: float | None
+    budget: str
+    """Human-readable budget, e.g. '60 s' or '3.0e12 FLOPs'."""
+    tried_hashes: frozenset[str] = field(default_factory=frozenset)
+    """SHA-256 of every train.py already tried: a proposal producing one of these is a duplicate."""
+    veto_reason: str | None = None
+    """Why the user vetoed the previous proposal, to be passed back to the model."""
+
+
+class ProposalFailed(Exception):
+    """A proposer could not produce a valid proposal; the engine records it as `rejected`."""
+
+    def __init__(self, reason: str, replies: tuple[str, ...] = (), model: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.replies = replies
+        self.model = model
+
+
+class Proposer(Protocol):
+    """A source of proposals. `propose` returns None when it has nothing left to propose."""
+
+    name: str
+
+    def propose(
+        self, context: ProposalContext, emit: EventSink, cancel: threading.Event
+    ) -> Proposal | None: ...

@@ -1,0 +1,1 @@
+"""The NanoGPT sandbox: prepare.py (frozen harness) and train.py (the file the agent edits)."""

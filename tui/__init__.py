@@ -1,0 +1,1 @@
+"""The Textual research cockpit: reads engine events, sends engine commands."""
