@@ -1,0 +1,44 @@
+"""Shared fixtures: every test runs with its own AUTORESEARCH_HOME; prepared data is shared per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared-data cache for the whole session (preparing is cheap, but not free)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def ar_home(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private AUTORESEARCH_HOME so that no test touches the real user dirs."""
+    home = tmp_path / "arhome"
+    home.mkdir()
+    monkeypatch.setenv("AUTORESEARCH_HOME", str(home))
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(shared_cache))
+    monkeypatch.delenv("AUTORESEARCH_BUDGET", raising=False)
+    monkeypatch.delenv("AUTORESEARCH_CORPUS", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    yield home
+
+
+@pytest.fixture
+def python() -> str:
+    """The interpreter that runs training children."""
+    return sys.executable
+
+
+def nanogpt_env(**extra: str) -> dict[str, str]:
+    """The environment for running nanogpt/train.py directly."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
