@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +35,3 @@ def python() -> str:
     """The interpreter that runs training children."""
     return sys.executable
 
-
-def nanogpt_env(**extra: str) -> dict[str, str]:
-    """The environment for running nanogpt/train.py directly."""
-    env = dict(os.environ)
-    env.update(extra)
-    return env

