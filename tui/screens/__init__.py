@@ -1,0 +1,21 @@
+"""The cockpit's screens: main, welcome, review, editors, model picker, help and quit."""
+
+from tui.screens.dialogs import QuitScreen, VetoScreen, WelcomeScreen
+from tui.screens.editors import ProgramEditorScreen, ProposalEditorScreen
+from tui.screens.help import HelpScreen
+from tui.screens.main import MainScreen
+from tui.screens.models import ModelChoice, ModelPickerScreen
+from tui.screens.review import ReviewScreen
+
+__all__ = [
+    "HelpScreen",
+    "MainScreen",
+    "ModelChoice",
+    "ModelPickerScreen",
+    "ProgramEditorScreen",
+    "ProposalEditorScreen",
+    "QuitScreen",
+    "ReviewScreen",
+    "VetoScreen",
+    "WelcomeScreen",
+]

@@ -1,0 +1,119 @@
+"""Small dialogs: the first-run welcome, the veto reason, and the quit confirmation."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Footer, Input, Static
+
+
+def welcome_text(workspace: str, budget: str, model: str | None) -> str:
+    """What will happen and how to stop it, for a new workspace."""
+    return f"""[b]Welcome to autoresearch.[/b]
+
+A new research workspace was created at [b]{workspace}[/b].
+
+[b]When you press Enter:[/b]
+ 1. The starting train.py is trained as the [b]baseline[/b], for a budget of [b]{budget}[/b] per run,
+    to measure where we start and how noisy the measure is.
+ 2. Then, in a loop, the model ([b]{model or "the default"}[/b]) reads program.md, the history and
+    train.py, and proposes one change to train.py. The change is committed, trained for the same budget,
+    and [b]kept[/b] only if its val_bpb beats the best by the noise margin; otherwise the branch moves back
+    (the candidate stays reachable in git).
+ 3. Everything is recorded in the workspace (git and the ledger); reopening it resumes where you left off.
+
+[b]How to stop:[/b] [b]p[/b] pauses after the current run, [b]s[/b] stops the current run now,
+[b]q[/b] quits (the current run is stopped and recorded as interrupted). [b]g[/b] turns on the review gate,
+to approve, edit or veto each change before it runs. [b]F1[/b] shows every key.
+
+Press [b]Enter[/b] to start, or [b]Escape[/b] to leave without starting."""
+
+
+class WelcomeScreen(ModalScreen[bool]):
+    """Shown on a workspace's first run; Enter starts the research, Escape leaves."""
+
+    BINDINGS = [
+        Binding("enter", "start", "Start"),
+        Binding("escape", "leave", "Leave"),
+    ]
+
+    def __init__(self, workspace: str, budget: str, model: str | None) -> None:
+        super().__init__()
+        self._text = welcome_text(workspace, budget, model)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="welcome", classes="dialog"):
+            yield Static(self._text, id="welcome-text")
+        yield Footer()
+
+    def action_start(self) -> None:
+        self.dismiss(True)
+
+    def action_leave(self) -> None:
+        self.dismiss(False)
+
+
+class VetoScreen(ModalScreen[str | None]):
+    """Asks why the proposal is vetoed; the reason goes back to the model."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, exp_id: int, description: str) -> None:
+        super().__init__()
+        self._title = f"Veto proposal #{exp_id}: {description}"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="veto", classes="dialog"):
+            yield Static(self._title, classes="dialog-title", markup=False)
+            yield Static("Why? The model sees this reason when it proposes the next change.")
+            yield Input(
+                placeholder="e.g. the learning rate is already at its best; try the model width",
+                id="veto-reason",
+            )
+        yield Footer()
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        reason = event.value.strip()
+        if reason:
+            self.dismiss(reason)
+        else:
+            self.notify("Give a reason: it is what the model learns from.", severity="warning")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class QuitScreen(ModalScreen[bool]):
+    """Confirms quitting, saying what happens to the run in flight."""
+
+    BINDINGS = [
+        Binding("y,enter", "quit_now", "Quit"),
+        Binding("n,escape", "cancel", "Cancel"),
+    ]
+
+    def __init__(self, running: bool) -> None:
+        super().__init__()
+        self._running = running
+
+    def compose(self) -> ComposeResult:
+        what = (
+            "The run in flight will be stopped and recorded as [b]interrupted[/b]; "
+            "reopening the workspace resumes the research."
+            if self._running
+            else "Nothing is running; reopening the workspace resumes the research."
+        )
+        with Vertical(id="quit", classes="dialog"):
+            yield Static("[b]Quit autoresearch?[/b]", classes="dialog-title")
+            yield Static(what)
+            yield Static("[b]y[/b] / Enter: quit    [b]n[/b] / Escape: stay")
+        yield Footer()
+
+    def action_quit_now(self) -> None:
+        self.dismiss(True)
+
+    def action_cancel(self) -> None:
+        self.dismiss(False)

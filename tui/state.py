@@ -1,0 +1,482 @@
+"""The cockpit's picture of the engine, folded from events by a pure reducer (no Textual here)."""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.events import (
+    Decided,
+    EngineError,
+    Event,
+    Info,
+    LogLine,
+    ModelLoaded,
+    ModelLoading,
+    NoiseFloor,
+    ProposalReady,
+    ProposalRejected,
+    ProposalStarted,
+    ProposalToken,
+    ReviewRequested,
+    RunFinished,
+    RunStarted,
+    StateChanged,
+    StepMetric,
+)
+
+PROGRESS_LINE = re.compile(r"^step\s+(\d+)\s+\|\s+loss\s+(\S+)\s+\|.*\btok/s\s+([\d.]+)")
+"""A training progress line (docs/contracts.md)."""
+
+IN_FLIGHT = frozenset({"pending", "running", "review"})
+"""Row statuses of an experiment that has no verdict yet."""
+
+KEPT = frozenset({"keep", "baseline"})
+"""Statuses whose train.py became the best at the time."""
+
+MAX_CURVE_POINTS = 4000
+"""A loss curve longer than this is thinned (every other point dropped), so memory stays flat."""
+
+MAX_REASONING_CHARS = 40_000
+"""Only the tail of a streamed reasoning is kept."""
+
+Severity = Literal["information", "warning", "error"]
+
+
+@dataclass
+class ExperimentRow:
+    """One experiment as the timeline and the detail view show it."""
+
+    exp_id: int
+    description: str = ""
+    status: str = "pending"
+    val_bpb: float | None = None
+    seconds: float | None = None
+    decided_by: str = "engine"
+    reason: str = ""
+    diff: str = ""
+    log_tail: str = ""
+    model: str | None = None
+    proposer: str = ""
+    peak_memory_mb: float | None = None
+    seeds: int = 0
+
+    @property
+    def decided(self) -> bool:
+        return self.status not in IN_FLIGHT
+
+
+@dataclass
+class HeaderInfo:
+    """What the header shows; events update it, engine snapshots correct it."""
+
+    workspace: str = ""
+    branch: str = ""
+    model: str | None = None
+    device: str = ""
+    budget: str = ""
+    state: str = "starting"
+    detail: str = ""
+    baseline_bpb: float | None = None
+    best_bpb: float | None = None
+    best_exp_id: int | None = None
+    margin: float | None = None
+    review_gate: bool = False
+    pause_requested: bool = False
+    loading_model: str | None = None
+    loading_progress: float | None = None
+    loading_message: str = ""
+
+
+@dataclass
+class Curve:
+    """A loss curve: (step, loss) pairs of one run, thinned past MAX_CURVE_POINTS."""
+
+    exp_id: int | None = None
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        if len(self.steps) > MAX_CURVE_POINTS:
+            # Keep the newest point exact; halve the rest.
+            del self.steps[-2::-2]
+            del self.losses[-2::-2]
+
+    def loss_at(self, step: int) -> float | None:
+        """The loss at the last logged step <= `step` (None before the first)."""
+        i = bisect.bisect_right(self.steps, step) - 1
+        return self.losses[i] if i >= 0 else None
+
+
+@dataclass
+class LiveRun:
+    """The run in flight: its curve and throughput."""
+
+    exp_id: int | None = None
+    seed: int | None = None
+    description: str = ""
+    curve: Curve = field(default_factory=Curve)
+    tokens_per_s: float | None = None
+    finished: bool = False
+
+
+@dataclass
+class ProposalView:
+    """The proposal being made or waiting: streamed reasoning, then the diff."""
+
+    phase: str = "idle"
+    """idle, thinking, ready, review, rejected."""
+    proposer: str = ""
+    model: str | None = None
+    reasoning: str = ""
+    exp_id: int | None = None
+    description: str = ""
+    diff: str = ""
+    reason: str = ""
+
+
+@dataclass
+class LogOps:
+    """What to do to the log view for one batch: replace its last line (a `\\r` line), then write `lines`."""
+
+    lines: list[str] = field(default_factory=list)
+    replace_last: str | None = None
+    """Replaces the last line already in the view, before `lines` are written."""
+
+
+@dataclass
+class Update:
+    """What a batch of events changed: the parts to redraw, log lines to write, notifications to show."""
+
+    dirty: set[str] = field(default_factory=set)
+    log: LogOps = field(default_factory=LogOps)
+    notifications: list[tuple[str, Severity]] = field(default_factory=list)
+    review: ReviewRequested | None = None
+    review_closed: bool = False
+    dropped_lines: int = 0
+
+
+def parse_curve(log_text: str) -> Curve:
+    """The loss curve in a training log's progress lines."""
+    curve = Curve()
+    for line in log_text.splitlines():
+        match = PROGRESS_LINE.match(line.strip())
+        if match:
+            try:
+                curve.add(int(match.group(1)), float(match.group(2)))
+            except ValueError:
+                continue
+    return curve
+
+
+def row_from_experiment(exp: Any) -> ExperimentRow:
+    """An ExperimentRow from a ledger `Experiment` (read by attribute, so any record with those fields works)."""
+    seconds = getattr(exp, "total_seconds", None) or getattr(exp, "training_seconds", None)
+    seeds = getattr(exp, "seeds", None)
+    return ExperimentRow(
+        exp_id=int(exp.id),
+        description=getattr(exp, "description", "") or "",
+        status=getattr(exp, "status", "") or "pending",
+        val_bpb=getattr(exp, "val_bpb", None),
+        seconds=seconds,
+        decided_by=getattr(exp, "decided_by", None) or "engine",
+        reason=getattr(exp, "reason", "") or "",
+        diff=getattr(exp, "diff", "") or "",
+        log_tail=getattr(exp, "log_tail", "") or "",
+        model=getattr(exp, "model", None),
+        proposer=getattr(exp, "proposer", "") or "",
+        peak_memory_mb=getattr(exp, "peak_memory_mb", None),
+        seeds=len(seeds) if isinstance(seeds, list | tuple) else int(seeds or 0),
+    )
+
+
+def first_line(text: str, limit: int = 160) -> str:
+    """The last non-empty line of a block of text, cut to `limit` characters (for notifications)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+class CockpitState:
+    """Folds engine events into what the cockpit shows. Pure: no Textual, no I/O."""
+
+    def __init__(self, header: HeaderInfo | None = None) -> None:
+        self.header = header or HeaderInfo()
+        self.rows: dict[int, ExperimentRow] = {}
+        self.run = LiveRun()
+        self.best_curve = Curve()
+        self.curves: dict[int, Curve] = {}
+        """Curves of this session's runs, kept only for the run in flight and the best."""
+        self.proposal = ProposalView()
+        self.pending_review: ReviewRequested | None = None
+        self.last_log_exp: int | None = None
+
+    # -- derived ---------------------------------------------------------------------------------
+
+    @property
+    def n_done(self) -> int:
+        """Experiments with a verdict (the baseline included)."""
+        return sum(1 for row in self.rows.values() if row.decided)
+
+    def ordered_rows(self) -> list[ExperimentRow]:
+        """Newest first."""
+        return [self.rows[key] for key in sorted(self.rows, reverse=True)]
+
+    def delta_vs_best(self, row: ExperimentRow) -> float | None:
+        if row.val_bpb is None or self.header.best_bpb is None:
+            return None
+        return row.val_bpb - self.header.best_bpb
+
+    @property
+    def gain(self) -> float | None:
+        """How much the best beats the baseline (positive is better)."""
+        if self.header.best_bpb is None or self.header.baseline_bpb is None:
+            return None
+        return self.header.baseline_bpb - self.header.best_bpb
+
+    def progress_points(self) -> tuple[list[int], list[float], list[int], list[float], list[float]]:
+        """(ids, val_bpb) of every measured experiment, (ids, val_bpb) of the keeps, running best per id."""
+        ids: list[int] = []
+        values: list[float] = []
+        keep_ids: list[int] = []
+        keep_values: list[float] = []
+        best_line: list[float] = []
+        best: float | None = None
+        for key in sorted(self.rows):
+            row = self.rows[key]
+            if row.val_bpb is None or not row.decided:
+                continue
+            ids.append(key)
+            values.append(row.val_bpb)
+            if row.status in KEPT:
+                keep_ids.append(key)
+                keep_values.append(row.val_bpb)
+                best = row.val_bpb if best is None else min(best, row.val_bpb)
+            best_line.append(best if best is not None else row.val_bpb)
+        return ids, values, keep_ids, keep_values, best_line
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def load_rows(self, rows: Iterable[ExperimentRow]) -> None:
+        """Replace the rows by the ledger's (on open), and derive the baseline and best from them."""
+        for row in rows:
+            known = self.rows.get(row.exp_id)
+            if known is not None and not known.decided and row.decided is False:
+                continue
+            self.rows[row.exp_id] = row
+        for row in sorted(self.rows.values(), key=lambda r: r.exp_id):
+            if row.status == "baseline" and row.val_bpb is not None:
+                self.header.baseline_bpb = row.val_bpb
+        kept = [row for row in self.rows.values() if row.status in KEPT and row.val_bpb is not None]
+        if kept and self.header.best_bpb is None:
+            best = min(kept, key=lambda r: r.val_bpb or 0.0)
+            self.header.best_bpb = best.val_bpb
+            self.header.best_exp_id = best.exp_id
+
+    def apply_snapshot(self, snapshot: Any) -> None:
+        """Correct the header from an engine snapshot (read by attribute)."""
+        header = self.header
+        for name in ("workspace", "branch", "model", "device", "budget", "state"):
+            value = getattr(snapshot, name, None)
+            if value is not None:
+                setattr(header, name, str(value))
+        for name in ("baseline_bpb", "best_bpb", "best_exp_id", "margin"):
+            if hasattr(snapshot, name):
+                setattr(header, name, getattr(snapshot, name))
+        if hasattr(snapshot, "review_gate"):
+            header.review_gate = bool(snapshot.review_gate)
+        if header.state == "paused":
+            header.pause_requested = False
+
+    def set_best_curve(self, exp_id: int, curve: Curve) -> None:
+        curve.exp_id = exp_id
+        self.best_curve = curve
+
+    # -- the reducer -----------------------------------------------------------------------------
+
+    def row(self, exp_id: int) -> ExperimentRow:
+        if exp_id not in self.rows:
+            self.rows[exp_id] = ExperimentRow(exp_id=exp_id)
+        return self.rows[exp_id]
+
+    def apply_batch(self, events: Sequence[Event], max_log_lines: int = 2000) -> Update:
+        """Fold a batch of events (in order) and say what changed."""
+        update = Update()
+        for event in events:
+            self._apply(event, update)
+        if len(update.log.lines) > max_log_lines:
+            update.dropped_lines += len(update.log.lines) - max_log_lines
+            update.log.lines = update.log.lines[-max_log_lines:]
+        return update
+
+    def _apply(self, event: Event, update: Update) -> None:
+        header = self.header
+        if isinstance(event, LogLine):
+            self._log_line(event, update)
+        elif isinstance(event, StepMetric):
+            if self.run.exp_id != event.exp_id:
+                self.run = LiveRun(exp_id=event.exp_id)
+            self.run.curve.add(event.step, event.loss)
+            self.run.tokens_per_s = event.tokens_per_s
+            update.dirty.add("run")
+        elif isinstance(event, StateChanged):
+            header.state = event.state
+            header.detail = event.detail
+            if event.state == "paused":
+                header.pause_requested = False
+            if self.pending_review is not None and event.state != "waiting_review":
+                self.pending_review = None
+                update.review_closed = True
+                if self.proposal.phase == "review":
+                    self.proposal.phase = "ready"
+                update.dirty.add("proposal")
+            update.dirty.add("header")
+        elif isinstance(event, RunStarted):
+            row = self.row(event.exp_id)
+            row.status = "running"
+            row.description = row.description or event.description
+            row.seeds += 1
+            header.budget = event.budget or header.budget
+            self.run = LiveRun(exp_id=event.exp_id, seed=event.seed, description=event.description)
+            self.curves = {k: v for k, v in self.curves.items() if k == self.best_curve.exp_id}
+            self.curves[event.exp_id] = self.run.curve
+            banner = f"── #{event.exp_id} seed {event.seed}: {event.description} ──"
+            update.log.lines.append(banner)
+            update.dirty.update({"timeline", "run", "header"})
+        elif isinstance(event, RunFinished):
+            row = self.row(event.exp_id)
+            row.seconds = (row.seconds or 0.0) + event.seconds if row.seeds > 1 else event.seconds
+            if event.log_tail:
+                row.log_tail = event.log_tail
+            if event.val_bpb is not None and row.status in IN_FLIGHT:
+                row.val_bpb = event.val_bpb
+            peak = event.summary.get("peak_memory_mb") if event.summary else None
+            if isinstance(peak, int | float):
+                row.peak_memory_mb = float(peak)
+            if self.run.exp_id == event.exp_id:
+                self.run.finished = True
+            if event.outcome not in ("ok", "interrupted"):
+                tail = first_line(event.log_tail)
+                update.notifications.append(
+                    (f"Run #{event.exp_id}: {event.outcome}" + (f" — {tail}" if tail else ""), "warning")
+                )
+            update.dirty.update({"timeline", "run"})
+        elif isinstance(event, Decided):
+            row = self.row(event.exp_id)
+            row.status = event.status
+            row.val_bpb = event.val_bpb if event.val_bpb is not None else row.val_bpb
+            row.decided_by = event.by
+            row.reason = event.reason
+            previous_best = header.best_exp_id
+            if event.status == "baseline" and event.val_bpb is not None:
+                header.baseline_bpb = event.val_bpb
+            if event.best_bpb is not None:
+                header.best_bpb = event.best_bpb
+            if event.status in KEPT and event.val_bpb is not None and event.val_bpb == event.best_bpb:
+                header.best_exp_id = event.exp_id
+            header.margin = event.margin
+            if header.best_exp_id != previous_best and header.best_exp_id in self.curves:
+                self.set_best_curve(header.best_exp_id, self.curves[header.best_exp_id])
+            if event.by == "user":
+                update.notifications.append(
+                    (f"#{event.exp_id} is now {event.status} (override)", "information")
+                )
+            update.dirty.update({"timeline", "header", "progress", "run"})
+        elif isinstance(event, ProposalStarted):
+            self.proposal = ProposalView(phase="thinking", proposer=event.proposer, model=event.model)
+            if event.model:
+                header.model = event.model
+            update.dirty.update({"proposal", "header"})
+        elif isinstance(event, ProposalToken):
+            reasoning = self.proposal.reasoning + event.text
+            if len(reasoning) > MAX_REASONING_CHARS:
+                reasoning = reasoning[-MAX_REASONING_CHARS:]
+            self.proposal.reasoning = reasoning
+            if self.proposal.phase == "idle":
+                self.proposal.phase = "thinking"
+            update.dirty.add("proposal")
+        elif isinstance(event, ProposalReady):
+            view = self.proposal
+            view.phase = "ready"
+            view.exp_id = event.exp_id
+            view.description = event.description
+            view.diff = event.diff
+            if event.reasoning and not view.reasoning:
+                view.reasoning = event.reasoning
+            view.proposer = event.proposer or view.proposer
+            row = self.row(event.exp_id)
+            row.description = event.description
+            row.diff = event.diff
+            row.proposer = event.proposer
+            row.model = view.model
+            update.dirty.update({"proposal", "timeline"})
+        elif isinstance(event, ProposalRejected):
+            self.proposal.phase = "rejected"
+            self.proposal.reason = event.reason
+            if event.exp_id is not None:
+                row = self.row(event.exp_id)
+                row.status = "rejected"
+                row.reason = event.reason
+                row.description = row.description or "(rejected proposal)"
+                update.dirty.add("timeline")
+            update.notifications.append((f"Proposal rejected: {first_line(event.reason)}", "warning"))
+            update.dirty.add("proposal")
+        elif isinstance(event, ReviewRequested):
+            self.pending_review = event
+            view = self.proposal
+            view.phase = "review"
+            view.exp_id = event.exp_id
+            view.description = event.description
+            view.diff = event.diff
+            row = self.row(event.exp_id)
+            row.status = "review"
+            row.description = event.description
+            row.diff = event.diff
+            update.review = event
+            update.dirty.update({"proposal", "timeline", "header"})
+        elif isinstance(event, NoiseFloor):
+            header.margin = event.margin
+            update.notifications.append(
+                (
+                    f"Noise floor: spread {event.spread:.4f}, a keep must beat the best by {event.margin:.4f}",
+                    "information",
+                )
+            )
+            update.dirty.add("header")
+        elif isinstance(event, ModelLoading):
+            header.loading_model = event.name
+            header.loading_progress = event.progress
+            header.loading_message = event.message
+            update.dirty.add("header")
+        elif isinstance(event, ModelLoaded):
+            header.model = event.name
+            header.loading_model = None
+            header.loading_progress = None
+            header.loading_message = ""
+            update.notifications.append((f"Model {event.name} ready ({event.seconds:.1f} s)", "information"))
+            update.dirty.add("header")
+        elif isinstance(event, EngineError):
+            if header.loading_model is not None:
+                header.loading_model = None
+                header.loading_progress = None
+                update.dirty.add("header")
+            text = event.message + (f"\n{first_line(event.detail)}" if event.detail else "")
+            update.notifications.append((text, "error"))
+        elif isinstance(event, Info):
+            update.notifications.append((event.message, "information"))
+
+    def _log_line(self, event: LogLine, update: Update) -> None:
+        lines = update.log.lines
+        if event.replace:
+            if lines:
+                lines[-1] = event.text
+            else:
+                update.log.replace_last = event.text
+        else:
+            lines.append(event.text)
+        update.dirty.add("log")

@@ -1,0 +1,9 @@
+"""The cockpit's widgets: header, timeline, live run, proposal and progress panes."""
+
+from tui.widgets.header import CockpitHeader
+from tui.widgets.live import LivePane, LossPlot, RunLog
+from tui.widgets.progress import ProgressPlot
+from tui.widgets.proposal import ProposalPane
+from tui.widgets.timeline import Timeline
+
+__all__ = ["CockpitHeader", "LivePane", "LossPlot", "ProgressPlot", "ProposalPane", "RunLog", "Timeline"]

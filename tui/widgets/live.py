@@ -1,0 +1,137 @@
+"""The live run: the training log, tailed in a bounded view, and the loss curve against the best run's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import Log
+from textual_plotext import PlotextPlot
+
+from tui import format as fmt
+from tui.state import Curve, LiveRun
+
+MAX_PLOT_POINTS = 240
+"""A curve is thinned to about this many points before plotting: a terminal has fewer columns anyway."""
+
+
+def thin(
+    xs: Sequence[int], ys: Sequence[float], limit: int = MAX_PLOT_POINTS
+) -> tuple[list[int], list[float]]:
+    """Every k-th point (and always the last) so that at most about `limit` remain."""
+    if len(xs) <= limit:
+        return list(xs), list(ys)
+    step = -(-len(xs) // limit)
+    idx = list(range(0, len(xs), step))
+    if idx[-1] != len(xs) - 1:
+        idx.append(len(xs) - 1)
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+class RunLog(Log):
+    """A bounded log whose last line can be replaced (a `\\r` progress line)."""
+
+    def replace_last_line(self, text: str) -> None:
+        # Log has no public way to overwrite a line; its line store is a plain list (textual 8).
+        if not self._lines:
+            self.write_line(text)
+            return
+        index = len(self._lines) - 1
+        if self._lines[index] == "" and index > 0:
+            index -= 1
+        self._lines[index] = text
+        self.refresh_lines(index)
+
+
+class LossPlot(PlotextPlot):
+    """The running candidate's loss against the best run's loss at the same step."""
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._pending: tuple[Curve, Curve, str] | None = None
+        self._drawn_lengths: tuple[int, int, int | None, int | None] = (-1, -1, None, None)
+
+    def on_mount(self) -> None:
+        # Redraws are throttled: a plotext build costs milliseconds, a flood brings hundreds of points.
+        self.set_interval(0.25, self._redraw)
+        self._draw(Curve(), Curve(), "loss")
+
+    def show(self, run: Curve, best: Curve, title: str) -> None:
+        self._pending = (run, best, title)
+
+    def _redraw(self) -> None:
+        if self._pending is None:
+            return
+        run, best, title = self._pending
+        self._pending = None
+        key = (len(run.steps), len(best.steps), run.exp_id, best.exp_id)
+        if key == self._drawn_lengths and title == getattr(self, "_title", None):
+            return
+        self._drawn_lengths = key
+        self._title = title
+        self._draw(run, best, title)
+
+    def _draw(self, run: Curve, best: Curve, title: str) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.title(title)
+        plt.xlabel("step")
+        if best.steps and best.exp_id != run.exp_id:
+            last = run.steps[-1] if run.steps else best.steps[-1]
+            # The best run up to the candidate's current step, so both are compared at the same step.
+            upto = [i for i, s in enumerate(best.steps) if s <= max(last, best.steps[0])]
+            xs, ys = thin([best.steps[i] for i in upto], [best.losses[i] for i in upto])
+            plt.plot(xs, ys, label=f"best #{best.exp_id}", color="green", marker="braille")
+        if run.steps:
+            xs, ys = thin(run.steps, run.losses)
+            plt.plot(xs, ys, label=f"#{run.exp_id}", color="cyan", marker="braille")
+        self.refresh()
+
+
+def run_title(run: LiveRun, best: Curve) -> str:
+    """The plot's title: which run, its latest loss, the best's loss at that step, throughput."""
+    if run.exp_id is None:
+        return "loss (no run yet)"
+    parts = [f"#{run.exp_id}"]
+    if run.curve.losses:
+        step = run.curve.steps[-1]
+        parts.append(f"step {step} loss {run.curve.losses[-1]:.3f}")
+        best_loss = best.loss_at(step) if best.exp_id not in (None, run.exp_id) else None
+        if best_loss is not None:
+            parts.append(f"best {best_loss:.3f}")
+    parts.append(fmt.tokens_per_s(run.tokens_per_s))
+    if run.finished:
+        parts.append("finished")
+    return " · ".join(parts)
+
+
+class LivePane(Vertical):
+    """The log of the run in flight above its loss plot."""
+
+    def compose(self) -> ComposeResult:
+        yield RunLog(max_lines=1000, id="run-log")
+        yield LossPlot(id="loss-plot")
+
+    @property
+    def log_view(self) -> RunLog:
+        return self.query_one(RunLog)
+
+    @property
+    def plot(self) -> LossPlot:
+        return self.query_one(LossPlot)
+
+    def write_lines(self, lines: list[str], replace_last: str | None) -> None:
+        log = self.log_view
+        follow = log.is_vertical_scroll_end or log.line_count == 0
+        if replace_last is not None:
+            log.replace_last_line(replace_last)
+        if lines:
+            log.write_lines(lines)
+        if follow:
+            # The tail stays in view even when the write changed the layout (a scrollbar appearing).
+            log.call_after_refresh(log.scroll_end, animate=False, x_axis=False)
+
+    def show_run(self, run: LiveRun, best: Curve) -> None:
+        self.plot.show(run.curve, best, run_title(run, best))
