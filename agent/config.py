@@ -1,0 +1,121 @@
+"""The engine's typed configuration, the budget's reading and a cheap guess at the training device."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|flops)?\s*$", re.IGNORECASE)
+"""The harness's budget grammar (nanogpt/prepare.py): '60', '60s', '60 seconds', '2.5e12flops'."""
+CPU_FLOPS_PER_S = 3.3e12 / 60.0
+"""The harness's CPU default compute budget is sized for about 60 s: a rough FLOPs-to-seconds rate."""
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs experiments; every field has a default that suits a CPU laptop."""
+
+    budget: str | None = None
+    """AUTORESEARCH_BUDGET for each run: '60', '60s' or '2.5e12flops'; None is the harness default."""
+    seeds: int | None = None
+    """K, the number of baseline runs (different seeds) that measure the noise floor; None: 3 on CPU, 2 on CUDA."""
+    max_experiments: int | None = None
+    """Stop after this many proposals (the baseline not counted); None runs until the proposer runs dry."""
+    review_gate: bool = False
+    """Hold every proposal until the user approves, edits or vetoes it."""
+    base_seed: int = 1
+    """Seed of a candidate's run and of the first baseline run; baseline run i uses base_seed + i."""
+    min_margin: float = 0.002
+    """The smallest margin (bpb) a candidate must win by, however quiet the measured noise."""
+    default_margin: float = 0.01
+    """The margin (bpb) when the noise cannot be measured (a single baseline run)."""
+    confirm_marginal: bool = True
+    """Rerun a marginal win (between 1x and 2x the margin) with another seed before keeping it."""
+    eval_s: float = 60.0
+    """Seconds allowed beyond the training budget for start-up, data loading and the final evaluation."""
+    grace_s: float = 30.0
+    """Further seconds before a run is killed as a timeout."""
+    compute_budget_factor: float = 3.0
+    """A FLOPs (or default) budget's estimated training seconds are multiplied by this for the deadline."""
+    deadline_s: float | None = None
+    """A fixed hard deadline per run in seconds, overriding the computed one (tests use it)."""
+    memory_mb: int | None = None
+    """Resident-memory cap of a run's process group; None is 80% of the machine's RAM."""
+    address_space_mb: int | None = None
+    """RLIMIT_AS of the run; None is twice the RAM (off where CUDA is present: it reserves huge address ranges)."""
+    log_cap_bytes: int = 4 * 1024 * 1024
+    """The most bytes of a run's output stored in run.log; a flood is truncated, keeping head and tail."""
+    network: bool = False
+    """Allow the run network access (by default it runs in a new, empty network namespace)."""
+    python: str | None = None
+    """The interpreter that runs train.py; None is the engine's own."""
+
+
+def _parse(budget: str) -> tuple[str, float] | None:
+    match = _BUDGET.match(budget)
+    if not match or float(match.group(1)) <= 0:
+        return None
+    unit = (match.group(2) or "s").lower()
+    return ("flops" if unit == "flops" else "time"), float(match.group(1))
+
+
+def budget_seconds(budget: str | None) -> float | None:
+    """The training seconds of a time budget, or None for a FLOPs budget or the harness default."""
+    parsed = _parse(budget) if budget else None
+    return parsed[1] if parsed and parsed[0] == "time" else None
+
+
+def check_budget(budget: str) -> str:
+    """Return `budget` if it is a valid AUTORESEARCH_BUDGET, else raise ValueError saying what is valid."""
+    if _parse(budget) is None:
+        raise ValueError(f"budget {budget!r} is not understood: use seconds (60, 60s) or FLOPs (2.5e12flops)")
+    return budget.strip()
+
+
+def describe_budget(budget: str | None) -> str:
+    """A human-readable budget ('60 s', '2.50e+12 FLOPs') without importing the harness (and torch)."""
+    parsed = _parse(budget) if budget else None
+    if parsed is None:
+        return budget or "harness default"
+    mode, amount = parsed
+    return f"{amount:g} s" if mode == "time" else f"{amount:.2e} FLOPs"
+
+
+def estimate_training_seconds(budget: str | None, device: str) -> tuple[float, bool]:
+    """Rough training seconds of a budget, and whether that is only an estimate (FLOPs or default budget)."""
+    if (seconds := budget_seconds(budget)) is not None:
+        return seconds, False
+    parsed = _parse(budget) if budget else None
+    if parsed is not None:
+        return parsed[1] / CPU_FLOPS_PER_S, True
+    return (300.0 if device.startswith("cuda") else 60.0), not device.startswith("cuda")
+
+
+@lru_cache(maxsize=1)
+def detect_device() -> str:
+    """'cuda: <name>' when an NVIDIA GPU is visible, else 'cpu (<n> cores)'; never imports torch."""
+    if Path("/dev/nvidiactl").exists() and (smi := shutil.which("nvidia-smi")):
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            if out:
+                return f"cuda: {out.splitlines()[0]}"
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return "cuda"
+    return f"cpu ({os.cpu_count() or 1} cores)"
+
+
+def default_seeds(device: str) -> int:
+    """K when not configured: 3 baseline runs on CPU (short runs), 2 on CUDA (five-minute runs)."""
+    return 2 if device.startswith("cuda") else 3
