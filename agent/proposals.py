@@ -15,6 +15,8 @@ class Edit:
 
     search: str
     replace: str
+    path: str = "train.py"
+    """The file the edit is for; the engine refuses any other file than train.py (the harness is frozen)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class Proposal:
     seed: int | None = None
     replies: tuple[str, ...] = ()
     """Every raw model reply that led to this proposal (failed tries included)."""
+    key: str | None = None
+    """A stable identity of the idea in its source (an ideas-file entry), so a resumed run does not repeat it."""
 
 
 @dataclass(frozen=True)

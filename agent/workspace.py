@@ -1,0 +1,300 @@
+"""A research workspace: a git repo with train.py, the frozen prepare.py and program.md, on its own branch."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import git
+
+from agent import paths
+from agent.edits import file_hash
+
+TRAIN = "train.py"
+HARNESS = ("prepare.py",)
+"""Frozen files: their SHA-256 is recorded at init and checked before every commit and after every run."""
+PROGRAM = "program.md"
+STATE_DIR = ".autoresearch"
+DISCARDED_PREFIX = "refs/autoresearch/discarded/"
+ACTOR = git.Actor("autoresearch", "autoresearch@localhost")
+_EXCLUDES = ("runs/", "results.tsv", "progress.png", f"{STATE_DIR}/", "__pycache__/", "*.pyc")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PLACEHOLDER_PROGRAM = """# program.md
+
+Research instructions for the agent. Goal: lower val_bpb of train.py within the fixed training budget.
+Only train.py may change; prepare.py (data, tokenizer, metric) is frozen. Prefer simple changes;
+a small gain that adds a lot of complexity is not worth keeping.
+"""
+
+
+class WorkspaceError(Exception):
+    """A workspace that cannot be created or opened; the message says what to do."""
+
+
+def default_tag() -> str:
+    """Today's date as a run tag, autoresearch style: 'nov27'."""
+    return time.strftime("%b%d").lower()
+
+
+@dataclass
+class Workspace:
+    """An opened workspace: its folder, git repo and branch `autoresearch/<tag>`."""
+
+    path: Path
+    repo: git.Repo
+    branch: str
+    meta: dict[str, Any]
+
+    # ---- creating and opening -------------------------------------------------------------------------
+
+    @staticmethod
+    def is_workspace(path: Path) -> bool:
+        """Whether `path` holds a workspace made by `init`."""
+        return (path / STATE_DIR / "workspace.json").is_file() and (path / ".git").exists()
+
+    @classmethod
+    def init(
+        cls,
+        path: Path,
+        tag: str | None = None,
+        source: Path | None = None,
+        program: Path | None = None,
+    ) -> Workspace:
+        """Create a workspace in `path` (new or empty) from `source` (nanogpt/) and `program` (program.md)."""
+        path = Path(path).expanduser().resolve()
+        if path.exists() and not path.is_dir():
+            raise WorkspaceError(f"{path} is a file, not a folder")
+        if cls.is_workspace(path):
+            raise WorkspaceError(f"{path} is already a research workspace; use it with --workspace {path}")
+        if path.exists() and any(path.iterdir()):
+            raise WorkspaceError(
+                f"{path} is not empty and is not a research workspace; choose a new or empty folder"
+            )
+        tag = tag or default_tag()
+        if not _TAG.match(tag):
+            raise WorkspaceError(f"tag {tag!r} may only hold letters, digits, '.', '_' and '-'")
+        source = source or paths.nanogpt_dir()
+        for name in (TRAIN, *HARNESS):
+            if not (source / name).is_file():
+                raise WorkspaceError(f"{source / name} is missing: the workspace is made from it")
+        branch = f"autoresearch/{tag}"
+        path.mkdir(parents=True, exist_ok=True)
+        repo = git.Repo.init(path, initial_branch=branch)
+        for name in (TRAIN, *HARNESS):
+            shutil.copyfile(source / name, path / name)
+        program = program or paths.default_program_md()
+        if program.is_file():
+            shutil.copyfile(program, path / PROGRAM)
+        else:
+            (path / PROGRAM).write_text(PLACEHOLDER_PROGRAM, encoding="utf-8")
+        exclude = path / ".git" / "info" / "exclude"
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        with exclude.open("a", encoding="utf-8") as fh:
+            fh.write("\n# autoresearch: run outputs and state stay untracked\n" + "\n".join(_EXCLUDES) + "\n")
+        repo.index.add([TRAIN, *HARNESS, PROGRAM])
+        commit = repo.index.commit("baseline: train.py as shipped", author=ACTOR, committer=ACTOR)
+        meta = {
+            "version": 1,
+            "tag": tag,
+            "branch": branch,
+            "created_at": time.time(),
+            "initial_commit": commit.hexsha,
+            "harness": {name: file_hash((path / name).read_text(encoding="utf-8")) for name in HARNESS},
+        }
+        state = path / STATE_DIR
+        state.mkdir(exist_ok=True)
+        _write_atomic(state / "workspace.json", json.dumps(meta, indent=2) + "\n")
+        return cls(path=path, repo=repo, branch=branch, meta=meta)
+
+    @classmethod
+    def open(cls, path: Path) -> Workspace:
+        """Open an existing workspace, or raise WorkspaceError."""
+        path = Path(path).expanduser().resolve()
+        if not cls.is_workspace(path):
+            raise WorkspaceError(
+                f"{path} is not a research workspace (create one with `autoresearch init {path}`)"
+            )
+        try:
+            meta = json.loads((path / STATE_DIR / "workspace.json").read_text(encoding="utf-8"))
+            repo = git.Repo(path)
+        except (OSError, ValueError, git.GitError) as exc:
+            raise WorkspaceError(f"{path}: the workspace is damaged: {exc}") from None
+        return cls(path=path, repo=repo, branch=meta["branch"], meta=meta)
+
+    @classmethod
+    def open_or_init(cls, path: Path, tag: str | None = None) -> Workspace:
+        """Open the workspace at `path`, creating it first when the folder is new or empty."""
+        path = Path(path).expanduser().resolve()
+        return cls.open(path) if cls.is_workspace(path) else cls.init(path, tag=tag)
+
+    # ---- places ---------------------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / STATE_DIR
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def results_tsv(self) -> Path:
+        return self.path / "results.tsv"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.path / "runs"
+
+    @property
+    def train_path(self) -> Path:
+        return self.path / TRAIN
+
+    @property
+    def initial_commit(self) -> str:
+        return str(self.meta["initial_commit"])
+
+    def run_dir(self, exp_id: int) -> Path:
+        return self.runs_dir / str(exp_id)
+
+    def read_train(self) -> str:
+        return self.train_path.read_text(encoding="utf-8")
+
+    def read_program(self) -> str:
+        try:
+            return (self.path / PROGRAM).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return PLACEHOLDER_PROGRAM
+
+    # ---- git ------------------------------------------------------------------------------------------
+
+    def head(self) -> str:
+        """The commit the branch points at."""
+        return self.repo.git.rev_parse(f"refs/heads/{self.branch}")
+
+    def file_at(self, commit: str, name: str = TRAIN) -> str:
+        """A file's text at a commit."""
+        return self.repo.git.show(f"{commit}:{name}", strip_newline_in_stdout=False)
+
+    def harness_problems(self) -> list[str]:
+        """The frozen files whose SHA-256 differs from the one recorded at init."""
+        problems = []
+        for name, digest in self.meta["harness"].items():
+            try:
+                text = (self.path / name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                problems.append(name)
+                continue
+            if file_hash(text) != digest:
+                problems.append(name)
+        return problems
+
+    def restore_harness(self) -> None:
+        """Put the frozen files back as committed."""
+        self.repo.git.checkout(self.initial_commit, "--", *HARNESS)
+
+    def changed_tracked_files(self) -> list[str]:
+        """Tracked files whose working copy differs from the branch head, program.md aside (the user's)."""
+        names = self.repo.git.diff("--name-only", f"refs/heads/{self.branch}").splitlines()
+        return [name for name in names if name and name != PROGRAM]
+
+    def commit_train(self, text: str, message: str) -> str:
+        """Write `text` as train.py and commit it (train.py only) on the branch; returns the commit."""
+        self.train_path.write_text(text, encoding="utf-8")
+        self.repo.index.add([TRAIN])
+        commit = self.repo.index.commit(message, author=ACTOR, committer=ACTOR)
+        return commit.hexsha
+
+    def move_branch(self, commit: str) -> None:
+        """Point the branch at `commit` and make train.py and the harness match it (program.md untouched)."""
+        self.repo.git.update_ref(f"refs/heads/{self.branch}", commit)
+        self.repo.git.symbolic_ref("HEAD", f"refs/heads/{self.branch}")
+        self.repo.git.checkout(commit, "--", TRAIN, *HARNESS)
+
+    def save_discarded(self, exp_id: int, commit: str) -> None:
+        """Keep a discarded commit reachable under refs/autoresearch/discarded/<id>."""
+        self.repo.git.update_ref(f"{DISCARDED_PREFIX}{exp_id}", commit)
+
+    def discarded_refs(self) -> dict[int, str]:
+        """Experiment id -> commit of every saved discarded commit."""
+        out = self.repo.git.for_each_ref("--format=%(refname) %(objectname)", DISCARDED_PREFIX)
+        refs: dict[int, str] = {}
+        for line in out.splitlines():
+            name, _, sha = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                refs[int(name.removeprefix(DISCARDED_PREFIX))] = sha
+        return refs
+
+    def is_commit(self, sha: str | None) -> bool:
+        if not sha:
+            return False
+        try:
+            self.repo.git.cat_file("-e", f"{sha}^{{commit}}")
+        except git.GitCommandError:
+            return False
+        return True
+
+    def clear_stale_git_locks(self) -> list[str]:
+        """Remove lock files a killed git operation left behind (call only while holding the engine lock)."""
+        removed = []
+        git_dir = Path(self.repo.git_dir)
+        candidates = [git_dir / "index.lock", git_dir / "HEAD.lock", *git_dir.glob("refs/**/*.lock")]
+        for lock in candidates:
+            if lock.is_file():
+                lock.unlink()
+                removed.append(str(lock.relative_to(git_dir)))
+        return removed
+
+    # ---- one engine at a time -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def engine_lock(self) -> Iterator[None]:
+        """Hold the workspace's engine lock (released by the kernel even on kill -9)."""
+        self.state_dir.mkdir(exist_ok=True)
+        fh: IO[str] = (self.state_dir / "engine.lock").open("a+", encoding="utf-8")
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                raise WorkspaceError(
+                    f"another engine (pid {holder}) is running in {self.path}; stop it first"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            yield
+        finally:
+            fh.close()
+
+    def engine_running(self) -> bool:
+        """Whether an engine holds this workspace's lock now."""
+        lock = self.state_dir / "engine.lock"
+        if not lock.exists():
+            return False
+        with lock.open("a+", encoding="utf-8") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+write_atomic = _write_atomic
