@@ -320,7 +320,7 @@ class CockpitState:
             self._log_line(event, update)
         elif isinstance(event, StepMetric):
             if self.run.exp_id != event.exp_id:
-                self.run = LiveRun(exp_id=event.exp_id)
+                self._new_run(event.exp_id)
             self.run.curve.add(event.step, event.loss)
             self.run.tokens_per_s = event.tokens_per_s
             update.dirty.add("run")
@@ -342,9 +342,7 @@ class CockpitState:
             row.description = row.description or event.description
             row.seeds += 1
             header.budget = event.budget or header.budget
-            self.run = LiveRun(exp_id=event.exp_id, seed=event.seed, description=event.description)
-            self.curves = {k: v for k, v in self.curves.items() if k == self.best_curve.exp_id}
-            self.curves[event.exp_id] = self.run.curve
+            self._new_run(event.exp_id, event.seed, event.description)
             banner = f"── #{event.exp_id} seed {event.seed}: {event.description} ──"
             update.log.lines.append(banner)
             update.dirty.update({"timeline", "run", "header"})
@@ -469,6 +467,12 @@ class CockpitState:
             update.notifications.append((text, "error"))
         elif isinstance(event, Info):
             update.notifications.append((event.message, "information"))
+
+    def _new_run(self, exp_id: int, seed: int | None = None, description: str = "") -> None:
+        """A fresh live run; only the best's curve is kept from before, so memory stays flat."""
+        self.run = LiveRun(exp_id=exp_id, seed=seed, description=description, curve=Curve(exp_id=exp_id))
+        self.curves = {k: v for k, v in self.curves.items() if k == self.best_curve.exp_id}
+        self.curves[exp_id] = self.run.curve
 
     def _log_line(self, event: LogLine, update: Update) -> None:
         lines = update.log.lines

@@ -1,0 +1,212 @@
+"""The cockpit's pure parts: the event reducer, the batching bridge, the diff applier, the formatting."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.edits import unified_diff
+from agent.events import (
+    Decided,
+    EngineError,
+    LogLine,
+    ModelLoaded,
+    ModelLoading,
+    ProposalReady,
+    ProposalRejected,
+    ProposalStarted,
+    ProposalToken,
+    ReviewRequested,
+    RunFinished,
+    RunStarted,
+    StateChanged,
+    StepMetric,
+)
+from tui import format as fmt
+from tui.bridge import EventBridge
+from tui.patch import PatchError, apply_unified_diff
+from tui.state import MAX_CURVE_POINTS, CockpitState, Curve, parse_curve
+
+
+def run_events(exp_id: int, val_bpb: float, status: str, best: float, steps: int = 5) -> list:
+    events: list = [RunStarted(exp_id=exp_id, description=f"idea {exp_id}", commit="c", seed=1, budget="5 s")]
+    for step in range(steps):
+        events.append(LogLine(exp_id=exp_id, text=f"step {step} | loss {3 - step * 0.1:.4f} | tok/s 1000"))
+        events.append(StepMetric(exp_id=exp_id, step=step, loss=3 - step * 0.1, tokens_per_s=1000.0))
+    events.append(RunFinished(exp_id=exp_id, outcome="ok", val_bpb=val_bpb, seconds=5.5))
+    events.append(
+        Decided(exp_id=exp_id, status=status, val_bpb=val_bpb, best_bpb=best, margin=0.01, reason="")
+    )
+    return events
+
+
+def test_a_session_folds_into_rows_header_and_curves() -> None:
+    state = CockpitState()
+    update = state.apply_batch(
+        [StateChanged(state="baseline"), *run_events(0, 2.5, "baseline", 2.5)]
+        + [ProposalStarted(proposer="ideas"), ProposalReady(exp_id=1, description="wider", diff="d")]
+        + run_events(1, 2.4, "keep", 2.4)[1:]
+        + run_events(2, 2.45, "discard", 2.4)
+    )
+    assert [row.exp_id for row in state.ordered_rows()] == [2, 1, 0]
+    assert [row.status for row in state.ordered_rows()] == ["discard", "keep", "baseline"]
+    assert state.header.baseline_bpb == 2.5 and state.header.best_bpb == 2.4
+    assert state.header.best_exp_id == 1
+    assert state.gain is not None and abs(state.gain - 0.1) < 1e-9
+    assert state.n_done == 3
+    assert state.best_curve.exp_id == 1 and len(state.best_curve.steps) == 5
+    assert state.run.exp_id == 2 and state.run.finished
+    assert {"timeline", "header", "log", "run", "progress"} <= update.dirty
+    assert update.log.lines[0].startswith("── #0 seed 1")
+    delta = state.delta_vs_best(state.rows[2])
+    assert delta is not None and abs(delta - 0.05) < 1e-9
+    ids, values, keep_ids, _, best_line = state.progress_points()
+    assert ids == [0, 1, 2] and keep_ids == [0, 1] and best_line == [2.5, 2.4, 2.4]
+    assert values == [2.5, 2.4, 2.45]
+
+
+def test_a_carriage_return_line_replaces_the_previous_one() -> None:
+    state = CockpitState()
+    update = state.apply_batch(
+        [
+            LogLine(exp_id=1, text="a"),
+            LogLine(exp_id=1, text="progress 1", replace=False),
+            LogLine(exp_id=1, text="progress 2", replace=True),
+        ]
+    )
+    assert update.log.lines == ["a", "progress 2"] and update.log.replace_last is None
+    update = state.apply_batch([LogLine(exp_id=1, text="progress 3", replace=True)])
+    assert update.log.lines == [] and update.log.replace_last == "progress 3"
+
+
+def test_a_flood_keeps_only_the_tail_of_a_batch() -> None:
+    state = CockpitState()
+    update = state.apply_batch([LogLine(exp_id=1, text=str(i)) for i in range(5000)], max_log_lines=100)
+    assert update.log.lines == [str(i) for i in range(4900, 5000)]
+    assert update.dropped_lines == 4900
+
+
+def test_streamed_reasoning_then_review_then_decision() -> None:
+    state = CockpitState()
+    state.apply_batch(
+        [
+            ProposalStarted(proposer="llama", model="qwen"),
+            ProposalToken(text="I think "),
+            ProposalToken(text="wider."),
+        ]
+    )
+    assert state.proposal.phase == "thinking" and state.proposal.reasoning == "I think wider."
+    assert state.header.model == "qwen"
+    update = state.apply_batch(
+        [ReviewRequested(exp_id=3, description="wider", diff="+x"), StateChanged(state="waiting_review")]
+    )
+    assert update.review is not None and state.pending_review is not None
+    assert state.rows[3].status == "review" and not state.rows[3].decided
+    update = state.apply_batch([StateChanged(state="running")])
+    assert update.review_closed and state.pending_review is None
+
+
+def test_rejections_errors_and_model_loading_become_notifications() -> None:
+    state = CockpitState()
+    update = state.apply_batch(
+        [
+            ProposalRejected(exp_id=4, reason="the SEARCH text was not found"),
+            RunFinished(
+                exp_id=5, outcome="crash", val_bpb=None, seconds=1.0, log_tail="Traceback\nValueError: boom"
+            ),
+            ModelLoading(name="big", progress=0.5),
+        ]
+    )
+    severities = [severity for _, severity in update.notifications]
+    assert severities == ["warning", "warning"]
+    assert "ValueError: boom" in update.notifications[1][0]
+    assert state.rows[4].status == "rejected"
+    assert state.header.loading_model == "big" and state.header.loading_progress == 0.5
+    update = state.apply_batch([EngineError(message="model failed to load", detail="bad file")])
+    assert update.notifications[0][1] == "error" and state.header.loading_model is None
+    state.apply_batch([ModelLoaded(name="small", seconds=1.0)])
+    assert state.header.model == "small"
+
+
+def test_an_override_is_marked_and_moves_the_best() -> None:
+    state = CockpitState()
+    state.apply_batch(run_events(0, 2.5, "baseline", 2.5) + run_events(1, 2.55, "discard", 2.5))
+    update = state.apply_batch(
+        [Decided(exp_id=1, status="keep", val_bpb=2.55, best_bpb=2.55, margin=0.01, reason="user", by="user")]
+    )
+    assert state.rows[1].decided_by == "user" and state.rows[1].status == "keep"
+    assert state.header.best_exp_id == 1
+    assert any("override" in text for text, _ in update.notifications)
+    assert "override" in fmt.status_text("keep", "user").plain
+
+
+def test_curves_stay_bounded() -> None:
+    curve = Curve()
+    for step in range(10 * MAX_CURVE_POINTS):
+        curve.add(step, 1.0 / (step + 1))
+    assert len(curve.steps) <= MAX_CURVE_POINTS
+    assert curve.steps[-1] == 10 * MAX_CURVE_POINTS - 1
+    assert curve.steps == sorted(curve.steps)
+    assert curve.loss_at(5) is not None and curve.loss_at(-1) is None
+
+
+def test_parse_curve_reads_progress_lines() -> None:
+    log = "starting\nstep    42 | loss 2.3456 | lr 4.00e-03 | tok/s 18234 | 12.3s\nstep 43 | loss nan? | x\n"
+    curve = parse_curve(log)
+    assert curve.steps == [42] and curve.losses == [2.3456]
+
+
+def test_the_bridge_is_thread_safe_and_bounded() -> None:
+    bridge = EventBridge(max_pending=1000)
+
+    def flood() -> None:
+        for i in range(2000):
+            bridge(LogLine(exp_id=1, text=str(i)))
+
+    threads = [threading.Thread(target=flood) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    bridge(Decided(exp_id=1, status="keep", val_bpb=1.0, best_bpb=1.0, margin=0.0, reason=""))
+    for thread in threads:
+        thread.join()
+    bridge(Decided(exp_id=2, status="keep", val_bpb=1.0, best_bpb=1.0, margin=0.0, reason=""))
+    events, dropped = bridge.drain()
+    assert len(events) + dropped == 8002
+    assert len(events) <= 1002
+    assert sum(isinstance(e, Decided) for e in events) == 2
+    assert bridge.drain() == ([], 0)
+
+
+lines = st.lists(st.text(alphabet="abc xy=1", max_size=6), max_size=25)
+
+
+@given(lines, lines)
+def test_a_unified_diff_applies_and_reverts(old_lines: list[str], new_lines: list[str]) -> None:
+    old = "".join(line + "\n" for line in old_lines)
+    new = "".join(line + "\n" for line in new_lines)
+    diff = unified_diff(old, new)
+    if old == new:
+        return
+    assert apply_unified_diff(old, diff) == new
+    assert apply_unified_diff(new, diff, reverse=True) == old
+
+
+def test_a_diff_that_does_not_fit_raises() -> None:
+    diff = unified_diff("a\nb\n", "a\nc\n")
+    try:
+        apply_unified_diff("x\ny\n", diff)
+    except PatchError:
+        return
+    raise AssertionError("expected PatchError")
+
+
+def test_formatting() -> None:
+    assert fmt.bpb(None) == "—" and fmt.bpb(2.123456) == "2.1235"
+    assert fmt.delta(-0.01).plain == "-0.0100" and fmt.delta(0.0).plain == "±0"
+    assert fmt.seconds(5.25) == "5.2s" and fmt.seconds(125) == "2m05s"
+    assert fmt.size(1_117_320_768) == "1.0 GiB" and fmt.size(512) == "512 B"
+    assert fmt.tokens_per_s(18234) == "18.2k tok/s"
+    assert fmt.state_text("running", pause_requested=True).plain == "running (pausing after this run)"
+    assert fmt.short_path("/a/very/long/path/to/a/workspace", 12).startswith("…")
