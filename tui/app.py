@@ -55,8 +55,6 @@ class OpenedEngine:
     workspace: Path
     budget: str
     model: str | None = None
-    workspace_obj: Any = None
-    """The `agent.workspace.Workspace`, for reading train.py at the best commit."""
 
 
 EngineBuilder = Callable[[EventSink], OpenedEngine]
@@ -78,9 +76,8 @@ def default_engine_builder(
     """
 
     def build(sink: EventSink) -> OpenedEngine:
-        from agent.engine import Engine
-
         from agent.config import EngineConfig, check_budget, describe_budget
+        from agent.engine import Engine
         from agent.workspace import Workspace
 
         created = not Workspace.is_workspace(workspace)
@@ -101,7 +98,6 @@ def default_engine_builder(
             workspace=ws.path,
             budget=describe_budget(cfg.budget),
             model=getattr(chosen_proposer, "model_name", None) or model,
-            workspace_obj=ws,
         )
 
     return build
@@ -199,7 +195,6 @@ class CockpitApp(App[int]):
         self.state = CockpitState(header or HeaderInfo(workspace=str(workspace or "")))
         self.engine: EngineLike | None = None
         self.workspace_path = workspace
-        self.workspace_obj: Any = None
         self._builder = engine_builder
         self._welcome = welcome
         self._autostart = autostart
@@ -247,7 +242,6 @@ class CockpitApp(App[int]):
         opened = message.opened
         self.engine = opened.engine
         self.workspace_path = opened.workspace
-        self.workspace_obj = opened.workspace_obj
         header = self.state.header
         header.workspace = str(opened.workspace)
         header.budget = opened.budget
@@ -483,13 +477,15 @@ class CockpitApp(App[int]):
 
     def action_stop_run(self) -> None:
         if self._command("stop_run"):
-            self.notify("Stopping the current run; it is recorded as interrupted.")
+            # The engine pauses after a stop, so that the user decides what comes next.
+            self.state.header.pause_requested = True
+            self.notify("Stopping the current run (recorded as interrupted); then paused: p resumes.")
+            self._after_command()
 
     def action_toggle_gate(self) -> None:
         on_now = not self.state.header.review_gate
         if self._command("set_review_gate", on_now):
             self.state.header.review_gate = on_now
-            self.notify("Review gate on: each proposal waits for you." if on_now else "Review gate off.")
             self._after_command()
 
     def action_review(self) -> None:
@@ -517,8 +513,7 @@ class CockpitApp(App[int]):
                 f"#{row.exp_id} is {row.status}: only a finished, not kept experiment can be re-applied."
             )
             return
-        if self._command("reapply", row.exp_id):
-            self.notify(f"#{row.exp_id} queued to run again as the next experiment.")
+        self._command("reapply", row.exp_id)
 
     def action_switch_model(self) -> None:
         self.push_screen(
@@ -606,15 +601,14 @@ class CockpitApp(App[int]):
         thread=True, exclusive=True, exit_on_error=False, group="files", description="rebuilding the proposal"
     )
     def _read_proposal_text(self, exp_id: int, description: str, diff: str) -> None:
-        path = self.workspace_path / "train.py" if self.workspace_path else Path("train.py")
-        ws = self.workspace_obj
-        base = ws.file_at(ws.head()) if ws is not None else path.read_text(encoding="utf-8")
+        path = (self.workspace_path or Path()) / "train.py"
+        # While a proposal waits for review, train.py on disk is the best's (the candidate is not written
+        # yet); should it already hold the candidate, the diff is undone onto the base instead.
+        on_disk = path.read_text(encoding="utf-8")
         try:
-            proposed = apply_unified_diff(base, diff)
+            base, proposed = on_disk, apply_unified_diff(on_disk, diff)
         except PatchError:
-            # The working tree may already hold the candidate: then the diff undoes onto the base.
-            proposed = path.read_text(encoding="utf-8")
-            base = apply_unified_diff(proposed, diff, reverse=True)
+            base, proposed = apply_unified_diff(on_disk, diff, reverse=True), on_disk
         self.post_message(self.FileRead("proposal", path, proposed, (exp_id, description, base)))
 
     # -- files -----------------------------------------------------------------------------------
@@ -664,7 +658,7 @@ class CockpitApp(App[int]):
     @on(FileSaved)
     def _file_saved(self, message: FileSaved) -> None:
         if message.purpose == "program" and self._command("reload_program"):
-            self.notify("program.md saved; the engine reads it before the next proposal.")
+            self.notify("program.md saved.")
 
     # -- errors from workers ---------------------------------------------------------------------
 

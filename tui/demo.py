@@ -120,9 +120,8 @@ def recorded_session(with_review: bool = False) -> list[Event]:
         )
     events.append(StateChanged(state="proposing"))
     events.append(ProposalStarted(proposer="llama", model="qwen2.5-coder-1.5b"))
-    for word in "The wider model helped; the remaining gap is optimisation, so try a short warmup. ".split(
-        " "
-    ):
+    reasoning = "The wider model helped; the remaining gap is optimisation, so try a short warmup."
+    for word in reasoning.split():
         events.append(ProposalToken(text=word + " "))
     if with_review:
         events.append(

@@ -39,7 +39,7 @@ def status_text(status: str, decided_by: str = "engine") -> Text:
     """The coloured symbol and word of a status; a user override is marked 'override'."""
     symbol, style = STATUS_STYLE.get(status, ("·", ""))
     text = Text(f"{symbol} {status}", style=style)
-    if decided_by == "user":
+    if decided_by == "user" and status in ("keep", "discard"):
         text.append(" override", style="italic magenta")
     return text
 

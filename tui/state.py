@@ -37,6 +37,9 @@ IN_FLIGHT = frozenset({"pending", "running", "review"})
 KEPT = frozenset({"keep", "baseline"})
 """Statuses whose train.py became the best at the time."""
 
+OVERRIDABLE = frozenset({"keep", "discard"})
+"""Statuses a user can force; one decided by the user is an override."""
+
 MAX_CURVE_POINTS = 4000
 """A loss curve longer than this is thinned (every other point dropped), so memory stays flat."""
 
@@ -380,7 +383,7 @@ class CockpitState:
             header.margin = event.margin
             if header.best_exp_id != previous_best and header.best_exp_id in self.curves:
                 self.set_best_curve(header.best_exp_id, self.curves[header.best_exp_id])
-            if event.by == "user":
+            if event.by == "user" and event.status in OVERRIDABLE:
                 update.notifications.append(
                     (f"#{event.exp_id} is now {event.status} (override)", "information")
                 )
@@ -439,12 +442,6 @@ class CockpitState:
             update.dirty.update({"proposal", "timeline", "header"})
         elif isinstance(event, NoiseFloor):
             header.margin = event.margin
-            update.notifications.append(
-                (
-                    f"Noise floor: spread {event.spread:.4f}, a keep must beat the best by {event.margin:.4f}",
-                    "information",
-                )
-            )
             update.dirty.add("header")
         elif isinstance(event, ModelLoading):
             header.loading_model = event.name
