@@ -1,0 +1,183 @@
+"""The researcher's prompt: rules, program.md, the best train.py, the history, then what changes each time.
+
+The order is chosen for llama.cpp's prefix reuse: the long, stable text comes first, the history is appended
+oldest-first (so a new experiment only adds a row at the end) and the numbers that move every time come last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.proposals import HistoryRow, ProposalContext
+
+Message = dict[str, str]
+"""A chat message: {"role": "system" | "user" | "assistant", "content": ...}."""
+
+TokenCounter = Callable[[str], int]
+
+SYSTEM_PROMPT = """\
+You are a machine-learning researcher. You improve a small GPT training script, train.py, one experiment at a \
+time: each run trains for a fixed budget and is scored by val_bpb (validation bits per byte, lower is better).
+
+Rules:
+- Edit only train.py. prepare.py (data, tokenizer, budget, evaluation) is frozen. Use only torch and the \
+standard library: no new packages.
+- One idea per proposal. Keep it small and simple.
+- Do not repeat an experiment from the history table.
+
+Reply with one JSON object and nothing else:
+{"reasoning": "one or two sentences: why this should lower val_bpb", \
+"description": "the change in under ten words", \
+"edits": [{"search": "exact lines copied from train.py", "replace": "the new lines"}]}
+Each "search" must be copied character for character from train.py, whole lines, long enough to match \
+exactly one place. "replace" is the complete new text for those lines."""
+
+FOLLOWUP = """\
+That proposal was rejected: {error}
+Fix it and reply again with the complete JSON object."""
+
+HISTORY_ROWS = 20
+"""At most this many past experiments are shown."""
+HISTORY_BLOCK = 5
+"""The oldest shown row moves in steps of this many, so the shown table (and the cached prefix) rarely shifts."""
+CRASH_TAIL_LINES = 12
+DESCRIPTION_WIDTH = 70
+
+
+class PromptTooLong(ValueError):
+    """Even without history the prompt does not fit the model's context."""
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about 3.5 characters per token for code), for when no tokenizer is at hand."""
+    return len(text) * 2 // 7 + 1
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The messages to send and how they were sized."""
+
+    messages: tuple[Message, ...]
+    tokens: int
+    """Estimated (or counted) prompt tokens, template overhead not included."""
+    history_shown: int
+    history_total: int
+
+
+def _fmt_bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.replace("|", "/").split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def history_start(total: int, max_rows: int = HISTORY_ROWS, block: int = HISTORY_BLOCK) -> int:
+    """Index of the oldest row shown: the last `max_rows` at most, moved in whole blocks for a stable prefix."""
+    overflow = max(0, total - max_rows)
+    return -(-overflow // block) * block
+
+
+def history_table(rows: Sequence[HistoryRow]) -> str:
+    lines = ["| exp | val_bpb | status | description |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row.exp_id} | {_fmt_bpb(row.val_bpb)} | {row.status} | {_one_line(row.description, DESCRIPTION_WIDTH)} |"
+        )
+    return "\n".join(lines)
+
+
+def stable_text(context: ProposalContext) -> str:
+    """The part that only changes when program.md or the best train.py changes."""
+    program = context.program_md.strip() or "(no program.md: lower val_bpb within the budget)"
+    train = context.train_py.rstrip("\n")
+    return (
+        f"# Research instructions (program.md)\n\n{program}\n\n"
+        f"# train.py (the current best version)\n\n```python\n{train}\n```\n"
+    )
+
+
+def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
+    for row in reversed(history):
+        if row.crash_tail.strip():
+            tail = "\n".join(row.crash_tail.strip().splitlines()[-lines:])
+            return f"The last crash (experiment {row.exp_id}, {_one_line(row.description, 50)}) ended with:\n```\n{tail}\n```\n"
+    return ""
+
+
+def dynamic_text(context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES) -> str:
+    """The part that changes with every experiment: best score, noise margin, budget, last crash, veto."""
+    parts = ["# Now\n"]
+    best = context.best_bpb
+    parts.append(
+        f"Best val_bpb so far: {_fmt_bpb(best)} (lower is better). Budget per run: {context.budget}.\n"
+    )
+    if context.noise_margin is not None:
+        parts.append(
+            f"Noise margin: {context.noise_margin:.4f}: a change must lower val_bpb by more than this to be kept.\n"
+        )
+    if crash_lines > 0:
+        parts.append(_crash_tail(context.history, crash_lines))
+    if context.veto_reason:
+        parts.append(f"The user vetoed the previous proposal: {context.veto_reason.strip()}\n")
+    parts.append("Propose the next experiment: one new idea. Reply with the JSON object only.")
+    return "".join(parts)
+
+
+def build_prompt(
+    context: ProposalContext,
+    budget_tokens: int,
+    count_tokens: TokenCounter = estimate_tokens,
+    max_history: int = HISTORY_ROWS,
+) -> Prompt:
+    """System and user messages that fit in `budget_tokens`; the history is trimmed first, then the crash tail.
+
+    Raises PromptTooLong if the rules, program.md and train.py alone do not fit.
+    """
+    stable = stable_text(context)
+    history = list(context.history)
+    start = history_start(len(history), max_history)
+    base = count_tokens(SYSTEM_PROMPT) + count_tokens(stable)
+    crash_lines = CRASH_TAIL_LINES
+    while True:
+        shown = history[start:]
+        table = ""
+        if shown:
+            omitted = f" ({start} older not shown)" if start else ""
+            table = f"# Experiments so far, oldest first{omitted}\n\n{history_table(shown)}\n\n"
+        dynamic = dynamic_text(context, crash_lines)
+        total = base + count_tokens(table) + count_tokens(dynamic)
+        if total <= budget_tokens:
+            break
+        if start < len(history):
+            start = min(len(history), start + HISTORY_BLOCK)
+        elif crash_lines > 0:
+            crash_lines = crash_lines // 2 if crash_lines > 3 else 0
+        else:
+            raise PromptTooLong(
+                f"the prompt needs about {total} tokens but only {budget_tokens} fit in the model's context: "
+                "train.py and program.md are too long for this model (use a model with a longer context)"
+            )
+    user = f"{stable}\n{table}{dynamic}"
+    messages: tuple[Message, ...] = (
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": user},
+    )
+    return Prompt(messages=messages, tokens=total, history_shown=len(shown), history_total=len(history))
+
+
+def followup(messages: Sequence[Message], reply: str, error: str) -> tuple[Message, ...]:
+    """The conversation continued after a rejected reply: the reply, then what was wrong with it."""
+    return (
+        *messages,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": FOLLOWUP.format(error=error.strip())},
+    )
+
+
+def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """ChatML, the format of Qwen and SmolLM; used when a GGUF carries no chat template."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")

@@ -1,0 +1,165 @@
+"""The model's reply format: its JSON schema and grammar, a pure parser, and the dry run that checks a proposal."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from agent.edits import EditError, apply_edits, file_hash
+from agent.proposals import Edit
+
+MAX_REASONING = 400
+MAX_DESCRIPTION = 120
+MAX_EDITS = 4
+MAX_EDIT_TEXT = 4000
+EDITABLE_FILE = "train.py"
+
+REPLY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reasoning": {"type": "string", "maxLength": MAX_REASONING},
+        "description": {"type": "string", "minLength": 1, "maxLength": MAX_DESCRIPTION},
+        "edits": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_EDITS,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "search": {"type": "string", "minLength": 1, "maxLength": MAX_EDIT_TEXT},
+                    "replace": {"type": "string", "maxLength": MAX_EDIT_TEXT},
+                },
+                "required": ["search", "replace"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    "required": ["reasoning", "description", "edits"],
+    "additionalProperties": False,
+}
+"""The reply as a JSON schema (for OpenAI-compatible servers; in-process llama.cpp uses REPLY_GRAMMAR)."""
+
+# A hand-written GBNF for exactly REPLY_SCHEMA, keys in this order. Written out rather than converted from the
+# schema because the converter spells each maxLength as that many nested optional groups, which makes the
+# grammar large and sampling slow; the lengths are enforced by parse_reply instead, and generation is bounded
+# by max_tokens. Whitespace between tokens is capped so that a model cannot loop on newlines.
+REPLY_GRAMMAR = r"""
+root        ::= "{" ws "\"reasoning\":" ws string "," ws "\"description\":" ws nonempty "," ws "\"edits\":" ws "[" ws edit ( "," ws edit ){0,3} ws "]" ws "}"
+edit        ::= "{" ws "\"search\":" ws nonempty "," ws "\"replace\":" ws string ws "}"
+string      ::= "\"" char* "\""
+nonempty    ::= "\"" char+ "\""
+char        ::= [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )
+ws          ::= | " " | "\n" [ \t]{0,12}
+"""
+
+
+class ReplyError(ValueError):
+    """A reply that is not a usable proposal; the message is written for the model to act on."""
+
+
+@dataclass(frozen=True)
+class ParsedReply:
+    """A reply that parsed: still to be dry-run against train.py."""
+
+    reasoning: str
+    description: str
+    edits: tuple[Edit, ...]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """The first JSON object in `text`, allowing code fences or chatter around it."""
+    start = text.find("{")
+    if start < 0:
+        raise ReplyError(
+            'the reply contains no JSON object; reply with {"reasoning": ..., "description": ..., "edits": [...]}'
+        )
+    decoder = json.JSONDecoder()
+    last_error = ""
+    attempts = 0
+    # A few starting points are enough for chatter before the object; more would make junk input quadratic.
+    while start >= 0 and attempts < 16:
+        attempts += 1
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            last_error = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    raise ReplyError(f"the reply is not valid JSON ({last_error}); it may have been cut off: keep it shorter")
+
+
+def _string_field(data: dict[str, Any], key: str, limit: int, where: str = "") -> str:
+    if key not in data:
+        raise ReplyError(f'the reply is missing the key "{key}"{where}')
+    value = data[key]
+    if not isinstance(value, str):
+        raise ReplyError(f'"{key}"{where} must be a string, not {type(value).__name__}')
+    if len(value) > limit:
+        raise ReplyError(f'"{key}"{where} is {len(value)} characters long; keep it under {limit}')
+    if "\x00" in value:
+        raise ReplyError(f'"{key}"{where} contains a NUL character')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReplyError(f'"{key}"{where} contains an invalid unicode escape (a lone surrogate)') from None
+    return value
+
+
+def parse_reply(text: str) -> ParsedReply:
+    """Parse a model reply into a description and edits; ReplyError (only) if it is malformed."""
+    if not isinstance(text, str):
+        raise ReplyError("the reply is not text")
+    data = _json_object(text)
+    reasoning = _string_field(data, "reasoning", MAX_REASONING) if "reasoning" in data else ""
+    description = " ".join(_string_field(data, "description", MAX_DESCRIPTION).split())
+    if not description:
+        raise ReplyError('"description" is empty: say in a few words what the change is')
+    if "edits" not in data:
+        raise ReplyError('the reply is missing the key "edits"')
+    raw_edits = data["edits"]
+    if not isinstance(raw_edits, list):
+        raise ReplyError('"edits" must be a list of {"search": ..., "replace": ...} objects')
+    if not raw_edits:
+        raise ReplyError('"edits" is empty: give at least one {"search": ..., "replace": ...}')
+    if len(raw_edits) > MAX_EDITS:
+        raise ReplyError(f'"edits" has {len(raw_edits)} entries; one idea needs at most {MAX_EDITS}')
+    edits: list[Edit] = []
+    for number, item in enumerate(raw_edits, start=1):
+        where = f" in edit {number}"
+        if not isinstance(item, dict):
+            raise ReplyError(f'edit {number} must be an object {{"search": ..., "replace": ...}}')
+        for key in ("file", "path", "filename"):
+            target = item.get(key)
+            if target is not None and (
+                not isinstance(target, str) or target.rsplit("/", 1)[-1] != EDITABLE_FILE
+            ):
+                raise ReplyError(f"edit {number} targets {target!r}: only {EDITABLE_FILE} may be edited")
+        search = _string_field(item, "search", MAX_EDIT_TEXT, where)
+        replace = _string_field(item, "replace", MAX_EDIT_TEXT, where)
+        edits.append(Edit(search=search, replace=replace))
+    return ParsedReply(reasoning=reasoning.strip(), description=description, edits=tuple(edits))
+
+
+def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ()) -> str:
+    """Apply the edits to a copy of train.py: the new text, or EditError saying what to fix.
+
+    Refuses edits that do not apply, change nothing, do not parse, or give a train.py already tried.
+    """
+    new_text = apply_edits(source, reply.edits)
+    if file_hash(new_text) in tried_hashes:
+        raise EditError(
+            "this exact change was already tried in an earlier experiment (see the history): "
+            "propose a different idea"
+        )
+    return new_text
+
+
+def check_reply(source: str, text: str, tried_hashes: Collection[str] = ()) -> tuple[ParsedReply, str]:
+    """Parse and dry-run one reply: (parsed, new train.py), or ReplyError / EditError."""
+    parsed = parse_reply(text)
+    return parsed, dry_run(source, parsed, tried_hashes)
