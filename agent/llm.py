@@ -1,0 +1,751 @@
+"""The local llama.cpp researcher: one in-process model, prefix reuse, grammar-constrained replies, cancel, switch.
+
+llama_cpp is imported lazily (see `_llama_cpp`): OMP_WAIT_POLICY must be in the environment before the library
+loads, and the TUI's first frame should not wait for it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import hashlib
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+from agent import paths
+from agent.edits import EditError
+from agent.events import EventSink, Info, ModelLoaded, ModelLoading, ProposalToken
+from agent.models import ModelError, ModelRef, resolve_model, validate
+from agent.prompt import Message, PromptTooLong, build_prompt, followup, render_chatml
+from agent.proposals import Proposal, ProposalContext, ProposalFailed
+from agent.reply import REPLY_GRAMMAR, REPLY_SCHEMA, ReplyError, check_reply
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 8192
+"""Context tokens allocated (capped by the model's own): the prompt is about 3k, replies and one retry fit."""
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 640
+"""Per reply; a typical proposal is 150-300 tokens."""
+MAX_TRIES = 3
+_FOLLOWUP_RESERVE = 300
+"""Tokens kept free for the follow-up message after a rejected reply."""
+_STATE_SAVE_MIN_NEW = 400
+"""Save the KV cache to disk only when at least this many of its tokens are new since the last save."""
+
+_llama_module: ModuleType | None = None
+_log_callback: Any = None
+
+
+def _llama_cpp() -> ModuleType:
+    """Import llama_cpp once, with OpenMP told not to spin and llama.cpp's log routed away from stderr."""
+    global _llama_module, _log_callback
+    if _llama_module is None:
+        # Spinning OpenMP workers would steal the CPU from a training run beside us; must precede the import.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import llama_cpp
+
+        # llama.cpp writes to stderr even with verbose=False (e.g. when a decode is aborted), which would
+        # scribble over the TUI; its messages go to the logging module instead.
+        @llama_cpp.llama_log_callback
+        def _to_logging(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+            log.debug("llama.cpp: %s", text.decode("utf-8", errors="replace").rstrip())
+
+        _log_callback = _to_logging
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _llama_module = llama_cpp
+    return _llama_module
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: AUTORESEARCH_LLM_THREADS, else every core this process may use."""
+    if value := os.environ.get("AUTORESEARCH_LLM_THREADS"):
+        return max(1, int(value))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS and Windows
+        return max(1, os.cpu_count() or 1)
+
+
+class GenerationCancelled(Exception):
+    """The cancel event was set while the model was reading the prompt or writing."""
+
+    def __init__(self, partial: str) -> None:
+        super().__init__("cancelled")
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """How one reply was made: what the KV cache saved and how fast each phase ran."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    """Prompt tokens whose KV cache entries were reused from the previous call (or the disk cache)."""
+    prompt_seconds: float
+    generated_tokens: int
+    generate_seconds: float
+    finish_reason: str
+    """stop (end of reply), length (max_tokens reached)."""
+
+    @property
+    def evaluated_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.evaluated_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generate_tokens_per_s(self) -> float:
+        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    stats: GenerationStats
+
+
+class Backend(Protocol):
+    """Something that turns chat messages into a streamed JSON reply."""
+
+    name: str
+    n_ctx: int
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> Completion: ...
+
+    def remember(self) -> None:
+        """A proposal succeeded: a good moment to persist the prompt cache."""
+
+    def close(self) -> None: ...
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class LocalModel:
+    """One GGUF loaded in-process: a single Llama kept for its KV cache, with cancellable generation."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        *,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        info = validate(path)  # header and size check first: llama.cpp may crash on a truncated file
+        lc = _llama_cpp()
+        self.name = name
+        self.path = path
+        wanted = n_ctx or int(os.environ.get("AUTORESEARCH_LLM_CTX", DEFAULT_CONTEXT))
+        self.n_ctx = min(wanted, info.context_length or wanted)
+        self.threads = threads or default_threads()
+        try:
+            self.llm = lc.Llama(
+                str(path),
+                n_ctx=self.n_ctx,
+                n_batch=512,
+                n_threads=self.threads,
+                n_threads_batch=self.threads,
+                verbose=False,
+            )
+        except Exception as exc:  # llama.cpp reports a bad file as ValueError or RuntimeError
+            raise ModelError(f"{path}: llama.cpp could not load it: {exc}") from None
+        self._lc = lc
+        self._vocab = lc.llama_model_get_vocab(self.llm.model)
+        self._n_vocab = self.llm.n_vocab()
+        self._cancel: threading.Event | None = None
+        # Checked by ggml between graph nodes: the only way to stop a long prompt evaluation promptly.
+        self._abort = lc.ggml_abort_callback(self._should_abort)
+        lc.llama_set_abort_callback(self.llm.ctx, self._abort, None)
+        self._formatter = self._make_formatter(info.chat_template)
+        self._state_path = self._state_file(state_dir) if state_dir else None
+        self._saved_tokens: list[int] = []
+        if self._state_path is not None:
+            self._restore_state()
+
+    # -- prompt text -------------------------------------------------------------------------------------
+
+    def _make_formatter(self, template: str | None) -> Callable[[Sequence[Message]], str]:
+        if not template:
+            return render_chatml
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def token_text(token: int) -> str:
+            if token < 0:
+                return ""
+            return self.llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
+
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=token_text(self.llm.token_eos()),
+            bos_token=token_text(self.llm.token_bos()),
+        )
+
+        def render(messages: Sequence[Message]) -> str:
+            try:
+                return str(formatter(messages=list(messages)).prompt)  # type: ignore[arg-type]
+            except Exception:  # a template that needs features we do not pass: ChatML is what most expect
+                return render_chatml(messages)
+
+        return render
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _tokenize_prompt(self, messages: Sequence[Message]) -> list[int]:
+        prompt = self._formatter(messages)
+        bos = self.llm.token_bos()
+        tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if bos >= 0 and tokens[:2] == [bos, bos]:  # the template wrote its own BOS
+            tokens = tokens[1:]
+        return list(tokens)
+
+    # -- cancellation --------------------------------------------------------------------------------------
+
+    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
+        event = self._cancel
+        return event is not None and event.is_set()
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def _eval(self, tokens: Sequence[int], partial: str) -> None:
+        try:
+            self.llm.eval(tokens)
+        except RuntimeError as exc:
+            if self._cancel is not None and self._cancel.is_set():
+                raise GenerationCancelled(partial) from None
+            raise ModelError(f"{self.name}: llama.cpp failed: {exc}") from None
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+        grammar: str | None = REPLY_GRAMMAR,
+    ) -> Completion:
+        """Generate one reply, reusing the KV cache for the prompt prefix shared with the previous call."""
+        tokens = self._tokenize_prompt(messages)
+        room = self.n_ctx - len(tokens) - 1
+        if room < 32:
+            raise PromptTooLong(f"the prompt is {len(tokens)} tokens; the context holds {self.n_ctx}")
+        max_tokens = min(max_tokens, room)
+        llm = self.llm
+        # Keep at least one token to evaluate: its logits are what we sample from.
+        reused = min(_common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens), len(tokens) - 1)
+        self._cancel = cancel
+        sampler = _Sampler(self._lc, self._vocab, self._n_vocab, grammar, temperature, seed)
+        text_parts: list[str] = []
+        try:
+            if cancel.is_set():
+                raise GenerationCancelled("")
+            started = time.perf_counter()
+            llm.n_tokens = reused  # eval() drops the KV cache beyond n_tokens first
+            self._eval(tokens[reused:], "")
+            prompt_done = time.perf_counter()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            finish = "length"
+            generated = 0
+            while generated < max_tokens:
+                if cancel.is_set():
+                    raise GenerationCancelled("".join(text_parts))
+                token = sampler.sample(llm.ctx)
+                if self._lc.llama_vocab_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                piece = decoder.decode(llm.detokenize([token]))
+                if piece:
+                    text_parts.append(piece)
+                    on_text(piece)
+                self._eval([token], "".join(text_parts))
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                text_parts.append(tail)
+                on_text(tail)
+            finished = time.perf_counter()
+        finally:
+            self._cancel = None
+            sampler.close()
+        stats = GenerationStats(
+            prompt_tokens=len(tokens),
+            reused_tokens=reused,
+            prompt_seconds=prompt_done - started,
+            generated_tokens=generated,
+            generate_seconds=finished - prompt_done,
+            finish_reason=finish,
+        )
+        return Completion(text="".join(text_parts), stats=stats)
+
+    def set_threads(self, threads: int) -> None:
+        """Change the thread count, e.g. while a training run shares the CPU."""
+        self.threads = max(1, threads)
+        self._lc.llama_set_n_threads(self.llm.ctx, self.threads, self.threads)
+
+    # -- the prompt cache on disk --------------------------------------------------------------------------
+
+    def _state_file(self, state_dir: Path) -> Path:
+        stat = self.path.stat()
+        version = getattr(self._lc, "__version__", "?")
+        key = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.n_ctx}|{version}"
+        return state_dir / f"{self.path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.state"
+
+    def _restore_state(self) -> None:
+        path = self._state_path
+        if path is None or not path.is_file():
+            return
+        capacity = self.n_ctx
+        ids = (self._lc.llama_token * capacity)()
+        count = ctypes.c_size_t(0)
+        ok = self._lc.llama_state_load_file(
+            self.llm.ctx, str(path).encode(), ids, capacity, ctypes.byref(count)
+        )
+        if not ok or count.value == 0:
+            path.unlink(missing_ok=True)
+            return
+        n = int(count.value)
+        self.llm.input_ids[:n] = ids[:n]
+        self.llm.n_tokens = n
+        self._saved_tokens = list(ids[:n])
+
+    def remember(self) -> None:
+        """Save the KV cache to disk when much of it is new (program.md or train.py changed), so that a
+        restart skips the long prompt; a few new history rows are not worth the write."""
+        path = self._state_path
+        llm = self.llm
+        if path is None or llm.n_tokens == 0:
+            return
+        current = llm.input_ids[: llm.n_tokens].tolist()
+        if len(current) - _common_prefix(self._saved_tokens, current) < _STATE_SAVE_MIN_NEW:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        ids = (self._lc.llama_token * len(current))(*current)
+        if self._lc.llama_state_save_file(llm.ctx, str(tmp).encode(), ids, len(current)):
+            os.replace(tmp, path)
+            self._saved_tokens = current
+        else:
+            tmp.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._lc.llama_set_abort_callback(self.llm.ctx, self._lc.ggml_abort_callback(0), None)
+        self.llm.close()
+
+
+class _Sampler:
+    """top-k / top-p / min-p / temperature sampling, checked against a grammar.
+
+    The grammar is applied to the one sampled token first and to the whole vocabulary only when that token is
+    rejected (as llama.cpp's own common sampler does): masking all 150k tokens every step costs ~50 ms here.
+    """
+
+    def __init__(
+        self, lc: ModuleType, vocab: Any, n_vocab: int, grammar: str | None, temperature: float, seed: int
+    ) -> None:
+        import numpy as np
+
+        self._lc = lc
+        self._np = np
+        self.chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_greedy())
+        else:
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_k(40))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_top_p(0.95, 1))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_min_p(0.05, 1))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_temp(temperature))
+            lc.llama_sampler_chain_add(self.chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        self.grammar = lc.llama_sampler_init_grammar(vocab, grammar.encode(), b"root") if grammar else None
+        if grammar and not self.grammar:
+            raise ModelError("llama.cpp rejected the reply grammar")
+        dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self._n_vocab = n_vocab
+        self._ids = np.arange(n_vocab, dtype=np.intc)
+        self._all = np.recarray((n_vocab,), dtype=dtype)
+        self._all_array = lc.llama_token_data_array(
+            data=self._all.ctypes.data_as(lc.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
+        )
+        self._one = np.recarray((1,), dtype=dtype)
+        self._one_array = lc.llama_token_data_array(
+            data=self._one.ctypes.data_as(lc.llama_token_data_p), size=1, selected=-1, sorted=False
+        )
+
+    def _fill(self, ctx: Any) -> None:
+        np, lc = self._np, self._lc
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+        self._all.id[:] = self._ids
+        self._all.logit[:] = logits
+        self._all.p[:] = 0.0
+        self._all_array.size = self._n_vocab
+        self._all_array.selected = -1
+        self._all_array.sorted = False
+
+    def _pick(self) -> int:
+        self._lc.llama_sampler_apply(self.chain, ctypes.byref(self._all_array))
+        return int(self._all.id[self._all_array.selected])
+
+    def sample(self, ctx: Any) -> int:
+        lc = self._lc
+        self._fill(ctx)
+        token = self._pick()
+        if self.grammar is not None:
+            self._one.id[0], self._one.logit[0], self._one.p[0] = token, 1.0, 0.0
+            self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+            lc.llama_sampler_apply(self.grammar, ctypes.byref(self._one_array))
+            if not self._np.isfinite(self._one.logit[0]):
+                self._fill(ctx)
+                lc.llama_sampler_apply(self.grammar, ctypes.byref(self._all_array))
+                token = self._pick()
+            lc.llama_sampler_accept(self.grammar, token)
+        lc.llama_sampler_accept(self.chain, token)
+        return token
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self._lc.llama_sampler_free(self.grammar)
+            self.grammar = None
+        if self.chain is not None:
+            self._lc.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A local OpenAI-compatible server (llama-server, Ollama): localhost only
+# ---------------------------------------------------------------------------------------------------------
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def check_local_url(url: str) -> str:
+    """The chat-completions URL of a local OpenAI-compatible server; ModelError for any non-local host."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https"):
+        raise ModelError(f"{url}: an endpoint must be an http:// URL on localhost")
+    host = (parsed.hostname or "").lower()
+    local = host in _LOOPBACK_NAMES
+    if not local:
+        try:
+            local = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+    if not local:
+        raise ModelError(
+            f"{url}: refusing a non-local endpoint ({host or 'no host'}): only localhost is allowed"
+        )
+    base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
+    if base.endswith("/chat/completions"):
+        return base
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return base + "/chat/completions"
+
+
+class EndpointModel:
+    """A model served on localhost with the OpenAI chat API; the reply is constrained by REPLY_SCHEMA."""
+
+    def __init__(self, url: str, model: str | None = None, n_ctx: int = DEFAULT_CONTEXT) -> None:
+        self.url = check_local_url(url)
+        self.model = model or "local"
+        self.name = f"{self.model}@{urllib.parse.urlsplit(self.url).netloc}"
+        self.n_ctx = n_ctx
+        # Never through a proxy: the request must stay on this machine.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def count_tokens(self, text: str) -> int:
+        from agent.prompt import estimate_tokens
+
+        return estimate_tokens(text)
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+        grammar: str | None = None,
+    ) -> Completion:
+        body = {
+            "model": self.model,
+            "messages": list(messages),
+            "stream": True,
+            "temperature": temperature,
+            "seed": seed,
+            "max_tokens": max_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "proposal", "strict": True, "schema": REPLY_SCHEMA},
+            },
+        }
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        started = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        finish = "stop"
+        try:
+            with self._opener.open(request, timeout=600) as response:
+                for raw in response:
+                    if cancel.is_set():
+                        raise GenerationCancelled("".join(parts))
+                    line = raw.decode("utf-8", errors="replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    choice = (chunk.get("choices") or [{}])[0]
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        first = first or time.perf_counter()
+                        parts.append(piece)
+                        on_text(piece)
+                    if choice.get("finish_reason"):
+                        finish = str(choice["finish_reason"])
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            raise ModelError(f"{self.url}: the local endpoint failed: {exc}") from None
+        finished = time.perf_counter()
+        first = first or finished
+        stats = GenerationStats(
+            prompt_tokens=0,
+            reused_tokens=0,
+            prompt_seconds=first - started,
+            generated_tokens=len(parts),
+            generate_seconds=finished - first,
+            finish_reason=finish,
+        )
+        return Completion(text="".join(parts), stats=stats)
+
+    def remember(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The proposer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_url(text: str | None) -> bool:
+    return bool(text) and str(text).startswith(("http://", "https://"))
+
+
+class LlamaProposer:
+    """Proposes one edit to train.py per call with a local model; see docs/contracts.md for the protocol."""
+
+    name = "llama"
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        seed: int | None = None,
+        *,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tries: int = MAX_TRIES,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        prompt_cache: bool = True,
+    ) -> None:
+        self.temperature = temperature
+        self.max_tries = max_tries
+        self.max_tokens = max_tokens
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.prompt_cache = prompt_cache
+        self._rng = random.Random(seed) if seed is not None else random.SystemRandom()
+        self._lock = threading.RLock()
+        self._backend: Backend | LocalModel | EndpointModel | None = None
+        self._target = self._resolve(model)
+        self.last_stats: list[GenerationStats] = []
+        """One entry per reply of the last proposal (for the benchmark and the curious)."""
+
+    @staticmethod
+    def _resolve(model: str | Path | None) -> ModelRef | str:
+        if isinstance(model, str) and _is_url(model):
+            url, _, name = model.partition("#")
+            check_local_url(url)
+            return model
+        return resolve_model(model)
+
+    @property
+    def model_name(self) -> str | None:
+        """The model in use (or that will be loaded by the first proposal)."""
+        target = self._target
+        if isinstance(target, str):
+            url, _, name = target.partition("#")
+            return name or url
+        return target.name
+
+    def load(self, emit: EventSink) -> None:
+        """Load the model now (the first proposal does it otherwise), emitting ModelLoading / ModelLoaded."""
+        with self._lock:
+            self._ensure_backend(emit)
+
+    def _ensure_backend(self, emit: EventSink) -> Backend | LocalModel | EndpointModel:
+        if self._backend is not None:
+            return self._backend
+        target = self._target
+        name = self.model_name or "model"
+        started = time.perf_counter()
+        if isinstance(target, str):
+            url, _, model = target.partition("#")
+            self._backend = EndpointModel(url, model or None)
+        else:
+            last = [-1.0]
+
+            def progress(fraction: float, message: str) -> None:
+                if fraction - last[0] >= 0.02 or fraction >= 1.0:
+                    last[0] = fraction
+                    emit(ModelLoading(name=name, progress=fraction, message=message))
+
+            emit(ModelLoading(name=name, progress=None, message=f"preparing {name}"))
+            path = target.ensure_file(progress)
+            emit(ModelLoading(name=name, progress=None, message=f"loading {path.name}"))
+            state_dir = paths.cache_dir() / "llm-state" if self.prompt_cache else None
+            self._backend = LocalModel(
+                name, path, n_ctx=self.n_ctx, threads=self.threads, state_dir=state_dir
+            )
+        emit(ModelLoaded(name=name, seconds=time.perf_counter() - started))
+        return self._backend
+
+    def use_model(self, name: str, emit: EventSink) -> None:
+        """Switch to another model between proposals; a bad choice raises ModelError and keeps the current one."""
+        with self._lock:
+            target = self._resolve(name)
+            old = self._backend
+            self._backend = None
+            self._target = target
+            if old is not None:
+                old.close()
+            self._ensure_backend(emit)
+
+    def set_threads(self, threads: int) -> None:
+        """Fewer threads while a training run shares the CPU, more when it is alone."""
+        with self._lock:
+            self.threads = threads
+            if isinstance(self._backend, LocalModel):
+                self._backend.set_threads(threads)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+
+    def propose(self, context: ProposalContext, emit: EventSink, cancel: threading.Event) -> Proposal | None:
+        """One proposal that applies cleanly to context.train_py.
+
+        Raises ProposalFailed (every reply kept) after MAX_TRIES bad replies. Returns None if `cancel` was set:
+        the engine checks `cancel` before it looks at the result.
+        """
+        with self._lock:
+            if cancel.is_set():
+                return None
+            backend = self._ensure_backend(emit)
+            model = self.model_name
+            reserve = 2 * self.max_tokens + _FOLLOWUP_RESERVE + 64
+            try:
+                prompt = build_prompt(context, backend.n_ctx - reserve, backend.count_tokens)
+            except PromptTooLong as exc:
+                raise ProposalFailed(str(exc), (), model=model) from None
+            proposal_seed = self._rng.randrange(2**31)
+            messages: tuple[Message, ...] = prompt.messages
+            replies: list[str] = []
+            self.last_stats = []
+            error = ""
+            for attempt in range(self.max_tries):
+                if attempt:
+                    emit(ProposalToken(text="\n"))
+                try:
+                    completion = backend.complete(
+                        messages,
+                        max_tokens=self.max_tokens,
+                        temperature=self.temperature,
+                        seed=proposal_seed + attempt,
+                        on_text=lambda piece: emit(ProposalToken(text=piece)),
+                        cancel=cancel,
+                    )
+                except GenerationCancelled:
+                    return None
+                except PromptTooLong as exc:
+                    raise ProposalFailed(str(exc), tuple(replies), model=model) from None
+                self.last_stats.append(completion.stats)
+                replies.append(completion.text)
+                try:
+                    parsed, _new_text = check_reply(context.train_py, completion.text, context.tried_hashes)
+                except (ReplyError, EditError) as exc:
+                    error = str(exc)
+                    if completion.stats.finish_reason == "length":
+                        error += f" (the reply was cut off after {completion.stats.generated_tokens} tokens: be brief)"
+                    emit(Info(message=f"{model}: reply {attempt + 1} of {self.max_tries} rejected: {error}"))
+                    messages = followup(prompt.messages, completion.text, error)
+                    continue
+                backend.remember()
+                return Proposal(
+                    description=parsed.description,
+                    edits=parsed.edits,
+                    reasoning=parsed.reasoning,
+                    proposer=self.name,
+                    model=model,
+                    temperature=self.temperature,
+                    seed=proposal_seed,
+                    replies=tuple(replies),
+                )
+            raise ProposalFailed(
+                f"no valid proposal after {self.max_tries} replies; the last was rejected: {error}",
+                tuple(replies),
+                model=model,
+            )
+
+
+def make_proposer(model: str | None, seed: int | None) -> LlamaProposer:
+    """The CLI's proposer: `model` None is the embedded default, else a name, a .gguf path or a localhost URL.
+
+    Resolves the model now (ModelError if unknown or damaged) and loads it on the first proposal.
+    """
+    return LlamaProposer(model, seed)
