@@ -153,9 +153,14 @@ class Engine:
         self._thread = threading.Thread(target=self.run, name="autoresearch-engine", daemon=True)
         self._thread.start()
 
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for the loop to end; True if it has."""
-        return self._done.wait(timeout)
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the loop to end (at most `timeout` seconds); see `finished`."""
+        self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the loop has ended."""
+        return self._done.is_set()
 
     def pause(self) -> None:
         """Pause after the current run."""
@@ -284,6 +289,7 @@ class Engine:
         try:
             with self.ws.engine_lock():
                 self.recover()
+                self._settle_budget()
                 if self._ensure_baseline():
                     for exp_id in self._resume_ids:
                         self._safe_point()
@@ -313,9 +319,8 @@ class Engine:
                 return
             item = self._next_item()
             if item is None:
-                self._emit(
-                    Info(message=f"the {getattr(self.proposer, 'name', 'proposer')} has nothing more to try")
-                )
+                name = getattr(self.proposer, "name", "proposer")
+                self._emit(Info(message=f"nothing more to try: the {name} proposer has no more proposals"))
                 return
             if item is not _SKIPPED:
                 self._experiment(item)
@@ -857,6 +862,24 @@ class Engine:
 
     # ---- the baseline ---------------------------------------------------------------------------------
 
+    def _settle_budget(self) -> None:
+        """Every run of a workspace uses the budget its baseline was measured with: results must compare."""
+        baseline = self.ledger.get(0)
+        fixed = baseline is not None and baseline.phase == "decided"
+        stored = self.ledger.get_meta("budget", "unset")
+        if not fixed or stored == "unset":
+            self.ledger.set_meta("budget", self.config.budget)
+            return
+        if self.config.budget is None and stored is not None:
+            self.config.budget = stored
+            self._emit(Info(message=f"budget {describe_budget(stored)}, as the baseline was measured"))
+        elif self.config.budget != stored:
+            raise WorkspaceError(
+                f"the baseline of {self.ws.path} was measured with budget {describe_budget(stored)}, not "
+                f"{describe_budget(self.config.budget)}: results would not compare; run with the same budget "
+                f"({'--budget ' + stored if stored else 'no --budget'}) or in a new workspace"
+            )
+
     def _ensure_baseline(self) -> bool:
         """Experiment 0: the unmodified train.py, run K times to measure the noise floor. False: stop."""
         exp = self.ledger.get(0)
@@ -957,7 +980,6 @@ class Engine:
             },
         )
         self._emit(NoiseFloorEvent(values=noise.values, spread=noise.spread, margin=noise.margin))
-        self._emit(Info(message=f"noise floor: {noise.describe()}"))
 
     # ---- decisions ------------------------------------------------------------------------------------
 
@@ -1145,19 +1167,10 @@ class Engine:
         return matches[-1] if matches else None
 
     def _queue_reapply(self, exp_id: int) -> None:
-        exp = self.ledger.get(exp_id)
-        if exp is None or exp_id == 0:
-            self._emit(EngineError(message=f"there is no experiment #{exp_id} to reapply"))
-            return
-        original = proposal_from_json(exp.proposal)
-        if not original.edits:
-            self._emit(EngineError(message=f"#{exp_id} has no change to reapply"))
-            return
-        proposal = replace(
-            original, description=f"reapply #{exp_id}: {exp.description}", proposer="reapply", key=None
-        )
-        self.ledger.enqueue(proposal, exp_id, "reapply")
-        self._emit(Info(message=f"#{exp_id} queued again: {exp.description}"))
+        try:
+            self._emit(Info(message=queue_reapply(self.ledger, exp_id)))
+        except ValueError as exc:
+            self._emit(EngineError(message=str(exc)))
 
     # ---- recovery -------------------------------------------------------------------------------------
 
@@ -1236,6 +1249,23 @@ class Engine:
                 self.ledger.enqueue(proposal_from_json(exp.proposal), exp.id, "interrupted", conn)
         if exp.commit and self.ws.is_commit(exp.commit):
             self.ws.save_discarded(exp.id, exp.commit)
+
+
+def queue_reapply(ledger: Ledger, exp_id: int) -> str:
+    """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
+    exp = ledger.get(exp_id)
+    if exp is None or exp_id == 0:
+        raise ValueError(f"there is no experiment #{exp_id} to reapply")
+    if exp.phase != "decided":
+        raise ValueError(f"#{exp_id} is still in flight")
+    original = proposal_from_json(exp.proposal)
+    if not original.edits:
+        raise ValueError(f"#{exp_id} ({exp.status}) has no change to reapply")
+    proposal = replace(
+        original, description=f"reapply #{exp_id}: {exp.description}", proposer="reapply", key=None
+    )
+    ledger.enqueue(proposal, exp_id, "reapply")
+    return f"#{exp_id} queued again: {exp.description}"
 
 
 _SKIPPED: Any = _Item(Proposal(description="", edits=()))

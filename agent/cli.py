@@ -1,0 +1,354 @@
+"""The `autoresearch` command: the cockpit by default, the headless loop, and the workspace's records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import paths
+from agent.config import EngineConfig, check_budget
+
+EXIT_ERROR = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class _Nothing:
+    """A proposer with nothing to propose: `reapply` runs only what is queued."""
+
+    name = "reapply"
+    model_name = None
+
+    def propose(self, context: Any, emit: Any, cancel: Any) -> None:
+        return None
+
+
+# ---- the parser ---------------------------------------------------------------------------------------
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """--workspace, --budget and --model, accepted before and after the subcommand."""
+    parser = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help="the research workspace (default: per user)",
+    )
+    parser.add_argument(
+        "--budget", default=default, metavar="SPEC", help="training budget per run: 60, 60s or 2.5e12flops"
+    )
+    parser.add_argument("--model", default=default, metavar="NAME", help="the local model that proposes")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    sub_common = _common(suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="autoresearch",
+        description="Offline autoresearch: a local model edits, trains and judges a small GPT. "
+        "Without a command, opens the cockpit.",
+        parents=[_common(suppress=False)],
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", parents=[sub_common], help="run the research loop (--headless: no UI)")
+    run.add_argument("--headless", action="store_true", help="print events instead of opening the cockpit")
+    run.add_argument(
+        "--ideas", type=Path, metavar="FILE", help="a JSON-lines file of ideas to try, then stop"
+    )
+    run.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments")
+    run.add_argument(
+        "--seeds", type=int, metavar="K", help="baseline runs that measure the noise (default 3 on CPU)"
+    )
+    run.add_argument("--json", action="store_true", help="print events as JSON lines")
+    run.add_argument("--verbose", "-v", action="store_true", help="also print states and progress lines")
+
+    commands.add_parser("status", parents=[sub_common], help="the workspace's state and best result")
+
+    log = commands.add_parser("log", parents=[sub_common], help="every experiment, one per line")
+    log.add_argument("-n", type=int, metavar="N", help="only the last N")
+    log.add_argument("--json", action="store_true", help="JSON lines")
+
+    reapply = commands.add_parser(
+        "reapply", parents=[sub_common], help="run a discarded experiment's change again"
+    )
+    reapply.add_argument("exp_id", type=int, metavar="ID")
+
+    init = commands.add_parser("init", parents=[sub_common], help="create a research workspace")
+    init.add_argument("folder", type=Path, nargs="?", metavar="DIR", help="the folder (new or empty)")
+    init.add_argument("--tag", help="branch autoresearch/<tag> (default: today's date, e.g. nov27)")
+
+    models = commands.add_parser("models", parents=[sub_common], help="list the local models")
+    models.add_argument("extra", type=Path, nargs="*", metavar="PATH", help="more GGUF files or folders")
+
+    report = commands.add_parser(
+        "report", parents=[sub_common], help="write progress.png and print the gains"
+    )
+    report.add_argument(
+        "--output", type=Path, metavar="PNG", help="where to write (default: DIR/progress.png)"
+    )
+    return parser
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+
+def _workspace_path(args: argparse.Namespace) -> Path:
+    return Path(args.workspace).expanduser() if args.workspace else paths.default_workspace()
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from agent.workspace import Workspace
+
+    return Workspace.open(_workspace_path(args))
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
+    return EngineConfig(budget=os.environ.get("AUTORESEARCH_BUDGET") or None, **extra)
+
+
+def _drive(engine: Any) -> int:
+    """Run the engine in its thread until it ends; Ctrl-C or SIGTERM shuts it down cleanly (twice: now)."""
+    interrupts = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            raise SystemExit(130)
+        print(
+            "autoresearch: stopping (the run in flight is recorded as interrupted; again to quit now)",
+            file=sys.stderr,
+        )
+        engine.shutdown()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        engine.start()
+        while not engine.finished:
+            engine.join(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine.close()
+    if engine.error:
+        raise CliError(engine.error)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    headless_only = [
+        name for name in ("ideas", "max_experiments", "seeds") if getattr(args, name) is not None
+    ]
+    headless_only += [name for name in ("json", "verbose") if getattr(args, name)]
+    if not args.headless:
+        if headless_only:
+            flags = ", ".join("--" + n.replace("_", "-") for n in headless_only)
+            raise CliError(f"{flags} need --headless (the cockpit opens with plain `autoresearch`)")
+        return cmd_cockpit(args)
+    if args.seeds is not None and args.seeds < 1:
+        raise CliError("--seeds must be at least 1")
+    if args.max_experiments is not None and args.max_experiments < 0:
+        raise CliError("--max-experiments must be 0 or more")
+    from agent.engine import Engine
+    from agent.printer import make_printer
+    from agent.workspace import Workspace
+
+    if args.ideas is not None:
+        from agent.ideas import IdeaQueue
+
+        proposer: Any = IdeaQueue.from_file(args.ideas)
+    else:
+        try:
+            from agent.llm import make_proposer
+        except ImportError as exc:
+            raise CliError(f"the local-model proposer is not available ({exc}); try --ideas FILE") from None
+        proposer = make_proposer(args.model, None)
+    workspace = Workspace.open_or_init(_workspace_path(args))
+    config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments)
+    engine = Engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
+    return _drive(engine)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.ledger import Ledger
+
+    ws = _open(args)
+    ledger = Ledger(ws.ledger_path)
+    try:
+        experiments = ledger.experiments()
+        noise = ledger.get_meta("noise")
+        best_id = ledger.get_meta("best_exp_id")
+        best = ledger.get(best_id) if best_id is not None else None
+        counts: dict[str, int] = {}
+        for exp in experiments:
+            counts[exp.status] = counts.get(exp.status, 0) + 1
+        print(f"workspace  {ws.path}")
+        print(f"branch     {ws.branch} at {ws.head()[:7]}")
+        print(f"engine     {'running' if ws.engine_running() else 'not running'}")
+        baseline = ledger.get_meta("baseline_bpb")
+        print(f"baseline   {f'{baseline:.6f}' if baseline is not None else '-'}")
+        if best is not None and best.val_bpb is not None:
+            print(f"best       {best.val_bpb:.6f} (#{best.id}: {best.description})")
+        if noise:
+            print(
+                f"margin     {noise['margin']:.6f} bpb (baseline spread {noise['spread']:.6f} over "
+                f"{len(noise['values'])} seeds)"
+            )
+        shown = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        print(f"experiments {len(experiments)}{': ' + shown if shown else ''}")
+        if queued := ledger.queued():
+            print(f"queued     {len(queued)}: " + "; ".join(q.proposal.description for q in queued))
+        for exp in experiments[-5:]:
+            print("  " + _log_line(exp))
+    finally:
+        ledger.close()
+    return 0
+
+
+def _log_line(exp: Any) -> str:
+    bpb = f"{exp.val_bpb:.6f}" if exp.val_bpb is not None else "-"
+    by = " (user)" if exp.decided_by not in (None, "engine") else ""
+    commit = (exp.commit or "")[:7] or "-"
+    return f"#{exp.id:<4d} {exp.status + by:<16s} {bpb:>9s}  {commit:7s}  {exp.description}"
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from agent.ledger import Ledger
+
+    ws = _open(args)
+    ledger = Ledger(ws.ledger_path)
+    try:
+        experiments = ledger.experiments()
+    finally:
+        ledger.close()
+    if args.n is not None:
+        experiments = experiments[-args.n :] if args.n > 0 else []
+    for exp in experiments:
+        print(json.dumps(asdict(exp), ensure_ascii=False) if args.json else _log_line(exp))
+    return 0
+
+
+def cmd_reapply(args: argparse.Namespace) -> int:
+    from agent.engine import Engine, queue_reapply
+    from agent.ledger import Ledger
+    from agent.printer import make_printer
+
+    ws = _open(args)
+    ledger = Ledger(ws.ledger_path)
+    try:
+        message = queue_reapply(ledger, args.exp_id)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        ledger.close()
+    print(message)
+    if ws.engine_running():
+        print("the running engine will pick it up after its current experiment")
+        return 0
+    engine = Engine(ws, _Nothing(), _config(args), make_printer())
+    return _drive(engine)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from agent.workspace import Workspace
+
+    folder = args.folder or _workspace_path(args)
+    ws = Workspace.init(Path(folder).expanduser(), tag=args.tag)
+    print(f"created the research workspace {ws.path} on branch {ws.branch}")
+    print(
+        f"run it: autoresearch --workspace {ws.path}   (or: autoresearch run --headless --workspace {ws.path})"
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent.models import print_models
+
+    return int(print_models(list(args.extra)))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent.ledger import Ledger
+    from agent.report import summarize, summary_text, write_progress_png
+
+    ws = _open(args)
+    ledger = Ledger(ws.ledger_path)
+    try:
+        experiments = ledger.experiments()
+    finally:
+        ledger.close()
+    output = args.output or ws.path / "progress.png"
+    write_progress_png(experiments, output)
+    print(summary_text(summarize(experiments)))
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_cockpit(args: argparse.Namespace) -> int:
+    try:
+        from tui.app import run_app
+    except ImportError as exc:
+        raise CliError(f"the cockpit is not available ({exc}); use `autoresearch run --headless`") from None
+    return int(run_app(workspace=_workspace_path(args), budget=args.budget, model=args.model) or 0)
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "status": cmd_status,
+    "log": cmd_log,
+    "reapply": cmd_reapply,
+    "init": cmd_init,
+    "models": cmd_models,
+    "report": cmd_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point; every error is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.budget is not None:
+            try:
+                args.budget = check_budget(args.budget)
+            except ValueError as exc:
+                raise CliError(str(exc)) from None
+            os.environ["AUTORESEARCH_BUDGET"] = args.budget
+        handler = COMMANDS.get(args.command or "", cmd_cockpit)
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        print(f"autoresearch: error: {_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _message(exc: BaseException) -> str:
+    """One line for the user: our own errors speak for themselves, others carry their type."""
+    from agent.ideas import IdeaFileError
+    from agent.workspace import WorkspaceError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, CliError | WorkspaceError | IdeaFileError):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "autoresearch"
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The research report: progress.png (val_bpb per experiment, keeps highlighted, running best) and a summary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.ledger import Experiment
+
+
+@dataclass(frozen=True)
+class Improvement:
+    """A kept experiment and how much it gained over the best before it."""
+
+    exp_id: int
+    description: str
+    val_bpb: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Baseline -> best, counts, and the kept improvements sorted by gain."""
+
+    baseline_bpb: float | None
+    best_bpb: float | None
+    best_exp_id: int | None
+    n_experiments: int
+    n_kept: int
+    counts: dict[str, int]
+    improvements: tuple[Improvement, ...]
+
+
+def summarize(experiments: list[Experiment]) -> Summary:
+    """The numbers of a report, from the ledger's experiments (oldest first)."""
+    decided = [e for e in experiments if e.phase == "decided"]
+    counts: dict[str, int] = {}
+    for exp in decided:
+        counts[exp.status] = counts.get(exp.status, 0) + 1
+    chain = [e for e in decided if e.status in ("baseline", "keep") and e.val_bpb is not None]
+    baseline = next((e for e in chain if e.status == "baseline"), None)
+    improvements = []
+    previous = baseline.val_bpb if baseline else None
+    for exp in chain:
+        if exp.status == "keep" and previous is not None and exp.val_bpb is not None:
+            improvements.append(Improvement(exp.id, exp.description, exp.val_bpb, previous - exp.val_bpb))
+        previous = exp.val_bpb
+    best = min(chain, key=lambda e: e.val_bpb or float("inf"), default=None)
+    return Summary(
+        baseline_bpb=baseline.val_bpb if baseline else None,
+        best_bpb=best.val_bpb if best else None,
+        best_exp_id=best.id if best else None,
+        n_experiments=len([e for e in decided if e.id != 0]),
+        n_kept=counts.get("keep", 0),
+        counts=counts,
+        improvements=tuple(sorted(improvements, key=lambda i: i.delta, reverse=True)),
+    )
+
+
+def summary_text(summary: Summary, top: int = 10) -> str:
+    """The report as lines of text."""
+    if summary.baseline_bpb is None:
+        return "no baseline yet: run `autoresearch run --headless` first"
+    lines = []
+    if summary.best_bpb is not None:
+        gain = summary.baseline_bpb - summary.best_bpb
+        pct = 100 * gain / summary.baseline_bpb if summary.baseline_bpb else 0.0
+        lines.append(
+            f"baseline {summary.baseline_bpb:.6f} -> best {summary.best_bpb:.6f} (#{summary.best_exp_id}): "
+            f"{gain:+.6f} bpb ({pct:.2f}%)"
+        )
+    counted = ", ".join(
+        f"{n} {status}" for status, n in sorted(summary.counts.items()) if status != "baseline"
+    )
+    lines.append(f"{summary.n_experiments} experiments after the baseline{': ' + counted if counted else ''}")
+    if summary.improvements:
+        lines.append("top improvements (gain over the best before it):")
+        for rank, imp in enumerate(summary.improvements[:top], start=1):
+            lines.append(
+                f"  {rank:2d}. #{imp.exp_id:<4d} {imp.delta:+.6f}  {imp.val_bpb:.6f}  {imp.description}"
+            )
+    return "\n".join(lines)
+
+
+def write_progress_png(experiments: list[Experiment], path: Path) -> Path:
+    """Plot val_bpb per experiment (discards faint, keeps green and labelled, the running best as a step line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decided = [e for e in experiments if e.phase == "decided" and e.val_bpb is not None]
+    kept = [e for e in decided if e.status in ("baseline", "keep")]
+    discarded = [e for e in decided if e.status == "discard"]
+    failed = [
+        e
+        for e in experiments
+        if e.phase == "decided" and e.status in ("crash", "timeout", "oom", "nan", "invalid")
+    ]
+    fig, ax = plt.subplots(figsize=(14, 7))
+    if discarded:
+        ax.scatter(
+            [e.id for e in discarded],
+            [float(e.val_bpb or 0.0) for e in discarded],
+            c="#bbbbbb",
+            s=14,
+            label="discarded",
+            zorder=2,
+        )
+    if kept:
+        ax.scatter(
+            [e.id for e in kept],
+            [float(e.val_bpb or 0.0) for e in kept],
+            c="#2ecc71",
+            s=50,
+            edgecolors="black",
+            linewidths=0.5,
+            label="kept",
+            zorder=4,
+        )
+        best_x, best_y, best = [], [], float("inf")
+        for exp in kept:
+            assert exp.val_bpb is not None
+            best = min(best, exp.val_bpb)
+            best_x.append(exp.id)
+            best_y.append(best)
+        last = max(e.id for e in experiments) if experiments else best_x[-1]
+        best_x.append(last)
+        best_y.append(best)
+        ax.step(
+            best_x,
+            best_y,
+            where="post",
+            color="#27ae60",
+            linewidth=2,
+            alpha=0.7,
+            label="running best",
+            zorder=3,
+        )
+        for exp in kept:
+            label = exp.description if len(exp.description) <= 45 else exp.description[:42] + "..."
+            ax.annotate(
+                label,
+                (exp.id, exp.val_bpb),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+                color="#1a7a3a",
+                rotation=30,
+                ha="left",
+                va="bottom",
+            )
+    if failed:
+        top = max((e.val_bpb for e in decided if e.val_bpb is not None), default=1.0)
+        ax.scatter(
+            [e.id for e in failed],
+            [top] * len(failed),
+            marker="x",
+            c="#e74c3c",
+            s=20,
+            label="crash / timeout / invalid",
+            zorder=2,
+        )
+    ax.set_xlabel("experiment #")
+    ax.set_ylabel("validation bpb (lower is better)")
+    n_kept = len([e for e in kept if e.status == "keep"])
+    ax.set_title(
+        f"autoresearch progress: {len([e for e in experiments if e.id != 0])} experiments, {n_kept} kept"
+    )
+    ax.grid(True, alpha=0.2)
+    if decided:
+        ax.legend(loc="upper right", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
