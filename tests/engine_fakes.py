@@ -1,0 +1,170 @@
+"""A fake harness that follows docs/contracts.md in milliseconds, for engine, runner and resume tests.
+
+val_bpb = 2 + |LEARNING_RATE - 0.5| + a tiny seed-dependent wobble, so an idea's effect is known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.events import Event
+from agent.ledger import Ledger, read_results_tsv
+from agent.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE_PREPARE = '''"""Fake frozen harness: prints the summary block and writes the result file."""
+import json
+import os
+
+
+def report(val_bpb, steps=3, printed=None):
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "0"))
+    print("---")
+    print(f"val_bpb:          {printed if printed is not None else val_bpb:.6f}")
+    print("training_seconds: 0.1")
+    print("total_seconds:    0.2")
+    print("peak_memory_mb:   42.0")
+    print(f"num_steps:        {steps}")
+    print(f"seed:             {seed}")
+    path = os.environ.get("AUTORESEARCH_RESULT_FILE")
+    if path:
+        with open(path, "w") as fh:
+            json.dump({"val_bpb": round(val_bpb, 6), "status": "ok", "reason": "", "eval_tokens": 1,
+                       "eval_bytes": 1, "training_seconds": 0.1, "train_flops": 1.0, "num_steps": steps,
+                       "seed": seed}, fh)
+'''
+
+FAKE_TRAIN = '''"""Fake train.py: the constants decide val_bpb."""
+import os
+
+from prepare import report
+
+seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
+LEARNING_RATE = 1.0
+EXTRA = 0.0
+CRASH = False
+WOBBLE = 0.0001
+
+if CRASH:
+    raise RuntimeError("boom: this idea crashes")
+for step in range(3):
+    print(f"step {step:5d} | loss {2.5 - step * 0.1:.4f} | lr {LEARNING_RATE:.2e} | tok/s 1000 | 0.0s")
+report(2.0 + abs(LEARNING_RATE - 0.5) + EXTRA + WOBBLE * (seed % 3))
+'''
+
+
+def make_source(folder: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE) -> Path:
+    """A folder shaped like nanogpt/ holding the fake harness."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.py").write_text(train)
+    (folder / "prepare.py").write_text(prepare)
+    return folder
+
+
+def make_workspace(tmp: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE) -> Workspace:
+    source = make_source(tmp / "source", train, prepare)
+    return Workspace.init(tmp / "ws", tag="test", source=source, program=tmp / "no-program.md")
+
+
+def idea(description: str, search: str, replace: str, **extra: str) -> dict[str, object]:
+    edit: dict[str, str] = {"search": search, "replace": replace, **extra}
+    return {"description": description, "edits": [edit]}
+
+
+def write_ideas(path: Path, ideas: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(i) + "\n" for i in ideas))
+    return path
+
+
+BETTER = idea("lower the learning rate", "LEARNING_RATE = 1.0", "LEARNING_RATE = 0.6")
+WORSE = idea("add a penalty", "EXTRA = 0.0", "EXTRA = 0.5")
+CRASHES = idea("an idea that crashes", "CRASH = False", "CRASH = True")
+MARGINAL = idea("a marginal gain", "EXTRA = 0.0", "EXTRA = -0.003")
+FLUKE = idea("a fluke on seed 1", "EXTRA = 0.0", "EXTRA = -0.003 if seed == 1 else 0.0")
+SLOW = idea(
+    "a run that takes a minute",
+    "CRASH = False",
+    "CRASH = False\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)",
+)
+"""Baseline with seeds 1, 2: 2.5001, 2.5002 -> mean 2.50015, margin 0.002 (the minimum)."""
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m agent.cli ARGS` as the user would, from the project root."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = str(ROOT)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+class Recorder:
+    """An EventSink that keeps every event, runs hooks (from the engine thread) and lets a test wait."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.hooks: list[Callable[[Event], None]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, event: Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+        for hook in self.hooks:
+            hook(event)
+
+    def of(self, kind: type) -> list:
+        with self._cond:
+            return [e for e in self.events if isinstance(e, kind)]
+
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 60.0) -> Event:
+        """The first event matching `predicate`, waiting for it if need be (fails after `timeout`)."""
+
+        def found() -> Event | None:
+            return next((e for e in self.events if predicate(e)), None)
+
+        with self._cond:
+            event = self._cond.wait_for(found, timeout)
+        assert event is not None, "the awaited event never came"
+        return event
+
+
+def assert_consistent(ws: Workspace) -> Ledger:
+    """The invariants a stopped engine must leave, whatever happened: returns the (open) ledger."""
+    ledger = Ledger(ws.ledger_path)
+    experiments = ledger.experiments()
+    assert experiments, "no experiments"
+    assert all(e.phase == "decided" for e in experiments), [(e.id, e.phase) for e in experiments]
+    assert not [e for e in experiments if e.status in ("pending", "running")]
+    best_commit = ledger.get_meta("best_commit")
+    best = ledger.get(ledger.get_meta("best_exp_id"))
+    assert best is not None and best.status in ("keep", "baseline") and best.commit == best_commit
+    assert ws.head() == best_commit, "the branch is not at the best kept commit"
+    assert ws.read_train() == ws.file_at(best_commit)
+    refs = ws.discarded_refs()
+    for exp in experiments:
+        if exp.status not in ("keep", "baseline") and exp.commit:
+            assert refs.get(exp.id) == exp.commit, f"#{exp.id} ({exp.status}) lost its commit"
+    kept = [e for e in experiments if e.status == "keep"]
+    for exp in kept:
+        assert ws.repo.is_ancestor(exp.commit, best_commit), f"kept #{exp.id} is not on the branch"
+    assert read_results_tsv(ws.results_tsv) == ledger.results_rows()
+    assert ws.repo.git.status("--porcelain") == ""
+    assert ws.harness_problems() == []
+    assert not [r for e in experiments for r in ledger.runs(e.id) if r.outcome is None]
+    return ledger

@@ -1,0 +1,471 @@
+"""The engine on real git with the fake harness (milliseconds per run), and one loop on the real nanogpt."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from engine_fakes import (
+    BETTER,
+    CRASHES,
+    FAKE_TRAIN,
+    FLUKE,
+    MARGINAL,
+    SLOW,
+    WORSE,
+    Recorder,
+    assert_consistent,
+    idea,
+    make_workspace,
+)
+
+from agent import paths
+from agent.config import EngineConfig
+from agent.edits import file_hash
+from agent.engine import Engine
+from agent.events import (
+    Decided,
+    EngineError,
+    Event,
+    LogLine,
+    NoiseFloor,
+    ProposalRejected,
+    ReviewRequested,
+    RunFinished,
+    RunStarted,
+    StateChanged,
+)
+from agent.ideas import IdeaQueue, parse_ideas
+from agent.ledger import Ledger, read_results_tsv
+from agent.proposals import Edit, Proposal, ProposalContext
+from agent.workspace import Workspace
+
+FAST = {"seeds": 2, "deadline_s": 60.0}
+
+
+def _queue(*ideas: dict[str, object]) -> IdeaQueue:
+    import json
+
+    return IdeaQueue(parse_ideas("".join(json.dumps(i) + "\n" for i in ideas), Path("ideas.jsonl")))
+
+
+def _engine(ws: Workspace, *ideas: dict[str, object], **config: object) -> tuple[Engine, Recorder]:
+    recorder = Recorder()
+    engine = Engine(ws, _queue(*ideas), EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
+    return engine, recorder
+
+
+def _statuses(ledger: Ledger) -> list[str]:
+    return [e.status for e in ledger.experiments()]
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return make_workspace(tmp_path)
+
+
+def test_full_loop_better_worse_crash(ws: Workspace) -> None:
+    engine, events = _engine(ws, BETTER, WORSE, CRASHES)
+    engine.run()
+    assert engine.error is None
+    ledger = assert_consistent(ws)
+    baseline, better, worse, crash = ledger.experiments()
+    assert _statuses(ledger) == ["baseline", "keep", "discard", "crash"]
+    # the branch is at the kept commit, the others are kept under their refs
+    assert ws.head() == better.commit
+    assert ws.discarded_refs() == {2: worse.commit, 3: crash.commit}
+    assert ws.repo.commit(better.commit).message.startswith("lower the learning rate")
+    assert "LEARNING_RATE = 0.6" in ws.read_train()
+    # lineage: each candidate is built on the best at its time
+    assert baseline.commit == ws.initial_commit and baseline.parent_commit is None
+    assert better.parent_commit == baseline.commit and worse.parent_commit == better.commit
+    # what the ledger holds
+    assert baseline.seeds == (1, 2) and baseline.val_bpb == pytest.approx(2.50015)
+    assert better.val_bpb == pytest.approx(2.1001) and better.seeds == (1,)
+    assert "-LEARNING_RATE = 1.0" in better.diff and "+LEARNING_RATE = 0.6" in better.diff
+    assert better.proposer == "ideas" and better.decided_by == "engine"
+    assert "margin 0.002000" in better.reason and "2x the margin" in better.reason
+    assert crash.val_bpb is None and "RuntimeError: boom" in crash.log_tail
+    assert better.peak_memory_mb == 42.0 and better.started_at and better.finished_at
+    assert Path(better.log_path or "").read_text().startswith("step")
+    # results.tsv in autoresearch's format
+    assert read_results_tsv(ws.results_tsv) == [
+        (baseline.commit[:7], "2.500150", "0.0", "keep", "baseline"),
+        (better.commit[:7], "2.100100", "0.0", "keep", "lower the learning rate"),
+        (worse.commit[:7], "2.600100", "0.0", "discard", "add a penalty"),
+        (crash.commit[:7], "0.000000", "0.0", "crash", "an idea that crashes"),
+    ]
+    # events: the noise floor, one decision per experiment, the end
+    [noise] = events.of(NoiseFloor)
+    assert noise.values == (2.5001, 2.5002) and noise.margin == 0.002
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [
+        (0, "baseline"),
+        (1, "keep"),
+        (2, "discard"),
+        (3, "crash"),
+    ]
+    assert events.of(StateChanged)[-1].state == "stopped"
+    snap = engine.snapshot()
+    assert (snap.best_exp_id, snap.n_experiments, snap.margin, snap.state) == (1, 4, 0.002, "stopped")
+    assert snap.baseline_bpb == pytest.approx(2.50015) and snap.best_bpb == pytest.approx(2.1001)
+    engine.close()
+
+
+def test_marginal_win_is_confirmed_on_another_seed(ws: Workspace) -> None:
+    engine, _ = _engine(ws, MARGINAL)
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "keep"
+    assert exp.seeds == (1, 2) and [r.seed for r in ledger.runs(1)] == [1, 2]
+    assert exp.val_bpb == pytest.approx((2.4971 + 2.4972) / 2)
+    assert "held up" in exp.reason
+
+
+def test_marginal_fluke_is_discarded(ws: Workspace) -> None:
+    engine, _ = _engine(ws, FLUKE)
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "discard" and exp.seeds == (1, 2)
+    assert "did not hold up" in exp.reason
+    assert ws.head() == ws.initial_commit
+
+
+def test_single_seed_baseline_uses_the_default_margin(ws: Workspace) -> None:
+    engine, events = _engine(ws, BETTER, seeds=1, default_margin=0.5)
+    engine.run()
+    ledger = assert_consistent(ws)
+    assert events.of(NoiseFloor)[0].margin == 0.5
+    assert _statuses(ledger) == ["baseline", "discard"]  # a 0.4 gain is inside a 0.5 margin
+
+
+def test_editing_the_harness_is_refused(ws: Workspace) -> None:
+    tamper = idea("make the metric kinder", "def report(", "def report_(", file="prepare.py")
+    before = file_hash((ws.path / "prepare.py").read_text())
+    engine, events = _engine(ws, tamper)
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "rejected" and exp.commit is None
+    assert "prepare.py" in exp.reason and "frozen harness" in exp.reason
+    assert file_hash((ws.path / "prepare.py").read_text()) == before
+    assert events.of(ProposalRejected)[0].exp_id == 1
+
+
+def test_a_run_that_rewrites_the_harness_is_invalid(ws: Workspace) -> None:
+    tamper = idea(
+        "rewrite the harness at run time",
+        "if CRASH:",
+        "open('prepare.py', 'a').write('\\n# tampered\\n')\nif CRASH:",
+    )
+    engine, _ = _engine(ws, tamper)
+    engine.run()
+    ledger = assert_consistent(ws)  # includes: the harness is intact again
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "invalid" and "prepare.py" in exp.reason
+
+
+def test_an_edit_that_does_not_apply_is_rejected(ws: Workspace) -> None:
+    engine, _ = _engine(ws, idea("typo", "LEARNING_RAT = 1.0", "LEARNING_RATE = 3.0"))
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "rejected" and "not found" in exp.reason
+
+
+def test_a_duplicate_train_py_is_rejected(ws: Workspace) -> None:
+    twin = idea("the same change, other words", "LEARNING_RATE = 1.0", "LEARNING_RATE = 2.0")
+    engine, _ = _engine(ws, idea("lr 2", "LEARNING_RATE = 1.0", "LEARNING_RATE = 2.0"), twin)
+    engine.run()
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "discard", "rejected"]
+    exp = ledger.get(2)
+    assert exp is not None and "duplicate" in exp.reason and "#1" in exp.reason
+
+
+def test_a_second_run_skips_ideas_already_tried(ws: Workspace) -> None:
+    engine, _ = _engine(ws, BETTER, WORSE)
+    engine.run()
+    engine.close()
+    again, events = _engine(ws, BETTER, WORSE, CRASHES)
+    again.run()
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "keep", "discard", "crash"]
+    assert ledger.get(0) is not None and len(ledger.runs(0)) == 2  # the baseline is not rerun
+
+
+def test_max_experiments(ws: Workspace) -> None:
+    engine, events = _engine(ws, BETTER, WORSE, CRASHES, max_experiments=2)
+    engine.run()
+    assert _statuses(assert_consistent(ws)) == ["baseline", "keep", "discard"]
+
+
+def test_a_hanging_candidate_times_out(ws: Workspace) -> None:
+    engine, _ = _engine(ws, SLOW, deadline_s=1.5)
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "timeout" and "deadline" in exp.reason
+
+
+def test_a_broken_baseline_stops_the_engine(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, train="raise SystemExit('no data')\n")
+    engine, events = _engine(ws, BETTER)
+    engine.run()
+    assert engine.error is not None and "baseline" in engine.error
+    assert any(e.fatal for e in events.of(EngineError))
+    exp = Ledger(ws.ledger_path).get(0)
+    assert exp is not None and exp.status == "crash" and exp.phase == "finished"
+
+
+def test_the_budget_must_match_the_baseline(ws: Workspace) -> None:
+    engine, _ = _engine(ws, budget="5")
+    engine.run()
+    engine.close()
+    other, _ = _engine(ws, budget="7")
+    other.run()
+    assert other.error is not None and "budget" in other.error
+    same, events = _engine(ws)  # no budget given: the baseline's
+    same.run()
+    assert same.error is None and same.config.budget == "5"
+
+
+def test_a_broken_display_does_not_stop_the_engine(ws: Workspace) -> None:
+    def sink(event: Event) -> None:
+        raise RuntimeError("the UI fell over")
+
+    engine = Engine(ws, _queue(BETTER), EngineConfig(**FAST), sink)  # type: ignore[arg-type]
+    engine.run()
+    assert engine.error is None
+    assert _statuses(assert_consistent(ws)) == ["baseline", "keep"]
+
+
+# ---- the control API ---------------------------------------------------------------------------------
+
+
+class Recording:
+    """A proposer around an idea queue that remembers every context it was given."""
+
+    def __init__(self, queue: IdeaQueue) -> None:
+        self.queue = queue
+        self.name = "recording"
+        self.contexts: list[ProposalContext] = []
+
+    def propose(self, context: ProposalContext, emit: object, cancel: threading.Event) -> Proposal | None:
+        self.contexts.append(context)
+        return self.queue.propose(context, emit, cancel)  # type: ignore[arg-type]
+
+
+def test_review_gate_approve_veto_edit(ws: Workspace) -> None:
+    recorder = Recorder()
+    proposer = Recording(_queue(BETTER, WORSE, CRASHES))
+    engine = Engine(ws, proposer, EngineConfig(review_gate=True, **FAST), recorder)  # type: ignore[arg-type]
+    edited = Proposal("edited: lr 0.7", (Edit("LEARNING_RATE = 0.6", "LEARNING_RATE = 0.7"),))
+
+    def review(event: Event) -> None:
+        if isinstance(event, ReviewRequested):
+            if event.exp_id == 1:
+                engine.approve()
+            elif event.exp_id == 2:
+                engine.veto("no penalties, please")
+            else:
+                engine.approve(edited)
+
+    recorder.hooks.append(review)
+    engine.run()
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "keep", "vetoed", "discard"]
+    vetoed, changed = ledger.get(2), ledger.get(3)
+    assert vetoed is not None and vetoed.reason == "no penalties, please" and vetoed.decided_by == "user"
+    assert changed is not None and changed.description == "edited: lr 0.7" and changed.proposer == "user"
+    assert "+LEARNING_RATE = 0.7" in changed.diff
+    assert proposer.contexts[2].veto_reason == "no penalties, please"
+    assert proposer.contexts[3].veto_reason is None
+
+
+def test_pause_takes_effect_after_the_run_and_resume_goes_on(ws: Workspace) -> None:
+    engine, events = _engine(ws, BETTER, WORSE)
+    events.hooks.append(lambda e: engine.pause() if isinstance(e, RunStarted) and e.exp_id == 1 else None)
+    engine.start()
+    events.wait_for(lambda e: isinstance(e, StateChanged) and e.state == "paused")
+    decided = [d.exp_id for d in events.of(Decided)]
+    assert decided == [0, 1]  # the run in flight finished and was decided
+    assert not [r for r in events.of(RunStarted) if r.exp_id == 2]
+    assert engine.snapshot().state == "paused"
+    engine.resume()
+    engine.join(60)
+    assert engine.finished
+    assert _statuses(assert_consistent(ws)) == ["baseline", "keep", "discard"]
+
+
+def test_stop_run_kills_records_and_pauses(ws: Workspace) -> None:
+    engine, events = _engine(ws, SLOW, BETTER)
+    events.hooks.append(
+        lambda e: engine.stop_run() if isinstance(e, LogLine) and e.text == "sleeping" else None
+    )
+    engine.start()
+    events.wait_for(lambda e: isinstance(e, StateChanged) and e.state == "paused")
+    [finished] = [r for r in events.of(RunFinished) if r.exp_id == 1]
+    assert finished.outcome == "interrupted" and finished.seconds < 30
+    engine.shutdown()
+    engine.join(60)
+    assert engine.finished
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "interrupted" and "stopped by the user" in exp.reason
+    assert ledger.queued() == []  # a deliberate stop is not re-queued
+    assert ledger.get(2) is None  # shut down while paused: the next idea never started
+
+
+def test_skip_drops_the_run_and_goes_on(ws: Workspace) -> None:
+    engine, events = _engine(ws, SLOW, BETTER)
+    events.hooks.append(lambda e: engine.skip() if isinstance(e, LogLine) and e.text == "sleeping" else None)
+    engine.start()
+    engine.join(60)
+    assert engine.finished
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "interrupted", "keep"]
+    exp = ledger.get(1)
+    assert exp is not None and "skipped" in exp.reason
+
+
+def test_shutdown_during_a_run_requeues_it(ws: Workspace, tmp_path: Path) -> None:
+    flag = tmp_path / "slow.flag"
+    flag.write_text("1")
+    slow_once = idea(
+        "slow while the flag exists",
+        "CRASH = False",
+        f"CRASH = False\nimport os, time\nprint('sleeping', flush=True)\nif os.path.exists({str(flag)!r}):\n"
+        "    time.sleep(60)\nLEARNING_RATE = 0.7",
+    )
+    engine, events = _engine(ws, slow_once)
+    events.hooks.append(
+        lambda e: engine.shutdown() if isinstance(e, LogLine) and e.text == "sleeping" else None
+    )
+    engine.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "interrupted" and "re-queued" in exp.reason
+    [queued] = ledger.queued()
+    assert queued.source_exp_id == 1
+    engine.close()
+    flag.unlink()
+    again, _ = _engine(ws, slow_once)  # the same ideas file: its idea is queued, not proposed twice
+    again.run()
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "interrupted", "keep"]
+    rerun = ledger.get(2)
+    assert rerun is not None and rerun.requeued_from == 1 and ledger.queued() == []
+
+
+def test_override_keep_then_discard(ws: Workspace) -> None:
+    engine, _ = _engine(ws, BETTER, idea("a bit worse", "EXTRA = 0.0", "EXTRA = 0.001"))
+    engine.run()
+    engine.close()
+    ledger = Ledger(ws.ledger_path)
+    better, worse = ledger.get(1), ledger.get(2)
+    assert better is not None and worse is not None and worse.status == "discard"
+
+    forced, events = _engine(ws)
+    forced.override("keep")  # the last decision: #2
+    forced.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(2)
+    assert exp is not None and exp.status == "keep" and exp.decided_by == "user"
+    assert "override by user" in exp.reason
+    assert ws.head() == worse.commit and 2 not in ws.discarded_refs()
+    assert read_results_tsv(ws.results_tsv)[-1][3] == "keep"
+    [decided] = [d for d in events.of(Decided) if d.by == "user"]
+    assert decided.exp_id == 2 and decided.status == "keep"
+
+    undo, events = _engine(ws)
+    undo.override("discard", 1)  # not the current best: refused
+    undo.override("discard", 2)
+    undo.run()
+    assert any("not the current best" in e.message for e in events.of(EngineError))
+    ledger = assert_consistent(ws)
+    assert [e.status for e in ledger.experiments()] == ["baseline", "keep", "discard"]
+    assert ws.head() == better.commit
+    assert [(o["exp_id"], o["old_status"], o["new_status"], o["decided_by"]) for o in ledger.overrides()] == [
+        (2, "discard", "keep", "user"),
+        (2, "keep", "discard", "user"),
+    ]
+
+
+def test_reapply_runs_a_discarded_change_again(ws: Workspace) -> None:
+    engine, _ = _engine(ws, WORSE, BETTER)
+    engine.run()
+    engine.close()
+    again, _ = _engine(ws)
+    again.reapply(1)
+    again.run()
+    ledger = assert_consistent(ws)
+    exp = ledger.get(3)
+    assert exp is not None and exp.proposer == "reapply" and exp.requeued_from == 1
+    assert exp.description == "reapply #1: add a penalty"
+    assert exp.status == "discard"  # still worse, now on top of the kept change
+    assert exp.parent_commit == ledger.get(2).commit  # type: ignore[union-attr]
+
+
+def test_reload_program_and_snapshot(ws: Workspace) -> None:
+    (ws.path / "program.md").write_text("# new instructions\n")
+    recorder = Recorder()
+    proposer = Recording(_queue(BETTER))
+    engine = Engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    snap = engine.snapshot()
+    assert (snap.state, snap.branch, snap.n_experiments, snap.best_bpb) == (
+        "idle",
+        "autoresearch/test",
+        0,
+        None,
+    )
+    assert snap.device.startswith(("cpu", "cuda")) and snap.review_gate is False
+    engine.reload_program()
+    engine.set_review_gate(False)
+    engine.run()
+    assert proposer.contexts[0].program_md == "# new instructions\n"
+    assert proposer.contexts[0].best_bpb == pytest.approx(2.50015)
+    assert proposer.contexts[0].noise_margin == 0.002
+    assert proposer.contexts[0].train_py == FAKE_TRAIN
+
+
+# ---- the real harness ------------------------------------------------------------------------------------
+
+
+def _real_idea(text: str, name: str, description: str, new: str) -> dict[str, object]:
+    match = re.search(rf"^{name} = [^\n#]+", text, re.MULTILINE)
+    assert match, f"{name} is not a constant of nanogpt/train.py any more"
+    return idea(description, match.group(0).rstrip(), f"{name} = {new}")
+
+
+def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
+    """Baseline + better, worse and crashing ideas, on the real train.py with a tiny FLOPs budget (about 1 min).
+
+    One baseline seed keeps it under a minute; the measured noise floor is covered by the fake-harness tests.
+    A FLOPs budget makes the runs deterministic on a loaded machine, where a time budget would not be.
+    """
+    source = paths.nanogpt_dir()
+    if not (source / "train.py").is_file() or not (source / "prepare.py").is_file():
+        pytest.skip("nanogpt/train.py is not there yet")
+    text = (source / "train.py").read_text()
+    batch = int(re.search(r"^BATCH_SIZE = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    heads = int(re.search(r"^N_HEAD = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    better = _real_idea(text, "BATCH_SIZE", "smaller batches: 4x the steps", str(max(1, batch // 4)))
+    worse = _real_idea(text, "LEARNING_RATE", "a learning rate far too small", "1e-5")
+    crash = _real_idea(text, "N_HEAD", "heads that do not divide the width", str(heads - 1))
+    ws = Workspace.init(tmp_path / "ws", tag="real")
+    engine, events = _engine(ws, better, worse, crash, budget="1e11flops", deadline_s=None, seeds=1)
+    engine.run()
+    assert engine.error is None, engine.error
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "keep", "discard", "crash"]
+    baseline, kept, discarded, crashed = ledger.experiments()
+    assert len(ledger.runs(0)) == 1 and events.of(NoiseFloor)[0].margin == EngineConfig().default_margin
+    assert kept.val_bpb is not None and baseline.val_bpb is not None and kept.val_bpb < baseline.val_bpb
+    assert ws.head() == kept.commit
+    assert set(ws.discarded_refs()) == {2, 3}
+    assert "RuntimeError" in crashed.log_tail
+    assert [row[3] for row in read_results_tsv(ws.results_tsv)] == ["keep", "keep", "discard", "crash"]

@@ -1,0 +1,328 @@
+"""The sandboxed runner against hostile and broken train.py scripts: nothing survives, nothing floods."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from engine_fakes import FAKE_PREPARE
+
+from agent.events import Event, LogLine, StepMetric
+from agent.runner import (
+    RunResult,
+    RunSpec,
+    group_members,
+    kill_stale_run,
+    network_isolation,
+    run_training,
+    scrub_environment,
+)
+
+
+def _run(
+    tmp_path: Path,
+    script: str,
+    *,
+    deadline: float = 20.0,
+    events: list[Event] | None = None,
+    stop: threading.Event | None = None,
+    isolation: tuple[str, ...] | None = None,
+    **limits: object,
+) -> RunResult:
+    (tmp_path / "train.py").write_text(textwrap.dedent(script))
+    (tmp_path / "prepare.py").write_text(FAKE_PREPARE)
+    spec = RunSpec(
+        workspace=tmp_path,
+        exp_id=7,
+        seed=3,
+        log_path=tmp_path / "runs" / "7" / "run.log",
+        result_path=tmp_path / "runs" / "7" / "result.json",
+        deadline_s=deadline,
+        python=sys.executable,
+        **limits,  # type: ignore[arg-type]
+    )
+    sink = events.append if events is not None else (lambda e: None)
+    return run_training(spec, sink, stop=stop, isolation=isolation)
+
+
+def _assert_no_survivors(result: RunResult, *pid_files: Path) -> None:
+    assert result.pid is not None
+    assert group_members(result.pid) == [], "processes of the run's group survived"
+    for pid_file in pid_files:
+        pid = int(pid_file.read_text())
+        try:
+            proc = psutil.Process(pid)
+            assert proc.status() == psutil.STATUS_ZOMBIE, f"pid {pid} survived"
+        except psutil.NoSuchProcess:
+            pass
+
+
+OK_SCRIPT = """
+    from prepare import report
+    print("step     1 | loss 2.5000 | lr 1e-3 | tok/s 100 | 0.1s")
+    report(2.345678)
+"""
+
+
+def test_ok_run(tmp_path: Path) -> None:
+    events: list[Event] = []
+    result = _run(tmp_path, OK_SCRIPT, events=events)
+    assert (result.outcome, result.val_bpb, result.exit_code) == ("ok", 2.345678, 0)
+    assert result.summary["seed"] == 3 and result.peak_memory_mb == 42.0
+    assert result.log_path.read_text().startswith("step     1 | loss 2.5000")
+    metrics = [e for e in events if isinstance(e, StepMetric)]
+    assert [(m.exp_id, m.step, m.loss, m.tokens_per_s) for m in metrics] == [(7, 1, 2.5, 100.0)]
+    _assert_no_survivors(result)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "while True:\n    pass\n",
+        "import time\ntime.sleep(1e9)\n",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.01)\n",
+    ],
+    ids=["busy-loop", "sleep", "ignores-sigterm"],
+)
+def test_a_hang_is_killed_at_the_deadline(tmp_path: Path, script: str) -> None:
+    result = _run(tmp_path, "print('started', flush=True)\n" + script, deadline=1.5)
+    assert result.outcome == "timeout"
+    assert "deadline" in result.reason
+    assert result.seconds < 1.5 + 3.0 + 5.0  # deadline + SIGTERM grace + slack for a loaded machine
+    _assert_no_survivors(result)
+
+
+def test_a_forked_child_dies_with_the_run(tmp_path: Path) -> None:
+    script = f"""
+        import os, time
+        pid = os.fork()
+        if pid == 0:
+            open({str(tmp_path / "child.pid")!r}, "w").write(str(os.getpid()))
+            time.sleep(1e9)
+        open({str(tmp_path / "parent.pid")!r}, "w").write(str(os.getpid()))
+        print("forked", pid, flush=True)
+        time.sleep(1e9)
+    """
+    result = _run(tmp_path, script, deadline=2.0)
+    assert result.outcome == "timeout"
+    _assert_no_survivors(result, tmp_path / "child.pid", tmp_path / "parent.pid")
+
+
+def test_a_child_left_behind_by_a_finished_run_is_killed(tmp_path: Path) -> None:
+    script = f"""
+        import os, sys, time
+        from prepare import report
+        if os.fork() == 0:
+            open({str(tmp_path / "child.pid")!r}, "w").write(str(os.getpid()))
+            time.sleep(1e9)  # holds the run's stdout open
+        while not os.path.exists({str(tmp_path / "child.pid")!r}):
+            time.sleep(0.01)
+        report(2.5)
+    """
+    result = _run(tmp_path, script, deadline=30.0)
+    assert result.outcome == "ok"
+    assert result.seconds < 15.0  # did not wait for the deadline
+    _assert_no_survivors(result, tmp_path / "child.pid")
+
+
+def test_a_stdout_flood_stays_under_the_log_cap(tmp_path: Path) -> None:
+    cap = 64 * 1024
+    script = """
+        import sys
+        from prepare import report
+        line = "x" * 1000 + "\\n"
+        for _ in range(20000):  # 20 MB
+            sys.stdout.write(line)
+        sys.stdout.write("y" * 300000)  # one huge line without a newline
+        print()
+        report(2.5)
+    """
+    events: list[Event] = []
+    result = _run(tmp_path, script, events=events, log_cap_bytes=cap, deadline=60.0)
+    assert result.truncated
+    size = result.log_path.stat().st_size
+    assert size <= cap + 200, size
+    text = result.log_path.read_text()
+    assert "bytes of output dropped" in text
+    assert "val_bpb:          2.500000" in text  # the tail is kept
+    assert result.outcome == "ok" and result.val_bpb == 2.5  # the summary is still found
+    log_events = [e for e in events if isinstance(e, LogLine)]
+    assert len(log_events) < 200  # the flood is not forwarded line by line either
+
+
+def test_endless_flood_times_out_under_the_cap(tmp_path: Path) -> None:
+    cap = 32 * 1024
+    result = _run(tmp_path, "while True:\n    print('z' * 500)\n", log_cap_bytes=cap, deadline=1.5)
+    assert result.outcome == "timeout"
+    assert result.log_path.stat().st_size <= cap + 200
+    _assert_no_survivors(result)
+
+
+def test_carriage_return_progress_lines(tmp_path: Path) -> None:
+    script = """
+        import sys
+        from prepare import report
+        for i in range(1, 4):
+            sys.stdout.write(f"step {i:5d} | loss {3 - i * 0.5:.4f} | lr 1e-3 | tok/s 10 | {i}s\\r")
+        sys.stdout.write("\\n")
+        print("eval done")
+        report(2.5)
+    """
+    events: list[Event] = []
+    result = _run(tmp_path, script, events=events)
+    lines = [(e.text, e.replace) for e in events if isinstance(e, LogLine)]
+    assert lines[:4] == [
+        ("step     1 | loss 2.5000 | lr 1e-3 | tok/s 10 | 1s", False),
+        ("step     2 | loss 2.0000 | lr 1e-3 | tok/s 10 | 2s", True),
+        ("step     3 | loss 1.5000 | lr 1e-3 | tok/s 10 | 3s", True),
+        ("eval done", False),
+    ]
+    assert [e.step for e in events if isinstance(e, StepMetric)] == [1, 2, 3]
+    log = result.log_path.read_text().splitlines()
+    assert log[:2] == ["step     3 | loss 1.5000 | lr 1e-3 | tok/s 10 | 3s", "eval done"]
+
+
+def test_crash_keeps_the_traceback_tail(tmp_path: Path) -> None:
+    result = _run(tmp_path, "def f():\n    raise ValueError('shape mismatch')\nf()\n")
+    assert result.outcome == "crash" and result.exit_code == 1
+    assert "ValueError: shape mismatch" in result.reason
+    assert "Traceback" in result.log_tail and "ValueError: shape mismatch" in result.log_tail
+
+
+def test_fail_line_is_nan(tmp_path: Path) -> None:
+    result = _run(tmp_path, "import sys\nprint('FAIL: loss is nan at step 12')\nsys.exit(1)\n")
+    assert result.outcome == "nan" and result.reason == "FAIL: loss is nan at step 12"
+
+
+def test_no_summary_is_invalid(tmp_path: Path) -> None:
+    result = _run(tmp_path, "print('done, I promise')\n")
+    assert result.outcome == "invalid" and "summary" in result.reason
+
+
+def test_printed_summary_without_result_file_is_invalid(tmp_path: Path) -> None:
+    result = _run(tmp_path, "print('---')\nprint('val_bpb:          1.000000')\n")
+    assert result.outcome == "invalid" and "no result file" in result.reason
+
+
+def test_printed_value_that_disagrees_with_the_harness_is_invalid(tmp_path: Path) -> None:
+    result = _run(tmp_path, "from prepare import report\nreport(2.5, printed=1.25)\n")
+    assert result.outcome == "invalid" and result.val_bpb is None
+    assert "disagrees" in result.reason
+
+
+def test_a_stale_result_file_does_not_count(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "7").mkdir(parents=True)
+    (tmp_path / "runs" / "7" / "result.json").write_text('{"val_bpb": 1.0, "status": "ok"}')
+    result = _run(tmp_path, "print('---')\nprint('val_bpb:          1.000000')\n")
+    assert result.outcome == "invalid"
+
+
+def test_memory_watchdog(tmp_path: Path) -> None:
+    script = """
+        import time
+        blocks = []
+        for _ in range(40):
+            blocks.append(bytearray(25 * 1024 * 1024))  # touched: resident
+            time.sleep(0.05)
+        time.sleep(1e9)
+    """
+    result = _run(tmp_path, script, memory_mb=200, deadline=30.0)
+    assert result.outcome == "oom" and "200 MB" in result.reason
+    _assert_no_survivors(result)
+
+
+def test_address_space_cap_turns_a_huge_allocation_into_oom(tmp_path: Path) -> None:
+    result = _run(tmp_path, "x = bytearray(4 * 1024 ** 3)\n", address_space_mb=1024)
+    assert result.outcome == "oom"
+    assert "MemoryError" in result.log_tail
+
+
+def test_stop_kills_the_run_now(tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def sink(event: Event) -> None:
+        if isinstance(event, LogLine) and event.text == "started":
+            stop.set()
+
+    spec_events: list[Event] = []
+    (tmp_path / "prepare.py").write_text(FAKE_PREPARE)
+    (tmp_path / "train.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(1e9)\n")
+    spec = RunSpec(
+        workspace=tmp_path,
+        exp_id=1,
+        seed=1,
+        log_path=tmp_path / "run.log",
+        result_path=tmp_path / "result.json",
+        deadline_s=120,
+        python=sys.executable,
+    )
+    result = run_training(spec, lambda e: (spec_events.append(e), sink(e)), stop=stop)
+    assert result.outcome == "interrupted" and result.seconds < 30
+    _assert_no_survivors(result)
+
+
+def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "HTTPS_PROXY",
+        "http_proxy",
+        "GITHUB_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "OPENAI_API_KEY",
+        "MY_PASSWORD",
+    ):
+        monkeypatch.setenv(name, "secret")
+    monkeypatch.setenv("AUTORESEARCH_CRASH_AT", "after_commit")
+    kept = scrub_environment(os.environ)
+    assert "PATH" in kept and "HOME" in kept
+    script = """
+        import json, os
+        print("ENV", json.dumps(sorted(os.environ)))
+    """
+    result = _run(tmp_path, script)
+    line = next(x for x in result.log_path.read_text().splitlines() if x.startswith("ENV "))
+    names = set(__import__("json").loads(line[4:]))
+    assert not names & {
+        "HTTPS_PROXY",
+        "http_proxy",
+        "GITHUB_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "OPENAI_API_KEY",
+    }
+    assert "MY_PASSWORD" not in names and "AUTORESEARCH_CRASH_AT" not in names
+    assert {"AUTORESEARCH_SEED", "AUTORESEARCH_RESULT_FILE", "PYTHONUNBUFFERED", "OMP_WAIT_POLICY"} <= names
+
+
+def test_budget_reaches_the_run(tmp_path: Path) -> None:
+    script = "import os\nprint('BUDGET', os.environ.get('AUTORESEARCH_BUDGET'))\n"
+    _run(tmp_path, script, budget="7s")
+    assert "BUDGET 7s" in (tmp_path / "runs" / "7" / "run.log").read_text()
+
+
+def test_no_network(tmp_path: Path) -> None:
+    isolation = network_isolation()
+    if isolation is None:
+        pytest.skip("unshare -n is not permitted here (the engine warns once instead)")
+    script = """
+        import os, socket
+        lines = open("/proc/net/dev").read().splitlines()[2:]  # per network namespace, unlike /sys/class/net
+        print("IFACES", sorted(line.split(":")[0].strip() for line in lines))
+        try:
+            socket.create_connection(("1.1.1.1", 53), timeout=2)
+            print("NET yes")
+        except OSError as exc:
+            print("NET no", type(exc).__name__)
+    """
+    result = _run(tmp_path, script, isolation=isolation)
+    text = result.log_path.read_text()
+    assert "NET no" in text
+    assert "IFACES ['lo']" in text
+
+
+def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
+    assert not kill_stale_run(os.getpid(), tmp_path)  # not in the workspace: left alone
+    assert psutil.pid_exists(os.getpid())
