@@ -30,8 +30,8 @@ Reply with one JSON object and nothing else:
 {"reasoning": "one or two sentences: why this should lower val_bpb", \
 "description": "the change in under ten words", \
 "edits": [{"search": "exact lines copied from train.py", "replace": "the new lines"}]}
-Each "search" must be copied character for character from train.py, whole lines, long enough to match \
-exactly one place. "replace" is the complete new text for those lines."""
+Each "search" must be copied character for character from train.py: whole lines with their comments, \
+long enough to match exactly one place. "replace" is the complete new text for those lines."""
 
 FOLLOWUP = """\
 That proposal was rejected: {error}
@@ -90,12 +90,21 @@ def history_table(rows: Sequence[HistoryRow]) -> str:
 
 
 def stable_text(context: ProposalContext) -> str:
-    """The part that only changes when program.md or the best train.py changes."""
+    """The part that changes only with program.md or a new best: instructions, train.py, score, budget.
+
+    The best score, the noise margin and the budget move only when train.py does (a keep), so they belong here
+    rather than after the history, where every proposal would read them again.
+    """
     program = context.program_md.strip() or "(no program.md: lower val_bpb within the budget)"
     train = context.train_py.rstrip("\n")
+    status = f"Its val_bpb: {_fmt_bpb(context.best_bpb)} (lower is better). Training budget per run: {context.budget}."
+    if context.noise_margin is not None:
+        status += (
+            f" Noise margin: {context.noise_margin:.4f} (a change must beat the best by more to be kept)."
+        )
     return (
         f"# Research instructions (program.md)\n\n{program}\n\n"
-        f"# train.py (the current best version)\n\n```python\n{train}\n```\n"
+        f"# train.py (the current best version)\n\n```python\n{train}\n```\n{status}\n"
     )
 
 
@@ -108,21 +117,13 @@ def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
 
 
 def dynamic_text(context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES) -> str:
-    """The part that changes with every experiment: best score, noise margin, budget, last crash, veto."""
-    parts = ["# Now\n"]
-    best = context.best_bpb
-    parts.append(
-        f"Best val_bpb so far: {_fmt_bpb(best)} (lower is better). Budget per run: {context.budget}.\n"
-    )
-    if context.noise_margin is not None:
-        parts.append(
-            f"Noise margin: {context.noise_margin:.4f}: a change must lower val_bpb by more than this to be kept.\n"
-        )
+    """The part after the history: the last crash, a veto, and the request."""
+    parts = []
     if crash_lines > 0:
         parts.append(_crash_tail(context.history, crash_lines))
     if context.veto_reason:
         parts.append(f"The user vetoed the previous proposal: {context.veto_reason.strip()}\n")
-    parts.append("Propose the next experiment: one new idea. Reply with the JSON object only.")
+    parts.append("Propose the next experiment: one new idea, as the JSON object only.")
     return "".join(parts)
 
 

@@ -10,8 +10,8 @@ from typing import Any
 from agent.edits import EditError, apply_edits, file_hash
 from agent.proposals import Edit
 
-MAX_REASONING = 400
-MAX_DESCRIPTION = 120
+MAX_REASONING = 240
+MAX_DESCRIPTION = 100
 MAX_EDITS = 4
 MAX_EDIT_TEXT = 4000
 EDITABLE_FILE = "train.py"
@@ -42,17 +42,19 @@ REPLY_SCHEMA: dict[str, Any] = {
 """The reply as a JSON schema (for OpenAI-compatible servers; in-process llama.cpp uses REPLY_GRAMMAR)."""
 
 # A hand-written GBNF for exactly REPLY_SCHEMA, keys in this order. Written out rather than converted from the
-# schema because the converter spells each maxLength as that many nested optional groups, which makes the
-# grammar large and sampling slow; the lengths are enforced by parse_reply instead, and generation is bounded
-# by max_tokens. Whitespace between tokens is capped so that a model cannot loop on newlines.
+# schema because llama-cpp-python's converter spells each maxLength as that many nested optional groups. The
+# short fields are capped here (a small model rambles: every token costs ~0.1 s on a CPU); the edit texts are
+# bounded by max_tokens and checked by parse_reply. Whitespace is capped so a model cannot loop on newlines.
 REPLY_GRAMMAR = r"""
-root        ::= "{" ws "\"reasoning\":" ws string "," ws "\"description\":" ws nonempty "," ws "\"edits\":" ws "[" ws edit ( "," ws edit ){0,3} ws "]" ws "}"
+root        ::= "{" ws "\"reasoning\":" ws reasoning "," ws "\"description\":" ws description "," ws "\"edits\":" ws "[" ws edit ( "," ws edit ){0,3} ws "]" ws "}"
+reasoning   ::= "\"" char{0,MAX_REASONING} "\""
+description ::= "\"" char{1,MAX_DESCRIPTION} "\""
 edit        ::= "{" ws "\"search\":" ws nonempty "," ws "\"replace\":" ws string ws "}"
 string      ::= "\"" char* "\""
 nonempty    ::= "\"" char+ "\""
 char        ::= [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )
 ws          ::= | " " | "\n" [ \t]{0,12}
-"""
+""".replace("MAX_REASONING", str(MAX_REASONING)).replace("MAX_DESCRIPTION", str(MAX_DESCRIPTION))
 
 
 class ReplyError(ValueError):

@@ -1,0 +1,137 @@
+"""The prompt: order (stable first), history trimming in blocks, sizing to the context, follow-ups."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from agent.prompt import (
+    HISTORY_BLOCK,
+    HISTORY_ROWS,
+    SYSTEM_PROMPT,
+    PromptTooLong,
+    build_prompt,
+    estimate_tokens,
+    followup,
+    history_start,
+    render_chatml,
+)
+from agent.proposals import HistoryRow, ProposalContext
+
+PROGRAM = "# Goal\nLower val_bpb.\n"
+TRAIN = "LEARNING_RATE = 4e-3  # peak\nN_LAYER = 2\n" * 20
+
+
+def context(n_history: int = 3, **changes: object) -> ProposalContext:
+    history = tuple(
+        HistoryRow(
+            exp_id=i,
+            description=f"idea number {i}",
+            status="discard" if i else "baseline",
+            val_bpb=2.7 - i / 1000,
+        )
+        for i in range(n_history)
+    )
+    base = ProposalContext(
+        program_md=PROGRAM,
+        train_py=TRAIN,
+        history=history,
+        best_bpb=2.6991,
+        noise_margin=0.0042,
+        budget="60 s",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def user_text(ctx: ProposalContext, budget: int = 100_000) -> str:
+    prompt = build_prompt(ctx, budget)
+    assert [m["role"] for m in prompt.messages] == ["system", "user"]
+    assert prompt.messages[0]["content"] == SYSTEM_PROMPT
+    return prompt.messages[1]["content"]
+
+
+def test_stable_parts_come_first_and_the_changing_numbers_last() -> None:
+    text = user_text(context())
+    markers = ("Lower val_bpb.", TRAIN.rstrip("\n"), "Its val_bpb: 2.6991", "| 2 |", "Propose the next")
+    order = [text.index(marker) for marker in markers]
+    assert order == sorted(order)
+    assert text.rstrip().endswith("as the JSON object only.")
+    assert "0.0042" in text and "60 s" in text
+
+
+def test_a_new_experiment_only_appends_to_the_prompt_before_the_numbers() -> None:
+    before = user_text(context(7))
+    after = user_text(context(8))
+    head = before[: before.index("Propose the next")].rstrip("\n") + "\n"
+    assert after.startswith(head), "the history must grow at the end so the cached prefix stays valid"
+
+
+def test_history_start_moves_in_whole_blocks() -> None:
+    assert history_start(0) == 0
+    assert history_start(HISTORY_ROWS) == 0
+    assert history_start(HISTORY_ROWS + 1) == HISTORY_BLOCK
+    assert history_start(HISTORY_ROWS + HISTORY_BLOCK) == HISTORY_BLOCK
+    assert history_start(HISTORY_ROWS + HISTORY_BLOCK + 1) == 2 * HISTORY_BLOCK
+    for total in range(100):
+        shown = total - history_start(total)
+        assert shown <= HISTORY_ROWS and (total <= HISTORY_ROWS or shown > HISTORY_ROWS - HISTORY_BLOCK)
+
+
+def test_long_history_shows_the_most_recent_rows() -> None:
+    prompt = build_prompt(context(HISTORY_ROWS + 3), 100_000)
+    assert prompt.history_shown == HISTORY_ROWS + 3 - HISTORY_BLOCK
+    text = prompt.messages[1]["content"]
+    assert f"({HISTORY_BLOCK} older not shown)" in text
+    assert "| 0 |" not in text and f"| {HISTORY_ROWS + 2} |" in text
+
+
+def test_the_history_is_trimmed_first_to_fit_the_context() -> None:
+    ctx = context(20)
+    full = build_prompt(ctx, 100_000)
+    tight = build_prompt(ctx, full.tokens - 50)
+    assert tight.tokens <= full.tokens - 50
+    assert tight.history_shown < full.history_shown
+    assert TRAIN.rstrip("\n") in tight.messages[1]["content"]
+
+
+def test_a_train_py_larger_than_the_context_is_a_clear_error() -> None:
+    with pytest.raises(PromptTooLong, match="too long for this model"):
+        build_prompt(context(), estimate_tokens(TRAIN) // 2)
+
+
+def test_the_last_crash_and_a_veto_are_shown_at_the_end() -> None:
+    crash = HistoryRow(9, "bigger batch", "crash", None, crash_tail="Traceback\n  File x\nRuntimeError: boom")
+    ctx = context(3, veto_reason="too risky")
+    ctx = dataclasses.replace(ctx, history=(*ctx.history, crash))
+    text = user_text(ctx)
+    now = text[text.index("| 9 |") :]
+    assert "RuntimeError: boom" in now and "experiment 9" in now
+    assert "too risky" in now
+    assert "| 9 | - | crash | bigger batch |" in text
+
+
+def test_table_cells_cannot_break_the_table() -> None:
+    row = HistoryRow(1, "a | b\nc " + "x" * 200, "keep", 2.5)
+    text = user_text(dataclasses.replace(context(0), history=(row,)))
+    line = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert line.count("|") == 5 and len(line) < 120
+
+
+def test_empty_program_and_no_history() -> None:
+    text = user_text(context(0, program_md="", best_bpb=None, noise_margin=None))
+    assert "Experiments so far" not in text and "Noise margin" not in text
+    assert "Its val_bpb: -" in text
+
+
+def test_followup_keeps_the_prompt_and_adds_the_error() -> None:
+    prompt = build_prompt(context(), 100_000)
+    messages = followup(prompt.messages, '{"bad": 1}', 'the reply is missing the key "edits"\n')
+    assert messages[:2] == prompt.messages
+    assert messages[2] == {"role": "assistant", "content": '{"bad": 1}'}
+    assert messages[3]["role"] == "user" and 'missing the key "edits"' in messages[3]["content"]
+
+
+def test_chatml_rendering() -> None:
+    text = render_chatml([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    assert text == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
