@@ -48,7 +48,7 @@ IDEAS = [
 def demo_header() -> HeaderInfo:
     """A header as an engine snapshot would fill it (fixed, for deterministic snapshots)."""
     return HeaderInfo(
-        workspace="/home/ada/.local/share/autoresearch/workspace",
+        workspace="/srv/research/autoresearch/workspace",
         branch="autoresearch/nov27",
         model="qwen2.5-coder-1.5b",
         device="cpu (8 cores)",

@@ -12,7 +12,7 @@ STATUS_STYLE: dict[str, tuple[str, str]] = {
     "oom": ("✖", "bold red"),
     "nan": ("✖", "bold red"),
     "invalid": ("✖", "red"),
-    "timeout": ("⧗", "dark_orange"),
+    "timeout": ("◷", "dark_orange"),
     "interrupted": ("■", "grey62"),
     "rejected": ("⊘", "magenta"),
     "vetoed": ("⊘", "magenta"),

@@ -7,7 +7,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Input, Static
+from textual.widgets import Input, Static
+
+from tui.widgets.footer import CockpitFooter
 
 
 def welcome_text(workspace: str, budget: str, model: str | None) -> str:
@@ -47,7 +49,7 @@ class WelcomeScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="welcome", classes="dialog"):
             yield Static(self._text, id="welcome-text")
-        yield Footer()
+        yield CockpitFooter()
 
     def action_start(self) -> None:
         self.dismiss(True)
@@ -73,7 +75,7 @@ class VetoScreen(ModalScreen[str | None]):
                 placeholder="e.g. the learning rate is already at its best; try the model width",
                 id="veto-reason",
             )
-        yield Footer()
+        yield CockpitFooter()
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
@@ -97,20 +99,20 @@ class QuitScreen(ModalScreen[bool]):
 
     def __init__(self, running: bool) -> None:
         super().__init__()
-        self._running = running
+        self._run_in_flight = running
 
     def compose(self) -> ComposeResult:
         what = (
             "The run in flight will be stopped and recorded as [b]interrupted[/b]; "
             "reopening the workspace resumes the research."
-            if self._running
+            if self._run_in_flight
             else "Nothing is running; reopening the workspace resumes the research."
         )
         with Vertical(id="quit", classes="dialog"):
             yield Static("[b]Quit autoresearch?[/b]", classes="dialog-title")
             yield Static(what)
             yield Static("[b]y[/b] / Enter: quit    [b]n[/b] / Escape: stay")
-        yield Footer()
+        yield CockpitFooter()
 
     def action_quit_now(self) -> None:
         self.dismiss(True)

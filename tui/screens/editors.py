@@ -6,7 +6,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static, TextArea
+from textual.widgets import Static, TextArea
+
+from tui.widgets.footer import CockpitFooter
 
 
 class _EditorScreen(ModalScreen[str | None]):
@@ -29,7 +31,7 @@ class _EditorScreen(ModalScreen[str | None]):
             yield TextArea(
                 self._text, language=None, show_line_numbers=True, id="editor", tab_behavior="indent"
             )
-        yield Footer()
+        yield CockpitFooter()
 
     @property
     def editor(self) -> TextArea:

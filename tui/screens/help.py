@@ -6,7 +6,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Markdown
+from textual.widgets import Markdown
+
+from tui.widgets.footer import CockpitFooter
 
 HELP = """\
 # autoresearch cockpit
@@ -46,7 +48,7 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help", classes="dialog"):
             yield Markdown(HELP)
-        yield Footer()
+        yield CockpitFooter()
 
     def action_close(self) -> None:
         self.dismiss(None)

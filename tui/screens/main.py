@@ -6,9 +6,10 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Container
 from textual.screen import Screen
-from textual.widgets import Footer, Tab, Tabs
+from textual.widgets import Tab, Tabs
 
 from tui.widgets import CockpitHeader, LivePane, ProgressPlot, ProposalPane, Timeline
+from tui.widgets.footer import CockpitFooter
 
 PANES = (
     ("timeline", "1 Timeline"),
@@ -37,7 +38,7 @@ class MainScreen(Screen[None]):
                 yield ProposalPane(id="proposal")
             with Container(id="pane-progress", classes="pane"):
                 yield ProgressPlot(id="progress")
-        yield Footer()
+        yield CockpitFooter()
 
     def on_mount(self) -> None:
         titles = {"timeline": "Timeline", "live": "Live run", "proposal": "Proposal", "progress": "Progress"}

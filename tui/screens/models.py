@@ -13,9 +13,10 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Static
+from textual.widgets import DataTable, Static
 
 from tui import format as fmt
+from tui.widgets.footer import CockpitFooter
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class ModelPickerScreen(ModalScreen[str | None]):
             )
             yield DataTable(id="model-table", cursor_type="row", zebra_stripes=True)
             yield Static("", id="model-note")
-        yield Footer()
+        yield CockpitFooter()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)

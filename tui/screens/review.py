@@ -9,8 +9,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
+from tui.widgets.footer import CockpitFooter
 from tui.widgets.proposal import diff_renderable
 
 ReviewChoice = tuple[Literal["approve", "edit", "veto", "later"], str]
@@ -48,7 +49,7 @@ class ReviewScreen(ModalScreen[ReviewChoice]):
                 "[b]Esc[/b] decide later ([b]r[/b] brings this back)",
                 id="review-help",
             )
-        yield Footer()
+        yield CockpitFooter()
 
     def on_mount(self) -> None:
         self.query_one("#review-body").focus()

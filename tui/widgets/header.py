@@ -16,7 +16,7 @@ def header_lines(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[T
     top = Text()
     top.append(" autoresearch ", style="bold reverse")
     top.append("  ")
-    top.append(fmt.short_path(header.workspace or "—", 36), style="bold")
+    top.append(fmt.short_path(header.workspace or "—", 32), style="bold")
     if header.branch:
         top.append("  ⎇ ", style="grey62")
         top.append(header.branch)
@@ -27,10 +27,10 @@ def header_lines(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[T
         top.append(f"loading {header.loading_model}{pct}", style="bold yellow")
     else:
         top.append(header.model or "—", style="bold")
-    top.append("  on ", style="grey62")
-    top.append(header.device or "—")
     top.append("  budget ", style="grey62")
     top.append(header.budget or "—")
+    top.append("  on ", style="grey62")
+    top.append(header.device or "—")
 
     bottom = Text(" ")
     bottom.append("● ", style=fmt.STATE_WORDS.get(header.state, ("", "grey62"))[1] or "grey62")

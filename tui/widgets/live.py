@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from textual.app import ComposeResult
+from textual.app import ComposeResult, RenderResult
 from textual.containers import Vertical
 from textual.widgets import Log
 from textual_plotext import PlotextPlot
@@ -12,8 +12,8 @@ from textual_plotext import PlotextPlot
 from tui import format as fmt
 from tui.state import Curve, LiveRun
 
-MAX_PLOT_POINTS = 240
-"""A curve is thinned to about this many points before plotting: a terminal has fewer columns anyway."""
+MAX_PLOT_POINTS = 120
+"""A curve is thinned to about this many points before plotting (braille gives two per column)."""
 
 
 def thin(
@@ -44,13 +44,48 @@ class RunLog(Log):
         self.refresh_lines(index)
 
 
-class LossPlot(PlotextPlot):
+def fit_title(title: str, width: int) -> str:
+    """A title that plotext will show: it silently drops one wider than the plot."""
+    room = max(8, width - 4)
+    return title if len(title) <= room else title[: room - 1] + "…"
+
+
+class TitledPlot(PlotextPlot):
+    """A plotext plot that builds only when its data or size changed, its title cut to fit.
+
+    PlotextPlot builds the whole figure on every render (tens of ms); a render also happens when nothing
+    but the surroundings changed (focus moving between panes), so the built figure is cached.
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.title_text = ""
+        self._version = 0
+        self._built_key: tuple[object, ...] | None = None
+        self._built: RenderResult | None = None
+
+    def changed(self) -> None:
+        """The plotted data changed: build again at the next render."""
+        self._version += 1
+        self.refresh()
+
+    def render(self) -> RenderResult:
+        key = (self._version, self.size.width, self.size.height, self.app.theme, self.theme)
+        if key != self._built_key or self._built is None:
+            self.plt.title(fit_title(self.title_text, self.size.width))
+            self._built = super().render()
+            self._built_key = key
+        return self._built
+
+
+class LossPlot(TitledPlot):
     """The running candidate's loss against the best run's loss at the same step."""
 
     def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self._pending: tuple[Curve, Curve, str] | None = None
         self._drawn_lengths: tuple[int, int, int | None, int | None] = (-1, -1, None, None)
+        self._title: str | None = None
 
     def on_mount(self) -> None:
         # Redraws are throttled: a plotext build costs milliseconds, a flood brings hundreds of points.
@@ -60,13 +95,17 @@ class LossPlot(PlotextPlot):
     def show(self, run: Curve, best: Curve, title: str) -> None:
         self._pending = (run, best, title)
 
+    def flush(self) -> None:
+        """Draw what is pending now rather than at the next tick."""
+        self._redraw()
+
     def _redraw(self) -> None:
         if self._pending is None:
             return
         run, best, title = self._pending
         self._pending = None
         key = (len(run.steps), len(best.steps), run.exp_id, best.exp_id)
-        if key == self._drawn_lengths and title == getattr(self, "_title", None):
+        if key == self._drawn_lengths and title == self._title:
             return
         self._drawn_lengths = key
         self._title = title
@@ -76,7 +115,7 @@ class LossPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title(title)
+        self.title_text = title
         plt.xlabel("step")
         if best.steps and best.exp_id != run.exp_id:
             last = run.steps[-1] if run.steps else best.steps[-1]
@@ -87,7 +126,7 @@ class LossPlot(PlotextPlot):
         if run.steps:
             xs, ys = thin(run.steps, run.losses)
             plt.plot(xs, ys, label=f"#{run.exp_id}", color="cyan", marker="braille")
-        self.refresh()
+        self.changed()
 
 
 def run_title(run: LiveRun, best: Curve) -> str:

