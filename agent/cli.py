@@ -128,6 +128,7 @@ def _drive(engine: Any) -> int:
         nonlocal interrupts
         interrupts += 1
         if interrupts > 1:
+            engine.abort()  # the next start records the run as interrupted
             raise SystemExit(130)
         print(
             "autoresearch: stopping (the run in flight is recorded as interrupted; again to quit now)",

@@ -141,6 +141,7 @@ class Engine:
         self._session_count = 0
         self._proposer_errors = 0
         self._thread: threading.Thread | None = None
+        self._run_pgid: int | None = None
         self._done = threading.Event()
         self._isolation: tuple[str, ...] | None = None
         self._isolation_checked = False
@@ -194,9 +195,18 @@ class Engine:
         self._inbox.put(("wake", None))
 
     def set_review_gate(self, on: bool) -> None:
+        """Hold each proposal for approve/edit/veto (on), or not; turning it off releases a waiting proposal."""
         with self._lock:
             self._review_gate = bool(on)
-        self._emit(Info(message=f"review gate {'on' if on else 'off'}"))
+        self._inbox.put(("gate", bool(on)))
+
+    def abort(self) -> None:
+        """Kill the run in flight at once (a second Ctrl-C); nothing is recorded: recover() sees to that."""
+        with self._lock:
+            pgid = self._run_pgid
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
 
     def approve(self, edited: Proposal | None = None) -> None:
         """Let the proposal under review run, or run `edited` in its place."""
@@ -349,6 +359,9 @@ class Engine:
     def _handle(self, command: tuple[str, Any]) -> None:
         name, arg = command
         if name in ("wake", "resume"):
+            return
+        if name == "gate":
+            self._emit(Info(message=f"review gate {'on' if arg else 'off'}"))
             return
         if name in ("approve", "veto"):
             self._emit(Info(message=f"nothing is waiting for review ({name} ignored)"))
@@ -605,55 +618,78 @@ class Engine:
         proposal = item.proposal
         self._set_state("waiting_review")
         self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff))
-        with self._stepping("review") as cancel:
-            while True:
-                if cancel.is_set():
-                    reason = self._cancel_reason
-                    if reason == "shutdown":
-                        self._interrupt(
-                            exp_id, "the engine stopped while the proposal waited for review", requeue=True
-                        )
-                    else:
-                        self._finish_unrun(exp_id, "vetoed", "skipped by the user")
-                    return None
-                name, arg = self._inbox.get()
-                if name == "approve":
-                    if arg is None:
-                        return new_text, proposal
-                    edited: Proposal = replace(arg, proposer=arg.proposer or "user")
-                    try:
-                        text = self._candidate_text(_Item(edited), base_text)
-                    except EditError as exc:
-                        self._emit(EngineError(message=f"the edited proposal does not apply: {exc}"))
-                        self._emit(
-                            ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff)
-                        )
-                        continue
-                    new_diff = unified_diff(base_text, text)
-                    self.ledger.update(
-                        exp_id,
+        deferred: list[tuple[str, Any]] = []
+        try:
+            with self._stepping("review") as cancel:
+                return self._await_review(exp_id, proposal, base_text, new_text, diff, cancel, deferred)
+        finally:
+            for command in deferred:  # decisions wait until the proposal under review is settled
+                self._inbox.put(command)
+
+    def _await_review(
+        self,
+        exp_id: int,
+        proposal: Proposal,
+        base_text: str,
+        new_text: str,
+        diff: str,
+        cancel: threading.Event,
+        deferred: list[tuple[str, Any]],
+    ) -> tuple[str, Proposal] | None:
+        while True:
+            with self._lock:
+                gate = self._review_gate
+            if not gate:
+                self._emit(Info(message=f"#{exp_id} approved: the review gate was turned off"))
+                return new_text, proposal
+            if cancel.is_set():
+                reason = self._cancel_reason
+                if reason == "shutdown":
+                    self._interrupt(
+                        exp_id, "the engine stopped while the proposal waited for review", requeue=True
+                    )
+                else:
+                    self._finish_unrun(exp_id, "vetoed", "skipped by the user")
+                return None
+            name, arg = self._inbox.get()
+            if name == "approve":
+                if arg is None:
+                    return new_text, proposal
+                edited: Proposal = replace(arg, proposer=arg.proposer or "user")
+                try:
+                    text = self._candidate_text(_Item(edited), base_text)
+                except EditError as exc:
+                    self._emit(EngineError(message=f"the edited proposal does not apply: {exc}"))
+                    self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff))
+                    continue
+                new_diff = unified_diff(base_text, text)
+                self.ledger.update(
+                    exp_id,
+                    description=edited.description,
+                    proposal=proposal_to_json(edited),
+                    diff=new_diff,
+                    proposer=edited.proposer,
+                    train_hash=file_hash(text),
+                )
+                self._emit(
+                    ProposalReady(
+                        exp_id=exp_id,
                         description=edited.description,
-                        proposal=proposal_to_json(edited),
                         diff=new_diff,
+                        reasoning=edited.reasoning,
                         proposer=edited.proposer,
-                        train_hash=file_hash(text),
                     )
-                    self._emit(
-                        ProposalReady(
-                            exp_id=exp_id,
-                            description=edited.description,
-                            diff=new_diff,
-                            reasoning=edited.reasoning,
-                            proposer=edited.proposer,
-                        )
-                    )
-                    return text, edited
-                if name == "veto":
-                    reason = str(arg or "vetoed by the user")
-                    with self._lock:
-                        self._veto_reason = reason
-                    self._finish_unrun(exp_id, "vetoed", reason)
-                    return None
+                )
+                return text, edited
+            if name == "veto":
+                reason = str(arg or "vetoed by the user")
+                with self._lock:
+                    self._veto_reason = reason
+                self._finish_unrun(exp_id, "vetoed", reason)
+                return None
+            if name in ("override", "reapply"):
+                deferred.append((name, arg))
+            else:
                 self._handle((name, arg))
 
     def _finish_unrun(self, exp_id: int, status: str, reason: str) -> None:
@@ -813,11 +849,17 @@ class Engine:
         )
 
         def started(pid: int) -> None:
+            with self._lock:
+                self._run_pgid = pid
             self.ledger.set_run_pid(exp.id, n, pid)
             crash_point("during_run", exp.id)
 
-        with self._stepping("run") as cancel:
-            result = run_training(spec, self._emit, stop=cancel, on_start=started, isolation=isolation)
+        try:
+            with self._stepping("run") as cancel:
+                result = run_training(spec, self._emit, stop=cancel, on_start=started, isolation=isolation)
+        finally:
+            with self._lock:
+                self._run_pgid = None
         result = self._check_after_run(exp, result)
         summary = result.summary
         self.ledger.finish_run(

@@ -454,6 +454,7 @@ def run_training(
         if on_start is not None:
             on_start(proc.pid)
         eof = False
+        ended = started
         exited_at: float | None = None
         next_memory = started
         while True:
@@ -469,6 +470,7 @@ def run_training(
                 if spec.memory_mb is not None and rss > spec.memory_mb * 1024 * 1024:
                     killed_for = "oom"
             if killed_for:
+                ended = time.monotonic()
                 kill_group(pgid, known.values())
                 break
             if not eof:
@@ -482,11 +484,12 @@ def run_training(
                     else:
                         eof = True
             if proc.poll() is not None:
+                if exited_at is None:
+                    exited_at = ended = time.monotonic()
                 if eof:
                     break
                 # The main process is gone but something still holds its stdout: a leftover child.
-                exited_at = exited_at or now
-                if now - exited_at > 1.0:
+                if time.monotonic() - exited_at > 1.0:
                     break
             elif eof:
                 # Output closed but the process lives on; wait for it without spinning.
@@ -506,7 +509,8 @@ def run_training(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
             proc.wait()
-    seconds = time.monotonic() - started
+    # The run's own time, up to its exit (or kill): the clean-up after it is the engine's overhead.
+    seconds = max(0.0, ended - started) if proc.returncode is not None else time.monotonic() - started
     tail = list(output.tail)
     if killed_for:
         reasons = {

@@ -112,7 +112,7 @@ class Workspace:
         }
         state = path / STATE_DIR
         state.mkdir(exist_ok=True)
-        _write_atomic(state / "workspace.json", json.dumps(meta, indent=2) + "\n")
+        write_atomic(state / "workspace.json", json.dumps(meta, indent=2) + "\n")
         return cls(path=path, repo=repo, branch=branch, meta=meta)
 
     @classmethod
@@ -291,10 +291,8 @@ class Workspace:
         return False
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader (or a kill) sees the old text or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-write_atomic = _write_atomic
