@@ -469,3 +469,58 @@ def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
     assert set(ws.discarded_refs()) == {2, 3}
     assert "RuntimeError" in crashed.log_tail
     assert [row[3] for row in read_results_tsv(ws.results_tsv)] == ["keep", "keep", "discard", "crash"]
+
+
+def test_turning_the_review_gate_off_releases_the_waiting_proposal(ws: Workspace) -> None:
+    engine, events = _engine(ws, BETTER, review_gate=True)
+    events.hooks.append(lambda e: engine.set_review_gate(False) if isinstance(e, ReviewRequested) else None)
+    engine.run()
+    assert _statuses(assert_consistent(ws)) == ["baseline", "keep"]
+    assert engine.snapshot().review_gate is False
+
+
+def test_an_override_sent_during_review_waits_for_the_review(ws: Workspace) -> None:
+    engine, events = _engine(ws, WORSE, BETTER, review_gate=True)
+
+    def review(event: Event) -> None:
+        if isinstance(event, ReviewRequested) and event.exp_id == 1:
+            engine.approve()
+        elif isinstance(event, ReviewRequested) and event.exp_id == 2:
+            engine.override("keep", 1)  # would move the branch under the proposal; it must wait
+            engine.veto("not now")
+
+    events.hooks.append(review)
+    engine.run()
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "keep", "vetoed"]
+    exp = ledger.get(1)
+    assert exp is not None and exp.decided_by == "user"
+
+
+class Switchable(Recording):
+    """A proposer with models."""
+
+    def __init__(self, queue: IdeaQueue) -> None:
+        super().__init__(queue)
+        self.model_name: str | None = "small"
+
+    def use_model(self, name: str, emit: object) -> None:
+        if name == "missing":
+            raise ValueError("no such model")
+        self.model_name = name
+
+
+def test_use_model_between_proposals(ws: Workspace) -> None:
+    recorder = Recorder()
+    proposer = Switchable(_queue(BETTER))
+    engine = Engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    engine.use_model("missing")
+    engine.use_model("big")
+    engine.run()
+    assert proposer.model_name == "big" and engine.snapshot().model == "big"
+    assert any("cannot switch to model missing" in e.message for e in recorder.of(EngineError))
+
+    plain, events = _engine(ws)
+    plain.use_model("big")
+    plain.run()
+    assert any("has no model to switch" in e.message for e in events.of(EngineError))

@@ -1,0 +1,141 @@
+"""Engine overhead per experiment: wall time minus the training run's own time (git, validation, record, decide).
+
+    .venv/bin/python bench/bench_engine_overhead.py                  # 10 experiments, 10 s budget, real nanogpt
+    .venv/bin/python bench/bench_engine_overhead.py --budget 1e10flops -n 2     # a quick check that it runs
+    .venv/bin/python bench/bench_engine_overhead.py --fake -n 10               # the engine alone, no torch
+
+Each experiment is timed from the moment the engine asks for a proposal to its Decided event; the time of the
+train.py process(es) it ran (start to exit, as the runner measures it) is subtracted. Prints one line per
+experiment and the median, which should be at most 1 s. Run it on a quiet machine for figures worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent import paths  # noqa: E402
+from agent.config import EngineConfig  # noqa: E402
+from agent.engine import Engine  # noqa: E402
+from agent.events import Decided, Event, ProposalReady, ProposalStarted, RunFinished  # noqa: E402
+from agent.proposals import Edit, Proposal, ProposalContext  # noqa: E402
+from agent.workspace import Workspace  # noqa: E402
+
+TARGET_S = 1.0
+
+FAKE_PREPARE = """import json, os
+def report(val):
+    print("---")
+    print(f"val_bpb:          {val:.6f}")
+    print("training_seconds: 0.0")
+    path = os.environ.get("AUTORESEARCH_RESULT_FILE")
+    if path:
+        json.dump({"val_bpb": round(val, 6), "status": "ok", "reason": ""}, open(path, "w"))
+"""
+FAKE_TRAIN = """from prepare import report
+print("step     1 | loss 2.0000 | lr 1e-3 | tok/s 1 | 0.0s")
+report(2.5)
+"""
+
+
+class CommentProposer:
+    """Proposes n harmless, distinct edits (a comment at the end of train.py): each applies on any best."""
+
+    name = "bench"
+    model_name = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.k = 0
+
+    def propose(self, context: ProposalContext, emit: object, cancel: threading.Event) -> Proposal | None:
+        if self.k >= self.n:
+            return None
+        self.k += 1
+        lines = context.train_py.rstrip("\n").split("\n")
+        for width in range(1, len(lines) + 1):
+            search = "\n".join(lines[-width:])
+            if context.train_py.count(search) == 1:
+                break
+        return Proposal(
+            f"bench idea {self.k}", (Edit(search, f"{search}\n# bench idea {self.k}"),), proposer="bench"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-n", type=int, default=10, help="experiments to time (default 10)")
+    parser.add_argument("--budget", default="10", help="AUTORESEARCH_BUDGET per run (default 10 s)")
+    parser.add_argument("--fake", action="store_true", help="a no-op train.py: time the engine alone")
+    parser.add_argument("--workspace", type=Path, help="where to make the workspace (default: a temp dir)")
+    args = parser.parse_args()
+
+    events: list[Event] = []
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        folder = args.workspace or Path(tmp) / "ws"
+        source = paths.nanogpt_dir()
+        if args.fake:
+            source = Path(tmp) / "fake"
+            source.mkdir()
+            (source / "train.py").write_text(FAKE_TRAIN)
+            (source / "prepare.py").write_text(FAKE_PREPARE)
+        ws = Workspace.init(folder, tag="bench", source=source, program=Path(tmp) / "none.md")
+        config = EngineConfig(budget=args.budget, seeds=1, confirm_marginal=False)
+        engine = Engine(ws, CommentProposer(args.n), config, events.append)
+        started = time.perf_counter()
+        engine.run()
+        elapsed = time.perf_counter() - started
+        engine.close()
+        if engine.error:
+            print(f"the engine failed: {engine.error}", file=sys.stderr)
+            return 1
+
+    rows = []
+    asked: float | None = None
+    runs: dict[int, float] = {}
+    current: int | None = None
+    for event in events:
+        if isinstance(event, ProposalStarted):
+            asked = event.ts
+        elif isinstance(event, ProposalReady):
+            current = event.exp_id
+        elif isinstance(event, RunFinished) and event.exp_id != 0:
+            runs[event.exp_id] = runs.get(event.exp_id, 0.0) + event.seconds
+        elif (
+            isinstance(event, Decided) and event.exp_id != 0 and event.exp_id == current and asked is not None
+        ):
+            wall = event.ts - asked
+            child = runs.get(event.exp_id, 0.0)
+            rows.append((event.exp_id, event.status, wall, child, wall - child))
+    print(
+        f"engine overhead per experiment (budget {args.budget}{', fake train.py' if args.fake else ''}, "
+        f"{os.cpu_count()} CPUs)"
+    )
+    print(f"{'exp':>4}  {'status':<10} {'wall s':>8} {'train.py s':>10} {'overhead s':>10}")
+    for exp_id, status, wall, child, overhead in rows:
+        print(f"{exp_id:>4}  {status:<10} {wall:8.3f} {child:10.3f} {overhead:10.3f}")
+    if not rows:
+        print("no experiments were timed")
+        return 1
+    overheads = [row[4] for row in rows]
+    median = statistics.median(overheads)
+    print(
+        f"overhead: median {median:.3f} s, mean {statistics.fmean(overheads):.3f} s, max {max(overheads):.3f} s "
+        f"over {len(rows)} experiments ({elapsed:.1f} s in all)"
+    )
+    print(f"target <= {TARGET_S:.1f} s: {'met' if median <= TARGET_S else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
