@@ -657,6 +657,9 @@ class LlamaProposer:
         """Switch to another model between proposals; a bad choice raises ModelError and keeps the current one."""
         with self._lock:
             target = self._resolve(name)
+            if self._backend is not None and target == self._target:
+                emit(ModelLoaded(name=self.model_name or name, seconds=0.0))
+                return
             old = self._backend
             self._backend = None
             self._target = target
@@ -716,6 +719,8 @@ class LlamaProposer:
                     raise ProposalFailed(str(exc), tuple(replies), model=model) from None
                 self.last_stats.append(completion.stats)
                 replies.append(completion.text)
+                if attempt == 0:
+                    backend.remember()  # the prompt is worth keeping whatever the reply was
                 try:
                     parsed, _new_text = check_reply(context.train_py, completion.text, context.tried_hashes)
                 except (ReplyError, EditError) as exc:
@@ -725,7 +730,6 @@ class LlamaProposer:
                     emit(Info(message=f"{model}: reply {attempt + 1} of {self.max_tries} rejected: {error}"))
                     messages = followup(prompt.messages, completion.text, error)
                     continue
-                backend.remember()
                 return Proposal(
                     description=parsed.description,
                     edits=parsed.edits,

