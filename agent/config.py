@@ -36,8 +36,9 @@ class EngineConfig:
     """The margin (bpb) when the noise cannot be measured (a single baseline run)."""
     confirm_marginal: bool = True
     """Rerun a marginal win (between 1x and 2x the margin) with another seed before keeping it."""
-    eval_s: float = 60.0
-    """Seconds allowed beyond the training budget for start-up, data loading and the final evaluation."""
+    eval_s: float | None = None
+    """Seconds allowed beyond the training budget for start-up, data loading, compilation and the final
+    evaluation; None is 60 on CPU and 240 on CUDA (torch.compile of a new model can take minutes)."""
     grace_s: float = 30.0
     """Further seconds before a run is killed as a timeout."""
     compute_budget_factor: float = 3.0

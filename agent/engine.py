@@ -785,7 +785,10 @@ class Engine:
         if estimated:
             observed = self.ledger.get_meta("baseline_training_seconds") or 0.0
             seconds = max(seconds, observed) * self.config.compute_budget_factor
-        return seconds + self.config.eval_s + self.config.grace_s
+        eval_s = self.config.eval_s
+        if eval_s is None:
+            eval_s = 240.0 if self.device.startswith("cuda") else 60.0
+        return seconds + eval_s + self.config.grace_s
 
     def _limits(self) -> tuple[int, int | None]:
         total_mb = psutil.virtual_memory().total // 2**20
