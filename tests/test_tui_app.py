@@ -40,7 +40,7 @@ async def test_the_timeline_fills_newest_first_and_the_header_follows() -> None:
         header = app.state.header
         assert header.best_bpb == 2.57 and header.best_exp_id == 4 and header.baseline_bpb == 2.70
         assert app.state.n_done == 7
-        top = str(app.main.header.query_one("#header-bottom").render())
+        top = app.main.header.text
         assert "7 done" in top and "2.5700" in top and "+0.1300" in top
         assert app.state.proposal.phase == "thinking" and "warmup" in app.state.proposal.reasoning
         assert not app.main.narrow
@@ -156,7 +156,7 @@ async def test_errors_are_notifications_and_model_loading_shows_in_the_header() 
         app.feed([ModelLoading(name="smollm2-135m", progress=0.4, message="loading")])
         app.drain_events()
         await pilot.pause()
-        assert "loading smollm2-135m 40%" in str(app.main.header.query_one("#header-top").render())
+        assert "loading smollm2-135m 40%" in app.main.header.text
         assert app.main.header.query_one("#model-progress").display
         app.feed([EngineError(message="model failed to load", detail="not a GGUF file")])
         app.drain_events()

@@ -18,6 +18,7 @@ from tui.app import CockpitApp, create_app, shutdown_engine
 from tui.screens import (
     ModelChoice,
     ModelPickerScreen,
+    ProgramEditorScreen,
     ProposalEditorScreen,
     ReviewScreen,
     VetoScreen,
@@ -117,11 +118,22 @@ async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup
         assert [app.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
         assert app.state.header.branch.startswith("autoresearch/")
         assert app.state.header.best_exp_id == 0
-        header = str(app.main.header.query_one("#header-bottom").render())
+        header = app.main.header.text
         assert "3 done" in header and "stopped" in header
         assert any("Run #2: crash" in n.message for n in app._notifications)
         await quit_app(pilot)
     assert app.return_code == 0
+
+    # Reopening resumes the workspace as it was left: no welcome, the timeline read back from the ledger.
+    again = engine_app(tmp_path, proposer(WORSE, CRASHES), welcome=None)
+    cleanup(again)
+    async with again.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: again.main.timeline.shown_ids == [2, 1, 0], 60, "the ledger's rows")
+        assert not isinstance(again.screen, WelcomeScreen)
+        assert [again.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
+        await wait_until(pilot, lambda: again.state.header.state == "stopped", 60, "the already-tried ideas")
+        assert set(again.state.rows) == {0, 1, 2}
+        await quit_app(pilot)
 
 
 @async_test
@@ -153,7 +165,7 @@ async def test_pause_waits_for_the_run_and_a_model_switch_shows_in_the_header(
         await pilot.press("down", "enter")
         await wait_until(pilot, lambda: app.state.header.model == "smollm2-135m", 30, "the model switch")
         await wait_until(pilot, lambda: app.state.header.loading_model is None, 30, "the model to load")
-        assert "smollm2-135m" in str(app.main.header.query_one("#header-top").render())
+        assert "smollm2-135m" in app.main.header.text
         assert app.engine.snapshot().model == "smollm2-135m"
 
         await pilot.press("p")  # resume
@@ -201,6 +213,7 @@ async def test_the_review_gate_holds_a_proposal_until_veto_or_approve(tmp_path: 
         assert edited is not None and edited.proposer == "user"
         assert edited.description.endswith("(edited)") and "+WEIGHT_DECAY = 0.07" in edited.diff
         assert edited.status in ("keep", "discard")
+        await quit_app(pilot)
 
 
 @async_test
@@ -228,3 +241,28 @@ async def test_an_override_moves_the_branch_and_is_recorded(tmp_path: Path, clea
         assert engine.ledger.get(1).status == "discard"
         assert engine.ws.head() == engine.ledger.get(0).commit
         assert [o["new_status"] for o in engine.ledger.overrides()] == ["keep", "discard"]
+
+        # Re-apply the discarded experiment under the timeline cursor (the newest row, #1).
+        await pilot.press("1")
+        assert app.main.timeline.selected_id == 1
+        await pilot.press("x")
+        await wait_until(pilot, lambda: len(engine.ledger.queued()) == 1, 30, "the re-apply to be queued")
+        assert engine.ledger.queued()[0].source_exp_id == 1
+
+        # program.md, edited in place: saved, then reloaded by the engine.
+        await pilot.press("e")
+        await wait_until(pilot, lambda: isinstance(app.screen, ProgramEditorScreen), 30, "the program editor")
+        editor = app.screen.editor  # type: ignore[attr-defined]
+        editor.text = editor.text + "\nPrefer changes to the optimizer.\n"
+        await pilot.press("ctrl+s")
+        program = engine.ws.path / "program.md"
+        await wait_until(
+            pilot, lambda: "Prefer changes to the optimizer." in program.read_text(), 30, "the save"
+        )
+        await wait_until(
+            pilot,
+            lambda: any("program.md reloaded" in n.message for n in app._notifications),
+            30,
+            "the reload",
+        )
+        await quit_app(pilot)

@@ -116,21 +116,22 @@ class CockpitApp(App[int]):
         Binding("s", "stop_run", "Stop run"),
         Binding("g", "toggle_gate", "Gate"),
         Binding("r", "review", "Review"),
-        Binding("k", "force_keep", "Keep!"),
-        Binding("d", "force_discard", "Discard!"),
-        Binding("x", "reapply", "Re-apply"),
         Binding("m", "switch_model", "Model"),
         Binding("e", "edit_program", "program.md"),
         Binding("f1", "help", "Help"),
         Binding("question_mark", "help", "Help", show=False),
         Binding("q", "quit", "Quit"),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
+        Binding("k", "force_keep", "Force keep"),
+        Binding("d", "force_discard", "Force discard"),
+        Binding("x", "reapply", "Re-apply"),
         Binding("1", "show_pane('timeline')", "Timeline", show=False),
         Binding("2", "show_pane('live')", "Live", show=False),
         Binding("3", "show_pane('proposal')", "Proposal", show=False),
         Binding("4", "show_pane('progress')", "Progress", show=False),
         Binding("escape", "back_to_live", "Live proposal", show=False),
     ]
+    """Engine commands first, then the rest; an 80-column footer shows the first ones, the palette all."""
 
     # -- messages from workers -------------------------------------------------------------------
 
@@ -218,6 +219,12 @@ class CockpitApp(App[int]):
         screen = self.screen_stack[0]
         assert isinstance(screen, MainScreen)
         return screen
+
+    @property
+    def showing(self) -> bool:
+        """Whether the main screen is up (not yet, or no more while the app closes)."""
+        stack = self.screen_stack
+        return bool(stack) and isinstance(stack[0], MainScreen) and stack[0].is_attached
 
     def on_mount(self) -> None:
         # The default screen composes after the app mounts: start once it is there.
@@ -345,7 +352,8 @@ class CockpitApp(App[int]):
     def _curve_read(self, message: CurveRead) -> None:
         if message.exp_id == self.state.header.best_exp_id:
             self.state.set_best_curve(message.exp_id, message.curve)
-            self.main.live.show_run(self.state.run, self.state.best_curve)
+            if self.showing:
+                self.main.live.show_run(self.state.run, self.state.best_curve)
 
     @work(
         thread=True, exclusive=True, exit_on_error=False, group="detail", description="reading an experiment"
@@ -365,7 +373,7 @@ class CockpitApp(App[int]):
             row.diff = row.diff or known.diff
         if known is None or row.decided or not known.decided:
             self.state.rows[row.exp_id] = row
-        if self.main.proposal.detail_id == row.exp_id:
+        if self.showing and self.main.proposal.detail_id == row.exp_id:
             self.main.proposal.show_detail(self.state.rows[row.exp_id], self.state.header.best_bpb)
 
     # -- events ----------------------------------------------------------------------------------
@@ -377,6 +385,8 @@ class CockpitApp(App[int]):
 
     def drain_events(self) -> Update | None:
         """Fold everything the engine sent since the last drain into the state, and redraw what changed."""
+        if not self.showing:
+            return None
         events, dropped = self.bridge.drain()
         if self._snapshot_wanted:
             self._request_snapshot()
@@ -423,15 +433,21 @@ class CockpitApp(App[int]):
             self._read_curve(best)
 
     def _render_all(self) -> None:
+        if not self.showing:
+            return
         self._render_rows()
         main = self.main
         main.proposal.show_proposal(self.state.proposal)
         main.live.show_run(self.state.run, self.state.best_curve)
 
     def _render_header(self) -> None:
+        if not self.showing:
+            return
         self.main.header.show(self.state.header, self.state.n_done, self.state.gain)
 
     def _render_rows(self) -> None:
+        if not self.showing:
+            return
         main = self.main
         main.timeline.show(self.state.ordered_rows(), self.state.header.best_bpb)
         main.progress.show_state(self.state)
@@ -594,7 +610,8 @@ class CockpitApp(App[int]):
         self.state.pending_review = None
         if self.state.proposal.phase == "review":
             self.state.proposal.phase = "ready"
-        self.main.proposal.show_proposal(self.state.proposal)
+        if self.showing:
+            self.main.proposal.show_proposal(self.state.proposal)
         self.refresh_bindings()
 
     @work(
@@ -734,6 +751,11 @@ def shutdown_engine(engine: EngineLike | None, started: bool, timeout: float = 6
         engine.shutdown()
         if started:
             engine.join(timeout)
+            if not getattr(engine, "finished", True):
+                return False
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
     except Exception:
         return False
     return True

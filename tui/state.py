@@ -269,8 +269,8 @@ class CockpitState:
         """Replace the rows by the ledger's (on open), and derive the baseline and best from them."""
         for row in rows:
             known = self.rows.get(row.exp_id)
-            if known is not None and not known.decided and row.decided is False:
-                continue
+            if known is not None and not row.decided:
+                continue  # the events of an experiment in flight are newer than a ledger read
             self.rows[row.exp_id] = row
         for row in sorted(self.rows.values(), key=lambda r: r.exp_id):
             if row.status == "baseline" and row.val_bpb is not None:

@@ -38,7 +38,7 @@ class MainScreen(Screen[None]):
                 yield ProposalPane(id="proposal")
             with Container(id="pane-progress", classes="pane"):
                 yield ProgressPlot(id="progress")
-        yield CockpitFooter()
+        yield CockpitFooter(compact=True)
 
     def on_mount(self) -> None:
         titles = {"timeline": "Timeline", "live": "Live run", "proposal": "Proposal", "progress": "Progress"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from rich.cells import cell_len
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
@@ -10,58 +12,91 @@ from textual.widgets import ProgressBar, Static
 from tui import format as fmt
 from tui.state import HeaderInfo
 
+GAP = "  "
 
-def header_lines(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[Text, Text]:
-    """The two header lines, as Rich text."""
-    top = Text()
-    top.append(" autoresearch ", style="bold reverse")
-    top.append("  ")
-    top.append(fmt.short_path(header.workspace or "—", 32), style="bold")
+
+def _piece(label: str, value: str, style: str = "bold") -> Text:
+    text = Text(label, style="grey62") if label else Text()
+    text.append(value, style=style)
+    return text
+
+
+def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[list[Text], list[Text]]:
+    """The header's pieces: where and with what (first group), how it is going (second group)."""
+    where: list[Text] = [_piece(" ", fmt.short_path(header.workspace or "—", 32))]
     if header.branch:
-        top.append("  ⎇ ", style="grey62")
-        top.append(header.branch)
-    top.append("  model ", style="grey62")
+        where.append(_piece("⎇ ", header.branch, ""))
     if header.loading_model:
         progress = header.loading_progress
         pct = f" {progress * 100:.0f}%" if progress is not None else ""
-        top.append(f"loading {header.loading_model}{pct}", style="bold yellow")
+        where.append(_piece("model ", f"loading {header.loading_model}{pct}", "bold yellow"))
     else:
-        top.append(header.model or "—", style="bold")
-    top.append("  budget ", style="grey62")
-    top.append(header.budget or "—")
-    top.append("  on ", style="grey62")
-    top.append(header.device or "—")
+        where.append(_piece("model ", header.model or "—"))
+    where.append(_piece("budget ", header.budget or "—", ""))
+    where.append(_piece("on ", header.device or "—", ""))
 
-    bottom = Text(" ")
-    bottom.append("● ", style=fmt.STATE_WORDS.get(header.state, ("", "grey62"))[1] or "grey62")
-    bottom.append_text(fmt.state_text(header.state, header.pause_requested))
-    bottom.append("  ·  ", style="grey62")
-    bottom.append(f"{n_done} done")
-    bottom.append("  ·  best ", style="grey62")
-    bottom.append(fmt.bpb(header.best_bpb), style="bold")
+    state = Text(" ")
+    state.append("● ", style=fmt.STATE_WORDS.get(header.state, ("", "grey62"))[1] or "grey62")
+    state.append_text(fmt.state_text(header.state, header.pause_requested))
+    how: list[Text] = [state, _piece("", f"{n_done} done", "")]
+    best = _piece("best ", fmt.bpb(header.best_bpb))
     if header.best_exp_id is not None:
-        bottom.append(f" (#{header.best_exp_id})", style="grey62")
+        best.append(f" (#{header.best_exp_id})", style="grey62")
+    how.append(best)
     if gain is not None:
-        bottom.append("  gain ", style="grey62")
-        bottom.append(f"{gain:+.4f}", style="green" if gain > 0 else "grey62")
-        bottom.append(f" vs baseline {fmt.bpb(header.baseline_bpb)}", style="grey62")
-    bottom.append("  ·  review gate ", style="grey62")
-    bottom.append("on" if header.review_gate else "off", style="bold cyan" if header.review_gate else "")
-    return top, bottom
+        piece = _piece("gain ", f"{gain:+.4f}", "green" if gain > 0 else "grey62")
+        piece.append(f" vs baseline {fmt.bpb(header.baseline_bpb)}", style="grey62")
+        how.append(piece)
+    how.append(
+        _piece(
+            "review gate ", "on" if header.review_gate else "off", "bold cyan" if header.review_gate else ""
+        )
+    )
+    return where, how
+
+
+def wrap_pieces(pieces: list[Text], width: int) -> list[Text]:
+    """Lay pieces out on lines of at most `width` cells, breaking only between pieces."""
+    lines: list[Text] = []
+    line = Text()
+    for piece in pieces:
+        if line.cell_len and line.cell_len + cell_len(GAP) + piece.cell_len > width:
+            lines.append(line)
+            line = Text(" ")
+        elif line.cell_len:
+            line.append(GAP)
+        line.append_text(piece)
+    if line.cell_len:
+        lines.append(line)
+    return lines
+
+
+def header_text(header: HeaderInfo, n_done: int, gain: float | None, width: int) -> Text:
+    """The whole header for a terminal `width` cells wide (two lines when there is room, more when not)."""
+    where, how = header_groups(header, n_done, gain)
+    lines = wrap_pieces(where, width) + wrap_pieces(how, width)
+    return Text("\n").join(lines)
 
 
 class CockpitHeader(Vertical):
-    """Two lines of status, plus a progress bar while a model loads."""
+    """Status lines that rewrap to the terminal's width, plus a progress bar while a model loads."""
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._shown: tuple[HeaderInfo, int, float | None] | None = None
 
     def compose(self) -> ComposeResult:
-        yield Static(id="header-top")
-        yield Static(id="header-bottom")
+        yield Static(id="header-text")
         yield ProgressBar(total=100, show_eta=False, id="model-progress")
 
+    @property
+    def text(self) -> str:
+        """What the header says, as plain text."""
+        return str(self.query_one("#header-text", Static).render())
+
     def show(self, header: HeaderInfo, n_done: int, gain: float | None) -> None:
-        top, bottom = header_lines(header, n_done, gain)
-        self.query_one("#header-top", Static).update(top)
-        self.query_one("#header-bottom", Static).update(bottom)
+        self._shown = (header, n_done, gain)
+        self._draw()
         bar = self.query_one("#model-progress", ProgressBar)
         bar.display = header.loading_model is not None
         if header.loading_model is not None:
@@ -69,3 +104,12 @@ class CockpitHeader(Vertical):
                 bar.update(total=None)
             else:
                 bar.update(total=100, progress=header.loading_progress * 100)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._draw()
+
+    def _draw(self) -> None:
+        if self._shown is None:
+            return
+        width = self.size.width or self.app.size.width
+        self.query_one("#header-text", Static).update(header_text(*self._shown, width=max(20, width - 1)))

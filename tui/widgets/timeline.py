@@ -76,7 +76,7 @@ class Timeline(DataTable[Text | str]):
             if plain == self._shown.get(exp_id):
                 continue
             for key, value in zip(keys, cells[exp_id], strict=True):
-                self.update_cell(str(exp_id), key, value)
+                self.update_cell(str(exp_id), key, value, update_width=True)
             self._shown[exp_id] = plain
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
