@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tui_helpers import async_test
+from tui_helpers import async_test, wait_until
 
 from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMetric
-from tui.app import CockpitApp
+from tui.app import CockpitApp, create_app
 from tui.demo import demo_header, recorded_session
 from tui.screens import HelpScreen, ModelChoice, ModelPickerScreen, QuitScreen, ReviewScreen
 
@@ -218,3 +218,16 @@ async def test_the_first_frame_comes_quickly() -> None:
 def _no_real_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """The picker never scans the real machine in these tests."""
     monkeypatch.setattr("tui.screens.models.discover_choices", lambda: list(CHOICES))
+
+
+@async_test
+async def test_an_unknown_model_is_a_notification_and_makes_no_workspace(tmp_path: Path) -> None:
+    app = create_app(tmp_path / "ws", model="no-such-model")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.state.header.state == "stopped", 60, "the engine to fail to open")
+        messages = [n.message for n in app._notifications]
+        assert any("no-such-model" in m and "failed" in m for m in messages), messages
+        assert "no-such-model" in app.main.header.text
+        assert app.engine is None
+        await pilot.press("q", "y")
+    assert not (tmp_path / "ws").exists()

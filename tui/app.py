@@ -80,8 +80,7 @@ def default_engine_builder(
         from agent.engine import Engine
         from agent.workspace import Workspace
 
-        created = not Workspace.is_workspace(workspace)
-        ws = Workspace.open_or_init(workspace)
+        # A bad budget or model fails here, before a new workspace is made for nothing.
         cfg = config
         if cfg is None:
             chosen = budget or os.environ.get("AUTORESEARCH_BUDGET") or None
@@ -91,6 +90,8 @@ def default_engine_builder(
             from agent.llm import make_proposer
 
             chosen_proposer = make_proposer(model, None)
+        created = not Workspace.is_workspace(workspace)
+        ws = Workspace.open_or_init(workspace)
         engine = Engine(ws, chosen_proposer, cfg, sink)
         return OpenedEngine(
             engine=engine,

@@ -284,6 +284,9 @@ class CockpitState:
     def apply_snapshot(self, snapshot: Any) -> None:
         """Correct the header from an engine snapshot (read by attribute)."""
         header = self.header
+        state = getattr(snapshot, "state", None)
+        if state is not None and state != header.state:
+            header.detail = ""  # the detail belonged to the state the events last reported
         for name in ("workspace", "branch", "model", "device", "budget", "state"):
             value = getattr(snapshot, name, None)
             if value is not None:

@@ -38,6 +38,9 @@ def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[
     state = Text(" ")
     state.append("● ", style=fmt.STATE_WORDS.get(header.state, ("", "grey62"))[1] or "grey62")
     state.append_text(fmt.state_text(header.state, header.pause_requested))
+    if header.detail:
+        detail = header.detail if len(header.detail) <= 60 else header.detail[:59] + "…"
+        state.append(f" ({detail})", style="grey62")
     how: list[Text] = [state, _piece("", f"{n_done} done", "")]
     best = _piece("best ", fmt.bpb(header.best_bpb))
     if header.best_exp_id is not None:
