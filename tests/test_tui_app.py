@@ -184,6 +184,26 @@ async def test_help_and_quit_without_an_engine() -> None:
 
 
 @async_test
+async def test_every_command_is_in_the_palette() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        titles = {command.title for command in app.get_system_commands(app.screen)}
+        for title in (
+            "Pause after this run",
+            "Stop the current run",
+            "Review gate on/off",
+            "Force keep",
+            "Force discard",
+            "Re-apply experiment",
+            "Switch model",
+            "Edit program.md",
+            "Help",
+        ):
+            assert title in titles
+
+
+@async_test
 async def test_commands_without_an_engine_only_warn() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:

@@ -266,3 +266,16 @@ async def test_an_override_moves_the_branch_and_is_recorded(tmp_path: Path, clea
             "the reload",
         )
         await quit_app(pilot)
+
+
+@async_test
+async def test_leaving_at_the_welcome_runs_nothing_and_welcomes_again(tmp_path: Path, cleanup: Any) -> None:
+    for _ in range(2):
+        app = engine_app(tmp_path, proposer(WORSE), welcome=None)
+        cleanup(app)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda a=app: isinstance(a.screen, WelcomeScreen), 60, "the welcome")
+            await app.screen.run_action("leave")  # Escape; a key that ends the app would leave Pilot waiting
+            await wait_until(pilot, lambda a=app: a.return_code is not None, 30, "the app to leave")
+        assert app.return_code == 0 and not app.engine_started
+    assert (tmp_path / "ws" / "train.py").exists()

@@ -52,6 +52,7 @@ class OpenedEngine:
 
     engine: EngineLike
     created: bool
+    """The workspace is new, or nothing was ever run in it: the welcome is shown."""
     workspace: Path
     budget: str
     model: str | None = None
@@ -93,9 +94,11 @@ def default_engine_builder(
         created = not Workspace.is_workspace(workspace)
         ws = Workspace.open_or_init(workspace)
         engine = Engine(ws, chosen_proposer, cfg, sink)
+        # A workspace left at the welcome (nothing ever ran) still gets the welcome next time.
+        fresh = created or engine.ledger.count() == 0
         return OpenedEngine(
             engine=engine,
-            created=created,
+            created=fresh,
             workspace=ws.path,
             budget=describe_budget(cfg.budget),
             model=getattr(chosen_proposer, "model_name", None) or model,

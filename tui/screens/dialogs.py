@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -14,9 +15,12 @@ from tui.widgets.footer import CockpitFooter
 
 def welcome_text(workspace: str, budget: str, model: str | None) -> str:
     """What will happen and how to stop it, for a new workspace."""
+    if budget in ("", "harness default"):
+        budget = "the harness default (about 60 s on a CPU, 5 min on CUDA)"
+    workspace, budget, model = escape(workspace), escape(budget), escape(model) if model else None
     return f"""[b]Welcome to autoresearch.[/b]
 
-A new research workspace was created at [b]{workspace}[/b].
+The research workspace is [b]{workspace}[/b] (new: nothing has run in it yet).
 
 [b]When you press Enter:[/b]
  1. The starting train.py is trained as the [b]baseline[/b], for a budget of [b]{budget}[/b] per run,
