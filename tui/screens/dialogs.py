@@ -20,22 +20,19 @@ def welcome_text(workspace: str, budget: str, model: str | None) -> str:
     workspace, budget, model = escape(workspace), escape(budget), escape(model) if model else None
     return f"""[b]Welcome to autoresearch.[/b]
 
-The research workspace is [b]{workspace}[/b] (new: nothing has run in it yet).
+Workspace: [b]{workspace}[/b] (nothing has run in it yet).
 
 [b]When you press Enter:[/b]
- 1. The starting train.py is trained as the [b]baseline[/b], for a budget of [b]{budget}[/b] per run,
-    to measure where we start and how noisy the measure is.
- 2. Then, in a loop, the model ([b]{model or "the default"}[/b]) reads program.md, the history and
-    train.py, and proposes one change to train.py. The change is committed, trained for the same budget,
-    and [b]kept[/b] only if its val_bpb beats the best by the noise margin; otherwise the branch moves back
-    (the candidate stays reachable in git).
- 3. Everything is recorded in the workspace (git and the ledger); reopening it resumes where you left off.
 
-[b]How to stop:[/b] [b]p[/b] pauses after the current run, [b]s[/b] stops the current run now,
-[b]q[/b] quits (the current run is stopped and recorded as interrupted). [b]g[/b] turns on the review gate,
-to approve, edit or veto each change before it runs. [b]F1[/b] shows every key.
+1. train.py as shipped is trained as the [b]baseline[/b] ({budget} per run), to measure where we start and how noisy the measure is.
 
-Press [b]Enter[/b] to start, or [b]Escape[/b] to leave without starting."""
+2. Then, in a loop, the model ([b]{model or "the default"}[/b]) reads program.md, the history and train.py and proposes one change to train.py. Each change is committed, trained for the same budget and [b]kept[/b] only if its val_bpb beats the best by the noise margin; otherwise the branch moves back (the candidate stays in git).
+
+3. Everything is recorded in the workspace (git and the ledger); reopening it resumes where you left off.
+
+[b]To stop:[/b] [b]p[/b] pauses after the current run · [b]s[/b] stops the current run now · [b]q[/b] quits (the run in flight is stopped and recorded as interrupted). [b]g[/b] turns on the review gate, to approve, edit or veto each change before it runs. [b]F1[/b] shows every key.
+
+[b]Enter[/b]: start    [b]Escape[/b]: leave without starting"""
 
 
 class WelcomeScreen(ModalScreen[bool]):
