@@ -419,13 +419,15 @@ class Engine:
             return _Item(q.proposal, qid=q.qid, source_exp_id=q.source_exp_id, force=True)
         context = self._context()
         model = getattr(self.proposer, "model_name", None)
-        self._set_state("proposing")
-        self._emit(ProposalStarted(proposer=self.proposer.name, model=model))
         with self._stepping("propose") as cancel:
+            self._set_state("proposing")
+            self._emit(ProposalStarted(proposer=self.proposer.name, model=model))
             try:
                 proposal = self.proposer.propose(context, self._emit, cancel)
             except ProposalFailed as exc:
                 self._proposer_errors = 0
+                if cancel.is_set():
+                    return _SKIPPED  # cancelled mid-thought (skip, shutdown): not the model's failure
                 self._record_rejected(
                     Proposal(
                         description="(no valid proposal)",
@@ -438,6 +440,8 @@ class Engine:
                 )
                 return _SKIPPED
             except Exception as exc:
+                if cancel.is_set():
+                    return _SKIPPED
                 self._proposer_errors += 1
                 self._emit(EngineError(message=f"the proposer failed: {exc}", detail=traceback.format_exc()))
                 if self._proposer_errors >= _MAX_PROPOSER_ERRORS:
@@ -445,8 +449,8 @@ class Engine:
                         f"the proposer failed {_MAX_PROPOSER_ERRORS} times in a row: {exc}"
                     ) from exc
                 return _SKIPPED
-            if cancel.is_set():
-                return _SKIPPED
+            if proposal is not None and cancel.is_set():
+                return _SKIPPED  # the user dropped it (skip) or the engine is stopping
         self._proposer_errors = 0
         if proposal is None:
             return None

@@ -39,7 +39,7 @@ from agent.events import (
 )
 from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Ledger, read_results_tsv
-from agent.proposals import Edit, Proposal, ProposalContext
+from agent.proposals import Edit, Proposal, ProposalContext, ProposalFailed
 from agent.workspace import Workspace
 
 FAST = {"seeds": 2, "deadline_s": 60.0}
@@ -441,8 +441,9 @@ def _real_idea(text: str, name: str, description: str, new: str) -> dict[str, ob
     return idea(description, match.group(0).rstrip(), f"{name} = {new}")
 
 
+@pytest.mark.slow
 def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
-    """Baseline + better, worse and crashing ideas, on the real train.py with a tiny FLOPs budget (about 1 min).
+    """Baseline + better, worse and crashing ideas, on the real train.py with a tiny FLOPs budget (1 to 1.5 min).
 
     One baseline seed keeps it under a minute; the measured noise floor is covered by the fake-harness tests.
     A FLOPs budget makes the runs deterministic on a loaded machine, where a time budget would not be.
@@ -524,3 +525,35 @@ def test_use_model_between_proposals(ws: Workspace) -> None:
     plain.use_model("big")
     plain.run()
     assert any("has no model to switch" in e.message for e in events.of(EngineError))
+
+
+class Thinking:
+    """A proposer that thinks until cancelled, then fails as a model would."""
+
+    name = "thinking"
+    model_name = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = False
+
+    def propose(self, context: ProposalContext, emit: object, cancel: threading.Event) -> Proposal | None:
+        self.calls += 1
+        if self.calls > 1:
+            return None
+        self.cancelled = cancel.wait(30)
+        raise ProposalFailed("aborted mid-reply")
+
+
+def test_skip_while_proposing_drops_the_proposal(ws: Workspace) -> None:
+    recorder = Recorder()
+    thinking = Thinking()
+    engine = Engine(ws, thinking, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    recorder.hooks.append(
+        lambda e: engine.skip() if type(e).__name__ == "ProposalStarted" and thinking.calls == 0 else None
+    )
+    engine.run()
+    assert thinking.cancelled and thinking.calls == 2
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline"]  # nothing recorded as rejected: the user dropped it
+    assert not recorder.of(EngineError)
