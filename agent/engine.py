@@ -1228,7 +1228,8 @@ class Engine:
         notes: list[str] = []
         if removed := self.ws.clear_stale_git_locks():
             notes.append(f"removed stale git locks {removed}")
-        for exp in self.ledger.unfinished():
+        in_flight = self.ledger.unfinished()
+        for exp in in_flight:
             for run in self.ledger.runs(exp.id):
                 if run.outcome is None:
                     if run.pid and kill_stale_run(run.pid, self.ws.path):
@@ -1255,7 +1256,13 @@ class Engine:
                 self._interrupt_recovered(exp, requeue)
                 notes.append(f"#{exp.id} was interrupted ({exp.phase}){'; re-queued' if requeue else ''}")
         best_commit = self.ledger.get_meta("best_commit") or self.ws.initial_commit
-        if not self._resume_ids and (self.ws.head() != best_commit or self.ws.changed_tracked_files()):
+        changed = self.ws.changed_tracked_files()
+        if TRAIN in changed and not in_flight:
+            # Nobody was running: a person edited train.py by hand. Keep their text before resetting it.
+            saved = self.ws.state_dir / f"train.py.{time.strftime('%Y%m%d-%H%M%S')}.uncommitted"
+            saved.write_text(self.ws.read_train(), encoding="utf-8")
+            notes.append(f"train.py had uncommitted changes: saved them to {saved}")
+        if not self._resume_ids and (self.ws.head() != best_commit or changed):
             self.ws.move_branch(best_commit)
             notes.append("moved the branch back to the best kept commit")
         if self.ws.harness_problems():

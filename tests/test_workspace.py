@@ -128,3 +128,13 @@ def test_deadline(tmp_path: Path) -> None:
     assert flops._deadline() == pytest.approx(100.0 * 3 + 7)
     fixed = Engine(ws, IdeaQueue([]), EngineConfig(deadline_s=4.0), lambda e: None)
     assert fixed._deadline() == 4.0
+
+
+def test_a_hand_edit_of_train_py_is_saved_before_the_reset(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path)
+    ws.train_path.write_text(FAKE_TRAIN + "# my experiment\n")
+    engine = Engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
+    engine.run()
+    [saved] = ws.state_dir.glob("train.py.*.uncommitted")
+    assert saved.read_text().endswith("# my experiment\n")
+    assert ws.read_train() == FAKE_TRAIN
