@@ -210,3 +210,26 @@ def test_formatting() -> None:
     assert fmt.tokens_per_s(18234) == "18.2k tok/s"
     assert fmt.state_text("running", pause_requested=True).plain == "running (pausing after this run)"
     assert fmt.short_path("/a/very/long/path/to/a/workspace", 12).startswith("…")
+
+
+def test_the_header_wraps_between_pieces_and_shows_a_queued_switch() -> None:
+    from tui.state import QUEUED, HeaderInfo
+    from tui.widgets.header import header_text
+
+    header = HeaderInfo(
+        workspace="/w",
+        branch="autoresearch/x",
+        model="a",
+        device="cpu (2 cores)",
+        budget="60 s",
+        state="running",
+    )
+    wide = header_text(header, 3, 0.01, width=200).plain.splitlines()
+    narrow = header_text(header, 3, 0.01, width=50).plain.splitlines()
+    assert len(wide) == 2 and len(narrow) > 2
+    assert all(len(line) <= 50 for line in narrow)
+    assert "budget 60 s" in "\n".join(narrow)  # a piece is never split across lines
+    header.loading_model, header.loading_message = "b", QUEUED
+    assert "a → b next" in header_text(header, 3, None, width=200).plain
+    header.loading_message, header.loading_progress = "loading b.gguf", 0.5
+    assert "loading b 50%" in header_text(header, 3, None, width=200).plain

@@ -34,7 +34,16 @@ from tui.screens import (
 )
 from tui.screens.models import discover_choices
 from tui.screens.review import ReviewChoice
-from tui.state import CockpitState, Curve, ExperimentRow, HeaderInfo, Update, parse_curve, row_from_experiment
+from tui.state import (
+    QUEUED,
+    CockpitState,
+    Curve,
+    ExperimentRow,
+    HeaderInfo,
+    Update,
+    parse_curve,
+    row_from_experiment,
+)
 
 DRAIN_INTERVAL = 0.1
 """Seconds between two drains of the engine's events: ~10 batches a second whatever the event rate."""
@@ -547,6 +556,7 @@ class CockpitApp(App[int]):
             header = self.state.header
             header.loading_model = name
             header.loading_progress = None
+            header.loading_message = QUEUED
             self._render_header()
             self.notify(f"Switching to {name} before the next proposal.")
 

@@ -46,6 +46,9 @@ MAX_CURVE_POINTS = 4000
 MAX_REASONING_CHARS = 40_000
 """Only the tail of a streamed reasoning is kept."""
 
+QUEUED = "queued"
+"""HeaderInfo.loading_message of a model switch the engine has not started yet (it waits for a safe point)."""
+
 Severity = Literal["information", "warning", "error"]
 
 

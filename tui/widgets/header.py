@@ -10,7 +10,7 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
 from tui import format as fmt
-from tui.state import HeaderInfo
+from tui.state import QUEUED, HeaderInfo
 
 GAP = "  "
 
@@ -26,7 +26,9 @@ def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[
     where: list[Text] = [_piece(" ", fmt.short_path(header.workspace or "—", 32))]
     if header.branch:
         where.append(_piece("⎇ ", header.branch, ""))
-    if header.loading_model:
+    if header.loading_model and header.loading_message == QUEUED:
+        where.append(_piece("model ", f"{header.model or '—'} → {header.loading_model} next", "bold yellow"))
+    elif header.loading_model:
         progress = header.loading_progress
         pct = f" {progress * 100:.0f}%" if progress is not None else ""
         where.append(_piece("model ", f"loading {header.loading_model}{pct}", "bold yellow"))
@@ -101,8 +103,9 @@ class CockpitHeader(Vertical):
         self._shown = (header, n_done, gain)
         self._draw()
         bar = self.query_one("#model-progress", ProgressBar)
-        bar.display = header.loading_model is not None
-        if header.loading_model is not None:
+        loading = header.loading_model is not None and header.loading_message != QUEUED
+        bar.display = loading
+        if loading:
             if header.loading_progress is None:
                 bar.update(total=None)
             else:
