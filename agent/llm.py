@@ -42,6 +42,8 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_TOKENS = 640
 """Per reply; a typical proposal is 150-300 tokens."""
 MAX_TRIES = 3
+_RETRY_HEAT = 0.15
+"""Added to the temperature on each retry."""
 _FOLLOWUP_RESERVE = 300
 """Tokens kept free for the follow-up message after a rejected reply."""
 _STATE_SAVE_MIN_NEW = 400
@@ -704,11 +706,13 @@ class LlamaProposer:
             for attempt in range(self.max_tries):
                 if attempt:
                     emit(ProposalToken(text="\n"))
+                # A little hotter on each retry: a small model otherwise tends to repeat the rejected reply.
+                temperature = self.temperature + _RETRY_HEAT * attempt
                 try:
                     completion = backend.complete(
                         messages,
                         max_tokens=self.max_tokens,
-                        temperature=self.temperature,
+                        temperature=temperature,
                         seed=proposal_seed + attempt,
                         on_text=lambda piece: emit(ProposalToken(text=piece)),
                         cancel=cancel,
@@ -736,8 +740,8 @@ class LlamaProposer:
                     reasoning=parsed.reasoning,
                     proposer=self.name,
                     model=model,
-                    temperature=self.temperature,
-                    seed=proposal_seed,
+                    temperature=temperature,
+                    seed=proposal_seed + attempt,
                     replies=tuple(replies),
                 )
             raise ProposalFailed(

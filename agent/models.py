@@ -437,7 +437,8 @@ class ModelRef:
         return path
 
 
-def _embedded_by_name(name: str) -> EmbeddedModel | None:
+def find_embedded(name: str) -> EmbeddedModel | None:
+    """The embedded model called `name` (its key or an alias such as 0.5b), or None."""
     key = _ALIASES.get(name.lower(), name.lower())
     return next((model for model in EMBEDDED if model.key == key), None)
 
@@ -450,7 +451,7 @@ def resolve_model(ref: str | Path | None) -> ModelRef:
     if ref is None:
         return ModelRef(DEFAULT_MODEL.key, None, DEFAULT_MODEL)
     text = str(ref)
-    if embedded := _embedded_by_name(text):
+    if embedded := find_embedded(text):
         if not is_assembled(embedded):
             part_paths(embedded)  # raises with the pip command when not installed
         return ModelRef(embedded.key, assembled_path(embedded), embedded)
@@ -560,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_models(list(args.paths))
     if args.command == "requirements":
         for name in args.names or [DEFAULT_MODEL.key]:
-            model = _embedded_by_name(name)
+            model = find_embedded(name)
             if model is None:
                 print(f"unknown embedded model {name!r}", file=sys.stderr)
                 return 1
@@ -575,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         chosen = []
         for name in args.names or [DEFAULT_MODEL.key]:
-            model = _embedded_by_name(name)
+            model = find_embedded(name)
             if model is None:
                 print(f"unknown embedded model {name!r}", file=sys.stderr)
                 return 1

@@ -26,12 +26,11 @@ standard library: no new packages.
 - One idea per proposal. Keep it small and simple.
 - Do not repeat an experiment from the history table.
 
-Reply with one JSON object and nothing else:
-{"reasoning": "one or two sentences: why this should lower val_bpb", \
-"description": "the change in under ten words", \
-"edits": [{"search": "exact lines copied from train.py", "replace": "the new lines"}]}
-Each "search" must be copied character for character from train.py: whole lines with their comments, \
-long enough to match exactly one place. "replace" is the complete new text for those lines."""
+Reply with one JSON object with three keys, and nothing else:
+- "reasoning": one or two sentences on why your change should lower val_bpb.
+- "description": your change in under ten words.
+- "edits": a list of objects with "search" and "replace". "search" is one or more whole lines of train.py, \
+copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines."""
 
 FOLLOWUP = """\
 That proposal was rejected: {error}

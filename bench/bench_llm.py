@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent import models  # noqa: E402
+from agent.edits import apply_edits, file_hash  # noqa: E402
 from agent.llm import GenerationStats, LlamaProposer  # noqa: E402
 from agent.proposals import HistoryRow, ProposalContext, ProposalFailed  # noqa: E402
 
@@ -57,7 +58,18 @@ class Row:
         ]
 
 
-HEADER = ["model", "kind", "s", "valid", "tries", "prompt tok (read)", "prompt tok/s", "gen tok", "gen tok/s", "idea"]
+HEADER = [
+    "model",
+    "kind",
+    "s",
+    "valid",
+    "tries",
+    "prompt tok (read)",
+    "prompt tok/s",
+    "gen tok",
+    "gen tok/s",
+    "idea",
+]
 
 
 def base_context(train_py: str, program_md: str) -> ProposalContext:
@@ -71,18 +83,25 @@ def base_context(train_py: str, program_md: str) -> ProposalContext:
     )
 
 
-def propose(proposer: LlamaProposer, context: ProposalContext, model: str, kind: str) -> Row:
+def propose(
+    proposer: LlamaProposer, context: ProposalContext, model: str, kind: str
+) -> tuple[Row, str | None]:
+    """One timed proposal, and the hash of the train.py it would give (for tried_hashes, as the engine does)."""
     started = time.perf_counter()
+    new_hash = None
     try:
         proposal = proposer.propose(context, lambda event: None, threading.Event())
         valid, description = proposal is not None, proposal.description if proposal else "(cancelled)"
+        if proposal is not None:
+            new_hash = file_hash(apply_edits(context.train_py, proposal.edits))
     except ProposalFailed as exc:
         valid, description = False, f"rejected: {exc.reason}"
-    return Row(model, kind, time.perf_counter() - started, valid, list(proposer.last_stats), description)
+    row = Row(model, kind, time.perf_counter() - started, valid, list(proposer.last_stats), description)
+    return row, new_hash
 
 
 def bench_model(key: str, train_py: str, program_md: str, proposals: int, threads: int | None) -> list[Row]:
-    model = models._embedded_by_name(key)
+    model = models.find_embedded(key)
     if model is None or not models.parts_installed(model):
         hint = model.pip_hint() if model else "unknown model"
         print(f"skipping {key}: not installed ({hint})")
@@ -95,19 +114,23 @@ def bench_model(key: str, train_py: str, program_md: str, proposals: int, thread
     proposer = LlamaProposer(str(path), seed=1, threads=threads)
     proposer.load(lambda event: None)
     print(f"{key}: loaded in {time.perf_counter() - load_started:.1f} s; cold proposal ...", flush=True)
-    rows.append(propose(proposer, context, key, "cold"))
-    for number in range(1, proposals):
+    row, tried = propose(proposer, context, key, "cold")
+    rows.append(row)
+    for number in range(1, proposals + 1):
         # As the engine would: the last idea was run and discarded, the best train.py is unchanged.
-        last = rows[-1].description
-        row = HistoryRow(number, last, "discard", 2.7123 + 0.001 * number)
-        context = dataclasses.replace(context, history=(*context.history, row))
+        done = HistoryRow(number, rows[-1].description, "discard", 2.7123 + 0.001 * number)
+        hashes = context.tried_hashes | ({tried} if tried else set())
+        context = dataclasses.replace(context, history=(*context.history, done), tried_hashes=hashes)
+        if number == proposals:
+            break
         print(f"{key}: warm proposal {number} ...", flush=True)
-        rows.append(propose(proposer, context, key, "warm"))
+        row, tried = propose(proposer, context, key, "warm")
+        rows.append(row)
     proposer.close()
     print(f"{key}: restart with the prompt cache on disk ...", flush=True)
-    restarted = LlamaProposer(str(path), seed=1, threads=threads)
+    restarted = LlamaProposer(str(path), seed=2, threads=threads)
     restarted.load(lambda event: None)
-    rows.append(propose(restarted, context, key, "restart"))
+    rows.append(propose(restarted, context, key, "restart")[0])
     restarted.close()
     return rows
 
@@ -125,11 +148,15 @@ def print_table(rows: list[Row]) -> None:
             valid = [row for row in some if row.valid]
             if some:
                 per_valid = sum(row.seconds for row in some) / len(valid) if valid else float("inf")
-                print(f"{model} {kind}: {per_valid:.1f} s per valid proposal ({len(valid)}/{len(some)} valid)")
+                print(
+                    f"{model} {kind}: {per_valid:.1f} s per valid proposal ({len(valid)}/{len(some)} valid)"
+                )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default=",".join(m.key for m in models.EMBEDDED))
     parser.add_argument("--proposals", type=int, default=4, help="per model: one cold, the rest warm")
     parser.add_argument("--threads", type=int, default=None)
@@ -143,7 +170,9 @@ def main() -> int:
         for key in args.models.split(","):
             rows += bench_model(key.strip(), train_py, program_md, args.proposals, args.threads)
     print()
-    print(f"train.py: {args.train} ({len(train_py)} chars); threads: {args.threads or 'all'}; cpus: {os.cpu_count()}")
+    print(
+        f"train.py: {args.train} ({len(train_py)} chars); threads: {args.threads or 'all'}; cpus: {os.cpu_count()}"
+    )
     if rows:
         print_table(rows)
     return 0
