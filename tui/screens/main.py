@@ -5,7 +5,9 @@ from __future__ import annotations
 from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Container
+from textual.reactive import Reactive
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Tab, Tabs
 
 from tui.widgets import CockpitHeader, LivePane, ProgressPlot, ProposalPane, Timeline
@@ -26,6 +28,16 @@ WIDE_MIN = (120, 34)
 class MainScreen(Screen[None]):
     """Everything at a glance; typed accessors for the panes."""
 
+    AUTO_FOCUS = "#timeline"
+
+    focused: Reactive[Widget | None] = Reactive(None, repaint=False)
+    """As Screen.focused, without its repaint of the whole screen on every focus move (a full frame, tens of
+    ms on a slow CPU): the widgets that gain or lose focus restyle and repaint themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._active = "timeline"
+
     def compose(self) -> ComposeResult:
         yield CockpitHeader(id="header")
         yield Tabs(*(Tab(label, id=f"tab-{key}") for key, label in PANES), id="pane-tabs")
@@ -40,6 +52,17 @@ class MainScreen(Screen[None]):
                 yield ProgressPlot(id="progress")
         yield CockpitFooter(compact=True)
 
+    def watch_focused(self, blurred: Widget | None, focused: Widget | None) -> None:
+        # Repaint just the panes that lost and gained the focus (their titles show it).
+        for widget in (blurred, focused):
+            if widget is None or not widget.is_attached:
+                continue
+            widget.refresh()
+            for ancestor in widget.ancestors:
+                if isinstance(ancestor, Widget) and ancestor.has_class("pane"):
+                    ancestor.refresh()
+                    break
+
     def on_mount(self) -> None:
         titles = {"timeline": "Timeline", "live": "Live run", "proposal": "Proposal", "progress": "Progress"}
         for key, title in titles.items():
@@ -50,7 +73,10 @@ class MainScreen(Screen[None]):
         self._layout_for(event.size.width, event.size.height)
 
     def _layout_for(self, width: int, height: int) -> None:
-        self.set_class(width < WIDE_MIN[0] or height < WIDE_MIN[1], "-narrow")
+        narrow = width < WIDE_MIN[0] or height < WIDE_MIN[1]
+        if narrow and not self.narrow:
+            self._mark_active(self._active)
+        self.set_class(narrow, "-narrow")
 
     @property
     def narrow(self) -> bool:
@@ -79,23 +105,32 @@ class MainScreen(Screen[None]):
 
     @property
     def active_pane(self) -> str:
-        """The pane shown when collapsed into tabs."""
-        active = self.query_one(Tabs).active
-        return active.removeprefix("tab-") if active else "timeline"
+        """The pane shown when collapsed into tabs (and focused last when not)."""
+        return self._active
 
     def show_pane(self, key: str) -> None:
         """Bring a pane forward: its tab when narrow, and focus whatever it holds."""
-        self.query_one(Tabs).active = f"tab-{key}"
-        self._activate(key)
+        self._active = key
+        if self.narrow:
+            # Only then: in the grid, a tab or class change would cost a full relayout for nothing.
+            self.query_one(Tabs).active = f"tab-{key}"
+            self._mark_active(key)
+        self._focus(key)
 
     @on(Tabs.TabActivated)
     def _tab_activated(self, event: Tabs.TabActivated) -> None:
-        if event.tab.id:
-            self._activate(event.tab.id.removeprefix("tab-"))
+        if event.tab.id and self.narrow:
+            key = event.tab.id.removeprefix("tab-")
+            self._active = key
+            self._mark_active(key)
+            self._focus(key)
 
-    def _activate(self, key: str) -> None:
+    def _mark_active(self, key: str) -> None:
+        self.query_one(Tabs).active = f"tab-{key}"
         for pane_key, _ in PANES:
             self.query_one(f"#pane-{pane_key}").set_class(pane_key == key, "-active")
+
+    def _focus(self, key: str) -> None:
         if key == "timeline":
             self.timeline.focus()
         elif key == "live":
