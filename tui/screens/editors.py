@@ -19,18 +19,16 @@ class _EditorScreen(ModalScreen[str | None]):
         Binding("escape", "cancel", "Cancel"),
     ]
 
-    def __init__(self, title: str, text: str, language: str | None = None) -> None:
+    def __init__(self, title: str, text: str) -> None:
         super().__init__()
         self._title = title
         self._text = text
-        self._language = language
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="editor"):
             yield Static(self._title, classes="dialog-title", markup=False)
-            yield TextArea(
-                self._text, language=None, show_line_numbers=True, id="editor", tab_behavior="indent"
-            )
+            # Plain text: highlighting would need the tree-sitter extra, not worth a dependency here.
+            yield TextArea(self._text, show_line_numbers=True, id="editor", tab_behavior="indent")
         yield CockpitFooter()
 
     @property
@@ -51,7 +49,7 @@ class ProgramEditorScreen(_EditorScreen):
     """Edits program.md; the app saves it and asks the engine to reload it."""
 
     def __init__(self, text: str, path: str) -> None:
-        super().__init__(f"program.md — {path}   (Ctrl+S save, Esc cancel)", text, "markdown")
+        super().__init__(f"program.md — {path}   (Ctrl+S save, Esc cancel)", text)
 
 
 class ProposalEditorScreen(_EditorScreen):
@@ -66,5 +64,4 @@ class ProposalEditorScreen(_EditorScreen):
         super().__init__(
             f"train.py as proposal #{exp_id} would make it: {description}   (Ctrl+S approve, Esc cancel)",
             text,
-            "python",
         )

@@ -93,7 +93,6 @@ class ProposalPane(VerticalScroll):
         super().__init__(id=id, classes=classes)
         self.detail_id: int | None = None
         """The experiment shown instead of the live proposal, if any."""
-        self._shown_reasoning_len = -1
 
     def compose(self) -> ComposeResult:
         yield Static(id="proposal-title")
