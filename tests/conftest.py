@@ -34,4 +34,3 @@ def ar_home(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch)
 def python() -> str:
     """The interpreter that runs training children."""
     return sys.executable
-
