@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -147,12 +149,47 @@ def parse_reply(text: str) -> ParsedReply:
     return ParsedReply(reasoning=reasoning.strip(), description=description, edits=tuple(edits))
 
 
+def surrounding(source: str, search: str, before: int = 2, after: int = 4) -> str:
+    """The lines of `source` around the line most like any line of `search`: more to copy from than the
+    closest-lines hint alone when the model paraphrased a statement that spans several lines."""
+    lines = source.split("\n")
+    wanted = [line.strip() for line in search.split("\n") if line.strip()][:20]
+    if not lines or not wanted:
+        return ""
+
+    def score(index: int) -> float:
+        have = lines[index].strip()
+        # Models drop trailing comments: compare with the code alone too, or `X = 1  # a long comment`
+        # loses to any short line that mentions X.
+        code = have.split("  #", 1)[0].split(" # ", 1)[0].rstrip()
+        if not have:
+            return 0.0
+        return max(
+            difflib.SequenceMatcher(None, text, want, autojunk=False).ratio()
+            for want in wanted
+            for text in {have, code}
+        )
+
+    best = max(range(len(lines)), key=score)
+    start, stop = max(0, best - before), min(len(lines), best + len(wanted) + after)
+    return "\n".join(lines[start:stop])
+
+
 def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ()) -> str:
     """Apply the edits to a copy of train.py: the new text, or EditError saying what to fix.
 
     Refuses edits that do not apply, change nothing, do not parse, or give a train.py already tried.
     """
-    new_text = apply_edits(source, reply.edits)
+    try:
+        new_text = apply_edits(source, reply.edits)
+    except EditError as exc:
+        failed = re.match(r"edit (\d+) of", str(exc))
+        if failed and "was not found" in str(exc):
+            search = reply.edits[int(failed.group(1)) - 1].search
+            raise EditError(
+                f"{exc}\nThat part of train.py reads:\n```python\n{surrounding(source, search)}\n```"
+            ) from None
+        raise
     if file_hash(new_text) in tried_hashes:
         raise EditError(
             "this exact change was already tried in an earlier experiment (see the history): "

@@ -174,6 +174,23 @@ def test_search_text_that_is_absent_names_the_closest_lines() -> None:
     assert "   5| LEARNING_RATE = 4e-3" in str(info.value)
 
 
+def test_a_paraphrased_search_is_answered_with_the_real_lines_around_it() -> None:
+    paraphrase = (
+        "def learning_rate(p): return LEARNING_RATE if p >= 0.1 else LEARNING_RATE * p / 0.1",
+        "x = 1",
+    )
+    with pytest.raises(EditError, match="That part of train.py reads") as info:
+        check_reply(TRAIN, reply(paraphrase))
+    shown = str(info.value).split("```python\n")[1]
+    assert "def learning_rate(progress: float) -> float:\n    if progress < 0.1:" in shown
+
+
+def test_a_search_without_the_trailing_comment_is_shown_the_real_line() -> None:
+    with pytest.raises(EditError, match="That part of train.py reads") as info:
+        check_reply(TRAIN, reply(("LEARNING_RATE = 4e-3;", "LEARNING_RATE = 6e-3;")))
+    assert "LEARNING_RATE = 4e-3  # peak AdamW learning rate" in str(info.value).split("```python\n")[1]
+
+
 def test_ambiguous_search_text_asks_for_more_context() -> None:
     with pytest.raises(EditError, match="occurs 2 times"):
         check_reply(TRAIN, reply(("        lr = learning_rate(step / 10)", "        lr = 0.1")))
