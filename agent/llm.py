@@ -42,7 +42,7 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_TOKENS = 640
 """Per reply; a typical proposal is 150-300 tokens."""
 MAX_TRIES = 3
-_RETRY_HEAT = 0.15
+_RETRY_HEAT = 0.1
 """Added to the temperature on each retry."""
 _FOLLOWUP_RESERVE = 300
 """Tokens kept free for the follow-up message after a rejected reply."""

@@ -33,8 +33,9 @@ Reply with one JSON object with three keys, and nothing else:
 copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines."""
 
 FOLLOWUP = """\
-That proposal was rejected: {error}
-Fix it and reply again with the complete JSON object."""
+That reply was rejected: {error}
+Reply again with the complete JSON object for one idea. "reasoning" and "description" are about the idea, \
+not about this error. Copy each "search" exactly from train.py."""
 
 HISTORY_ROWS = 20
 """At most this many past experiments are shown."""

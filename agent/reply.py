@@ -145,6 +145,12 @@ def parse_reply(text: str) -> ParsedReply:
                 raise ReplyError(f"edit {number} targets {target!r}: only {EDITABLE_FILE} may be edited")
         search = _string_field(item, "search", MAX_EDIT_TEXT, where)
         replace = _string_field(item, "replace", MAX_EDIT_TEXT, where)
+        for earlier, edit in enumerate(edits, start=1):
+            if edit.search == search:
+                raise ReplyError(
+                    f"edits {earlier} and {number} replace the same text: that is two ideas, or one edit "
+                    "written twice; give one edit per place"
+                )
         edits.append(Edit(search=search, replace=replace))
     return ParsedReply(reasoning=reasoning.strip(), description=description, edits=tuple(edits))
 

@@ -137,9 +137,14 @@ def test_an_edit_naming_train_py_is_accepted() -> None:
     assert parse_reply(text).edits == (Edit("a", "b"),)
 
 
+def test_two_edits_of_the_same_text_are_two_ideas() -> None:
+    with pytest.raises(ReplyError, match="edits 1 and 2 replace the same text"):
+        parse_reply(reply(LR_EDIT, (LR_EDIT[0], "LEARNING_RATE = 7e-3")))
+
+
 def test_too_many_edits_is_more_than_one_idea() -> None:
     with pytest.raises(ReplyError, match="at most"):
-        parse_reply(reply(*[("a", "b")] * (MAX_EDITS + 1)))
+        parse_reply(reply(*[(f"a{i}", "b") for i in range(MAX_EDITS + 1)]))
 
 
 def test_huge_strings_are_refused_not_processed() -> None:
