@@ -181,6 +181,11 @@ def surrounding(source: str, search: str, before: int = 2, after: int = 4) -> st
     return "\n".join(lines[start:stop])
 
 
+def _quoted(text: str, limit: int = 200) -> str:
+    shown = json.dumps(text, ensure_ascii=False)
+    return shown if len(shown) <= limit else shown[: limit - 4] + '..."'
+
+
 def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ()) -> str:
     """Apply the edits to a copy of train.py: the new text, or EditError saying what to fix.
 
@@ -190,12 +195,16 @@ def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ())
         new_text = apply_edits(source, reply.edits)
     except EditError as exc:
         failed = re.match(r"edit (\d+) of", str(exc))
-        if failed and "was not found" in str(exc):
-            search = reply.edits[int(failed.group(1)) - 1].search
-            raise EditError(
-                f"{exc}\nThat part of train.py reads:\n```python\n{surrounding(source, search)}\n```"
-            ) from None
-        raise
+        if not failed or "was not found" not in str(exc):
+            raise
+        # The closest-line hint of apply_edits is one window as long as the search text; a paraphrase of a
+        # multi-line statement (or a search without its trailing comment) needs the real lines around it.
+        head = str(exc).split(" The closest lines are:")[0]
+        search = reply.edits[int(failed.group(1)) - 1].search
+        raise EditError(
+            f"{head} Your SEARCH text was {_quoted(search)}, but train.py does not contain it. "
+            f"The nearest lines of train.py are:\n```python\n{surrounding(source, search)}\n```"
+        ) from None
     if file_hash(new_text) in tried_hashes:
         raise EditError(
             "this exact change was already tried in an earlier experiment (see the history): "

@@ -172,11 +172,12 @@ def test_unicode_survives_the_round_trip() -> None:
 
 
 def test_search_text_that_is_absent_names_the_closest_lines() -> None:
+    wrong = ("LEARNING_RATE = 5e-3  # peak AdamW learning rate", "LEARNING_RATE = 6e-3")
     with pytest.raises(EditError, match="not found") as info:
-        check_reply(
-            TRAIN, reply(("LEARNING_RATE = 5e-3  # peak AdamW learning rate", "LEARNING_RATE = 6e-3"))
-        )
-    assert "   5| LEARNING_RATE = 4e-3" in str(info.value)
+        check_reply(TRAIN, reply(wrong))
+    message = str(info.value)
+    assert 'Your SEARCH text was "LEARNING_RATE = 5e-3  # peak AdamW learning rate"' in message
+    assert "\nLEARNING_RATE = 4e-3  # peak AdamW learning rate\n" in message
 
 
 def test_a_paraphrased_search_is_answered_with_the_real_lines_around_it() -> None:
@@ -184,14 +185,14 @@ def test_a_paraphrased_search_is_answered_with_the_real_lines_around_it() -> Non
         "def learning_rate(p): return LEARNING_RATE if p >= 0.1 else LEARNING_RATE * p / 0.1",
         "x = 1",
     )
-    with pytest.raises(EditError, match="That part of train.py reads") as info:
+    with pytest.raises(EditError, match="The nearest lines of train.py are") as info:
         check_reply(TRAIN, reply(paraphrase))
     shown = str(info.value).split("```python\n")[1]
     assert "def learning_rate(progress: float) -> float:\n    if progress < 0.1:" in shown
 
 
 def test_a_search_without_the_trailing_comment_is_shown_the_real_line() -> None:
-    with pytest.raises(EditError, match="That part of train.py reads") as info:
+    with pytest.raises(EditError, match="The nearest lines of train.py are") as info:
         check_reply(TRAIN, reply(("LEARNING_RATE = 4e-3;", "LEARNING_RATE = 6e-3;")))
     assert "LEARNING_RATE = 4e-3  # peak AdamW learning rate" in str(info.value).split("```python\n")[1]
 
