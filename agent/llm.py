@@ -732,7 +732,7 @@ class LlamaProposer:
                     if completion.stats.finish_reason == "length":
                         error += f" (the reply was cut off after {completion.stats.generated_tokens} tokens: be brief)"
                     emit(Info(message=f"{model}: reply {attempt + 1} of {self.max_tries} rejected: {error}"))
-                    messages = followup(prompt.messages, completion.text, error)
+                    messages = followup(prompt.messages, error)
                     continue
                 return Proposal(
                     description=parsed.description,

@@ -32,10 +32,10 @@ Reply with one JSON object with three keys, and nothing else:
 - "edits": a list of objects with "search" and "replace". "search" is one or more whole lines of train.py, \
 copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines."""
 
-FOLLOWUP = """\
-That reply was rejected: {error}
-Reply again with the complete JSON object for one idea. "reasoning" and "description" are about the idea, \
-not about this error. Copy each "search" exactly from train.py."""
+FOLLOWUP = """
+
+Your previous reply was rejected: {error}
+Do not repeat it. Reply with a corrected JSON object for one idea; copy each "search" exactly from train.py."""
 
 HISTORY_ROWS = 20
 """At most this many past experiments are shown."""
@@ -169,13 +169,14 @@ def build_prompt(
     return Prompt(messages=messages, tokens=total, history_shown=len(shown), history_total=len(history))
 
 
-def followup(messages: Sequence[Message], reply: str, error: str) -> tuple[Message, ...]:
-    """The conversation continued after a rejected reply: the reply, then what was wrong with it."""
-    return (
-        *messages,
-        {"role": "assistant", "content": reply},
-        {"role": "user", "content": FOLLOWUP.format(error=error.strip())},
-    )
+def followup(messages: Sequence[Message], error: str) -> tuple[Message, ...]:
+    """The prompt again with what was wrong with the rejected reply added at its very end.
+
+    The rejected reply itself is left out: a small model shown its own mistake tends to copy it again. Only
+    the added tail is new to the KV cache.
+    """
+    *head, last = messages
+    return (*head, {"role": last["role"], "content": last["content"] + FOLLOWUP.format(error=error.strip())})
 
 
 def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:

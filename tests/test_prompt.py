@@ -124,12 +124,13 @@ def test_empty_program_and_no_history() -> None:
     assert "Its val_bpb: -" in text
 
 
-def test_followup_keeps_the_prompt_and_adds_the_error() -> None:
+def test_followup_appends_the_error_to_the_prompt_without_the_bad_reply() -> None:
     prompt = build_prompt(context(), 100_000)
-    messages = followup(prompt.messages, '{"bad": 1}', 'the reply is missing the key "edits"\n')
-    assert messages[:2] == prompt.messages
-    assert messages[2] == {"role": "assistant", "content": '{"bad": 1}'}
-    assert messages[3]["role"] == "user" and 'missing the key "edits"' in messages[3]["content"]
+    messages = followup(prompt.messages, 'the reply is missing the key "edits"\n')
+    assert messages[0] == prompt.messages[0] and len(messages) == 2
+    assert messages[1]["content"].startswith(prompt.messages[1]["content"])
+    tail = messages[1]["content"][len(prompt.messages[1]["content"]) :]
+    assert 'rejected: the reply is missing the key "edits"' in tail and "Do not repeat it" in tail
 
 
 def test_chatml_rendering() -> None:
