@@ -8,6 +8,7 @@ import pytest
 from engine_fakes import FAKE_PREPARE, FAKE_TRAIN, make_source, make_workspace
 
 from agent.config import (
+    CPU_FLOPS_PER_S,
     EngineConfig,
     budget_seconds,
     check_budget,
@@ -112,7 +113,7 @@ def test_budgets() -> None:
     assert describe_budget("60") == "60 s" and describe_budget("2.5e12flops") == "2.50e+12 FLOPs"
     assert describe_budget(None) == "harness default"
     assert estimate_training_seconds("30", "cpu") == (30.0, False)
-    assert estimate_training_seconds("3.3e12flops", "cpu") == (60.0, True)
+    assert estimate_training_seconds("2.9e12flops", "cpu") == (pytest.approx(60.0), True)
     assert estimate_training_seconds(None, "cuda: H100") == (300.0, False)
 
 
@@ -120,7 +121,7 @@ def test_deadline(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     engine = Engine(ws, IdeaQueue([]), EngineConfig(budget="10", eval_s=5, grace_s=2), lambda e: None)
     assert engine._deadline() == 17.0
-    flops = Engine(ws, IdeaQueue([]), EngineConfig(budget="3.3e12flops", eval_s=5, grace_s=2), lambda e: None)
+    flops = Engine(ws, IdeaQueue([]), EngineConfig(budget="2.9e12flops", eval_s=5, grace_s=2), lambda e: None)
     assert flops._deadline() == pytest.approx(60.0 * 3 + 7)
     flops.ledger.set_meta(
         "baseline_training_seconds", 100.0
@@ -138,3 +139,17 @@ def test_a_hand_edit_of_train_py_is_saved_before_the_reset(tmp_path: Path) -> No
     [saved] = ws.state_dir.glob("train.py.*.uncommitted")
     assert saved.read_text().endswith("# my experiment\n")
     assert ws.read_train() == FAKE_TRAIN
+
+
+def test_the_engine_and_the_harness_agree_on_budgets() -> None:
+    """agent.config mirrors the harness's budget grammar and CPU rate without importing torch."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nanogpt"))
+    import prepare
+
+    assert pytest.approx(prepare.DEFAULT_CPU_FLOPS / 60.0) == CPU_FLOPS_PER_S
+    for spec in ("60", "60s", "2.5s", "1e12flops", "3.5E11FLOPS"):
+        check_budget(spec)
+        assert prepare.describe_budget(spec) == describe_budget(spec)
+        assert prepare.estimate_seconds(spec) == pytest.approx(estimate_training_seconds(spec, "cpu")[0])
