@@ -141,6 +141,10 @@ def print_table(rows: list[Row]) -> None:
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
     print()
+    for row in rows:
+        if not row.valid:
+            print(f"{row.model} {row.kind}: {row.description}")
+    print()
     for model in dict.fromkeys(row.model for row in rows):
         mine = [row for row in rows if row.model == model]
         for kind in ("cold", "warm", "restart"):
