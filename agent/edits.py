@@ -120,7 +120,9 @@ def apply_edit(source: str, edit: Edit) -> str:
         )
     start, shift = matches[0]
     replace_lines = edit.replace.strip("\n").split("\n") if edit.replace.strip("\n") else []
-    new_lines = source_lines[:start] + _reindent(replace_lines, shift) + source_lines[start + len(search_lines) :]
+    new_lines = (
+        source_lines[:start] + _reindent(replace_lines, shift) + source_lines[start + len(search_lines) :]
+    )
     return "\n".join(new_lines)
 
 
