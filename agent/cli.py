@@ -11,10 +11,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import paths
 from agent.config import EngineConfig, check_budget
+
+if TYPE_CHECKING:
+    from agent.ledger import Experiment
+    from agent.workspace import Workspace
 
 EXIT_ERROR = 2
 
@@ -227,17 +231,21 @@ def _log_line(exp: Any) -> str:
     return f"#{exp.id:<4d} {exp.status + by:<16s} {bpb:>9s}  {commit:7s}  {exp.description}"
 
 
+def _experiments(ws: Workspace) -> list[Experiment]:
+    """Every experiment in a workspace's ledger, oldest first."""
+    from agent.ledger import Ledger
+
+    ledger = Ledger(ws.ledger_path)
+    try:
+        return ledger.experiments()
+    finally:
+        ledger.close()
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from agent.ledger import Ledger
-
-    ws = _open(args)
-    ledger = Ledger(ws.ledger_path)
-    try:
-        experiments = ledger.experiments()
-    finally:
-        ledger.close()
+    experiments = _experiments(_open(args))
     if args.n is not None:
         experiments = experiments[-args.n :] if args.n > 0 else []
     for exp in experiments:
@@ -285,15 +293,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent.ledger import Ledger
     from agent.report import summarize, summary_text, write_progress_png
 
     ws = _open(args)
-    ledger = Ledger(ws.ledger_path)
-    try:
-        experiments = ledger.experiments()
-    finally:
-        ledger.close()
+    experiments = _experiments(ws)
     output = args.output or ws.path / "progress.png"
     write_progress_png(experiments, output)
     print(summary_text(summarize(experiments)))
