@@ -50,8 +50,6 @@ def test_init_refuses_a_folder_that_is_not_a_workspace(tmp_path: Path) -> None:
 
 
 def test_init_then_init_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if not (paths.nanogpt_dir() / "train.py").is_file():
-        pytest.skip("nanogpt/train.py is not there yet")
     folder = tmp_path / "ws"
     assert cli_module.main(["init", str(folder), "--tag", "exp1"]) == 0
     out = capsys.readouterr().out
@@ -68,8 +66,6 @@ def test_init_then_init_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_init_defaults_to_the_user_workspace(capsys: pytest.CaptureFixture[str]) -> None:
-    if not (paths.nanogpt_dir() / "train.py").is_file():
-        pytest.skip("nanogpt/train.py is not there yet")
     assert cli_module.main(["init"]) == 0
     assert (paths.default_workspace() / ".git").is_dir()
     assert str(paths.data_dir()) in str(paths.default_workspace())  # under AUTORESEARCH_HOME in tests

@@ -449,8 +449,6 @@ def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
     A FLOPs budget makes the runs deterministic on a loaded machine, where a time budget would not be.
     """
     source = paths.nanogpt_dir()
-    if not (source / "train.py").is_file() or not (source / "prepare.py").is_file():
-        pytest.skip("nanogpt/train.py is not there yet")
     text = (source / "train.py").read_text()
     batch = int(re.search(r"^BATCH_SIZE = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
     heads = int(re.search(r"^N_HEAD = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]

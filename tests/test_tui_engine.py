@@ -30,7 +30,7 @@ RUN_TIMEOUT = 240.0
 
 WORSE = {
     "description": "learning rate 100x lower",
-    "edits": [{"search": "LEARNING_RATE = 4e-3", "replace": "LEARNING_RATE = 4e-5"}],
+    "edits": [{"search": "LEARNING_RATE = 2e-3", "replace": "LEARNING_RATE = 4e-5"}],
 }
 CRASHES = {
     "description": "an idea that crashes",
@@ -43,7 +43,7 @@ CRASHES = {
 }
 TIMID = {
     "description": "learning rate a little higher",
-    "edits": [{"search": "LEARNING_RATE = 4e-3", "replace": "LEARNING_RATE = 5e-3"}],
+    "edits": [{"search": "LEARNING_RATE = 2e-3", "replace": "LEARNING_RATE = 5e-3"}],
 }
 DECAY = {
     "description": "less weight decay",
