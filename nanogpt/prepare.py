@@ -11,6 +11,8 @@ The agent never edits this file; the engine checks its SHA-256 before every run.
   this file's loader). AUTORESEARCH_BUDGET: "60", "60s" or "2.5e12flops".
 - Metric: bits per byte over a fixed number of validation tokens, bytes counted from each token's own byte
   string; refused (`invalid (non-causal)`) when a causality probe shows the model peeks at future tokens.
+- Run helpers for train.py: `setup` (seed and device), `Progress` (the progress lines) and
+  `evaluate_and_report` (the result file and the fields of the `---` summary block).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import math
 import platform
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +52,8 @@ TIME_WARMUP_BATCHES = 3
 """Batches served before the clock starts in time mode (compile and allocator warm-up)."""
 BYTE_PATTERN = r"[\s\S]"
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+STARTED = time.perf_counter()
+"""When train.py imported the harness: the start of the summary's total_seconds."""
 
 
 class CorpusError(ValueError):
@@ -538,6 +543,40 @@ def peak_flops(device: str) -> float:
     return float(cached[key])
 
 
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def setup() -> tuple[str, int]:
+    """The run's device and seed: seeds torch from AUTORESEARCH_SEED; every CPU thread, or TF32 on CUDA."""
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
+    torch.manual_seed(seed)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+        return "cpu", seed
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return "cuda", seed
+
+
+class Progress:
+    """The run's progress lines: a header when made, then one `step | loss | lr | tok/s | seconds` per `log`."""
+
+    def __init__(self, budget: Budget, device: str) -> None:
+        print(f"device {device} | params {budget.n_params / 1e6:.2f}M | budget {budget.spec}", flush=True)
+        self.budget = budget
+        self.tokens, self.since = budget.tokens, time.perf_counter()
+
+    def log(self, step: int, loss: float, lr: float) -> None:
+        """One progress line; tokens/s counts the tokens served since the previous line."""
+        now = time.perf_counter()
+        rate = (self.budget.tokens - self.tokens) / max(1e-9, now - self.since)
+        self.tokens, self.since = self.budget.tokens, now
+        print(
+            f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | tok/s {rate:.0f} | {self.budget.training_seconds:.1f}s",
+            flush=True,
+        )
+
+
 # --------------------------------------------------------------------------------------------------- report
 
 
@@ -549,10 +588,11 @@ def evaluate_and_report(
     device: str,
     seed: int,
     num_steps: int,
-) -> dict[str, Any]:
-    """Probe causality, measure val_bpb, write the result file the engine trusts, and return the result.
+) -> dict[str, str]:
+    """Probe causality, measure val_bpb, write the result file the engine trusts; the summary block's fields.
 
-    The result file is AUTORESEARCH_RESULT_FILE (if set). val_bpb is None when the model is not causal.
+    The result file is AUTORESEARCH_RESULT_FILE (if set). val_bpb is None there when the model is not causal.
+    The fields come formatted, in the order train.py prints them after `---`.
     """
     budget.finish()
     result: dict[str, Any] = {
@@ -580,7 +620,30 @@ def evaluate_and_report(
             result.update(val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
     if path := os.environ.get("AUTORESEARCH_RESULT_FILE"):
         Path(path).write_text(json.dumps(result, indent=1))
-    return result
+    return summary_fields(result, budget, device)
+
+
+def summary_fields(result: dict[str, Any], budget: Budget, device: str) -> dict[str, str]:
+    """The `---` block's fields, formatted: the result, the budget spent, memory, MFU and wall time."""
+    if device == "cuda":
+        peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = max(1e-9, budget.training_seconds)
+    mfu = 100 * budget.flops / seconds / peak_flops(device) if budget.training_seconds else 0.0
+    return {
+        "val_bpb": format_bpb(result),
+        "training_seconds": f"{budget.training_seconds:.1f}",
+        "total_seconds": f"{time.perf_counter() - STARTED:.1f}",
+        "peak_memory_mb": f"{peak_memory_mb:.1f}",
+        "mfu_percent": f"{mfu:.2f}",
+        "total_tokens_M": f"{budget.tokens / 1e6:.2f}",
+        "num_steps": str(result["num_steps"]),
+        "num_params_M": f"{budget.n_params / 1e6:.2f}",
+        "train_flops": f"{budget.flops:.3e}",
+        "budget": str(budget.spec),
+        "seed": str(result["seed"]),
+    }
 
 
 def format_bpb(result: dict[str, Any]) -> str:

@@ -5,14 +5,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads starve a neighbour LLM
 
 import math
-import resource
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from prepare import Batches, budget_from_env, evaluate_and_report, format_bpb, peak_flops, prepare
+from prepare import Batches, Progress, budget_from_env, evaluate_and_report, prepare, setup
 
 # ---------------------------------------------------------------------------------------------------------
 # Hyperparameters. The agent may edit anything in this file: these constants, the model, the optimizer,
@@ -117,16 +115,7 @@ def learning_rate(progress: float) -> float:
 
 
 def main() -> None:
-    started = time.perf_counter()
-    seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
+    device, seed = setup()
     data = prepare()
     budget = budget_from_env(device)
     model = GPT(data.vocab_size).to(device)
@@ -141,9 +130,8 @@ def main() -> None:
     )
     train_model = torch.compile(model) if device == "cuda" else model  # compile gains nothing on CPU
     batches = Batches(data, BATCH_SIZE, BLOCK_SIZE, device, budget, seed)
-    print(f"device {device} | params {budget.n_params / 1e6:.2f}M | budget {budget.spec}", flush=True)
-
-    step, window_tokens, window_start = 0, 0, time.perf_counter()
+    progress = Progress(budget, device)
+    step = 0
     while not budget.done():
         lr = learning_rate(budget.fraction())
         for group in optimizer.param_groups:
@@ -156,39 +144,16 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         step += 1
-        window_tokens += x.numel()
         if step % LOG_EVERY == 0 or budget.done():
             value = loss.item()
             if not math.isfinite(value) or value > 100:
                 print(f"FAIL: loss is {value} at step {step}", flush=True)
                 sys.exit(1)
-            now = time.perf_counter()
-            rate = window_tokens / max(1e-9, now - window_start)
-            window_tokens, window_start = 0, now
-            print(
-                f"step {step:5d} | loss {value:.4f} | lr {lr:.2e} | tok/s {rate:.0f} | {budget.training_seconds:.1f}s",
-                flush=True,
-            )
-
-    result = evaluate_and_report(model, data, budget, BLOCK_SIZE, device, seed, step)
-    if device == "cuda":
-        peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    seconds = max(1e-9, budget.training_seconds)
-    mfu = 100 * budget.flops / seconds / peak_flops(device) if budget.training_seconds else 0.0
+            progress.log(step, value, lr)
+    summary = evaluate_and_report(model, data, budget, BLOCK_SIZE, device, seed, step)
     print("---")
-    print(f"val_bpb:          {format_bpb(result)}")
-    print(f"training_seconds: {budget.training_seconds:.1f}")
-    print(f"total_seconds:    {time.perf_counter() - started:.1f}")
-    print(f"peak_memory_mb:   {peak_memory_mb:.1f}")
-    print(f"mfu_percent:      {mfu:.2f}")
-    print(f"total_tokens_M:   {budget.tokens / 1e6:.2f}")
-    print(f"num_steps:        {step}")
-    print(f"num_params_M:     {budget.n_params / 1e6:.2f}")
-    print(f"train_flops:      {budget.flops:.3e}")
-    print(f"budget:           {budget.spec}")
-    print(f"seed:             {seed}")
+    for key, value in summary.items():
+        print(f"{key + ':':<18}{value}")
 
 
 if __name__ == "__main__":

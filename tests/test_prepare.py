@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +15,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nanogpt"))
 
 import prepare  # noqa: E402
+
+from agent.summary import Progress, parse_progress, parse_summary, summary_bpb  # noqa: E402
+
+SUMMARY_KEYS = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_memory_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+    "train_flops",
+    "budget",
+    "seed",
+]
 
 
 def test_default_corpus_comes_from_the_installed_package() -> None:
@@ -192,3 +210,66 @@ def test_causality_probe() -> None:
     assert prepare.check_causal(Causal(256), data.val, 256, block_size=32) is None
     problem = prepare.check_causal(Peeking(256), data.val, 256, block_size=32)
     assert problem is not None and "changed" in problem
+
+
+def test_setup_seeds_torch_from_the_environment_and_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTORESEARCH_SEED", "7")
+    device, seed = prepare.setup()
+    assert seed == 7 and torch.initial_seed() == 7
+    if torch.cuda.is_available():
+        assert device == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    else:
+        assert device == "cpu" and torch.get_num_threads() == (os.cpu_count() or 1)
+
+
+def test_progress_lines_count_tokens_per_second_since_the_previous_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(prepare.time, "perf_counter", lambda: now[0])
+    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    budget.attach(torch.nn.Linear(10, 10))
+    progress = prepare.Progress(budget, "cpu")
+    for _ in range(4):  # the fourth batch starts the training clock
+        budget.on_batch(1000)
+    now[0] = 102.0
+    progress.log(25, 2.5, 1e-3)
+    budget.on_batch(1000)
+    now[0] = 104.5
+    progress.log(50, 2.25, 5e-4)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "device cpu | params 0.00M | budget 1.00e+09 FLOPs",
+        "step    25 | loss 2.5000 | lr 1.00e-03 | tok/s 2000 | 2.0s",
+        "step    50 | loss 2.2500 | lr 5.00e-04 | tok/s 400 | 4.5s",
+    ]
+    assert [parse_progress(line) for line in lines] == [
+        None,
+        Progress(25, 2.5, 2000.0),
+        Progress(50, 2.25, 400.0),
+    ]
+
+
+@pytest.mark.parametrize("model", [Causal, Peeking])
+def test_the_summary_fields_print_as_the_block_the_engine_parses(
+    model: type[torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = prepare.prepare()
+    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    network = model(256)
+    budget.attach(network)
+    monkeypatch.setenv("AUTORESEARCH_RESULT_FILE", str(tmp_path / "result.json"))
+    fields = prepare.evaluate_and_report(network, data, budget, 32, "cpu", seed=3, num_steps=5)
+    assert list(fields) == SUMMARY_KEYS
+    lines = ["---", *(f"{key + ':':<18}{value}" for key, value in fields.items())]  # as train.py prints them
+    result = json.loads((tmp_path / "result.json").read_text())
+    summary = parse_summary(lines)
+    assert summary is not None and list(summary) == SUMMARY_KEYS
+    assert summary["num_steps"] == result["num_steps"] == 5 and summary["seed"] == result["seed"] == 3
+    assert summary["mfu_percent"] == 0.0 and summary["budget"] == "1.00e+09 FLOPs"
+    if model is Causal:
+        assert lines[1] == f"val_bpb:          {result['val_bpb']:.6f}"
+        assert summary_bpb(summary) == result["val_bpb"]
+    else:
+        assert lines[1] == "val_bpb:          invalid (non-causal)"
+        assert summary_bpb(summary) is None and result["val_bpb"] is None

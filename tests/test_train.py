@@ -72,6 +72,9 @@ def test_a_short_run_prints_a_parseable_summary_that_matches_the_result_file(tmp
     run = run_train(tmp_path, "4")
     assert run.returncode == 0, run.stderr
     assert set(SUMMARY_KEYS) <= set(run.summary)
+    for line in run.stdout.splitlines()[-len(run.summary) :]:  # autoresearch's layout: values at column 18
+        key, value = line[:18], line[18:]
+        assert key.rstrip().endswith(":") and key.endswith(" ") and not value.startswith(" "), line
     assert run.result is not None and run.result["status"] == "ok"
     assert float(run.summary["val_bpb"]) == pytest.approx(run.result["val_bpb"], abs=1e-5)
     assert 3.0 < run.result["val_bpb"] < 9.0
