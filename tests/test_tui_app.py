@@ -116,6 +116,33 @@ async def test_a_small_terminal_collapses_the_panes_into_tabs() -> None:
 
 
 @async_test
+async def test_the_focused_pane_shows_in_its_title_and_its_neighbours_are_not_restyled() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        main = app.main
+
+        def title(key: str) -> str:
+            return main.query_one(f"#pane-{key}").border_title or ""
+
+        assert "reverse" in title("timeline") and "Timeline" in title("timeline")
+        assert title("live") == "Live run"
+        # A restyle clears a widget's render caches: the plot must not pay for focus moving past it.
+        restyled: list[str] = []
+        plot = main.live.plot
+        restyle_plot = plot.notify_style_update
+        plot.notify_style_update = lambda: (restyled.append("plot"), restyle_plot())[-1]  # type: ignore[method-assign]
+        await pilot.press("2")
+        await pilot.pause()
+        assert "reverse" in title("live") and title("timeline") == "Timeline"
+        await pilot.press("3", "1")
+        await pilot.pause()
+        assert "reverse" in title("timeline") and title("live") == "Live run"
+        assert title("proposal") == "Proposal"
+        assert restyled == []
+
+
+@async_test
 async def test_a_review_request_opens_the_review_screen() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:

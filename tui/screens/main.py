@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Container
+from textual.content import Content
 from textual.reactive import Reactive
 from textual.screen import Screen
 from textual.widget import Widget
@@ -21,6 +22,12 @@ PANES = (
 )
 """Pane id suffix and tab label, in tab order."""
 
+PANE_TITLES = {"timeline": "Timeline", "live": "Live run", "proposal": "Proposal", "progress": "Progress"}
+"""Pane id suffix and the title on its border."""
+
+FOCUSED_TITLE_STYLE = "bold reverse $accent"
+"""The title of the pane that holds the focus."""
+
 WIDE_MIN = (120, 34)
 """Below this many columns or rows, the panes collapse into tabs."""
 
@@ -32,7 +39,8 @@ class MainScreen(Screen[None]):
 
     focused: Reactive[Widget | None] = Reactive(None, repaint=False)
     """As Screen.focused, without its repaint of the whole screen on every focus move (a full frame, tens of
-    ms on a slow CPU): the widgets that gain or lose focus restyle and repaint themselves."""
+    ms on a slow CPU): the widgets that gain or lose focus restyle and repaint themselves, and the panes
+    holding them retitle themselves."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -53,20 +61,39 @@ class MainScreen(Screen[None]):
         yield CockpitFooter(compact=True)
 
     def watch_focused(self, blurred: Widget | None, focused: Widget | None) -> None:
-        # Repaint just the panes that lost and gained the focus (their titles show it).
+        # The focused pane shows in its title, set here rather than by a `.pane:focus-within` rule: Textual
+        # re-applies the stylesheet to the whole subtree of a pane with such a rule on every focus move,
+        # which clears every render cache in it (the timeline, the plot), a frame of tens of ms.
         for widget in (blurred, focused):
-            if widget is None or not widget.is_attached:
-                continue
-            widget.refresh()
-            for ancestor in widget.ancestors:
-                if isinstance(ancestor, Widget) and ancestor.has_class("pane"):
-                    ancestor.refresh()
-                    break
+            if widget is not None and widget.is_attached:
+                widget.refresh()
+        gained = self._pane_of(focused)
+        lost = self._pane_of(blurred)
+        if lost is not None and lost is not gained:
+            self._title_pane(lost, focused=False)
+        if gained is not None:
+            self._title_pane(gained, focused=True)
+
+    @staticmethod
+    def _pane_of(widget: Widget | None) -> Widget | None:
+        if widget is None or not widget.is_attached:
+            return None
+        for ancestor in widget.ancestors:
+            if isinstance(ancestor, Widget) and ancestor.has_class("pane"):
+                return ancestor
+        return None
+
+    @staticmethod
+    def _title_pane(pane: Widget, focused: bool) -> None:
+        title = PANE_TITLES[(pane.id or "").removeprefix("pane-")]
+        # Setting the title repaints the pane; the render caches of the widgets in it survive.
+        pane.border_title = Content.styled(title, FOCUSED_TITLE_STYLE) if focused else title
 
     def on_mount(self) -> None:
-        titles = {"timeline": "Timeline", "live": "Live run", "proposal": "Proposal", "progress": "Progress"}
-        for key, title in titles.items():
-            self.query_one(f"#pane-{key}").border_title = title
+        for key in PANE_TITLES:
+            self._title_pane(self.query_one(f"#pane-{key}"), focused=False)
+        if (pane := self._pane_of(self.focused)) is not None:
+            self._title_pane(pane, focused=True)
         self._layout_for(self.size.width, self.size.height)
 
     def on_resize(self, event: events.Resize) -> None:
