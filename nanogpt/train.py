@@ -1,8 +1,4 @@
-"""A small GPT trained for a fixed budget and scored in bits per byte. The one file the agent edits."""
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning threads starve a neighbour LLM
+"""A small GPT trained for a fixed budget and scored in bits per byte."""
 
 import math
 import sys
@@ -12,92 +8,75 @@ import torch.nn as nn
 import torch.nn.functional as F
 from prepare import Batches, Progress, budget_from_env, evaluate_and_report, prepare, setup
 
-# ---------------------------------------------------------------------------------------------------------
-# Hyperparameters. The agent may edit anything in this file: these constants, the model, the optimizer,
-# the training loop. prepare.py (data, budget, metric) is frozen.
-# ---------------------------------------------------------------------------------------------------------
-N_LAYER = 2  # transformer blocks
-N_HEAD = 4  # attention heads
-N_EMBD = 128  # model width
-BLOCK_SIZE = 128  # context length in tokens
-BATCH_SIZE = 16  # sequences per step
-LEARNING_RATE = 2e-3  # peak AdamW learning rate (4e-3 broke out of the loss plateau on some seeds only)
-WARMUP_FRACTION = 0.03  # of the budget, linear warm-up
-MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of the peak
+# Hyperparameters. The agent may edit anything in this file; prepare.py is frozen.
+N_LAYER = 2
+N_HEAD = 4
+N_EMBD = 128
+BLOCK_SIZE = 128  # context length
+BATCH_SIZE = 16
+LEARNING_RATE = 2e-3  # peak
+WARMUP_FRACTION = 0.03  # of the budget
+MIN_LR_FRACTION = 0.1  # of the peak
 WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
-DROPOUT = 0.0
-LOG_EVERY = 25  # steps between progress lines
+LOG_EVERY = 25  # steps
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self):
         super().__init__()
         self.qkv = nn.Linear(N_EMBD, 3 * N_EMBD, bias=False)
         self.proj = nn.Linear(N_EMBD, N_EMBD, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(N_EMBD, dim=2)
-        q = q.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)
-        v = v.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=DROPOUT if self.training else 0.0
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.proj(y)
+        q, k, v = (t.view(B, T, N_HEAD, C // N_HEAD).transpose(1, 2) for t in self.qkv(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self):
         super().__init__()
         self.up = nn.Linear(N_EMBD, 4 * N_EMBD, bias=False)
         self.down = nn.Linear(4 * N_EMBD, N_EMBD, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self):
         super().__init__()
         self.ln1 = nn.LayerNorm(N_EMBD)
         self.attn = CausalSelfAttention()
         self.ln2 = nn.LayerNorm(N_EMBD)
         self.mlp = MLP()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, N_EMBD)
         self.pos_emb = nn.Embedding(BLOCK_SIZE, N_EMBD)
-        self.drop = nn.Dropout(DROPOUT)
         self.blocks = nn.ModuleList(Block() for _ in range(N_LAYER))
         self.ln_f = nn.LayerNorm(N_EMBD)
         self.head = nn.Linear(N_EMBD, vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying
-        self.apply(self._init)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
         for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("down.weight"):
+            if name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * N_LAYER))
 
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) without targets; the mean cross-entropy with them."""
-        B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+    def forward(self, idx, targets=None):
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.size(1), device=idx.device))
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.ln_f(x))  # (B, T, vocab)
@@ -106,15 +85,14 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
-def learning_rate(progress: float) -> float:
-    """Linear warm-up, then cosine decay to MIN_LR_FRACTION, over the budget's progress in [0, 1]."""
+def learning_rate(progress):
     if progress < WARMUP_FRACTION:
         return LEARNING_RATE * (progress + 1e-3) / WARMUP_FRACTION
     decay = (progress - WARMUP_FRACTION) / max(1e-9, 1 - WARMUP_FRACTION)
     return LEARNING_RATE * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
-def main() -> None:
+def main():
     device, seed = setup()
     data = prepare()
     budget = budget_from_env(device)
@@ -122,13 +100,9 @@ def main() -> None:
     budget.attach(model)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=LEARNING_RATE,
-        betas=BETAS,
-        fused=device == "cuda",
-    )
-    train_model = torch.compile(model) if device == "cuda" else model  # compile gains nothing on CPU
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, betas=BETAS, fused=device == "cuda")
+    train_model = torch.compile(model) if device == "cuda" else model
     batches = Batches(data, BATCH_SIZE, BLOCK_SIZE, device, budget, seed)
     progress = Progress(budget, device)
     step = 0
@@ -141,7 +115,7 @@ def main() -> None:
             loss = train_model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         step += 1
         if step % LOG_EVERY == 0 or budget.done():
