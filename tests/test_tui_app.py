@@ -84,6 +84,20 @@ async def test_a_log_flood_is_batched_and_bounded() -> None:
 
 
 @async_test
+async def test_a_full_log_still_shows_the_newest_lines() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        for batch in range(7):  # past max_lines, so the oldest lines are pruned on every write
+            app.feed([LogLine(exp_id=1, text=f"line-{batch * 200 + i}") for i in range(200)])
+            app.drain_events()
+            await pilot.pause()
+        assert app.main.live.log_view.lines[-1] == "line-1399"
+        screen = app.export_screenshot()
+        assert "line-1399" in screen and "line-1199" not in screen
+
+
+@async_test
 async def test_a_progress_line_replaces_the_last_one() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Self
 
 from textual.app import ComposeResult, RenderResult
 from textual.containers import Vertical
@@ -31,6 +32,13 @@ def thin(
 
 class RunLog(Log):
     """A bounded log whose last line can be replaced (a `\\r` progress line)."""
+
+    def write_lines(self, lines: Iterable[str], scroll_end: bool | None = None) -> Self:
+        super().write_lines(lines, scroll_end)
+        # Log.write_lines (textual 8.2) repaints the new lines at the index they had before the oldest lines
+        # were pruned to max_lines: once the log is full, the view would go on showing stale lines.
+        self.refresh()
+        return self
 
     def replace_last_line(self, text: str) -> None:
         # Log has no public way to overwrite a line; its line store is a plain list (textual 8).
