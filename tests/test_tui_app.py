@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.text import Text
+from textual_plotext import PlotextPlot
 from tui_helpers import async_test, wait_until
 
 from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMetric
@@ -95,6 +98,33 @@ async def test_a_full_log_still_shows_the_newest_lines() -> None:
         assert app.main.live.log_view.lines[-1] == "line-1399"
         screen = app.export_screenshot()
         assert "line-1399" in screen and "line-1199" not in screen
+
+
+@async_test
+async def test_the_loss_plot_draws_what_plotext_writes() -> None:
+    # TitledPlot turns plotext's ANSI into strips itself, using a textual-plotext 1.0 private for the theme.
+    assert hasattr(PlotextPlot, "_get_plotext_theme_name"), "textual-plotext changed: see TitledPlot"
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        app.feed(recorded_session())
+        app.drain_events()
+        plot = app.main.live.plot
+        plot.flush()
+        await pilot.pause()
+        strips = [plot.render_line(y) for y in range(plot.size.height)]
+        rendered = PlotextPlot.render(plot)  # textual-plotext's own: a Text parsed from the same figure
+        assert isinstance(rendered, Text)
+        lines = rendered.split("\n")
+        assert [strip.text for strip in strips] == [line.plain for line in lines]
+        assert any("best #4" in line.plain for line in lines)
+        console = Console()
+        for strip, line in zip(strips, lines, strict=True):
+            offset = 0
+            for segment in strip:
+                for _ in segment.text:
+                    assert segment.style == plot.rich_style + line.get_style_at_offset(console, offset)
+                    offset += 1
 
 
 @async_test
