@@ -30,9 +30,17 @@ from agent import paths
 from agent.edits import EditError
 from agent.events import EventSink, Info, ModelLoaded, ModelLoading, ProposalToken
 from agent.models import ModelError, ModelRef, resolve_model, validate
-from agent.prompt import Message, PromptTooLong, build_prompt, followup, render_chatml
+from agent.prompt import (
+    Message,
+    PromptTooLong,
+    build_prompt,
+    followup,
+    idea_directions,
+    pick_direction,
+    render_chatml,
+)
 from agent.proposals import Proposal, ProposalContext, ProposalFailed
-from agent.reply import REPLY_GRAMMAR, REPLY_SCHEMA, ReplyError, check_reply
+from agent.reply import REPLY_GRAMMAR, REPLY_SCHEMA, DuplicateIdea, ReplyError, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +51,20 @@ DEFAULT_MAX_TOKENS = 640
 """Per reply; a typical proposal is 150-300 tokens."""
 MAX_TRIES = 3
 _RETRY_HEAT = 0.1
-"""Added to the temperature on each retry."""
+"""Added to the temperature on each retry ..."""
+_DUPLICATE_HEAT = 0.3
+"""... or this much when the rejected reply repeated an idea already tried: a small model otherwise repeats it."""
 _FOLLOWUP_RESERVE = 300
 """Tokens kept free for the follow-up message after a rejected reply."""
 _STATE_SAVE_MIN_NEW = 400
 """Save the KV cache to disk only when at least this many of its tokens are new since the last save."""
+DRAFT_NGRAM = 3
+"""Prompt lookup: the last this many tokens are looked up in the prompt and the reply so far ..."""
+DRAFT_TOKENS = 3
+"""... and up to this many tokens that followed them are checked in the same batch as the next token. On 2
+cores a batch of 4 tokens costs about 2x one token (2 costs 1.5x, 8 costs 4.5x): 3 guesses is the sweet spot."""
+DRAFT_FROM = '"edits"'
+"""Guess only once the reply has reached its edits, which copy train.py: its prose is rarely guessed right."""
 
 _llama_module: ModuleType | None = None
 _log_callback: Any = None
@@ -103,6 +120,10 @@ class GenerationStats:
     generate_seconds: float
     finish_reason: str
     """stop (end of reply), length (max_tokens reached)."""
+    drafted_tokens: int = 0
+    """Tokens guessed by prompt lookup and checked alongside the next one."""
+    accepted_tokens: int = 0
+    """Of those, the ones the model went on to sample: each saved a decode step."""
 
     @property
     def evaluated_tokens(self) -> int:
@@ -168,6 +189,7 @@ class LocalModel:
         n_ctx: int | None = None,
         threads: int | None = None,
         state_dir: Path | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
     ) -> None:
         info = validate(path)  # header and size check first: llama.cpp may crash on a truncated file
         lc = _llama_cpp()
@@ -176,6 +198,8 @@ class LocalModel:
         wanted = n_ctx or int(os.environ.get("AUTORESEARCH_LLM_CTX", DEFAULT_CONTEXT))
         self.n_ctx = min(wanted, info.context_length or wanted)
         self.threads = threads or default_threads()
+        self.draft_tokens = draft_tokens
+        """Prompt lookup guesses per step (0: none)."""
         try:
             self.llm = lc.Llama(
                 str(path),
@@ -245,13 +269,35 @@ class LocalModel:
 
     # -- generation ----------------------------------------------------------------------------------------
 
+    def _failed(self, exc: RuntimeError, partial: str) -> Exception:
+        if self._cancel is not None and self._cancel.is_set():
+            return GenerationCancelled(partial)
+        return ModelError(f"{self.name}: llama.cpp failed: {exc}")
+
     def _eval(self, tokens: Sequence[int], partial: str) -> None:
         try:
             self.llm.eval(tokens)
         except RuntimeError as exc:
-            if self._cancel is not None and self._cancel.is_set():
-                raise GenerationCancelled(partial) from None
-            raise ModelError(f"{self.name}: llama.cpp failed: {exc}") from None
+            raise self._failed(exc, partial) from None
+
+    def _decode(self, tokens: Sequence[int], partial: str) -> None:
+        """Append the next token and a guess of the ones after it, with logits for each (rows 0..n-1).
+
+        Only the first token counts as read (`n_tokens`); the caller advances it for each guess it accepts, and
+        the KV entries of guesses it did not accept are dropped here, before the next batch.
+        """
+        llm, lc = self.llm, self._lc
+        n_past = llm.n_tokens
+        lc.llama_memory_seq_rm(lc.llama_get_memory(llm.ctx), -1, n_past, -1)
+        # llama-cpp-python's own batch (a private attribute in 0.3.x) has room for n_batch tokens.
+        batch = llm._batch
+        batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
+        try:
+            llm._ctx.decode(batch)
+        except RuntimeError as exc:
+            raise self._failed(exc, partial) from None
+        llm.input_ids[n_past : n_past + len(tokens)] = tokens
+        llm.n_tokens = n_past + 1
 
     def complete(
         self,
@@ -263,8 +309,12 @@ class LocalModel:
         on_text: Callable[[str], None],
         cancel: threading.Event,
         grammar: str | None = REPLY_GRAMMAR,
+        draft_from: str = DRAFT_FROM,
     ) -> Completion:
-        """Generate one reply, reusing the KV cache for the prompt prefix shared with the previous call."""
+        """Generate one reply, reusing the KV cache for the prompt prefix shared with the previous call.
+
+        Prompt lookup guesses start once the reply contains `draft_from` ("" from the start).
+        """
         tokens = self._tokenize_prompt(messages)
         room = self.n_ctx - len(tokens) - 1
         if room < 32:
@@ -284,21 +334,39 @@ class LocalModel:
             self._eval(tokens[reused:], "")
             prompt_done = time.perf_counter()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            drafter = _Drafter(tokens, k=self.draft_tokens)
+            draft: list[int] = []
+            row = -1  # which logits of the last batch to sample from: the last prompt token's
             finish = "length"
-            generated = 0
+            generated = drafted = accepted = 0
+            guessing = not draft_from
             while generated < max_tokens:
                 if cancel.is_set():
                     raise GenerationCancelled("".join(text_parts))
-                token = sampler.sample(llm.ctx)
+                token = sampler.sample(llm.ctx, row)
                 if self._lc.llama_vocab_is_eog(self._vocab, token):
                     finish = "stop"
                     break
                 generated += 1
+                drafter.append(token)
                 piece = decoder.decode(llm.detokenize([token]))
                 if piece:
                     text_parts.append(piece)
                     on_text(piece)
-                self._eval([token], "".join(text_parts))
+                if draft and draft[0] == token:  # guessed right: read already, its logits are the next row
+                    draft.pop(0)
+                    accepted += 1
+                    llm.n_tokens += 1
+                    row += 1
+                    continue
+                if generated == max_tokens:
+                    break  # no logits are needed after the last token
+                guessing = guessing or draft_from in "".join(text_parts[-6:])
+                room = min(max_tokens - generated, self.n_ctx - llm.n_tokens - 2, llm.n_batch - 1)
+                draft = drafter.draft(room) if guessing else []
+                drafted += len(draft)
+                self._decode([token, *draft], "".join(text_parts))
+                row = 0
             tail = decoder.decode(b"", final=True)
             if tail:
                 text_parts.append(tail)
@@ -314,6 +382,8 @@ class LocalModel:
             generated_tokens=generated,
             generate_seconds=finished - prompt_done,
             finish_reason=finish,
+            drafted_tokens=drafted,
+            accepted_tokens=accepted,
         )
         return Completion(text="".join(text_parts), stats=stats)
 
@@ -372,6 +442,41 @@ class LocalModel:
         self.llm.close()
 
 
+class _Drafter:
+    """Prompt lookup decoding: guesses the next tokens from where the last few appeared before.
+
+    A reply copies much of its prompt (each "search" is a verbatim copy of train.py lines, each "replace"
+    mostly a copy of its "search"), so the tokens that followed the same n-gram last time are often the ones
+    the model writes next. The guesses are read in one batch with the next token, which on a CPU costs little
+    more than that token alone; the sampler still picks every token from the model's own logits, so the
+    reply is drawn from the same distribution as without guessing.
+    """
+
+    def __init__(self, tokens: Sequence[int], n: int = DRAFT_NGRAM, k: int = DRAFT_TOKENS) -> None:
+        self.n, self.k = n, k
+        self.tokens: list[int] = []
+        self.follows: dict[tuple[int, ...], int] = {}
+        """n-gram -> the index of the token after its latest occurrence."""
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        tokens = self.tokens
+        tokens.append(token)
+        end = len(tokens) - 1
+        if end >= self.n:
+            self.follows[tuple(tokens[end - self.n : end])] = end
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the current last n-gram the last time it appeared."""
+        if limit <= 0 or len(self.tokens) < self.n:
+            return []
+        start = self.follows.get(tuple(self.tokens[-self.n :]))
+        if start is None:
+            return []
+        return self.tokens[start : start + min(self.k, limit)]
+
+
 class _Sampler:
     """top-k / top-p / min-p / temperature sampling, checked against a grammar.
 
@@ -410,9 +515,9 @@ class _Sampler:
             data=self._one.ctypes.data_as(lc.llama_token_data_p), size=1, selected=-1, sorted=False
         )
 
-    def _fill(self, ctx: Any) -> None:
+    def _fill(self, ctx: Any, row: int) -> None:
         np, lc = self._np, self._lc
-        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(self._n_vocab,))
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, row), shape=(self._n_vocab,))
         self._all.id[:] = self._ids
         self._all.logit[:] = logits
         self._all.p[:] = 0.0
@@ -424,16 +529,17 @@ class _Sampler:
         self._lc.llama_sampler_apply(self.chain, ctypes.byref(self._all_array))
         return int(self._all.id[self._all_array.selected])
 
-    def sample(self, ctx: Any) -> int:
+    def sample(self, ctx: Any, row: int = -1) -> int:
+        """The next token from the logits of the last batch's `row` (-1: its last token)."""
         lc = self._lc
-        self._fill(ctx)
+        self._fill(ctx, row)
         token = self._pick()
         if self.grammar is not None:
             self._one.id[0], self._one.logit[0], self._one.p[0] = token, 1.0, 0.0
             self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
             lc.llama_sampler_apply(self.grammar, ctypes.byref(self._one_array))
             if not self._np.isfinite(self._one.logit[0]):
-                self._fill(ctx)
+                self._fill(ctx, row)
                 lc.llama_sampler_apply(self.grammar, ctypes.byref(self._all_array))
                 token = self._pick()
             lc.llama_sampler_accept(self.grammar, token)
@@ -694,8 +800,14 @@ class LlamaProposer:
             backend = self._ensure_backend(emit)
             model = self.model_name
             reserve = 2 * self.max_tokens + _FOLLOWUP_RESERVE + 64
+            # The human's idea directions in turn, one per experiment (so a restart goes on where it was).
+            directions = idea_directions(context.program_md)
+            turn = len(context.history)
+            direction = pick_direction(directions, turn)
             try:
-                prompt = build_prompt(context, backend.n_ctx - reserve, backend.count_tokens)
+                prompt = build_prompt(
+                    context, backend.n_ctx - reserve, backend.count_tokens, direction=direction
+                )
             except PromptTooLong as exc:
                 raise ProposalFailed(str(exc), (), model=model) from None
             proposal_seed = self._rng.randrange(2**31)
@@ -703,11 +815,10 @@ class LlamaProposer:
             replies: list[str] = []
             self.last_stats = []
             error = ""
+            temperature = self.temperature
             for attempt in range(self.max_tries):
                 if attempt:
                     emit(ProposalToken(text="\n"))
-                # A little hotter on each retry: a small model otherwise tends to repeat the rejected reply.
-                temperature = self.temperature + _RETRY_HEAT * attempt
                 try:
                     completion = backend.complete(
                         messages,
@@ -732,7 +843,14 @@ class LlamaProposer:
                     if completion.stats.finish_reason == "length":
                         error += f" (the reply was cut off after {completion.stats.generated_tokens} tokens: be brief)"
                     emit(Info(message=f"{model}: reply {attempt + 1} of {self.max_tries} rejected: {error}"))
-                    messages = followup(prompt.messages, error)
+                    # Hotter on each retry, and away from a repeated idea: else a small model says it again.
+                    if isinstance(exc, DuplicateIdea):
+                        temperature += _DUPLICATE_HEAT
+                        direction = pick_direction(directions, turn + attempt + 1, avoid=direction)
+                        messages = followup(prompt.messages, error, direction)
+                    else:
+                        temperature += _RETRY_HEAT
+                        messages = followup(prompt.messages, error)
                     continue
                 return Proposal(
                     description=parsed.description,

@@ -13,16 +13,24 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent import models
-from agent.edits import apply_edits, check_python
+from agent.edits import apply_edits, check_python, file_hash
 from agent.events import Event, Info, ModelLoaded, ModelLoading, ProposalToken
-from agent.llm import LlamaProposer, LocalModel, check_local_url, make_proposer
+from agent.llm import (
+    DRAFT_TOKENS,
+    LlamaProposer,
+    LocalModel,
+    _Drafter,
+    check_local_url,
+    make_proposer,
+)
 from agent.models import DEFAULT_MODEL, ModelError
 from agent.prompt import build_prompt
-from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed
+from agent.proposals import Edit, HistoryRow, Proposal, ProposalContext, ProposalFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
@@ -123,38 +131,50 @@ GOOD_REPLY = json.dumps(
 )
 
 
+class FakeServer:
+    """A localhost OpenAI-compatible server streaming its replies in small chunks, in turn (the last repeats)."""
+
+    def __init__(self, replies: list[str]) -> None:
+        self.replies = replies
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                length = int(self.headers["Content-Length"])
+                outer.requests.append(json.loads(self.rfile.read(length)))
+                reply = outer.replies[min(len(outer.requests), len(outer.replies)) - 1]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for start in range(0, len(reply), 7):
+                    chunk = {"choices": [{"delta": {"content": reply[start : start + 7]}}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(
+                    b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+                )
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
-def fake_server() -> Iterator[tuple[str, list[dict[str, object]]]]:
-    """A localhost OpenAI-compatible server that streams GOOD_REPLY in small chunks."""
-    requests: list[dict[str, object]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server API
-            length = int(self.headers["Content-Length"])
-            requests.append(json.loads(self.rfile.read(length)))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for start in range(0, len(GOOD_REPLY), 7):
-                chunk = {"choices": [{"delta": {"content": GOOD_REPLY[start : start + 7]}}]}
-                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.write(
-                b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
-            )
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", requests
-    server.shutdown()
-    server.server_close()
+def fake_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    server = FakeServer([GOOD_REPLY])
+    yield server.url, server.requests
+    server.close()
 
 
 def test_a_local_endpoint_proposes_through_the_same_checks(
-    fake_server: tuple[str, list[dict[str, object]]],
+    fake_server: tuple[str, list[dict[str, Any]]],
 ) -> None:
     url, requests = fake_server
     proposer = make_proposer(f"{url}#qwen2.5-coder:1.5b", seed=5)
@@ -172,6 +192,60 @@ def test_a_local_endpoint_proposes_through_the_same_checks(
         "description",
         "edits",
     ]  # type: ignore[index]
+
+
+PROGRAM_WITH_IDEAS = """\
+# Goal
+
+Lower val_bpb.
+
+# Ideas worth trying
+
+- Learning rate: higher or lower.
+- Batch size: smaller batches give more steps.
+- Width and depth: trade N_LAYER against N_EMBD.
+"""
+
+
+def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
+    """The model's favourite idea was run already: the retry names another of program.md's directions."""
+    tried = apply_edits(
+        SMALL_TRAIN, (Edit("BATCH_SIZE = 16  # sequences per step", "BATCH_SIZE = 32  # sequences per step"),)
+    )
+    other = GOOD_REPLY.replace("BATCH_SIZE = 32", "BATCH_SIZE = 8").replace("batch size 32", "batch size 8")
+    server = FakeServer([GOOD_REPLY, other])
+    try:
+        proposer = make_proposer(f"{server.url}#local", seed=5)
+        ctx = dataclasses.replace(
+            context(program_md=PROGRAM_WITH_IDEAS), tried_hashes=frozenset({file_hash(tried)})
+        )
+        record = Recorder()
+        proposal = proposer.propose(ctx, record, threading.Event())
+    finally:
+        server.close()
+    assert proposal is not None and proposal.description == "batch size 8"
+    assert len(proposal.replies) == 2 and "already tried" in record.of(Info)[0].message
+    first, second = (request["messages"][-1]["content"] for request in server.requests)
+    # One history row: the second direction of the list is suggested first, a different one on the retry.
+    assert "consider (from program.md's ideas" in first and "Batch size: smaller batches" in first
+    retry_tail = second[len(first) :]
+    assert "already tried" in retry_tail and "Try a different direction instead:" in retry_tail
+    assert "Batch size" not in retry_tail.split("instead:")[1]
+    temperatures = [request["temperature"] for request in server.requests]
+    assert temperatures[1] == pytest.approx(temperatures[0] + 0.3) == proposal.temperature
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram_most_recently() -> None:
+    drafter = _Drafter([7, 8, 1, 2, 3, 7, 8], n=2, k=2)
+    assert drafter.draft(10) == [1, 2]
+    assert drafter.draft(1) == [1] and drafter.draft(0) == []
+    drafter.append(5)  # (8, 5) never appeared before
+    assert drafter.draft(10) == []
+    for token in (7, 8):
+        drafter.append(token)
+    assert drafter.draft(10) == [5, 7]  # the latest occurrence of (7, 8) wins
+    assert _Drafter([1, 2, 3], n=2, k=0).draft(10) == []
+    assert _Drafter([1], n=2).draft(10) == []
 
 
 # -- SmolLM2-135M: the plumbing ----------------------------------------------------------------------------
@@ -226,6 +300,36 @@ def test_the_shared_prefix_is_not_evaluated_again(smollm: LocalModel) -> None:
         cancel=threading.Event(),
     )  # fmt: skip
     assert grown.stats.evaluated_tokens < 120 < grown.stats.reused_tokens
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_prompt_lookup_guesses_change_the_speed_not_the_reply(smollm: LocalModel) -> None:
+    """Greedy replies with and without guesses are the same: a stale guess left in the KV cache would not be.
+
+    Without the grammar: at a near-tie a token's logits computed in a batch and alone may differ in the last
+    bits and pick differently, and the grammar makes this tiny model's JSON full of near-ties.
+    """
+
+    def greedy(draft_tokens: int) -> tuple[str, int, int]:
+        smollm.draft_tokens = draft_tokens
+        smollm.llm.n_tokens = 0  # cold, so both runs read the same prompt the same way
+        done = smollm.complete(
+            small_messages(), max_tokens=100, temperature=0.0, seed=1, on_text=lambda _: None,
+            cancel=threading.Event(), grammar=None, draft_from="",
+        )  # fmt: skip
+        # The KV cache holds the prompt and the reply's tokens (the last one unread if the reply was cut).
+        read = done.stats.prompt_tokens + done.stats.generated_tokens
+        assert read - (done.stats.finish_reason == "length") <= smollm.llm.n_tokens <= read
+        return done.text, done.stats.drafted_tokens, done.stats.accepted_tokens
+
+    try:
+        plain, plain_drafted, _ = greedy(0)
+        guessed, drafted, accepted = greedy(DRAFT_TOKENS)
+    finally:
+        smollm.draft_tokens = DRAFT_TOKENS
+    assert plain_drafted == 0 and drafted > accepted > 0
+    assert guessed == plain
 
 
 def _cancel_after(
