@@ -27,7 +27,7 @@ standard library: no new packages.
 - Do not repeat an experiment from the history table.
 
 Reply with one JSON object with three keys, and nothing else:
-- "reasoning": one or two sentences on why your change should lower val_bpb.
+- "reasoning": one short sentence on why your change should lower val_bpb.
 - "description": your change in under ten words.
 - "edits": a list of objects with "search" and "replace". "search" is one or more whole lines of train.py, \
 copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines."""
@@ -36,6 +36,11 @@ FOLLOWUP = """
 
 Your previous reply was rejected: {error}
 Do not repeat it. Reply with a corrected JSON object for one idea; copy each "search" exactly from train.py."""
+
+DIRECTION = (
+    "A direction to consider (from program.md's ideas; follow a better one if you have it): {direction}\n"
+)
+DIRECTION_AFTER_DUPLICATE = "Try a different direction instead: {direction}"
 
 HISTORY_ROWS = 20
 """At most this many past experiments are shown."""
@@ -63,6 +68,8 @@ class Prompt:
     """Estimated (or counted) prompt tokens, template overhead not included."""
     history_shown: int
     history_total: int
+    direction: str | None = None
+    """The idea direction suggested in the request, if any."""
 
 
 def _fmt_bpb(value: float | None) -> str:
@@ -108,6 +115,33 @@ def stable_text(context: ProposalContext) -> str:
     )
 
 
+def idea_directions(program_md: str) -> list[str]:
+    """The bullet points of program.md's sections whose heading mentions ideas, each on one line.
+
+    A small model left alone keeps circling its favourite idea (the learning rate); naming one of the human's
+    directions in the request spreads its proposals over the list.
+    """
+    directions: list[str] = []
+    in_ideas = False
+    for line in program_md.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            in_ideas = "idea" in stripped.lower()
+        elif not in_ideas or not stripped:
+            continue
+        elif stripped.startswith(("- ", "* ")):
+            directions.append(stripped[2:].strip())
+        elif directions and line[:1].isspace():  # a bullet continued on the next line
+            directions[-1] += " " + stripped
+    return [" ".join(d.split()) for d in directions if d]
+
+
+def pick_direction(directions: Sequence[str], turn: int, avoid: str | None = None) -> str | None:
+    """The direction for this turn: the list in order, round and round; never `avoid` when there is another."""
+    choices = [d for d in directions if d != avoid] or list(directions)
+    return choices[turn % len(choices)] if choices else None
+
+
 def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
     for row in reversed(history):
         if row.crash_tail.strip():
@@ -116,13 +150,17 @@ def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
     return ""
 
 
-def dynamic_text(context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES) -> str:
-    """The part after the history: the last crash, a veto, and the request."""
+def dynamic_text(
+    context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES, direction: str | None = None
+) -> str:
+    """The part after the history: the last crash, a veto, a direction, and the request."""
     parts = []
     if crash_lines > 0:
         parts.append(_crash_tail(context.history, crash_lines))
     if context.veto_reason:
         parts.append(f"The user vetoed the previous proposal: {context.veto_reason.strip()}\n")
+    if direction:
+        parts.append(DIRECTION.format(direction=direction))
     parts.append("Propose the next experiment: one new idea, as the JSON object only.")
     return "".join(parts)
 
@@ -132,8 +170,11 @@ def build_prompt(
     budget_tokens: int,
     count_tokens: TokenCounter = estimate_tokens,
     max_history: int = HISTORY_ROWS,
+    direction: str | None = None,
 ) -> Prompt:
     """System and user messages that fit in `budget_tokens`; the history is trimmed first, then the crash tail.
+
+    `direction`, one of `idea_directions(program_md)`, is suggested in the request.
 
     Raises PromptTooLong if the rules, program.md and train.py alone do not fit.
     """
@@ -148,7 +189,7 @@ def build_prompt(
         if shown:
             omitted = f" ({start} older not shown)" if start else ""
             table = f"# Experiments so far, oldest first{omitted}\n\n{history_table(shown)}\n\n"
-        dynamic = dynamic_text(context, crash_lines)
+        dynamic = dynamic_text(context, crash_lines, direction)
         total = base + count_tokens(table) + count_tokens(dynamic)
         if total <= budget_tokens:
             break
@@ -166,17 +207,26 @@ def build_prompt(
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user},
     )
-    return Prompt(messages=messages, tokens=total, history_shown=len(shown), history_total=len(history))
+    return Prompt(
+        messages=messages,
+        tokens=total,
+        history_shown=len(shown),
+        history_total=len(history),
+        direction=direction,
+    )
 
 
-def followup(messages: Sequence[Message], error: str) -> tuple[Message, ...]:
+def followup(messages: Sequence[Message], error: str, direction: str | None = None) -> tuple[Message, ...]:
     """The prompt again with what was wrong with the rejected reply added at its very end.
 
     The rejected reply itself is left out: a small model shown its own mistake tends to copy it again. Only
-    the added tail is new to the KV cache.
+    the added tail is new to the KV cache. `direction` (after a duplicate idea) names another one to try.
     """
     *head, last = messages
-    return (*head, {"role": last["role"], "content": last["content"] + FOLLOWUP.format(error=error.strip())})
+    tail = FOLLOWUP.format(error=error.strip())
+    if direction:
+        tail += "\n" + DIRECTION_AFTER_DUPLICATE.format(direction=direction)
+    return (*head, {"role": last["role"], "content": last["content"] + tail})
 
 
 def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:

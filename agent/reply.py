@@ -12,7 +12,7 @@ from typing import Any
 from agent.edits import EditError, apply_edits, file_hash
 from agent.proposals import Edit
 
-MAX_REASONING = 240
+MAX_REASONING = 160
 MAX_DESCRIPTION = 100
 MAX_EDITS = 4
 MAX_EDIT_TEXT = 4000
@@ -61,6 +61,10 @@ ws          ::= | " " | "\n" [ \t]{0,12}
 
 class ReplyError(ValueError):
     """A reply that is not a usable proposal; the message is written for the model to act on."""
+
+
+class DuplicateIdea(EditError):
+    """The edits apply but give a train.py that an earlier experiment already ran."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,7 @@ def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ())
             f"The nearest lines of train.py are:\n```python\n{surrounding(source, search)}\n```"
         ) from None
     if file_hash(new_text) in tried_hashes:
-        raise EditError(
+        raise DuplicateIdea(
             "this exact change was already tried in an earlier experiment (see the history): "
             "propose a different idea"
         )

@@ -15,6 +15,8 @@ from agent.prompt import (
     estimate_tokens,
     followup,
     history_start,
+    idea_directions,
+    pick_direction,
     render_chatml,
 )
 from agent.proposals import HistoryRow, ProposalContext
@@ -136,3 +138,49 @@ def test_followup_appends_the_error_to_the_prompt_without_the_bad_reply() -> Non
 def test_chatml_rendering() -> None:
     text = render_chatml([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
     assert text == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
+
+
+PROGRAM_IDEAS = """\
+# Goal
+
+Lower val_bpb. (An idea here is not a direction.)
+
+- not an idea either
+
+## Ideas worth trying
+
+- Learning rate: try a higher or lower peak,
+  or a longer warm-up.
+* Batch size: smaller.
+
+# What you must not change
+
+- prepare.py
+"""
+
+
+def test_the_directions_are_the_bullets_under_an_ideas_heading() -> None:
+    assert idea_directions(PROGRAM_IDEAS) == [
+        "Learning rate: try a higher or lower peak, or a longer warm-up.",
+        "Batch size: smaller.",
+    ]
+    assert idea_directions("# Goal\n\n- lower val_bpb\n") == []
+
+
+def test_directions_come_in_turn_and_a_retry_avoids_the_last_one() -> None:
+    directions = ["a", "b", "c"]
+    assert [pick_direction(directions, turn) for turn in range(4)] == ["a", "b", "c", "a"]
+    assert all(pick_direction(directions, turn, avoid="b") != "b" for turn in range(6))
+    assert pick_direction(["a"], 3, avoid="a") == "a"
+    assert pick_direction([], 0) is None
+
+
+def test_a_direction_is_suggested_after_the_history_and_in_a_followup() -> None:
+    prompt = build_prompt(context(), 100_000, direction="Batch size: smaller.")
+    text = prompt.messages[1]["content"]
+    assert prompt.direction == "Batch size: smaller."
+    assert text.index("| 2 |") < text.index("Batch size: smaller.") < text.index("Propose the next")
+    assert "Batch size" not in user_text(context())
+    retry = followup(prompt.messages, "this exact change was already tried", "Learning rate: lower.")
+    assert retry[-1]["content"].endswith("Try a different direction instead: Learning rate: lower.")
+    assert "Try a different" not in followup(prompt.messages, "bad search")[-1]["content"]
