@@ -3,9 +3,12 @@
     python bench/bench_llm.py                      # every embedded model that is installed, 4 proposals each
     python bench/bench_llm.py --models qwen2.5-coder-1.5b --proposals 6 --threads 2
 
-cold:    a freshly loaded model and an empty KV cache: the whole prompt is read.
+first:   a freshly loaded model and an empty KV cache: the whole prompt is read (a first run ever).
 warm:    the same best train.py as the previous proposal, one more history row: only the tail is read.
-restart: a fresh load that restores the KV cache saved on disk by the cold run (the prompt cache).
+cold:    the last valid proposal was kept, so train.py is new to the model: read from the first changed line
+         on (the rules and program.md before it are reused), as after every keep.
+restart: a fresh load that restores the KV cache saved on disk (the prompt cache).
+draft:   prompt lookup decoding: tokens guessed from the prompt / accepted by the model.
 Run it on a quiet machine: other work on the CPU changes every number.
 """
 
@@ -44,6 +47,8 @@ class Row:
         prompt_s = sum(s.prompt_seconds for s in self.stats)
         generated = sum(s.generated_tokens for s in self.stats)
         generate_s = sum(s.generate_seconds for s in self.stats)
+        drafted = sum(s.drafted_tokens for s in self.stats)
+        accepted = sum(s.accepted_tokens for s in self.stats)
         return [
             self.model,
             self.kind,
@@ -54,6 +59,7 @@ class Row:
             f"{evaluated / prompt_s:.1f}" if prompt_s > 0 and evaluated > 1 else "-",
             str(generated),
             f"{generated / generate_s:.1f}" if generate_s > 0 else "-",
+            f"{accepted}/{drafted}",
             self.description[:40],
         ]
 
@@ -68,6 +74,7 @@ HEADER = [
     "prompt tok/s",
     "gen tok",
     "gen tok/s",
+    "draft ok",
     "idea",
 ]
 
@@ -86,18 +93,18 @@ def base_context(train_py: str, program_md: str) -> ProposalContext:
 def propose(
     proposer: LlamaProposer, context: ProposalContext, model: str, kind: str
 ) -> tuple[Row, str | None]:
-    """One timed proposal, and the hash of the train.py it would give (for tried_hashes, as the engine does)."""
+    """One timed proposal, and the train.py it would give (None if there was no valid proposal)."""
     started = time.perf_counter()
-    new_hash = None
+    new_text = None
     try:
         proposal = proposer.propose(context, lambda event: None, threading.Event())
         valid, description = proposal is not None, proposal.description if proposal else "(cancelled)"
         if proposal is not None:
-            new_hash = file_hash(apply_edits(context.train_py, proposal.edits))
+            new_text = apply_edits(context.train_py, proposal.edits)
     except ProposalFailed as exc:
         valid, description = False, f"rejected: {exc.reason}"
     row = Row(model, kind, time.perf_counter() - started, valid, list(proposer.last_stats), description)
-    return row, new_hash
+    return row, new_text
 
 
 def bench_model(key: str, train_py: str, program_md: str, proposals: int, threads: int | None) -> list[Row]:
@@ -113,18 +120,35 @@ def bench_model(key: str, train_py: str, program_md: str, proposals: int, thread
     load_started = time.perf_counter()
     proposer = LlamaProposer(str(path), seed=1, threads=threads)
     proposer.load(lambda event: None)
-    print(f"{key}: loaded in {time.perf_counter() - load_started:.1f} s; cold proposal ...", flush=True)
-    row, tried = propose(proposer, context, key, "cold")
+    print(f"{key}: loaded in {time.perf_counter() - load_started:.1f} s; first proposal ...", flush=True)
+    row, candidate = propose(proposer, context, key, "first")
     rows.append(row)
+    kept: str | None = None
     for number in range(1, proposals + 1):
         # As the engine would: the last idea was run and discarded, the best train.py is unchanged.
         done = HistoryRow(number, rows[-1].description, "discard", 2.7123 + 0.001 * number)
-        hashes = context.tried_hashes | ({tried} if tried else set())
-        context = dataclasses.replace(context, history=(*context.history, done), tried_hashes=hashes)
+        context = dataclasses.replace(
+            context,
+            history=(*context.history, done),
+            tried_hashes=context.tried_hashes | ({file_hash(candidate)} if candidate else set()),
+        )
+        kept = candidate or kept
         if number == proposals:
             break
         print(f"{key}: warm proposal {number} ...", flush=True)
-        row, tried = propose(proposer, context, key, "warm")
+        row, candidate = propose(proposer, context, key, "warm")
+        rows.append(row)
+    if kept is not None:
+        # The last valid idea won: it becomes the best train.py, new to the model from its first changed line.
+        print(f"{key}: cold proposal (a kept change) ...", flush=True)
+        last = context.history[-1]
+        context = dataclasses.replace(
+            context,
+            train_py=kept,
+            history=(*context.history[:-1], dataclasses.replace(last, status="keep", val_bpb=2.7000)),
+            best_bpb=2.7000,
+        )
+        row, _ = propose(proposer, context, key, "cold")
         rows.append(row)
     proposer.close()
     print(f"{key}: restart with the prompt cache on disk ...", flush=True)
@@ -147,7 +171,7 @@ def print_table(rows: list[Row]) -> None:
     print()
     for model in dict.fromkeys(row.model for row in rows):
         mine = [row for row in rows if row.model == model]
-        for kind in ("cold", "warm", "restart"):
+        for kind in ("first", "warm", "cold", "restart"):
             some = [row for row in mine if row.kind == kind]
             valid = [row for row in some if row.valid]
             if some:
@@ -162,7 +186,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default=",".join(m.key for m in models.EMBEDDED))
-    parser.add_argument("--proposals", type=int, default=4, help="per model: one cold, the rest warm")
+    parser.add_argument(
+        "--proposals", type=int, default=4, help="per model: one first, the rest warm (then one cold)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train", type=Path, default=ROOT / "nanogpt" / "train.py")
     parser.add_argument("--program", type=Path, default=ROOT / "program.md")
