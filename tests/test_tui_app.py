@@ -6,10 +6,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 from rich.text import Text
+from textual.renderables.styled import Styled
+from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
 from tui_helpers import async_test, wait_until
 
@@ -184,6 +187,50 @@ async def test_the_focused_pane_shows_in_its_title_and_its_neighbours_are_not_re
         assert "reverse" in title("timeline") and title("live") == "Live run"
         assert title("proposal") == "Proposal"
         assert restyled == []
+
+
+@async_test
+async def test_the_timeline_draws_focus_moves_from_its_caches_and_draws_them_right() -> None:
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        app.feed(recorded_session())
+        app.drain_events()
+        await pilot.pause()
+        timeline = app.main.timeline
+        await pilot.press("2", "1")  # the timeline blurred, then focused: both looks rendered once
+        await pilot.pause()
+        console = app.console
+        render_lines = console.render_lines
+        cells_rendered: list[object] = []
+
+        def counting(renderable: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(renderable, Styled):  # how DataTable renders a cell
+                cells_rendered.append(renderable)
+            return render_lines(renderable, *args, **kwargs)
+
+        console.render_lines = counting  # type: ignore[method-assign]
+        try:
+            await pilot.press("2", "1")
+            await pilot.pause()
+            assert not cells_rendered
+        finally:
+            console.render_lines = render_lines  # type: ignore[method-assign]
+
+        def drawn_as_when_rendered_afresh() -> None:
+            kept = [list(strip) for strip in timeline.render_lines(timeline.size.region)]
+            DataTable.notify_style_update(timeline)  # what Textual does: drop every rendered cell
+            assert kept == [list(strip) for strip in timeline.render_lines(timeline.size.region)]
+
+        await pilot.press("2")
+        await pilot.pause()
+        drawn_as_when_rendered_afresh()  # blurred, from the caches
+        await pilot.press("1", "2", "1")
+        await pilot.pause()
+        drawn_as_when_rendered_afresh()  # focused, from the caches
+        app.theme = "nord"
+        await pilot.pause()
+        drawn_as_when_rendered_afresh()
 
 
 @async_test
