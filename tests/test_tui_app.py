@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.style import Style
 from rich.text import Text
 from textual.renderables.styled import Styled
 from textual.widgets import DataTable
@@ -20,6 +21,7 @@ from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMet
 from tui.app import CockpitApp, create_app
 from tui.demo import demo_header, recorded_session
 from tui.screens import HelpScreen, ModelChoice, ModelPickerScreen, QuitScreen, ReviewScreen
+from tui.widgets.live import ansi_strips
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +103,18 @@ async def test_a_full_log_still_shows_the_newest_lines() -> None:
         assert app.main.live.log_view.lines[-1] == "line-1399"
         screen = app.export_screenshot()
         assert "line-1399" in screen and "line-1199" not in screen
+
+
+def test_ansi_is_read_as_rich_reads_it() -> None:
+    ansi = "\x1b[1;31mA\x1b[0;32mB\x1b[48;2;1;2;3mC\x1b[mD \x1b[38;5;6mE\nF\x1b[0m G"
+    base = Style(bgcolor="black")
+    strips = ansi_strips(ansi, base)
+    lines = Text.from_ansi(ansi).split("\n")
+    assert [strip.text for strip in strips] == [line.plain for line in lines] == ["ABCD E", "F G"]
+    console = Console()
+    for strip, line in zip(strips, lines, strict=True):
+        styles = [segment.style for segment in strip for _ in segment.text]
+        assert styles == [base + line.get_style_at_offset(console, i) for i in range(len(line))]
 
 
 @async_test

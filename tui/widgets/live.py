@@ -8,7 +8,6 @@ from functools import lru_cache
 from typing import Self
 
 from rich.ansi import AnsiDecoder
-from rich.console import Console
 from rich.segment import Segment
 from rich.style import Style
 from textual.app import ComposeResult
@@ -69,11 +68,13 @@ SGR = re.compile(r"\x1b\[([0-9;]*)m")
 """An ANSI select-graphic-rendition sequence: all that plotext writes besides text."""
 
 
-@lru_cache(maxsize=256)
-def sgr_style(codes: str) -> Style:
-    """The style one SGR sequence sets, as rich reads it (plotext uses a handful, so each is decoded once)."""
-    decoded = AnsiDecoder().decode_line(f"\x1b[{codes}m ")
-    return decoded.get_style_at_offset(Console(), 0) if decoded.spans else Style()
+@lru_cache(maxsize=1024)
+def after_sgr(style: Style, codes: str) -> Style:
+    """The style after one SGR sequence, as rich reads it (plotext writes a handful, so each is decoded once)."""
+    decoder = AnsiDecoder()
+    decoder.style = style
+    decoder.decode_line(f"\x1b[{codes}m")
+    return decoder.style
 
 
 def ansi_strips(ansi: str, base: Style) -> list[Strip]:
@@ -84,18 +85,14 @@ def ansi_strips(ansi: str, base: Style) -> list[Strip]:
     of every rebuild.
     """
     strips: list[Strip] = []
+    style = Style.null()  # as in Text.from_ansi, a style runs on across lines until reset
     for line in ansi.split("\n"):
         segments: list[Segment] = []
-        style = Style()
         position = 0
         for match in SGR.finditer(line):
             if match.start() > position:
                 segments.append(Segment(line[position : match.start()], base + style))
-            codes = match.group(1)
-            if codes in ("", "0"):
-                style = Style()
-            else:
-                style += sgr_style(codes)
+            style = after_sgr(style, match.group(1))
             position = match.end()
         if position < len(line):
             segments.append(Segment(line[position:], base + style))
