@@ -336,6 +336,8 @@ class LocalModel:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             drafter = _Drafter(tokens, k=self.draft_tokens)
             draft: list[int] = []
+            guessed = 0  # the length of the last guess
+            width = self.draft_tokens  # of the next guess: 1 after a guess that missed at once
             row = -1  # which logits of the last batch to sample from: the last prompt token's
             finish = "length"
             generated = drafted = accepted = 0
@@ -353,6 +355,9 @@ class LocalModel:
                 if piece:
                     text_parts.append(piece)
                     on_text(piece)
+                    if grammar and piece.endswith("}") and _complete_json("".join(text_parts)):
+                        finish = "stop"  # the grammar allows nothing more: skip reading the end token
+                        break
                 if draft and draft[0] == token:  # guessed right: read already, its logits are the next row
                     draft.pop(0)
                     accepted += 1
@@ -362,9 +367,12 @@ class LocalModel:
                 if generated == max_tokens:
                     break  # no logits are needed after the last token
                 guessing = guessing or draft_from in "".join(text_parts[-6:])
-                room = min(max_tokens - generated, self.n_ctx - llm.n_tokens - 2, llm.n_batch - 1)
+                if guessed:  # row = how many of the last guess were right
+                    width = self.draft_tokens if row == guessed else 1 if row == 0 else width
+                room = min(width, max_tokens - generated, self.n_ctx - llm.n_tokens - 2, llm.n_batch - 1)
                 draft = drafter.draft(room) if guessing else []
-                drafted += len(draft)
+                guessed = len(draft)
+                drafted += guessed
                 self._decode([token, *draft], "".join(text_parts))
                 row = 0
             tail = decoder.decode(b"", final=True)
@@ -440,6 +448,13 @@ class LocalModel:
     def close(self) -> None:
         self._lc.llama_set_abort_callback(self.llm.ctx, self._lc.ggml_abort_callback(0), None)
         self.llm.close()
+
+
+def _complete_json(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 class _Drafter:

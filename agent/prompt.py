@@ -27,19 +27,21 @@ standard library: no new packages.
 - Do not repeat an experiment from the history table.
 
 Reply with one JSON object with three keys, and nothing else:
-- "reasoning": one short sentence on why your change should lower val_bpb.
-- "description": your change in under ten words.
+- "reasoning": why your change should lower val_bpb, in at most 20 words.
+- "description": your change in at most 8 words.
 - "edits": a list of objects with "search" and "replace". "search" is one or more whole lines of train.py, \
-copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines."""
+copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines.
+
+The shape, for an imaginary file (not an idea to copy):
+{"reasoning": "Exact mode avoids rounding errors that slow learning.", "description": "exact mode for f", \
+"edits": [{"search": "y = f(x, mode=\\"fast\\")  # fast", "replace": "y = f(x, mode=\\"exact\\")  # fast"}]}"""
 
 FOLLOWUP = """
 
 Your previous reply was rejected: {error}
 Do not repeat it. Reply with a corrected JSON object for one idea; copy each "search" exactly from train.py."""
 
-DIRECTION = (
-    "A direction to consider (from program.md's ideas; follow a better one if you have it): {direction}\n"
-)
+DIRECTION = "Suggested direction (from program.md): {direction}\n"
 DIRECTION_AFTER_DUPLICATE = "Try a different direction instead: {direction}"
 
 HISTORY_ROWS = 20

@@ -13,7 +13,7 @@ from agent.edits import EditError, apply_edits, file_hash
 from agent.proposals import Edit
 
 MAX_REASONING = 160
-MAX_DESCRIPTION = 100
+MAX_DESCRIPTION = 80
 MAX_EDITS = 4
 MAX_EDIT_TEXT = 4000
 EDITABLE_FILE = "train.py"
@@ -46,7 +46,8 @@ REPLY_SCHEMA: dict[str, Any] = {
 # A hand-written GBNF for exactly REPLY_SCHEMA, keys in this order. Written out rather than converted from the
 # schema because llama-cpp-python's converter spells each maxLength as that many nested optional groups. The
 # short fields are capped here (a small model rambles: every token costs ~0.1 s on a CPU); the edit texts are
-# bounded by max_tokens and checked by parse_reply. Whitespace is capped so a model cannot loop on newlines.
+# bounded by max_tokens and checked by parse_reply. The JSON is compact (no newlines or indents between
+# keys): layout costs tokens, and a model cannot loop on it.
 REPLY_GRAMMAR = r"""
 root        ::= "{" ws "\"reasoning\":" ws reasoning "," ws "\"description\":" ws description "," ws "\"edits\":" ws "[" ws edit ( "," ws edit ){0,3} ws "]" ws "}"
 reasoning   ::= "\"" char{0,MAX_REASONING} "\""
@@ -55,7 +56,7 @@ edit        ::= "{" ws "\"search\":" ws nonempty "," ws "\"replace\":" ws string
 string      ::= "\"" char* "\""
 nonempty    ::= "\"" char+ "\""
 char        ::= [^"\\\x7F\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F]{4} )
-ws          ::= | " " | "\n" [ \t]{0,12}
+ws          ::= | " "
 """.replace("MAX_REASONING", str(MAX_REASONING)).replace("MAX_DESCRIPTION", str(MAX_DESCRIPTION))
 
 
@@ -205,8 +206,12 @@ def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ())
         # multi-line statement (or a search without its trailing comment) needs the real lines around it.
         head = str(exc).split(" The closest lines are:")[0]
         search = reply.edits[int(failed.group(1)) - 1].search
+        hint = ""
+        if "'" in search and search.replace("'", '"') in source:
+            # A model that avoids escaping writes 'cuda' for "cuda": say how to write the real text.
+            hint = ' train.py has double quotes there: inside a JSON string write each as \\".'
         raise EditError(
-            f"{head} Your SEARCH text was {_quoted(search)}, but train.py does not contain it. "
+            f"{head} Your SEARCH text was {_quoted(search)}, but train.py does not contain it.{hint} "
             f"The nearest lines of train.py are:\n```python\n{surrounding(source, search)}\n```"
         ) from None
     if file_hash(new_text) in tried_hashes:

@@ -227,7 +227,7 @@ def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
     assert len(proposal.replies) == 2 and "already tried" in record.of(Info)[0].message
     first, second = (request["messages"][-1]["content"] for request in server.requests)
     # One history row: the second direction of the list is suggested first, a different one on the retry.
-    assert "consider (from program.md's ideas" in first and "Batch size: smaller batches" in first
+    assert "Suggested direction (from program.md): Batch size" in first
     retry_tail = second[len(first) :]
     assert "already tried" in retry_tail and "Try a different direction instead:" in retry_tail
     assert "Batch size" not in retry_tail.split("instead:")[1]

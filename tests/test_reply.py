@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.edits import EditError, file_hash
+from agent.prompt import SYSTEM_PROMPT
 from agent.proposals import Edit
 from agent.reply import (
     MAX_DESCRIPTION,
@@ -17,6 +18,7 @@ from agent.reply import (
     MAX_EDITS,
     REPLY_GRAMMAR,
     REPLY_SCHEMA,
+    DuplicateIdea,
     ParsedReply,
     ReplyError,
     check_reply,
@@ -197,6 +199,22 @@ def test_a_search_without_the_trailing_comment_is_shown_the_real_line() -> None:
     assert "LEARNING_RATE = 4e-3  # peak AdamW learning rate" in str(info.value).split("```python\n")[1]
 
 
+def test_single_quotes_for_the_files_double_quotes_are_refused_with_how_to_escape() -> None:
+    quoted = ("if __name__ == '__main__':", "if __name__ == '__main__' and True:")
+    with pytest.raises(EditError, match="not found") as info:
+        check_reply(TRAIN, reply(quoted))
+    assert 'train.py has double quotes there: inside a JSON string write each as \\".' in str(info.value)
+    with pytest.raises(EditError) as info:
+        check_reply(TRAIN, reply(("LEARNING_RATE = '4e-3'", "x = 1")))
+    assert "double quotes" not in str(info.value)
+
+
+def test_the_example_reply_in_the_system_prompt_is_a_valid_reply() -> None:
+    example = SYSTEM_PROMPT.rstrip().splitlines()[-1]
+    parsed = parse_reply(example)
+    assert parsed.edits[0].search == 'y = f(x, mode="fast")  # fast'
+
+
 def test_ambiguous_search_text_asks_for_more_context() -> None:
     with pytest.raises(EditError, match="occurs 2 times"):
         check_reply(TRAIN, reply(("        lr = learning_rate(step / 10)", "        lr = 0.1")))
@@ -220,7 +238,7 @@ def test_an_edit_that_breaks_the_syntax_is_refused() -> None:
 def test_an_edit_giving_a_train_py_already_tried_is_a_duplicate() -> None:
     parsed = parse_reply(reply(LR_EDIT))
     tried = {file_hash(dry_run(TRAIN, parsed))}
-    with pytest.raises(EditError, match="already tried"):
+    with pytest.raises(DuplicateIdea, match="already tried"):
         dry_run(TRAIN, parsed, tried)
 
 
