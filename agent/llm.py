@@ -48,7 +48,7 @@ DEFAULT_CONTEXT = 8192
 """Context tokens allocated (capped by the model's own): the prompt is about 3k, replies and one retry fit."""
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_TOKENS = 640
-"""Per reply; a typical proposal is 150-300 tokens."""
+"""Per reply; a typical proposal is 60-150 tokens."""
 MAX_TRIES = 3
 _RETRY_HEAT = 0.1
 """Added to the temperature on each retry ..."""
