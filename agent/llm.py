@@ -335,8 +335,7 @@ class LocalModel:
             prompt_done = time.perf_counter()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             drafter = _Drafter(tokens, k=self.draft_tokens)
-            draft: list[int] = []
-            guessed = 0  # the length of the last guess
+            draft: list[int] = []  # the guesses of the last batch not yet confirmed
             width = self.draft_tokens  # of the next guess: 1 after a guess that missed at once
             row = -1  # which logits of the last batch to sample from: the last prompt token's
             finish = "length"
@@ -367,12 +366,13 @@ class LocalModel:
                 if generated == max_tokens:
                     break  # no logits are needed after the last token
                 guessing = guessing or draft_from in "".join(text_parts[-6:])
-                if guessed:  # row = how many of the last guess were right
-                    width = self.draft_tokens if row == guessed else 1 if row == 0 else width
+                if draft:  # the last guess missed after `row` right tokens
+                    width = 1 if row == 0 else width
+                elif row > 0:  # all of it was right
+                    width = self.draft_tokens
                 room = min(width, max_tokens - generated, self.n_ctx - llm.n_tokens - 2, llm.n_batch - 1)
                 draft = drafter.draft(room) if guessing else []
-                guessed = len(draft)
-                drafted += guessed
+                drafted += len(draft)
                 self._decode([token, *draft], "".join(text_parts))
                 row = 0
             tail = decoder.decode(b"", final=True)
