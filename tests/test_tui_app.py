@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 from rich.style import Style
 from rich.text import Text
+from textual.pilot import Pilot
 from textual.renderables.styled import Styled
 from textual.widgets import DataTable
 from textual_plotext import PlotextPlot
@@ -36,14 +37,19 @@ def make_app() -> CockpitApp:
     return CockpitApp(header=demo_header(), model_loader=lambda: list(CHOICES))
 
 
+async def show_recorded_session(app: CockpitApp, pilot: Pilot[int]) -> None:
+    """The demo session fed and drained into the widgets, as the engine thread and the bridge would."""
+    await pilot.pause()
+    app.feed(recorded_session())
+    app.drain_events()
+    await pilot.pause()
+
+
 @async_test
 async def test_the_timeline_fills_newest_first_and_the_header_follows() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
-        app.feed(recorded_session())
-        app.drain_events()
-        await pilot.pause()
+        await show_recorded_session(app, pilot)
         assert app.main.timeline.shown_ids == [6, 5, 4, 3, 2, 1, 0]
         header = app.state.header
         assert header.best_bpb == 2.57 and header.best_exp_id == 4 and header.baseline_bpb == 2.70
@@ -58,10 +64,7 @@ async def test_the_timeline_fills_newest_first_and_the_header_follows() -> None:
 async def test_selecting_an_experiment_shows_its_record() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
-        app.feed(recorded_session())
-        app.drain_events()
-        await pilot.pause()
+        await show_recorded_session(app, pilot)
         app.main.timeline.focus()
         await pilot.press("down", "down", "enter")  # 6 -> 5 -> 4
         assert app.main.proposal.detail_id == 4
@@ -207,10 +210,7 @@ async def test_the_focused_pane_shows_in_its_title_and_its_neighbours_are_not_re
 async def test_the_timeline_draws_focus_moves_from_its_caches_and_draws_them_right() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
-        app.feed(recorded_session())
-        app.drain_events()
-        await pilot.pause()
+        await show_recorded_session(app, pilot)
         timeline = app.main.timeline
         await pilot.press("2", "1")  # the timeline blurred, then focused: both looks rendered once
         await pilot.pause()
