@@ -118,7 +118,10 @@ def test_environment_caps_the_level(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTORESEARCH_CONTAINMENT", "none")
     assert probe() == Containment("none", containment.NONE_SUMMARY, "AUTORESEARCH_CONTAINMENT=none")
     monkeypatch.setenv("AUTORESEARCH_CONTAINMENT", "network")
-    assert probe().level in ("network", "none")
+    capped = probe()
+    assert capped.level in ("network", "none")
+    assert capped.detail.startswith("AUTORESEARCH_CONTAINMENT=network")
+    assert probe() is capped  # probed once
     monkeypatch.setenv("AUTORESEARCH_CONTAINMENT", "sandbox")
     with pytest.raises(ValueError, match="none, network, full"):
         probe()
