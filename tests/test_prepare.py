@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -273,3 +274,161 @@ def test_the_summary_fields_print_as_the_block_the_engine_parses(
     else:
         assert lines[1] == "val_bpb:          invalid (non-causal)"
         assert summary_bpb(summary) is None and result["val_bpb"] is None
+
+
+# ---- streaming: a corpus is prepared a chunk at a time, with the output of the whole-text path ----------
+
+TRICKY_LINES = [
+    "ACT I. SCENE 1. Elsinore.",
+    "",
+    "",
+    "    Enter BERNARDO and FRANCISCO, two sentinels.",
+    "Ünïcödé — ça va? 日本語のテキスト, émoji 🙂;",
+    "1599: 'tis 42 o'clock...",
+    "  \t trailing spaces   ",
+    "windows line\r",
+    '(parenthesised) [bracketed] {braced} "quoted" -dash- _under_',
+    "   ",
+    "ſhort ﬁ ligatures and a non-breaking\u00a0space\u2028line separator",
+]
+
+
+def tricky_corpus(folder: Path, files: int = 3, lines: int = 2500, seed: int = 0) -> list[Path]:
+    """Files of mixed text whose lines (blank, indented, CRLF, non-ASCII, digits, punctuation) meet chunk edges."""
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(files):
+        text = "\n".join(
+            rng.choice(TRICKY_LINES) + (" word" * rng.randrange(4)) for _ in range(lines // (index + 1))
+        )
+        path = folder / f"part{index}.txt"
+        path.write_bytes(text.encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def whole_text_reference(files: list[Path], vocab: int) -> tuple[np.ndarray, np.ndarray, dict[bytes, int]]:
+    """The in-memory path the streaming one replaced: join, split at a line start, train and encode whole."""
+    joined = b"\n".join(f.read_bytes() for f in files)
+    cut = int(len(joined) * (1 - prepare.VAL_FRACTION))
+    newline = joined.find(b"\n", cut)
+    if 0 < newline < len(joined) - 1:
+        cut = newline + 1
+    train_text, val_text = joined[:cut].decode(), joined[cut:].decode()
+    encoding = prepare.byte_encoding() if vocab == 256 else prepare.train_bpe(train_text, vocab)
+
+    def encode(text: str) -> np.ndarray:
+        return np.array(encoding.encode_ordinary(text), dtype=np.uint16)
+
+    return encode(train_text), encode(val_text), prepare.mergeable_ranks(encoding)
+
+
+@pytest.mark.parametrize("vocab", [256, 600])
+def test_streaming_prepare_matches_the_whole_text_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vocab: int
+) -> None:
+    """Chunks of 4 KiB (dozens per file, cut mid-line, mid-character and between files) change nothing."""
+    files = tricky_corpus(tmp_path / "corpus")
+    assert sum(f.stat().st_size for f in files) > 40 * 4096
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 4096)
+    data = prepare.prepare(tmp_path / "corpus", vocab)
+    train, val, ranks = whole_text_reference(files, vocab)
+    assert data.vocab_size == len(ranks) and prepare.mergeable_ranks(data.encoding) == ranks
+    assert np.array_equal(data.train, train) and np.array_equal(data.val, val)
+    meta = json.loads((data.folder / "meta.json").read_text())
+    assert meta["val_bytes"] == int(prepare.token_byte_lengths(data.encoding)[val].sum())
+    assert meta["train_tokens"] == train.size and meta["val_tokens"] == val.size
+
+
+SHAKESPEARE_SHA256 = {  # train.bin, val.bin, tokenizer.json as the whole-text prepare.py wrote them (9fda79b)
+    256: ("1b3c7122de4686ab", "29727cc7a5d4b18f", "430a3f29190e2e66"),
+    8192: ("a363c31a485680e9", "ecef8ec2d4f4a808", "2d6f0e7735025158"),
+}
+
+
+@pytest.mark.parametrize("vocab", [256, 8192])
+def test_shakespeare_prepares_bit_identical_to_the_whole_text_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vocab: int
+) -> None:
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1 << 16)  # 80 chunks; files are joined mid-chunk
+    data = prepare.prepare(None, vocab)
+    digests = tuple(
+        hashlib.sha256((data.folder / name).read_bytes()).hexdigest()[:16]
+        for name in ("train.bin", "val.bin", "tokenizer.json")
+    )
+    assert digests == SHAKESPEARE_SHA256[vocab]
+
+
+def test_a_corpus_larger_than_a_chunk_prepares_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 MB of text through 16 KiB chunks: Python's peak allocation stays a small fraction of the corpus."""
+    import tracemalloc
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    line = ("the quick brown fox jumps over the lazy dog; " * 3 + "\n").encode()
+    for index in range(2):
+        (folder / f"{index}.txt").write_bytes(line * (2_000_000 // len(line)))
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1 << 14)
+    for vocab in (256, 300):
+        tracemalloc.start()
+        try:
+            data = prepare.prepare(folder, vocab)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert data.train.size + data.val.size > 100 * prepare.CHUNK_BYTES // 4
+        print(f"vocab {vocab}: Python's peak {peak:,} bytes for a {size:,}-byte corpus")
+        # Reading whole files would take more than the corpus size; a few chunks in flight take ~0.1-0.4 MB.
+        assert peak < size / 4, f"vocab {vocab}: peak {peak:,} bytes for a {size:,}-byte corpus"
+
+
+def test_a_bad_byte_is_found_past_the_first_chunk_and_a_character_across_chunks_is_fine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1000)
+    path = tmp_path / "text.txt"
+    good = ("é" * 2500 + "\n").encode()  # 2-byte characters: chunk edges fall inside one of them
+    path.write_bytes(good + b"ok \xff bad")
+    with pytest.raises(prepare.CorpusError, match=f"bad byte at offset {len(good) + 3}"):
+        prepare.prepare(path)
+    path.write_bytes(good * 3)
+    data = prepare.prepare(path)
+    assert data.train.size + data.val.size == 3 * len(good)
+    path.write_bytes(good + "🙂".encode()[:2])  # cut off inside the last character
+    with pytest.raises(prepare.CorpusError, match=f"bad byte at offset {len(good)}"):
+        prepare.prepare(path)
+
+
+def test_progress_lines_show_megabytes_done_every_five_percent_at_most_once_a_second(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    meter = prepare._Meter("tokenizing", 200_000_000)
+    meter.add(50_000_000)  # a quarter done, but within the first second: nothing yet
+    assert capsys.readouterr().err == ""
+    meter.shown_at -= 2
+    meter.add(1_000_000)
+    assert capsys.readouterr().err == "[prepare] tokenizing: 51.0 / 200.0 MB (25 %)\n"
+    meter.add(20_000_000)  # 10 % more, but within a second of the last line
+    assert capsys.readouterr().err == ""
+    meter.shown_at -= 2
+    meter.add(1_000_000)
+    assert capsys.readouterr().err == "[prepare] tokenizing: 72.0 / 200.0 MB (36 %)\n"
+    meter.shown_at -= 2
+    meter.add(9_000_000)  # a second later, but only 4.5 % more
+    assert capsys.readouterr().err == ""
+    meter.shown_at += 2
+    meter.add(119_000_000)
+    assert capsys.readouterr().err == ""
+    meter.close()  # the last line, as a line was shown before
+    assert capsys.readouterr().err == "[prepare] tokenizing: 200.0 / 200.0 MB (100 %)\n"
+    quiet = prepare._Meter("tokenizing", 100)
+    quiet.add(100)
+    quiet.close()  # a pass that never showed a line stays quiet at the end too
+    assert capsys.readouterr().err == ""
