@@ -1,15 +1,22 @@
-"""The sandboxed runner: one `train.py` run as a contained child process, streamed, capped and classified.
+"""The sandboxed runner: one `train.py` run, contained, streamed, capped, and scored by a separate judge.
 
-Containment, for a small model's mistakes rather than an attacker: the run gets its own session and process
-group (the whole group is killed at the deadline, SIGTERM then SIGKILL), a resident-memory watchdog and an
-address-space rlimit, a cap on stored output, an empty network namespace (`unshare -n`) where the kernel allows
-it, and an environment without proxies or credentials. The val_bpb that counts is the one the harness wrote to
-the result file; a printed summary that disagrees with it is `invalid`.
+The run executes in a fresh scratch folder holding copies of `train.py` and `prepare.py`, never in the
+workspace. Where Linux namespaces allow (`agent.containment`), the filesystem is read-only except that folder
+and a private /tmp, the validation split is unreadable, the run has its own PID namespace (every process dies
+with it, the engine is invisible) and no network; it runs without capabilities (`setpriv`), under
+RLIMIT_AS/RLIMIT_FSIZE, a resident-memory watchdog, a cap on its folder and a deadline that kills its whole
+process group. Its output is stored capped (head and tail).
+
+The number is not the run's: the run only hands over its model, exported (`model.pt2`), and its claims
+(`claims.json`). Both are read as small regular files only (no FIFO, link or device can hang or fool the
+engine) and copied into a folder the run never saw, where `agent/judge.py` — a clean `python -I` process that
+imports the workspace's frozen `prepare.py`, never `train.py` — probes causality and measures val_bpb.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -17,6 +24,7 @@ import re
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -29,10 +37,25 @@ from typing import Any
 
 import psutil
 
+from agent import paths
+from agent.containment import SETUP_FAILED, Containment, contain
 from agent.events import EventSink, LogLine, StepMetric
-from agent.summary import find_fail, parse_progress, parse_summary, summary_bpb
+from agent.summary import find_fail, parse_progress, parse_summary
 
 OUTCOMES = ("ok", "crash", "timeout", "oom", "nan", "invalid", "interrupted")
+EXPORT_FILE = "model.pt2"
+"""What the run hands over: its model as a `torch.export` program (nanogpt/prepare.py writes it)."""
+CLAIMS_FILE = "claims.json"
+"""What the run says it spent; checked by the judge, never the score."""
+HARNESS_FILE = "prepare.py"
+JUDGE_SCRIPT = Path(__file__).with_name("judge.py")
+CONTAINMENT_FAILED = SETUP_FAILED
+"""Exit status of the containment's setup stage when a namespace or mount step failed (nothing ran)."""
+_CONTAINMENT_ERROR = "autoresearch containment:"
+_JUDGED_FIELDS = ("eval_tokens", "eval_bytes", "num_params", "block_size")
+"""What the judge measured that the summary shows (besides val_bpb)."""
+MAX_SOURCE_BYTES = 4 * 1024 * 1024
+MAX_CLAIMS_BYTES = 256 * 1024
 MAX_LINE_BYTES = 64 * 1024
 """A longer run of output without a newline is cut into lines of this size."""
 TAIL_LINES = 400
@@ -42,6 +65,7 @@ LOG_TAIL_LINES = 40
 TERM_GRACE_S = 3.0
 """Seconds between SIGTERM and SIGKILL of the run's process group."""
 _MEMORY_POLL_S = 0.5
+_DISK_POLL_S = 2.0
 _OOM_TEXT = re.compile(
     r"MemoryError|out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc", re.IGNORECASE
 )
@@ -77,22 +101,25 @@ _PASS_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_", "NVIDIA_"
 # Sets the rlimits, then becomes the real interpreter: no preexec_fn, which is unsafe in a threaded engine.
 _LAUNCHER = (
     "import os,resource,sys\n"
-    "a=int(sys.argv[1])\n"
+    "a,f=int(sys.argv[1]),int(sys.argv[2])\n"
     "if a>0: resource.setrlimit(resource.RLIMIT_AS,(a,a))\n"
+    "if f>0: resource.setrlimit(resource.RLIMIT_FSIZE,(f,f))\n"
     "resource.setrlimit(resource.RLIMIT_CORE,(0,0))\n"
-    "os.execv(sys.argv[2],sys.argv[2:])\n"
+    "os.execv(sys.argv[3],sys.argv[3:])\n"
 )
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything one run needs: where, which seed and budget, and its limits."""
+    """Everything one run needs: its sources, its folder, which seed and budget, and its limits."""
 
     workspace: Path
+    """Where train.py and the frozen prepare.py are copied from; the run never sees this folder."""
+    scratch: Path
+    """The run's own folder, made fresh (its only writable place); removed after the judge has scored."""
     exp_id: int
     seed: int
     log_path: Path
-    result_path: Path
     deadline_s: float
     """Hard wall-clock limit from start to kill: budget + evaluation + grace."""
     budget: str | None = None
@@ -100,22 +127,36 @@ class RunSpec:
     """Cap on the summed resident memory of the process group; None: no watchdog."""
     address_space_mb: int | None = None
     """RLIMIT_AS of the run; None: unlimited."""
+    file_size_mb: int = 8192
+    """RLIMIT_FSIZE: the largest file the run may write."""
+    scratch_cap_mb: int = 16384
+    """The most the run's folder may hold; past it the run is killed."""
+    model_cap_mb: int = 8192
+    """The largest exported model the judge accepts."""
+    tmp_mb: int = 1024
+    """Size of the run's private /tmp (with namespaces)."""
+    hidden: tuple[Path, ...] = ()
+    """Files training must not read (the validation split); only the judge reads them."""
+    judge_deadline_s: float = 300.0
     log_cap_bytes: int = 4 * 1024 * 1024
     network: bool = False
     python: str = "python3"
     script: str = "train.py"
     env: Mapping[str, str] = field(default_factory=dict)
     """Extra environment (after scrubbing), e.g. AUTORESEARCH_CACHE."""
+    device_memory_from_summary: bool = False
+    """On CUDA the harness's max_memory_allocated is the figure; on CPU the runner's own measurement."""
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended. `val_bpb` is the result file's number, set only when the outcome is ok."""
+    """How a run ended. `val_bpb` is the judge's number, set only when the outcome is ok."""
 
     outcome: str
     val_bpb: float | None
     reason: str
     seconds: float
+    """The training process's wall time (the judge's is apart)."""
     exit_code: int | None
     summary: dict[str, Any]
     peak_memory_mb: float | None
@@ -123,6 +164,8 @@ class RunResult:
     log_path: Path
     truncated: bool
     pid: int | None
+    judge_seconds: float = 0.0
+    """Seconds the judge took (load, probe, score), apart from the run's own."""
 
 
 def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -228,6 +271,8 @@ class _Output:
         self.dropped = 0
         self.file_tail: deque[str] = deque()
         self.file_tail_bytes = 0
+        self.prefix = ""
+        """Set for the judge's lines: they are shown and stored, never parsed as the run's progress or FAIL."""
 
     def feed(self, data: bytes, eof: bool = False) -> None:
         self.pending += data
@@ -263,6 +308,8 @@ class _Output:
 
     def _line(self, raw: bytes, cr: bool) -> None:
         text = raw.decode("utf-8", errors="replace")
+        if self.prefix and text:
+            text = self.prefix + text
         if not text:
             if not cr and self.prev_cr:
                 # A newline after a \r line: the progress line stays on screen, it is final.
@@ -277,7 +324,7 @@ class _Output:
             self.tail[-1] = text[:4096]
         else:
             self.tail.append(text[:4096])
-        if self.fail_line is None and text.lstrip().startswith("FAIL"):
+        if self.fail_line is None and not self.prefix and text.lstrip().startswith("FAIL"):
             self.fail_line = text.strip()
         if cr:
             self.cr_line = text
@@ -286,7 +333,7 @@ class _Output:
             self._write(text)
         if not self.truncated:
             self.emit(LogLine(exp_id=self.spec.exp_id, text=text, replace=replace))
-        if progress := parse_progress(text):
+        if not self.prefix and (progress := parse_progress(text)):
             self.emit(
                 StepMetric(
                     exp_id=self.spec.exp_id,
@@ -332,108 +379,206 @@ class _Output:
         return text[-8192:]
 
 
-def _read_result(path: Path) -> tuple[dict[str, Any] | None, str]:
+class UnsafeFile(Exception):
+    """A file a run left for the engine that is not a small regular file; the message says what it is."""
+
+
+def read_regular(path: Path, limit: int, dir_fd: int | None = None) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes; else UnsafeFile.
+
+    Opened without following a symbolic link and without blocking (a FIFO cannot hang the engine), checked
+    with fstat on the open descriptor (no race between the check and the read).
+    """
+    fd = _open_regular(path, limit, dir_fd)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise UnsafeFile(f"{path.name} grew past the {limit:,}-byte limit while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: Path, limit: int, dir_fd: int | None) -> int:
+    """A read descriptor of `path` if it is a regular file of at most `limit` bytes (UnsafeFile otherwise)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
     except FileNotFoundError:
-        return None, "the harness wrote no result file"
-    except (OSError, ValueError) as exc:
-        return None, f"the result file is unreadable: {exc}"
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path.name} is a symbolic link") from None
+        raise UnsafeFile(f"{path.name} cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(info.st_mode):
+        problem = f"{path.name} is not a regular file ({_file_kind(info.st_mode)})"
+    elif info.st_size > limit:
+        problem = f"{path.name} is {info.st_size:,} bytes, over the {limit:,}-byte limit"
+    if problem:
+        os.close(fd)
+        raise UnsafeFile(problem)
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_json_object(path: Path, limit: int, dir_fd: int | None = None) -> dict[str, Any]:
+    """A small JSON object from a file a run could have tampered with; UnsafeFile/ValueError say why not."""
+    data = json.loads(read_regular(path, limit, dir_fd).decode("utf-8"))
     if not isinstance(data, dict):
-        return None, "the result file is not a JSON object"
-    return data, ""
+        raise ValueError(f"{path.name} is not a JSON object")
+    return data
 
 
 def classify(
     exit_code: int | None,
     tail: list[str],
     fail_line: str | None,
-    result: dict[str, Any] | None,
-    result_problem: str,
-) -> tuple[str, float | None, str, dict[str, Any]]:
-    """Outcome, val_bpb, reason and summary of a run that exited by itself (no deadline, no stop)."""
-    summary = parse_summary(tail) or {}
+) -> tuple[str, str] | None:
+    """Outcome and reason of a training process that ended badly by itself; None when it exited cleanly."""
     if fail_line is not None:
-        return "nan", None, fail_line, summary
-    if exit_code != 0:
-        text = "\n".join(tail[-60:])
-        if exit_code == -signal.SIGKILL or _OOM_TEXT.search(text):
-            why = "killed by SIGKILL (the kernel's OOM killer?)" if exit_code == -signal.SIGKILL else ""
-            return "oom", None, why or "out of memory", summary
-        last = next((line.strip() for line in reversed(tail) if line.strip()), "")
-        return "crash", None, f"exit code {exit_code}: {last}"[:300], summary
-    if not summary:
-        return "invalid", None, "no `---` summary block in the output", summary
-    if result is None:
-        return "invalid", None, result_problem, summary
-    file_bpb = result.get("val_bpb")
-    if result.get("status") != "ok" or not isinstance(file_bpb, int | float):
-        return (
-            "invalid",
-            None,
-            f"the harness judged the run invalid: {result.get('reason') or 'no val_bpb'}",
-            summary,
-        )
-    printed = summary_bpb(summary)
-    if printed is None:
-        return "invalid", None, f"the printed val_bpb is {summary.get('val_bpb')!r}", summary
-    if not math.isfinite(file_bpb):
-        return "nan", None, f"val_bpb is {file_bpb}", summary
-    if abs(printed - float(file_bpb)) > 1e-5:
-        return (
-            "invalid",
-            None,
-            f"the printed val_bpb {printed:.6f} disagrees with the harness's result file ({file_bpb:.6f})",
-            summary,
-        )
-    return "ok", float(file_bpb), "", summary
+        return "nan", fail_line
+    if exit_code == 0:
+        return None
+    setup_failed = next((line for line in tail if line.startswith(_CONTAINMENT_ERROR)), None)
+    if exit_code == CONTAINMENT_FAILED and setup_failed:
+        return "crash", f"the run's containment could not be set up: {setup_failed}"[:300]
+    text = "\n".join(tail[-60:])
+    if exit_code == -signal.SIGKILL or _OOM_TEXT.search(text):
+        why = "killed by SIGKILL (the kernel's OOM killer?)" if exit_code == -signal.SIGKILL else ""
+        return "oom", why or "out of memory"
+    last = next((line.strip() for line in reversed(tail) if line.strip()), "")
+    return "crash", f"exit code {exit_code}: {last}"[:300]
 
 
-def build_command(spec: RunSpec, isolation: tuple[str, ...] | None) -> list[str]:
-    """argv of a run: [unshare -n --] python -S -c LAUNCHER <as-bytes> python train.py."""
+def judged(result: dict[str, Any]) -> tuple[str, float | None, str]:
+    """Outcome, val_bpb and reason from the judge's result."""
+    value = result.get("val_bpb")
+    if result.get("status") != "ok" or not isinstance(value, int | float):
+        return "invalid", None, f"the judge refused the model: {result.get('reason') or 'no val_bpb'}"[:500]
+    if not math.isfinite(value):
+        return "nan", None, f"val_bpb is {value}"
+    return "ok", float(value), ""
+
+
+def build_command(spec: RunSpec, containment: Containment | None, argv: list[str] | None = None) -> list[str]:
+    """argv of a run: [containment | setpriv: no capabilities] python -S -c LAUNCHER <limits> python train.py."""
     address_space = (spec.address_space_mb or 0) * 1024 * 1024
-    command = [spec.python, "-S", "-c", _LAUNCHER, str(address_space), spec.python, spec.script]
-    if isolation and not spec.network:
-        command = [*isolation, *command]
-    return command
-
-
-def run_training(
-    spec: RunSpec,
-    emit: EventSink,
-    stop: threading.Event | None = None,
-    on_start: Callable[[int], None] | None = None,
-    isolation: tuple[str, ...] | None = None,
-) -> RunResult:
-    """Run `train.py` once under the limits of `spec`; blocks until it ends, is killed, or `stop` is set.
-
-    `on_start(pid)` is called once the child exists (the engine records the pid so a restarted engine can
-    clean up after a kill -9). `isolation` is the network prefix, normally `network_isolation()`.
-    """
-    stop = stop or threading.Event()
-    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        spec.result_path.unlink()
-    env = scrub_environment(os.environ)
-    env.update(spec.env)
-    env.update(
-        {
-            "AUTORESEARCH_SEED": str(spec.seed),
-            "AUTORESEARCH_RESULT_FILE": str(spec.result_path),
-            "OMP_WAIT_POLICY": "PASSIVE",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-        }
+    file_size = spec.file_size_mb * 1024 * 1024
+    program = argv or [spec.python, spec.script]
+    command = [spec.python, "-S", "-c", _LAUNCHER, str(address_space), str(file_size), *program]
+    full = containment is not None and containment.level == "full"
+    if not full and (setpriv := _drop_capabilities()) is not None:
+        command = [*setpriv, *command]  # full containment drops them itself
+    if containment is None:
+        return command
+    return contain(
+        command,
+        containment,
+        cwd=spec.scratch,
+        writable=[spec.scratch],
+        hidden=spec.hidden,
+        tmp_mb=spec.tmp_mb,
+        network=spec.network,
     )
-    if spec.budget is not None:
-        env["AUTORESEARCH_BUDGET"] = spec.budget
-    else:
-        env.pop("AUTORESEARCH_BUDGET", None)
-    output = _Output(spec, emit)
+
+
+@lru_cache(maxsize=1)
+def _drop_capabilities() -> tuple[str, ...] | None:
+    """`setpriv` that drops every capability and sets no_new_privs, when we run as root; None otherwise."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or not setpriv:
+        return None
+    return (setpriv, "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--")
+
+
+def _tree_size(folder: Path, limit_entries: int = 100_000) -> int:
+    """Bytes in `folder` (not following links); counts entries past `limit_entries` as 1 MiB each."""
+    total, seen, stack = 0, 0, [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    seen += 1
+                    if seen > limit_entries:
+                        total += 1 << 20
+                        continue
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
+
+
+def _peak_hwm(known: dict[int, psutil.Process]) -> int:
+    """The largest VmHWM (peak resident bytes, not inherited from the engine) among the run's processes."""
+    best = 0
+    for pid in list(known):
+        try:
+            with open(f"/proc/{pid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"VmHWM:"):
+                        best = max(best, int(line.split()[1]) * 1024)
+                        break
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+@dataclass
+class _Ended:
+    """How a supervised process ended."""
+
+    returncode: int | None
+    killed_for: str
+    seconds: float
+    peak_rss: int
+    pid: int
+
+
+def _supervise(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    output: _Output,
+    stop: threading.Event,
+    deadline_s: float,
+    memory_mb: int | None,
+    scratch: Path | None = None,
+    scratch_cap_mb: int | None = None,
+    on_start: Callable[[int], None] | None = None,
+    contained: bool = False,
+) -> _Ended:
+    """Run `argv` in its own session; stream its output; kill its group at the deadline, on `stop`, over the
+    memory cap or over the scratch cap; nothing of it outlives this call."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        build_command(spec, isolation),
-        cwd=spec.workspace,
+        argv,
+        cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -450,25 +595,30 @@ def run_training(
     os.set_blocking(fd, False)
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
+    ended = started
     try:
         if on_start is not None:
             on_start(proc.pid)
         eof = False
-        ended = started
         exited_at: float | None = None
         next_memory = started
+        next_disk = started + 1.0
         while True:
             now = time.monotonic()
             if stop.is_set():
                 killed_for = "interrupted"
-            elif now - started > spec.deadline_s:
+            elif now - started > deadline_s:
                 killed_for = "timeout"
             elif now >= next_memory:
                 next_memory = now + _MEMORY_POLL_S
                 rss = _group_rss(proc.pid, known)
-                peak_rss = max(peak_rss, rss)
-                if spec.memory_mb is not None and rss > spec.memory_mb * 1024 * 1024:
+                peak_rss = max(peak_rss, rss, _peak_hwm(known))
+                if memory_mb is not None and rss > memory_mb * 1024 * 1024:
                     killed_for = "oom"
+            if not killed_for and scratch is not None and scratch_cap_mb is not None and now >= next_disk:
+                next_disk = now + _DISK_POLL_S
+                if _tree_size(scratch) > scratch_cap_mb * 1024 * 1024:
+                    killed_for = "disk"
             if killed_for:
                 ended = time.monotonic()
                 kill_group(pgid, known.values())
@@ -503,7 +653,6 @@ def run_training(
     finally:
         selector.close()
         output.feed(b"", eof=True)
-        output.close()
         proc.stdout.close()
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -511,37 +660,14 @@ def run_training(
             proc.wait()
     # The run's own time, up to its exit (or kill): the clean-up after it is the engine's overhead.
     seconds = max(0.0, ended - started) if proc.returncode is not None else time.monotonic() - started
-    tail = list(output.tail)
-    if killed_for:
-        reasons = {
-            "interrupted": "stopped by the user",
-            "timeout": f"killed at the {spec.deadline_s:.0f} s deadline",
-            "oom": f"resident memory above the {spec.memory_mb} MB cap",
-        }
-        summary = parse_summary(tail) or {}
-        outcome, val_bpb, reason = killed_for, None, reasons[killed_for]
-    else:
-        result, problem = _read_result(spec.result_path)
-        outcome, val_bpb, reason, summary = classify(proc.returncode, tail, output.fail_line, result, problem)
-    peak = summary.get("peak_memory_mb")
-    peak_memory_mb = float(peak) if isinstance(peak, float) else (peak_rss / 2**20 if peak_rss else None)
-    return RunResult(
-        outcome=outcome,
-        val_bpb=val_bpb,
-        reason=reason,
-        seconds=seconds,
-        exit_code=proc.returncode,
-        summary=summary,
-        peak_memory_mb=peak_memory_mb,
-        log_tail=output.log_tail(),
-        log_path=spec.log_path,
-        truncated=output.truncated,
-        pid=proc.pid,
-    )
+    returncode = proc.returncode
+    if contained and returncode is not None and returncode > 128 and returncode != CONTAINMENT_FAILED:
+        returncode = -(returncode - 128)  # the namespace's init reports a death by signal N as 128 + N
+    return _Ended(returncode, killed_for, seconds, peak_rss, proc.pid)
 
 
 def _drain(fd: int, output: _Output) -> None:
-    """Read what the (now dead) run left in the pipe."""
+    """Read what the (now dead) process left in the pipe."""
     for _ in range(1024):
         try:
             data = os.read(fd, 65536)
@@ -552,11 +678,261 @@ def _drain(fd: int, output: _Output) -> None:
         output.feed(data)
 
 
-def kill_stale_run(pid: int, workspace: Path) -> bool:
-    """Kill the process group of a run left behind by a killed engine, if `pid` is still that run."""
+def _fresh_folder(path: Path) -> None:
+    if path.exists() or path.is_symlink():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    path.mkdir(parents=True)
+
+
+def run_training(
+    spec: RunSpec,
+    emit: EventSink,
+    stop: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
+    containment: Containment | None = None,
+) -> RunResult:
+    """Train `train.py` once in a fresh scratch folder under the limits of `spec`, then have the judge score
+    the model it exported. Blocks until both end, a limit is hit, or `stop` is set.
+
+    `on_start(pid)` is called once the training process exists (the engine records the pid so a restarted
+    engine can clean up after a kill -9). `containment` is normally `containment.probe()`; None runs plainly.
+    """
+    stop = stop or threading.Event()
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    judge_dir = spec.scratch.with_name(spec.scratch.name + ".judge")
+    _fresh_folder(spec.scratch)
+    for name in (spec.script, HARNESS_FILE):
+        (spec.scratch / name).write_bytes(read_regular(spec.workspace / name, MAX_SOURCE_BYTES))
+    env = _run_environment(spec)
+    output = _Output(spec, emit)
+    contained = containment is not None and containment.level == "full"
+    try:
+        training = _supervise(
+            build_command(spec, containment),
+            cwd=spec.scratch,
+            env=env,
+            output=output,
+            stop=stop,
+            deadline_s=spec.deadline_s,
+            memory_mb=spec.memory_mb,
+            scratch=spec.scratch,
+            scratch_cap_mb=spec.scratch_cap_mb,
+            on_start=on_start,
+            contained=contained,
+        )
+        tail = list(output.tail)
+        summary = parse_summary(tail) or {}
+        judge_seconds = 0.0
+        if training.killed_for:
+            outcome, val_bpb, reason = training.killed_for, None, _kill_reason(spec, training.killed_for)
+            if outcome == "disk":
+                outcome = "invalid"
+        elif bad := classify(training.returncode, tail, output.fail_line):
+            (outcome, reason), val_bpb = bad, None
+        else:
+            started = time.monotonic()
+            outcome, val_bpb, reason, verdict = _judge(spec, judge_dir, env, output, stop, containment)
+            judge_seconds = time.monotonic() - started
+            summary.update({k: verdict[k] for k in _JUDGED_FIELDS if k in verdict})
+            summary["val_bpb"] = val_bpb if val_bpb is not None else f"invalid ({reason[:60]})"
+    finally:
+        output.close()
+        for folder in (spec.scratch, judge_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+    peak = summary.get("peak_memory_mb") if spec.device_memory_from_summary else None
+    peak_memory_mb = float(peak) if isinstance(peak, float) else (training.peak_rss / 2**20 or None)
+    if peak_memory_mb is not None:
+        summary["peak_memory_mb"] = round(peak_memory_mb, 1)
+    return RunResult(
+        outcome=outcome,
+        val_bpb=val_bpb,
+        reason=reason,
+        seconds=training.seconds,
+        exit_code=training.returncode,
+        summary=summary,
+        peak_memory_mb=peak_memory_mb,
+        log_tail=output.log_tail(),
+        log_path=spec.log_path,
+        truncated=output.truncated,
+        pid=training.pid,
+        judge_seconds=judge_seconds,
+    )
+
+
+def _kill_reason(spec: RunSpec, killed_for: str) -> str:
+    return {
+        "interrupted": "stopped by the user",
+        "timeout": f"killed at the {spec.deadline_s:.0f} s deadline",
+        "oom": f"resident memory above the {spec.memory_mb} MB cap",
+        "disk": f"the run's folder grew past the {spec.scratch_cap_mb} MB cap",
+    }[killed_for]
+
+
+def _run_environment(spec: RunSpec) -> dict[str, str]:
+    env = scrub_environment(os.environ)
+    env.update(spec.env)
+    env.update(
+        {
+            "AUTORESEARCH_SEED": str(spec.seed),
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
+    env.pop("AUTORESEARCH_RESULT_FILE", None)
+    env.update(_private_caches(spec.scratch))
+    if spec.budget is not None:
+        env["AUTORESEARCH_BUDGET"] = spec.budget
+    else:
+        env.pop("AUTORESEARCH_BUDGET", None)
+    return env
+
+
+def _private_caches(folder: Path) -> dict[str, str]:
+    """Caches a process may write (torch.compile's, libraries'): inside its own folder, gone with it."""
+    cache = folder / ".cache"
+    return {
+        "XDG_CACHE_HOME": str(cache),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+    }
+
+
+def _judge(
+    spec: RunSpec,
+    judge_dir: Path,
+    env: dict[str, str],
+    output: _Output,
+    stop: threading.Event,
+    containment: Containment | None,
+) -> tuple[str, float | None, str, dict[str, Any]]:
+    """Collect what the run handed over (claims, exported model) as regular files, and have the judge score it
+    in a folder the run never saw. Outcome, val_bpb, reason and the judge's result."""
+    _fresh_folder(judge_dir)
+    scratch_fd = os.open(spec.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        claims = read_json_object(Path(CLAIMS_FILE), MAX_CLAIMS_BYTES, dir_fd=scratch_fd)
+        if claims.get("export", "ok") != "ok":
+            return "invalid", None, f"the model could not be exported: {str(claims['export'])[:300]}", {}
+        _copy_regular(Path(EXPORT_FILE), judge_dir / EXPORT_FILE, spec.model_cap_mb * 2**20, scratch_fd)
+    except FileNotFoundError as exc:
+        missing = Path(exc.filename or "").name or "a file"
+        return "invalid", None, f"the run left no {missing}: train.py must end with evaluate_and_report", {}
+    except (UnsafeFile, ValueError, UnicodeDecodeError) as exc:
+        return "invalid", None, f"the run's hand-over is refused: {exc}"[:300], {}
+    finally:
+        os.close(scratch_fd)
+    # The harness the judge imports is the workspace's frozen copy, never the one the run could edit.
+    (judge_dir / HARNESS_FILE).write_bytes(read_regular(spec.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
+    (judge_dir / CLAIMS_FILE).write_text(json.dumps(claims), encoding="utf-8")
+    out = judge_dir / "result.json"
+    argv = [
+        spec.python,
+        "-I",
+        str(JUDGE_SCRIPT),
+        "score",
+        str(judge_dir / HARNESS_FILE),
+        str(judge_dir / EXPORT_FILE),
+        str(judge_dir / CLAIMS_FILE),
+        str(out),
+    ]
+    if containment is not None:
+        argv = contain(argv, containment, cwd=judge_dir, writable=[judge_dir], tmp_mb=spec.tmp_mb)
+    output.prefix = "[judge] "
+    ended = _supervise(
+        argv,
+        cwd=judge_dir,
+        env=env | _private_caches(judge_dir),
+        output=output,
+        stop=stop,
+        deadline_s=spec.judge_deadline_s,
+        memory_mb=spec.memory_mb,
+        contained=containment is not None and containment.level == "full",
+    )
+    if ended.killed_for:
+        what = (
+            "the judge was stopped"
+            if ended.killed_for == "interrupted"
+            else f"the judge hit its {ended.killed_for}"
+        )
+        return ("interrupted" if ended.killed_for == "interrupted" else "invalid"), None, what, {}
+    try:
+        verdict = read_json_object(out, MAX_CLAIMS_BYTES)
+    except (OSError, UnsafeFile, ValueError, UnicodeDecodeError) as exc:
+        last = next((line.strip() for line in reversed(output.tail) if line.strip()), "")
+        return "invalid", None, f"the judge failed (exit {ended.returncode}): {last or exc}"[:300], {}
+    return (*judged(verdict), verdict)
+
+
+def _copy_regular(name: Path, target: Path, limit: int, dir_fd: int) -> None:
+    """Copy a regular file of at most `limit` bytes out of the run's folder (UnsafeFile otherwise)."""
+    fd = _open_regular(name, limit, dir_fd)
+    try:
+        copied = 0
+        with target.open("wb") as fh:
+            while chunk := os.read(fd, 1 << 20):
+                copied += len(chunk)
+                if copied > limit:
+                    raise UnsafeFile(f"{name} grew past the {limit:,}-byte limit while being copied")
+                fh.write(chunk)
+    finally:
+        os.close(fd)
+
+
+class PrepareError(Exception):
+    """The harness could not prepare the data for runs; the message says why."""
+
+
+def prepare_for_runs(
+    workspace: Path,
+    scratch_root: Path,
+    *,
+    python: str,
+    env: Mapping[str, str],
+    containment: Containment | None,
+    emit: EventSink,
+    timeout_s: float = 1800.0,
+) -> tuple[Path, ...]:
+    """Run the workspace's frozen harness once, outside any run, to build the data cache (the only time the
+    cache is written) and measure what the harness needs; returns the files training must not read."""
+    folder = scratch_root / "prepare"
+    _fresh_folder(folder)
+    try:
+        (folder / HARNESS_FILE).write_bytes(read_regular(workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
+        cache = Path(env.get("AUTORESEARCH_CACHE") or paths.cache_dir())
+        cache.mkdir(parents=True, exist_ok=True)
+        env = {**env, "AUTORESEARCH_CACHE": str(cache)}
+        out = folder / "prepared.json"
+        argv = [python, "-I", str(JUDGE_SCRIPT), "prepare", str(folder / HARNESS_FILE), str(out)]
+        if containment is not None:
+            argv = contain(argv, containment, cwd=folder, writable=[folder, cache])
+        full_env = scrub_environment(os.environ) | dict(env) | {"PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(
+            argv, cwd=folder, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+        for line in proc.stderr.splitlines():
+            if line.startswith("[prepare]"):
+                emit(LogLine(exp_id=-1, text=line))
+        if proc.returncode != 0:
+            lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+            raise PrepareError(lines[-1] if lines else f"exit code {proc.returncode}")
+        prepared = read_json_object(out, MAX_CLAIMS_BYTES)
+        return tuple(Path(p) for p in prepared.get("hidden", []) if isinstance(p, str))
+    except subprocess.TimeoutExpired:
+        raise PrepareError(f"preparing the data took over {timeout_s:.0f} s") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def kill_stale_run(pid: int, scratch_root: Path) -> bool:
+    """Kill the process group of a run left behind by a killed engine, if `pid` is still that run (a group
+    leader working in a folder under `scratch_root`)."""
     try:
         proc = psutil.Process(pid)
-        if Path(proc.cwd()).resolve() != workspace.resolve() or os.getpgid(pid) != pid:
+        if not Path(proc.cwd()).resolve().is_relative_to(scratch_root.resolve()) or os.getpgid(pid) != pid:
             return False
     except (psutil.Error, OSError):
         return False
@@ -566,7 +942,9 @@ def kill_stale_run(pid: int, workspace: Path) -> bool:
 
 __all__ = [
     "OUTCOMES",
+    "PrepareError",
     "RunResult",
+    "UnsafeFile",
     "RunSpec",
     "build_command",
     "classify",
@@ -575,6 +953,9 @@ __all__ = [
     "kill_group",
     "kill_stale_run",
     "network_isolation",
+    "prepare_for_runs",
+    "read_json_object",
+    "read_regular",
     "run_training",
     "scrub_environment",
 ]

@@ -31,14 +31,15 @@ from agent.workspace import Workspace  # noqa: E402
 
 TARGET_S = 1.0
 
-FAKE_PREPARE = """import json, os
+FAKE_PREPARE = """import json
 def report(val):
     print("---")
     print(f"val_bpb:          {val:.6f}")
     print("training_seconds: 0.0")
-    path = os.environ.get("AUTORESEARCH_RESULT_FILE")
-    if path:
-        json.dump({"val_bpb": round(val, 6), "status": "ok", "reason": ""}, open(path, "w"))
+    json.dump({"val_bpb": round(val, 6)}, open("model.pt2", "w"))
+    json.dump({"export": "ok"}, open("claims.json", "w"))
+def judge(model_path, claims):
+    return {"status": "ok", "reason": "", "val_bpb": json.load(open(model_path))["val_bpb"]}
 """
 FAKE_TRAIN = """from prepare import report
 print("step     1 | loss 2.0000 | lr 1e-3 | tok/s 1 | 0.0s")

@@ -1,6 +1,7 @@
 """A fake harness that follows docs/contracts.md in milliseconds, for engine, runner and resume tests.
 
-val_bpb = 2 + |LEARNING_RATE - 0.5| + a tiny seed-dependent wobble, so an idea's effect is known exactly.
+val_bpb = 2 + |LEARNING_RATE - 0.5| + a tiny seed-dependent wobble, so an idea's effect is known exactly. Its
+"model" is that number, and its judge reads it back: the real judge's defences are tested on the real harness.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAKE_PREPARE = '''"""Fake frozen harness: prints the summary block and writes the result file."""
+FAKE_PREPARE = '''"""Fake frozen harness: prints the summary block, hands over a "model" (its val_bpb) and judges it."""
 import json
 import os
 
@@ -33,12 +34,17 @@ def report(val_bpb, steps=3, printed=None):
     print("peak_memory_mb:   42.0")
     print(f"num_steps:        {steps}")
     print(f"seed:             {seed}")
-    path = os.environ.get("AUTORESEARCH_RESULT_FILE")
-    if path:
-        with open(path, "w") as fh:
-            json.dump({"val_bpb": round(val_bpb, 6), "status": "ok", "reason": "", "eval_tokens": 1,
-                       "eval_bytes": 1, "training_seconds": 0.1, "train_flops": 1.0, "num_steps": steps,
-                       "seed": seed}, fh)
+    with open("model.pt2", "w") as fh:
+        json.dump({"val_bpb": round(val_bpb, 6)}, fh)
+    with open("claims.json", "w") as fh:
+        json.dump({"export": "ok", "training_seconds": 0.1, "train_flops": 1.0, "num_steps": steps,
+                   "seed": seed}, fh)
+
+
+def judge(model_path, claims):
+    with open(model_path) as fh:
+        model = json.load(fh)
+    return {"status": "ok", "reason": "", "val_bpb": model["val_bpb"], "eval_tokens": 1, "eval_bytes": 1}
 '''
 
 FAKE_TRAIN = '''"""Fake train.py: the constants decide val_bpb."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import threading
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_full_loop_better_worse_crash(ws: Workspace) -> None:
     assert better.proposer == "ideas" and better.decided_by == "engine"
     assert "margin 0.002000" in better.reason and "2x the margin" in better.reason
     assert crash.val_bpb is None and "RuntimeError: boom" in crash.log_tail
-    assert better.peak_memory_mb == 42.0 and better.started_at and better.finished_at
+    assert better.peak_memory_mb and better.started_at and better.finished_at  # measured by the runner
     assert Path(better.log_path or "").read_text().startswith("step")
     # results.tsv in autoresearch's format
     assert read_results_tsv(ws.results_tsv) == [
@@ -155,17 +156,22 @@ def test_editing_the_harness_is_refused(ws: Workspace) -> None:
     assert events.of(ProposalRejected)[0].exp_id == 1
 
 
-def test_a_run_that_rewrites_the_harness_is_invalid(ws: Workspace) -> None:
+def test_a_run_that_rewrites_the_harness_changes_only_its_own_copy(ws: Workspace) -> None:
+    forged_judge = "\ndef judge(m, c):\n    return {'status': 'ok', 'val_bpb': 0.1}\n"
+    encoded = base64.b64encode(forged_judge.encode()).decode()
     tamper = idea(
         "rewrite the harness at run time",
         "if CRASH:",
-        "open('prepare.py', 'a').write('\\n# tampered\\n')\nif CRASH:",
+        f"import base64\nopen('prepare.py', 'a').write(base64.b64decode('{encoded}').decode())\nif CRASH:",
     )
+    before = file_hash((ws.path / "prepare.py").read_text())
     engine, _ = _engine(ws, tamper)
     engine.run()
-    ledger = assert_consistent(ws)  # includes: the harness is intact again
+    ledger = assert_consistent(ws)
     exp = ledger.get(1)
-    assert exp is not None and exp.status == "invalid" and "prepare.py" in exp.reason
+    # the judge imported the workspace's frozen copy: the honest number, not the forged one
+    assert exp is not None and exp.status == "discard" and exp.val_bpb == pytest.approx(2.5001)
+    assert file_hash((ws.path / "prepare.py").read_text()) == before
 
 
 def test_an_edit_that_does_not_apply_is_rejected(ws: Workspace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import textwrap
 import threading
@@ -12,13 +13,13 @@ import psutil
 import pytest
 from engine_fakes import FAKE_PREPARE
 
+from agent.containment import Containment, probe
 from agent.events import Event, LogLine, StepMetric
 from agent.runner import (
     RunResult,
     RunSpec,
     group_members,
     kill_stale_run,
-    network_isolation,
     run_training,
     scrub_environment,
 )
@@ -31,23 +32,25 @@ def _run(
     deadline: float = 20.0,
     events: list[Event] | None = None,
     stop: threading.Event | None = None,
-    isolation: tuple[str, ...] | None = None,
+    containment: Containment | None = None,
     **limits: object,
 ) -> RunResult:
-    (tmp_path / "train.py").write_text(textwrap.dedent(script))
-    (tmp_path / "prepare.py").write_text(FAKE_PREPARE)
+    workspace = tmp_path / "ws"
+    workspace.mkdir(exist_ok=True)
+    (workspace / "train.py").write_text(textwrap.dedent(script))
+    (workspace / "prepare.py").write_text(FAKE_PREPARE)
     spec = RunSpec(
-        workspace=tmp_path,
+        workspace=workspace,
+        scratch=tmp_path / "scratch" / "7-0",
         exp_id=7,
         seed=3,
         log_path=tmp_path / "runs" / "7" / "run.log",
-        result_path=tmp_path / "runs" / "7" / "result.json",
         deadline_s=deadline,
         python=sys.executable,
         **limits,  # type: ignore[arg-type]
     )
     sink = events.append if events is not None else (lambda e: None)
-    return run_training(spec, sink, stop=stop, isolation=isolation)
+    return run_training(spec, sink, stop=stop, containment=containment)
 
 
 def _assert_no_survivors(result: RunResult, *pid_files: Path) -> None:
@@ -73,7 +76,9 @@ def test_ok_run(tmp_path: Path) -> None:
     events: list[Event] = []
     result = _run(tmp_path, OK_SCRIPT, events=events)
     assert (result.outcome, result.val_bpb, result.exit_code) == ("ok", 2.345678, 0)
-    assert result.summary["seed"] == 3 and result.peak_memory_mb == 42.0
+    assert result.summary["seed"] == 3 and result.summary["val_bpb"] == 2.345678
+    assert result.peak_memory_mb is not None and 1 < result.peak_memory_mb < 200  # the run's own, measured
+    assert not (tmp_path / "scratch" / "7-0").exists()  # the run's folder is gone after judging
     assert result.log_path.read_text().startswith("step     1 | loss 2.5000")
     metrics = [e for e in events if isinstance(e, StepMetric)]
     assert [(m.exp_id, m.step, m.loss, m.tokens_per_s) for m in metrics] == [(7, 1, 2.5, 100.0)]
@@ -199,27 +204,57 @@ def test_fail_line_is_nan(tmp_path: Path) -> None:
     assert result.outcome == "nan" and result.reason == "FAIL: loss is nan at step 12"
 
 
-def test_no_summary_is_invalid(tmp_path: Path) -> None:
+def test_a_run_that_hands_nothing_over_is_invalid(tmp_path: Path) -> None:
     result = _run(tmp_path, "print('done, I promise')\n")
-    assert result.outcome == "invalid" and "summary" in result.reason
+    assert result.outcome == "invalid" and "left no claims.json" in result.reason
 
 
-def test_printed_summary_without_result_file_is_invalid(tmp_path: Path) -> None:
+def test_a_printed_summary_without_a_handed_over_model_is_invalid(tmp_path: Path) -> None:
     result = _run(tmp_path, "print('---')\nprint('val_bpb:          1.000000')\n")
-    assert result.outcome == "invalid" and "no result file" in result.reason
+    assert result.outcome == "invalid" and "left no claims.json" in result.reason
 
 
-def test_printed_value_that_disagrees_with_the_harness_is_invalid(tmp_path: Path) -> None:
+def test_the_printed_value_is_not_the_score(tmp_path: Path) -> None:
     result = _run(tmp_path, "from prepare import report\nreport(2.5, printed=1.25)\n")
-    assert result.outcome == "invalid" and result.val_bpb is None
-    assert "disagrees" in result.reason
+    assert (result.outcome, result.val_bpb) == ("ok", 2.5)
+    assert result.summary["val_bpb"] == 2.5
 
 
-def test_a_stale_result_file_does_not_count(tmp_path: Path) -> None:
-    (tmp_path / "runs" / "7").mkdir(parents=True)
-    (tmp_path / "runs" / "7" / "result.json").write_text('{"val_bpb": 1.0, "status": "ok"}')
+def test_files_left_in_a_stale_scratch_folder_do_not_count(tmp_path: Path) -> None:
+    stale = tmp_path / "scratch" / "7-0"
+    stale.mkdir(parents=True)
+    (stale / "claims.json").write_text('{"export": "ok"}')
+    (stale / "model.pt2").write_text('{"val_bpb": 1.0}')
     result = _run(tmp_path, "print('---')\nprint('val_bpb:          1.000000')\n")
     assert result.outcome == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        ("os.mkfifo('model.pt2')", "a FIFO"),
+        ("os.symlink('/etc/passwd', 'model.pt2')", "symbolic link"),
+        ("os.mkdir('model.pt2')", "a folder"),
+        ("open('model.pt2', 'wb').truncate(11 * 1024 * 1024)", "over the"),
+    ],
+    ids=["fifo", "symlink", "folder", "too-big"],
+)
+def test_a_hand_over_that_is_not_a_small_regular_file_is_refused(tmp_path: Path, make: str, why: str) -> None:
+    script = f"""
+        import json, os
+        json.dump({{"export": "ok"}}, open("claims.json", "w"))
+        {make}
+        print("---")
+        print("val_bpb:          1.000000")
+    """
+    result = _run(tmp_path, script, model_cap_mb=10, deadline=20.0)
+    assert result.outcome == "invalid" and why in result.reason, result.reason
+    assert result.seconds < 15
+
+
+def test_claims_that_are_a_fifo_cannot_hang_the_engine(tmp_path: Path) -> None:
+    result = _run(tmp_path, "import os\nos.mkfifo('claims.json')\n")
+    assert result.outcome == "invalid" and "FIFO" in result.reason
 
 
 def test_memory_watchdog(tmp_path: Path) -> None:
@@ -254,10 +289,10 @@ def test_stop_kills_the_run_now(tmp_path: Path) -> None:
     (tmp_path / "train.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(1e9)\n")
     spec = RunSpec(
         workspace=tmp_path,
+        scratch=tmp_path / "scratch" / "1-0",
         exp_id=1,
         seed=1,
         log_path=tmp_path / "run.log",
-        result_path=tmp_path / "result.json",
         deadline_s=120,
         python=sys.executable,
     )
@@ -294,7 +329,8 @@ def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         "OPENAI_API_KEY",
     }
     assert "MY_PASSWORD" not in names and "AUTORESEARCH_CRASH_AT" not in names
-    assert {"AUTORESEARCH_SEED", "AUTORESEARCH_RESULT_FILE", "PYTHONUNBUFFERED", "OMP_WAIT_POLICY"} <= names
+    assert {"AUTORESEARCH_SEED", "PYTHONUNBUFFERED", "OMP_WAIT_POLICY"} <= names
+    assert not [name for name in names if "RESULT" in name]  # the run never learns where the result goes
 
 
 def test_budget_reaches_the_run(tmp_path: Path) -> None:
@@ -304,25 +340,30 @@ def test_budget_reaches_the_run(tmp_path: Path) -> None:
 
 
 def test_no_network(tmp_path: Path) -> None:
-    isolation = network_isolation()
-    if isolation is None:
-        pytest.skip("unshare -n is not permitted here (the engine warns once instead)")
-    script = """
+    containment = probe()
+    if containment.level == "none":
+        pytest.skip(f"no network namespace here: {containment.detail}")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    script = f"""
         import os, socket
         lines = open("/proc/net/dev").read().splitlines()[2:]  # per network namespace, unlike /sys/class/net
         print("IFACES", sorted(line.split(":")[0].strip() for line in lines))
         try:
-            socket.create_connection(("1.1.1.1", 53), timeout=2)
+            socket.create_connection(("127.0.0.1", {port}), timeout=2)
             print("NET yes")
         except OSError as exc:
             print("NET no", type(exc).__name__)
     """
-    result = _run(tmp_path, script, isolation=isolation)
+    try:
+        result = _run(tmp_path, script, containment=containment)
+    finally:
+        listener.close()
     text = result.log_path.read_text()
     assert "NET no" in text
     assert "IFACES ['lo']" in text
 
 
 def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
-    assert not kill_stale_run(os.getpid(), tmp_path)  # not in the workspace: left alone
+    assert not kill_stale_run(os.getpid(), tmp_path)  # not working under the scratch root: left alone
     assert psutil.pid_exists(os.getpid())
