@@ -53,6 +53,10 @@ MIN_CORPUS_BYTES = 4096
 DEFAULT_TIME_SECONDS_CUDA = 300.0
 DEFAULT_CPU_FLOPS = 2.9e12
 """The compute budget on CPU: 60 s of the default train.py at ~18k tokens/s on a 2-core machine (bench/)."""
+EXPORT_FILE = "model.pt2"
+"""The trained model as a `torch.export` program, written into the run's folder for the judge."""
+CLAIMS_FILE = "claims.json"
+"""What the run says it spent (steps, tokens, parameters): checked by the judge, never the score."""
 TIME_WARMUP_BATCHES = 3
 """Batches served before the clock starts in time mode (compile and allocator warm-up)."""
 BYTE_PATTERN = r"[\s\S]"
@@ -449,13 +453,21 @@ def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None
         )
     encoding = _load_encoding(folder / "tokenizer.json")
     return Data(  # mapped, not read: a large corpus's tokens stay on disk until a batch needs them
-        train=np.memmap(folder / "train.bin", dtype=np.uint16, mode="r"),
-        val=np.memmap(folder / "val.bin", dtype=np.uint16, mode="r"),
+        train=_map_tokens(folder / "train.bin"),
+        val=_map_tokens(folder / "val.bin"),
         encoding=encoding,
         token_bytes=token_byte_lengths(encoding),
         corpus_hash=corpus_hash,
         folder=folder,
     )
+
+
+def _map_tokens(path: Path) -> np.ndarray:
+    """A split's tokens, mapped from disk; empty where the runner hides the file (the validation split during
+    training reads as /dev/null: only the judge scores on it)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 # --------------------------------------------------------------------------------------------------- budget
@@ -607,33 +619,40 @@ def evaluate_bpb(
     device: str = "cpu",
     max_tokens: int = EVAL_TOKENS,
 ) -> tuple[float, int, int]:
-    """Bits per byte of `model` on the first `max_tokens` predicted validation tokens.
+    """Bits per byte of `model` on the first `max_tokens` predicted validation tokens, whatever `block_size`.
 
     Summed cross-entropy (nats) / (ln 2 x the UTF-8 bytes those target tokens cover). Windows of `block_size`
-    tokens, not overlapping, from the start of the split; every window's targets count. Returns
-    (val_bpb, tokens evaluated, bytes evaluated).
+    tokens, not overlapping, from the start of the split; when `block_size` does not divide the count, one last
+    window ends at the last target and only its new targets count. Returns (val_bpb, tokens, bytes).
     """
+    n_targets = min(max_tokens, val.size - 1)
+    if n_targets < block_size:
+        raise ValueError("the validation split is shorter than one block")
+    n_full = n_targets // block_size
+    # (start of the window, first position whose target counts)
+    windows = [(i * block_size, 0) for i in range(n_full)]
+    if rest := n_targets - n_full * block_size:
+        windows.append((n_targets - block_size, block_size - rest))
     was_training = model.training
     model.eval()
-    n_windows = min(max_tokens, val.size - 1) // block_size
-    if n_windows == 0:
-        raise ValueError("the validation split is shorter than one block")
-    tokens = torch.from_numpy(val[: n_windows * block_size + 1].astype(np.int64))
+    tokens = torch.from_numpy(val[: n_targets + 1].astype(np.int64))
     lengths = torch.from_numpy(token_bytes)
+    positions = torch.arange(block_size)
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
-    for first in range(0, n_windows, batch_size):
-        idx = torch.arange(first, min(first + batch_size, n_windows))
-        starts = idx[:, None] * block_size + torch.arange(block_size + 1)
+    for first in range(0, len(windows), batch_size):
+        chunk = windows[first : first + batch_size]
+        starts = torch.tensor([start for start, _ in chunk])[:, None] + torch.arange(block_size + 1)
+        counted = positions[None, :] >= torch.tensor([skip for _, skip in chunk])[:, None]  # (B, T)
         window = tokens[starts]  # (B, T+1)
         x, y = window[:, :-1].to(device), window[:, 1:].to(device)
         with _autocast(device):
             logits = _logits(model, x)
         nats = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
         )
-        total_nats += float(nats)
-        total_bytes += int(lengths[window[:, 1:]].sum())
-        total_tokens += int(y.numel())
+        total_nats += float(nats[counted.reshape(-1).to(nats.device)].sum())
+        total_bytes += int(lengths[window[:, 1:][counted]].sum())
+        total_tokens += int(counted.sum())
     model.train(was_training)
     return total_nats / (math.log(2) * total_bytes), total_tokens, total_bytes
 
@@ -726,9 +745,22 @@ def peak_flops(device: str) -> float:
     cached = json.loads(path.read_text()) if path.exists() else {}
     if key not in cached:
         cached[key] = _measure_matmul_flops("cpu", torch.float32, 512)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cached, indent=1))
+        except OSError:
+            pass  # a contained run sees the cache read-only; prepare_for_runs measured it beforehand
     return float(cached[key])
+
+
+def prepare_for_runs() -> dict[str, Any]:
+    """What the engine does once before contained runs: build the data cache, measure the CPU peak, and
+    name the files training must not read (the validation split: only the judge reads it)."""
+    data = prepare()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+        peak_flops("cpu")
+    return {"hidden": [str(data.folder / "val.bin")]}
 
 
 # ------------------------------------------------------------------------------------------------------ run
@@ -777,18 +809,17 @@ def evaluate_and_report(
     seed: int,
     num_steps: int,
 ) -> dict[str, str]:
-    """Probe causality, measure val_bpb, write the result file the engine trusts; the summary block's fields.
+    """Hand the trained model to the judge: export it, write the run's claims; the summary block's fields.
 
-    The result file is AUTORESEARCH_RESULT_FILE (if set). val_bpb is None there when the model is not causal.
-    The fields come formatted, in the order train.py prints them after `---`.
+    The score is not computed here. The model leaves this process as data (EXPORT_FILE, a `torch.export`
+    program with fixed (batch, block_size) inputs) and a separate judge process, which never runs train.py,
+    probes causality and measures val_bpb (see `judge`). CLAIMS_FILE says what the run spent; the judge checks
+    it against the exported program. The fields come formatted, in the order train.py prints them after `---`.
     """
     budget.finish()
-    result: dict[str, Any] = {
-        "val_bpb": None,
-        "status": "ok",
-        "reason": "",
-        "eval_tokens": 0,
-        "eval_bytes": 0,
+    claims: dict[str, Any] = {
+        "export": "ok",
+        "block_size": block_size,
         "training_seconds": round(budget.training_seconds, 3),
         "train_flops": budget.flops,
         "num_steps": num_steps,
@@ -797,41 +828,192 @@ def evaluate_and_report(
         "seed": seed,
         "budget": str(budget.spec),
     }
-    problem = check_causal(model, data.val, data.vocab_size, block_size, device)
-    if problem:
-        result["status"], result["reason"] = "invalid", f"non-causal: {problem}"
-    else:
-        bpb, tokens, nbytes = evaluate_bpb(model, data.val, data.token_bytes, block_size, device=device)
-        if not math.isfinite(bpb):
-            result["status"], result["reason"] = "invalid", "val_bpb is not finite"
-        else:
-            result.update(val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
-    if path := os.environ.get("AUTORESEARCH_RESULT_FILE"):
-        Path(path).write_text(json.dumps(result, indent=1))
-    return summary_fields(result, budget, device)
+    try:
+        export_model(model, block_size, device, Path(EXPORT_FILE))
+    except Exception as exc:  # any failure of the user's model to export is the run's result, not a crash
+        claims["export"] = f"{type(exc).__name__}: {exc}".strip()[:800]
+        print(f"the model cannot be exported for the judge: {claims['export']}", flush=True)
+    Path(CLAIMS_FILE).write_text(json.dumps(claims, indent=1))
+    return summary_fields(claims, budget, device)
 
 
-def summary_fields(result: dict[str, Any], budget: Budget, device: str) -> dict[str, str]:
-    """The `---` block's fields, formatted: the result, the budget spent, memory, MFU and wall time."""
-    if device == "cuda":
-        peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class _Logits(torch.nn.Module):
+    """The model as the judge calls it: token ids (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model, idx)
+
+
+def eval_batch_size(block_size: int) -> int:
+    """Windows per judged forward pass: 32, fewer for long contexts."""
+    return max(1, min(32, (1 << 16) // max(1, block_size)))
+
+
+def export_model(model: torch.nn.Module, block_size: int, device: str, path: Path) -> None:
+    """`torch.export` the model in eval mode with fixed (eval batch, block_size) int64 inputs and save it."""
+    was_training = model.training
+    model.eval()
+    try:
+        example = torch.zeros(eval_batch_size(block_size), block_size, dtype=torch.long, device=device)
+        with torch.no_grad():
+            program = torch.export.export(_Logits(model), (example,))
+        torch.export.save(program, str(path))
+    finally:
+        model.train(was_training)
+
+
+class _FixedBatch(torch.nn.Module):
+    """An exported program called with any number of windows: pads to its fixed batch, drops the padding."""
+
+    inner: Any
+
+    def __init__(self, program_module: Any, batch: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", program_module)  # not a submodule: exported modules refuse .train()
+        self.batch = batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.size(0)
+        if rows < self.batch:
+            x = torch.cat([x, x.new_zeros(self.batch - rows, x.size(1))])
+        out = self.inner(x)
+        if isinstance(out, tuple | list):
+            out = out[0]
+        return out[:rows]
+
+
+def _user_input_shape(program: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """Shape and dtype of the program's one user input, or None if it takes anything else."""
+    names = list(program.graph_signature.user_inputs)
+    if len(names) != 1:
+        return None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == names[0]:
+            value = node.meta.get("val")
+            if value is None or not all(isinstance(d, int) for d in value.shape):
+                return None
+            return tuple(int(d) for d in value.shape), value.dtype
+    return None
+
+
+def count_parameters(program: Any) -> int:
+    """Parameters of an exported program, each tensor once (tied weights share storage)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for name in program.graph_signature.parameters:
+        tensor = program.state_dict[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total
+
+
+def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score an exported model: the causality probe, val_bpb over the first EVAL_TOKENS validation targets,
+    and self-checks of the run's claims. Returns the result the engine trusts (status ok or invalid + reason).
+
+    Runs in the judge process, which imports neither train.py nor anything the run could write.
+    """
+    claims = claims or {}
+    result: dict[str, Any] = {
+        "status": "invalid",
+        "reason": "",
+        "val_bpb": None,
+        "eval_tokens": 0,
+        "eval_bytes": 0,
+        "num_params": None,
+        "block_size": None,
+    }
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = prepare()
+    try:
+        program = torch.export.load(str(model_path))
+    except Exception as exc:
+        result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+        return result
+    signature = _user_input_shape(program)
+    if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:
+        result["reason"] = "the exported model must take one int64 (batch, block_size) tensor of token ids"
+        return result
+    (batch, block_size), _ = signature
+    result["block_size"] = block_size
+    n_params = count_parameters(program)
+    result["num_params"] = n_params
+    claimed = claims.get("num_params")
+    if isinstance(claimed, int) and claimed < n_params:
+        result["reason"] = (
+            f"the run charged its budget for {claimed:,} parameters but the exported model has {n_params:,}"
+        )
+        return result
+    n_targets = min(EVAL_TOKENS, data.val.size - 1)
+    if not 0 < block_size <= n_targets:
+        result["reason"] = f"block_size {block_size} does not fit the {n_targets:,} validation targets"
+        return result
+    scorer = _FixedBatch(program.module(), batch)
+    try:
+        with torch.no_grad():
+            probe = scorer(torch.zeros(1, block_size, dtype=torch.long, device=device))
+        if tuple(probe.shape) != (1, block_size, data.vocab_size):
+            result["reason"] = (
+                f"the exported model returns {tuple(probe.shape)} for (1, {block_size}) inputs, not "
+                f"(1, {block_size}, {data.vocab_size}) logits"
+            )
+            return result
+        problem = check_causal(scorer, data.val, data.vocab_size, block_size, device)
+        if problem:
+            result["reason"] = f"non-causal: {problem}"
+            return result
+        bpb, tokens, nbytes = evaluate_bpb(
+            scorer, data.val, data.token_bytes, block_size, batch_size=batch, device=device
+        )
+    except Exception as exc:
+        result["reason"] = f"the exported model failed on validation data: {type(exc).__name__}: {exc}"[:500]
+        return result
+    expected_bytes = int(data.token_bytes[data.val[1 : n_targets + 1].astype(np.int64)].sum())
+    if tokens != n_targets or nbytes != expected_bytes:
+        result["reason"] = f"evaluated {tokens} tokens / {nbytes} bytes, not {n_targets} / {expected_bytes}"
+        return result
+    if not math.isfinite(bpb):
+        result["reason"] = "val_bpb is not finite"
+        return result
+    result.update(status="ok", val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
+    return result
+
+
+def summary_fields(claims: dict[str, Any], budget: Budget, device: str) -> dict[str, str]:
+    """The `---` block's fields, formatted: the budget spent, memory, MFU and wall time (val_bpb: the judge's)."""
+    peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _own_peak_rss_mb()
     seconds = max(1e-9, budget.training_seconds)
     mfu = 100 * budget.flops / seconds / peak_flops(device) if budget.training_seconds else 0.0
     return {
-        "val_bpb": format_bpb(result),
+        "val_bpb": "judged after the run" if claims["export"] == "ok" else "invalid (not exported)",
         "training_seconds": f"{budget.training_seconds:.1f}",
         "total_seconds": f"{time.perf_counter() - STARTED:.1f}",
         "peak_memory_mb": f"{peak_memory_mb:.1f}",
         "mfu_percent": f"{mfu:.2f}",
         "total_tokens_M": f"{budget.tokens / 1e6:.2f}",
-        "num_steps": str(result["num_steps"]),
+        "num_steps": str(claims["num_steps"]),
         "num_params_M": f"{budget.n_params / 1e6:.2f}",
         "train_flops": f"{budget.flops:.3e}",
         "budget": str(budget.spec),
-        "seed": str(result["seed"]),
+        "seed": str(claims["seed"]),
     }
+
+
+def _own_peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from a big parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def format_bpb(result: dict[str, Any]) -> str:
@@ -848,7 +1030,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vocab", type=int, default=None, help="256 = bytes (default); more = BPE via rustbpe"
     )
+    parser.add_argument(
+        "--judge", metavar="MODEL", help=f"score an exported model ({EXPORT_FILE}) as the engine's judge does"
+    )
     args = parser.parse_args(argv)
+    if args.judge:
+        result = judge(args.judge)
+        print(f"val_bpb: {format_bpb(result)}" + (f" ({result['reason']})" if result["reason"] else ""))
+        return 0 if result["status"] == "ok" else 1
     try:
         data = prepare(args.corpus, args.vocab)
     except CorpusError as exc:
