@@ -62,6 +62,13 @@ def parse_ideas(text: str, path: Path) -> list[Proposal]:
             raise _fail(path, number, f"not valid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(data, dict):
             raise _fail(path, number, 'each line must be a JSON object with "description" and "edits"')
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+            raise _fail(
+                path, number, f"holds {bad}, which is not valid UTF-8 text (a lone surrogate)"
+            ) from None
         unknown = set(data) - _IDEA_KEYS
         if unknown:
             raise _fail(

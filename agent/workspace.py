@@ -1,4 +1,8 @@
-"""A research workspace: a git repo with train.py, the frozen prepare.py and program.md, on its own branch."""
+"""A research workspace: a git repo with train.py, the frozen prepare.py and program.md, on its own branch.
+
+A workspace starts from a profile: `cpu` (nanogpt/train.py, a tiny byte-level model) or `gpu`
+(nanogpt/profiles/gpu/: a GPT sized for one GPU and a 5-minute budget, on a BPE vocabulary).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,8 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +42,48 @@ a small gain that adds a lot of complexity is not worth keeping.
 
 class WorkspaceError(Exception):
     """A workspace that cannot be created or opened; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A starting point for a workspace: which train.py and program.md, and the environment of its runs."""
+
+    name: str
+    folder: str
+    """Where its train.py (and program.md, if it has one) live, relative to nanogpt/; '' is nanogpt/ itself."""
+    about: str
+    """One line for `init` and `status`."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Environment every run of the workspace gets: how prepare.py builds the data (AUTORESEARCH_VOCAB)."""
+
+
+PROFILES = {
+    "cpu": Profile("cpu", "", "2 layers x 128, bytes, a compute budget: sized for a laptop CPU"),
+    "gpu": Profile(
+        "gpu",
+        "profiles/gpu",
+        "8 layers x 512, BPE 8192, bf16, torch.compile, 5 minutes: sized for one GPU",
+        {"AUTORESEARCH_VOCAB": "8192"},
+    ),
+}
+"""Every profile by name; `cpu` is also what workspaces made before profiles existed hold."""
+
+
+def default_profile() -> str:
+    """AUTORESEARCH_PROFILE if set, else `gpu` where an NVIDIA GPU is visible, else `cpu`."""
+    if name := os.environ.get("AUTORESEARCH_PROFILE"):
+        return name
+    from agent.config import detect_device
+
+    return "gpu" if detect_device().startswith("cuda") else "cpu"
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`, or a WorkspaceError that lists the others."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise WorkspaceError(f"no profile {name!r}: choose one of {', '.join(PROFILES)}") from None
 
 
 def default_tag() -> str:
@@ -68,8 +114,14 @@ class Workspace:
         tag: str | None = None,
         source: Path | None = None,
         program: Path | None = None,
+        profile: str | None = None,
     ) -> Workspace:
-        """Create a workspace in `path` (new or empty) from `source` (nanogpt/) and `program` (program.md)."""
+        """Create a workspace in `path` (new or empty) from `source` (nanogpt/) and a profile.
+
+        The profile (default: `default_profile()`) picks train.py and program.md from its folder under
+        `source`; `program` overrides the program.md; the profile's run environment goes into the metadata.
+        """
+        chosen = get_profile(profile or default_profile())
         path = Path(path).expanduser().resolve()
         if path.exists() and not path.is_dir():
             raise WorkspaceError(f"{path} is a file, not a folder")
@@ -83,15 +135,18 @@ class Workspace:
         if not _TAG.match(tag):
             raise WorkspaceError(f"tag {tag!r} may only hold letters, digits, '.', '_' and '-'")
         source = source or paths.nanogpt_dir()
-        for name in (TRAIN, *HARNESS):
-            if not (source / name).is_file():
-                raise WorkspaceError(f"{source / name} is missing: the workspace is made from it")
+        origins = {TRAIN: source / chosen.folder / TRAIN} | {name: source / name for name in HARNESS}
+        for origin in origins.values():
+            if not origin.is_file():
+                raise WorkspaceError(f"{origin} is missing: the workspace is made from it")
         branch = f"autoresearch/{tag}"
         path.mkdir(parents=True, exist_ok=True)
-        repo = git.Repo.init(path, initial_branch=branch)
-        for name in (TRAIN, *HARNESS):
-            shutil.copyfile(source / name, path / name)
-        program = program or paths.default_program_md()
+        repo = guard_git(git.Repo.init(path, initial_branch=branch))
+        for name, origin in origins.items():
+            shutil.copyfile(origin, path / name)
+        if program is None:
+            own = source / chosen.folder / PROGRAM
+            program = own if chosen.folder and own.is_file() else paths.default_program_md()
         if program.is_file():
             shutil.copyfile(program, path / PROGRAM)
         else:
@@ -101,13 +156,17 @@ class Workspace:
         with exclude.open("a", encoding="utf-8") as fh:
             fh.write("\n# autoresearch: run outputs and state stay untracked\n" + "\n".join(_EXCLUDES) + "\n")
         repo.index.add([TRAIN, *HARNESS, PROGRAM])
-        commit = repo.index.commit("baseline: train.py as shipped", author=ACTOR, committer=ACTOR)
+        commit = repo.index.commit(
+            "baseline: train.py as shipped", author=ACTOR, committer=ACTOR, skip_hooks=True
+        )
         meta = {
             "version": 1,
             "tag": tag,
             "branch": branch,
             "created_at": time.time(),
             "initial_commit": commit.hexsha,
+            "profile": chosen.name,
+            "env": dict(chosen.env),
             "harness": {name: file_hash((path / name).read_text(encoding="utf-8")) for name in HARNESS},
         }
         state = path / STATE_DIR
@@ -125,16 +184,16 @@ class Workspace:
             )
         try:
             meta = json.loads((path / STATE_DIR / "workspace.json").read_text(encoding="utf-8"))
-            repo = git.Repo(path)
+            repo = guard_git(git.Repo(path))
         except (OSError, ValueError, git.GitError) as exc:
             raise WorkspaceError(f"{path}: the workspace is damaged: {exc}") from None
         return cls(path=path, repo=repo, branch=meta["branch"], meta=meta)
 
     @classmethod
-    def open_or_init(cls, path: Path, tag: str | None = None) -> Workspace:
-        """Open the workspace at `path`, creating it first when the folder is new or empty."""
+    def open_or_init(cls, path: Path, tag: str | None = None, profile: str | None = None) -> Workspace:
+        """Open the workspace at `path`, creating it first (from `profile`) when the folder is new or empty."""
         path = Path(path).expanduser().resolve()
-        return cls.open(path) if cls.is_workspace(path) else cls.init(path, tag=tag)
+        return cls.open(path) if cls.is_workspace(path) else cls.init(path, tag=tag, profile=profile)
 
     # ---- places ---------------------------------------------------------------------------------------
 
@@ -161,6 +220,16 @@ class Workspace:
     @property
     def initial_commit(self) -> str:
         return str(self.meta["initial_commit"])
+
+    @property
+    def profile(self) -> str:
+        """The profile the workspace was made from (`cpu` for workspaces older than profiles)."""
+        return str(self.meta.get("profile", "cpu"))
+
+    @property
+    def run_env(self) -> dict[str, str]:
+        """Environment every training run of this workspace gets (its profile's, recorded at init)."""
+        return {str(k): str(v) for k, v in self.meta.get("env", {}).items()}
 
     def run_dir(self, exp_id: int) -> Path:
         return self.runs_dir / str(exp_id)
@@ -210,7 +279,7 @@ class Workspace:
         """Write `text` as train.py and commit it (train.py only) on the branch; returns the commit."""
         self.train_path.write_text(text, encoding="utf-8")
         self.repo.index.add([TRAIN])
-        commit = self.repo.index.commit(message, author=ACTOR, committer=ACTOR)
+        commit = self.repo.index.commit(message, author=ACTOR, committer=ACTOR, skip_hooks=True)
         return commit.hexsha
 
     def move_branch(self, commit: str) -> None:
@@ -289,6 +358,24 @@ class Workspace:
                 return True
             fcntl.flock(fh, fcntl.LOCK_UN)
         return False
+
+
+_GUARDED_GIT_CONFIG = {
+    "core.hooksPath": os.devnull,  # no hook runs, whatever .git/hooks holds
+    "core.fsmonitor": "false",
+    "core.attributesFile": os.devnull,
+}
+
+
+def guard_git(repo: git.Repo) -> git.Repo:
+    """Make every git command the engine runs in `repo` ignore what a run or another program could plant:
+    hooks, an fsmonitor command, the system and global config (GitPython's own commits skip hooks too)."""
+    env = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    env["GIT_CONFIG_COUNT"] = str(len(_GUARDED_GIT_CONFIG))
+    for i, (key, value) in enumerate(_GUARDED_GIT_CONFIG.items()):
+        env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+    repo.git.update_environment(**env)
+    return repo
 
 
 def write_atomic(path: Path, text: str) -> None:
