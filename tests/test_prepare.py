@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nanogpt"))
+NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
+sys.path.insert(0, str(NANOGPT))
 
 import prepare  # noqa: E402
 
@@ -259,21 +261,146 @@ def test_the_summary_fields_print_as_the_block_the_engine_parses(
     budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
     network = model(256)
     budget.attach(network)
-    monkeypatch.setenv("AUTORESEARCH_RESULT_FILE", str(tmp_path / "result.json"))
+    monkeypatch.chdir(tmp_path)  # the run's folder: the model and the claims are handed over there
     fields = prepare.evaluate_and_report(network, data, budget, 32, "cpu", seed=3, num_steps=5)
     assert list(fields) == SUMMARY_KEYS
     lines = ["---", *(f"{key + ':':<18}{value}" for key, value in fields.items())]  # as train.py prints them
-    result = json.loads((tmp_path / "result.json").read_text())
+    claims = json.loads((tmp_path / prepare.CLAIMS_FILE).read_text())
     summary = parse_summary(lines)
     assert summary is not None and list(summary) == SUMMARY_KEYS
-    assert summary["num_steps"] == result["num_steps"] == 5 and summary["seed"] == result["seed"] == 3
+    assert summary["num_steps"] == claims["num_steps"] == 5 and summary["seed"] == claims["seed"] == 3
     assert summary["mfu_percent"] == 0.0 and summary["budget"] == "1.00e+09 FLOPs"
+    assert lines[1] == "val_bpb:          judged after the run" and summary_bpb(summary) is None
+    assert claims["export"] == "ok" and claims["num_params"] == budget.n_params
+    result = prepare.judge(tmp_path / prepare.EXPORT_FILE, claims)
     if model is Causal:
-        assert lines[1] == f"val_bpb:          {result['val_bpb']:.6f}"
-        assert summary_bpb(summary) == result["val_bpb"]
+        expected, tokens, nbytes = prepare.evaluate_bpb(network, data.val, data.token_bytes, 32)
+        assert result["status"] == "ok" and result["val_bpb"] == round(expected, 6)
+        assert (result["eval_tokens"], result["eval_bytes"]) == (tokens, nbytes)
     else:
-        assert lines[1] == "val_bpb:          invalid (non-causal)"
-        assert summary_bpb(summary) is None and result["val_bpb"] is None
+        assert result["status"] == "invalid" and result["val_bpb"] is None
+        assert result["reason"].startswith("non-causal")
+
+
+def _reference_bpb(
+    model: torch.nn.Module, val: np.ndarray, token_bytes: np.ndarray, block_size: int
+) -> float:
+    """val_bpb as the harness computed it in-process before the judge existed (full windows only)."""
+    n_windows = min(prepare.EVAL_TOKENS, val.size - 1) // block_size
+    tokens = torch.from_numpy(val[: n_windows * block_size + 1].astype(np.int64))
+    lengths = torch.from_numpy(token_bytes)
+    total_nats, total_bytes = 0.0, 0
+    with torch.no_grad():
+        for first in range(0, n_windows, 32):
+            idx = torch.arange(first, min(first + 32, n_windows))
+            window = tokens[idx[:, None] * block_size + torch.arange(block_size + 1)]
+            logits = model(window[:, :-1])
+            nats = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nats += float(nats)
+            total_bytes += int(lengths[window[:, 1:]].sum())
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def _default_gpt(vocab: int) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location("shipped_train", NANOGPT / "train.py")
+    assert spec and spec.loader
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    torch.manual_seed(0)
+    return train.GPT(vocab).eval()
+
+
+def test_the_judge_scores_the_default_model_as_the_in_process_metric_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = prepare.prepare()
+    model = _default_gpt(data.vocab_size)
+    block = 128
+    prepare.export_model(model, block, "cpu", tmp_path / "model.pt2")
+    params = sum(p.numel() for p in model.parameters())
+    result = prepare.judge(tmp_path / "model.pt2", {"num_params": params})
+    assert result["status"] == "ok", result
+    assert result["val_bpb"] == pytest.approx(
+        _reference_bpb(model, data.val, data.token_bytes, block), abs=1e-6
+    )
+    assert result["num_params"] == params and result["block_size"] == block
+    assert (result["eval_tokens"], result["eval_bytes"]) == (prepare.EVAL_TOKENS, prepare.EVAL_TOKENS)
+
+
+def test_every_block_size_is_scored_on_the_same_validation_tokens() -> None:
+    data = prepare.prepare()
+    model = Causal(256)
+    for block in (32, 100, 1000):  # 100 and 1000 do not divide EVAL_TOKENS: one last window ends at the end
+        bpb, tokens, nbytes = prepare.evaluate_bpb(model, data.val, data.token_bytes, block)
+        assert (tokens, nbytes) == (prepare.EVAL_TOKENS, prepare.EVAL_TOKENS), block
+
+
+def test_the_judge_refuses_a_model_that_undercounts_its_parameters(tmp_path: Path) -> None:
+    data = prepare.prepare()
+    model = _default_gpt(data.vocab_size)
+    prepare.export_model(model, 64, "cpu", tmp_path / "model.pt2")
+    params = sum(p.numel() for p in model.parameters())
+    result = prepare.judge(tmp_path / "model.pt2", {"num_params": params // 2})
+    assert result["status"] == "invalid" and "parameters" in result["reason"], result
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"not a zip", "cannot be loaded"), (b"", "cannot be loaded")],
+    ids=["garbage", "empty"],
+)
+def test_the_judge_refuses_a_file_that_is_not_an_exported_model(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    (tmp_path / "model.pt2").write_bytes(content)
+    result = prepare.judge(tmp_path / "model.pt2", {})
+    assert result["status"] == "invalid" and why in result["reason"]
+
+
+def test_the_judge_refuses_a_model_with_the_wrong_inputs_or_outputs(tmp_path: Path) -> None:
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x + y
+
+    class WrongVocab(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(256, 10)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.emb(idx)
+
+    x = torch.zeros(2, 16, dtype=torch.long)
+    torch.export.save(torch.export.export(TwoInputs(), (x, x)), str(tmp_path / "two.pt2"))
+    assert "one int64" in prepare.judge(tmp_path / "two.pt2", {})["reason"]
+    prepare.export_model(WrongVocab(), 16, "cpu", tmp_path / "vocab.pt2")
+    assert "(1, 16, 256) logits" in prepare.judge(tmp_path / "vocab.pt2", {})["reason"]
+
+
+def test_a_model_that_cannot_be_exported_says_why_in_its_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(256, 256)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            out = self.emb(idx)
+            return out if float(out.sum()) > 0 else -out  # control flow on a value: not exportable
+
+    data = prepare.prepare()
+    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    model = DataDependent()
+    budget.attach(model)
+    monkeypatch.chdir(tmp_path)
+    fields = prepare.evaluate_and_report(model, data, budget, 16, "cpu", seed=1, num_steps=1)
+    claims = json.loads((tmp_path / prepare.CLAIMS_FILE).read_text())
+    assert fields["val_bpb"] == "invalid (not exported)"
+    assert claims["export"] != "ok" and claims["export"]  # the exporter's own words: the cause
+    assert not (tmp_path / prepare.EXPORT_FILE).exists()
 
 
 # ---- streaming: a corpus is prepared a chunk at a time, with the output of the whole-text path ----------

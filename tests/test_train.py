@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
+JUDGE = Path(__file__).resolve().parent.parent / "agent" / "judge.py"
 SUMMARY_KEYS = [
     "val_bpb",
     "training_seconds",
@@ -44,7 +45,8 @@ def parse_summary(stdout: str) -> dict[str, str]:
 
 
 def run_train(tmp_path: Path, budget: str, replace: dict[str, str] | None = None, prelude: str = "") -> Run:
-    """Copy the sandbox, apply text replacements to train.py, run it, and collect what it reported."""
+    """Copy the sandbox, apply text replacements to train.py, run it, have the judge score the model it
+    exported (as the runner does, in its own process), and collect what both reported."""
     work = tmp_path / "ws"
     work.mkdir(parents=True, exist_ok=True)
     shutil.copy(NANOGPT / "prepare.py", work / "prepare.py")
@@ -53,22 +55,37 @@ def run_train(tmp_path: Path, budget: str, replace: dict[str, str] | None = None
         assert source.count(old) == 1, old
         source = source.replace(old, new)
     (work / "train.py").write_text(source)
-    result_file = work / "result.json"
-    env = dict(os.environ, AUTORESEARCH_BUDGET=budget, AUTORESEARCH_RESULT_FILE=str(result_file))
-    command = [sys.executable, "train.py"]
-    if prelude:
-        command = [
-            sys.executable,
-            "-c",
-            prelude + "\nimport runpy; runpy.run_path('train.py', run_name='__main__')",
-        ]
-    proc = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, AUTORESEARCH_BUDGET=budget)
+    proc = subprocess.run(
+        _with_prelude(prelude, "train.py", []), cwd=work, env=env, capture_output=True, text=True, timeout=300
+    )
     summary = {k.strip(): v.strip() for k, v in parse_summary(proc.stdout).items()}
-    result = json.loads(result_file.read_text()) if result_file.exists() else None
+    claims_file, result_file = work / "claims.json", work / "result.json"
+    result = None
+    if claims_file.exists():
+        paths = [str(work / name) for name in ("prepare.py", "model.pt2", "claims.json", "result.json")]
+        judge = subprocess.run(
+            _with_prelude(prelude, str(JUDGE), ["score", *paths], isolated=True),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert judge.returncode == 0, judge.stderr
+        result = json.loads(claims_file.read_text()) | json.loads(result_file.read_text())
     return Run(proc.returncode, proc.stdout, proc.stderr, summary, result)
 
 
-def test_a_short_run_prints_a_parseable_summary_that_matches_the_result_file(tmp_path: Path) -> None:
+def _with_prelude(prelude: str, script: str, args: list[str], isolated: bool = False) -> list[str]:
+    flags = ["-I"] if isolated else []
+    if not prelude:
+        return [sys.executable, *flags, script, *args]
+    run = f"\nimport runpy, sys; sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')"
+    return [sys.executable, *flags, "-c", prelude + run]
+
+
+def test_a_short_run_prints_a_parseable_summary_and_the_judge_scores_its_model(tmp_path: Path) -> None:
     run = run_train(tmp_path, "4")
     assert run.returncode == 0, run.stderr
     assert set(SUMMARY_KEYS) <= set(run.summary)
@@ -76,7 +93,7 @@ def test_a_short_run_prints_a_parseable_summary_that_matches_the_result_file(tmp
         key, value = line[:18], line[18:]
         assert key.rstrip().endswith(":") and key.endswith(" ") and not value.startswith(" "), line
     assert run.result is not None and run.result["status"] == "ok"
-    assert float(run.summary["val_bpb"]) == pytest.approx(run.result["val_bpb"], abs=1e-5)
+    assert run.summary["val_bpb"] == "judged after the run"  # the number is the judge's, never the run's
     assert 3.0 < run.result["val_bpb"] < 9.0
     assert run.result["eval_tokens"] > 0 and run.result["eval_bytes"] == run.result["eval_tokens"]
     assert int(run.summary["num_steps"]) == run.result["num_steps"] > 0
@@ -111,9 +128,9 @@ def test_nan_loss_prints_fail_and_exits_non_zero(tmp_path: Path) -> None:
 def test_a_non_causal_model_is_refused(tmp_path: Path) -> None:
     run = run_train(tmp_path, "2", {"is_causal=True": "is_causal=False"})
     assert run.returncode == 0, run.stderr
-    assert run.summary["val_bpb"] == "invalid (non-causal)"
     assert run.result is not None
     assert run.result["status"] == "invalid" and run.result["val_bpb"] is None
+    assert run.result["reason"].startswith("non-causal: logits at positions")
 
 
 BLOCK_NETWORK = """
