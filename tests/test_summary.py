@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from agent.runner import classify
+from agent.runner import classify, judged
 from agent.summary import find_fail, parse_progress, parse_summary, summary_bpb
 
 SUMMARY = """\
@@ -79,53 +79,43 @@ def _result(val: float | None = 2.712345, status: str = "ok") -> dict[str, objec
     return {"val_bpb": val, "status": status, "reason": "" if status == "ok" else "non-causal: leaks"}
 
 
-def test_classify_ok_uses_the_result_file() -> None:
-    outcome, bpb, reason, _ = classify(0, SUMMARY, None, _result(), "")
-    assert (outcome, bpb, reason) == ("ok", 2.712345, "")
+def test_a_clean_exit_goes_to_the_judge() -> None:
+    assert classify(0, SUMMARY, None) is None
 
 
-def test_classify_disagreement_is_invalid() -> None:
-    outcome, bpb, reason, _ = classify(0, SUMMARY, None, _result(2.5), "")
-    assert outcome == "invalid" and bpb is None
-    assert "disagrees" in reason
+def test_the_judges_number_is_the_result() -> None:
+    assert judged(_result()) == ("ok", 2.712345, "")
 
 
-def test_classify_agreement_within_tolerance() -> None:
-    outcome, _, _, _ = classify(0, SUMMARY, None, _result(2.712349), "")
-    assert outcome == "ok"
+def test_the_judges_refusal_is_invalid_with_its_reason() -> None:
+    outcome, bpb, reason = judged(_result(None, "invalid"))
+    assert outcome == "invalid" and bpb is None and "non-causal: leaks" in reason
 
 
-def test_classify_missing_result_file_is_invalid() -> None:
-    outcome, _, reason, _ = classify(0, SUMMARY, None, None, "the harness wrote no result file")
-    assert outcome == "invalid" and "no result file" in reason
-
-
-def test_classify_no_summary_is_invalid() -> None:
-    outcome, _, reason, _ = classify(0, ["hello"], None, _result(), "")
-    assert outcome == "invalid" and "summary" in reason
-
-
-def test_classify_harness_invalid() -> None:
-    lines = ["---", "val_bpb:          invalid (non-causal)"]
-    outcome, _, reason, _ = classify(0, lines, None, _result(None, "invalid"), "")
-    assert outcome == "invalid" and "non-causal" in reason
+def test_a_non_finite_judged_value_is_nan() -> None:
+    assert judged(_result(float("nan")))[0] == "nan"
 
 
 def test_classify_fail_line_is_nan() -> None:
-    outcome, _, reason, _ = classify(
-        1, ["FAIL: loss is nan at step 12"], "FAIL: loss is nan at step 12", None, ""
+    assert classify(1, ["FAIL: loss is nan at step 12"], "FAIL: loss is nan at step 12") == (
+        "nan",
+        "FAIL: loss is nan at step 12",
     )
-    assert outcome == "nan" and reason.startswith("FAIL")
 
 
 def test_classify_crash_keeps_the_last_line() -> None:
     tail = ["Traceback (most recent call last):", '  File "train.py", line 3', "ValueError: bad shape"]
-    outcome, _, reason, _ = classify(1, tail, None, None, "")
-    assert outcome == "crash" and "ValueError: bad shape" in reason
+    bad = classify(1, tail, None)
+    assert bad is not None and bad[0] == "crash" and "ValueError: bad shape" in bad[1]
 
 
 def test_classify_memory_error_is_oom() -> None:
-    outcome, _, _, _ = classify(1, ["Traceback", "MemoryError"], None, None, "")
-    assert outcome == "oom"
-    outcome, _, _, _ = classify(-9, ["..."], None, None, "")
-    assert outcome == "oom"
+    assert (classify(1, ["Traceback", "MemoryError"], None) or ("",))[0] == "oom"
+    assert (classify(-9, ["..."], None) or ("",))[0] == "oom"
+
+
+def test_a_containment_failure_is_named_only_with_its_line() -> None:
+    failed = classify(125, ["autoresearch containment: mount failed; the run was not started"], None)
+    assert failed is not None and "containment could not be set up" in failed[1]
+    own = classify(125, ["my script exits 125"], None)
+    assert own is not None and "containment" not in own[1]
