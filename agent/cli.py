@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", parents=[sub_common], help="create a research workspace")
     init.add_argument("folder", type=Path, nargs="?", metavar="DIR", help="the folder (new or empty)")
     init.add_argument("--tag", help="branch autoresearch/<tag> (default: today's date, e.g. nov27)")
+    init.add_argument(
+        "--profile",
+        choices=("cpu", "gpu"),
+        help="cpu: a tiny byte-level model; gpu: a GPT sized for one GPU and 5 minutes "
+        "(default: gpu where an NVIDIA GPU is visible, else cpu)",
+    )
 
     models = commands.add_parser("models", parents=[sub_common], help="list the local models")
     models.add_argument("extra", type=Path, nargs="*", metavar="PATH", help="more GGUF files or folders")
@@ -203,6 +209,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             counts[exp.status] = counts.get(exp.status, 0) + 1
         print(f"workspace  {ws.path}")
         print(f"branch     {ws.branch} at {ws.head()[:7]}")
+        print(f"profile    {_profile_line(ws)}")
         print(f"engine     {'running' if ws.engine_running() else 'not running'}")
         baseline = ledger.get_meta("baseline_bpb")
         print(f"baseline   {f'{baseline:.6f}' if baseline is not None else '-'}")
@@ -278,12 +285,22 @@ def cmd_init(args: argparse.Namespace) -> int:
     from agent.workspace import Workspace
 
     folder = args.folder or _workspace_path(args)
-    ws = Workspace.init(Path(folder).expanduser(), tag=args.tag)
+    ws = Workspace.init(Path(folder).expanduser(), tag=args.tag, profile=args.profile)
     print(f"created the research workspace {ws.path} on branch {ws.branch}")
+    print(f"profile {_profile_line(ws)}")
     print(
         f"run it: autoresearch --workspace {ws.path}   (or: autoresearch run --headless --workspace {ws.path})"
     )
     return 0
+
+
+def _profile_line(ws: Workspace) -> str:
+    """The workspace's profile, what it is and the environment its runs get: 'gpu: 8 layers ... (VAR=value)'."""
+    from agent.workspace import PROFILES
+
+    about = PROFILES[ws.profile].about if ws.profile in PROFILES else "unknown profile"
+    env = " ".join(f"{k}={v}" for k, v in sorted(ws.run_env.items()))
+    return f"{ws.profile}: {about}" + (f" ({env})" if env else "")
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -840,7 +840,7 @@ class Engine:
             log_cap_bytes=self.config.log_cap_bytes,
             network=self.config.network,
             python=self.config.python or _python(),
-            env={"AUTORESEARCH_CACHE": str(paths.cache_dir())},
+            env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},  # the profile's vocab
         )
         isolation = self._network_prefix()
         self.ledger.start_run(exp.id, n, seed, str(log_path))

@@ -26,6 +26,7 @@ def ar_home(tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(shared_cache))
     monkeypatch.delenv("AUTORESEARCH_BUDGET", raising=False)
     monkeypatch.delenv("AUTORESEARCH_CORPUS", raising=False)
+    monkeypatch.setenv("AUTORESEARCH_PROFILE", "cpu")  # tests build on the cpu profile, GPU machines too
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     yield home
 
