@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|flops)?\s*$", re.IGNORECASE)
-"""The harness's budget grammar (nanogpt/prepare.py): '60', '60s', '60 seconds', '2.5e12flops'."""
+_BUDGET = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|cpu|cpus|flops)?\s*$", re.IGNORECASE
+)
+"""The harness's budget grammar (nanogpt/prepare.py): '60', '60s', '60 seconds', '120cpu', '2.5e12flops'."""
 CPU_FLOPS_PER_S = 2.9e12 / 60.0
 """nanogpt/prepare.py's DEFAULT_CPU_FLOPS is sized for 60 s: a rough FLOPs-to-seconds rate (a test keeps them
 equal; the engine reads it here so that it never imports torch)."""
+DEFAULT_CPU_WALL_SECONDS = 60.0
+"""The harness's CPU default: 60 s of every core, counted in CPU seconds (kept equal to prepare.py by a test)."""
+DEFAULT_CUDA_SECONDS = 300.0
 
 
 @dataclass
@@ -22,7 +27,8 @@ class EngineConfig:
     """How the engine runs experiments; every field has a default that suits a CPU laptop."""
 
     budget: str | None = None
-    """AUTORESEARCH_BUDGET for each run: '60', '60s' or '2.5e12flops'; None is the harness default."""
+    """AUTORESEARCH_BUDGET for each run: '60' (wall seconds), '120cpu' (CPU seconds) or '2.5e12flops'; None is
+    the harness default (60 s of every core in CPU seconds on CPU, 300 s on CUDA)."""
     seeds: int | None = None
     """K, the number of baseline runs (different seeds) that measure the noise floor; None: 3 on CPU, 2 on CUDA."""
     max_experiments: int | None = None
@@ -40,6 +46,10 @@ class EngineConfig:
     eval_s: float | None = None
     """Seconds allowed beyond the training budget for start-up, data loading, compilation and the final
     evaluation; None is 60 on CPU and 240 on CUDA (torch.compile of a new model can take minutes)."""
+    handover_s: float | None = None
+    """Seconds a run may take, once its wall or CPU budget is spent, to stop, export its model and exit before
+    it is killed as over budget; None is 10 on CPU and 60 on CUDA. Whatever it trains in that window is
+    unpaid, so keep it short."""
     grace_s: float = 30.0
     """Further seconds before a run is killed as a timeout."""
     compute_budget_factor: float = 3.0
@@ -63,11 +73,23 @@ def _parse(budget: str) -> tuple[str, float] | None:
     if not match or float(match.group(1)) <= 0:
         return None
     unit = (match.group(2) or "s").lower()
-    return ("flops" if unit == "flops" else "time"), float(match.group(1))
+    mode = {"flops": "flops", "cpu": "cpu", "cpus": "cpu"}.get(unit, "time")
+    return mode, float(match.group(1))
+
+
+def resolve_budget(budget: str | None, device: str) -> tuple[str, float]:
+    """The budget a run gets, as (mode, amount): 'time' seconds, 'cpu' seconds or 'flops'; None is the
+    harness default for the device (300 s on CUDA, 60 s of every core in CPU seconds on CPU)."""
+    parsed = _parse(budget) if budget else None
+    if parsed is not None:
+        return parsed
+    if device.startswith("cuda"):
+        return "time", DEFAULT_CUDA_SECONDS
+    return "cpu", DEFAULT_CPU_WALL_SECONDS * (os.cpu_count() or 1)
 
 
 def budget_seconds(budget: str | None) -> float | None:
-    """The training seconds of a time budget, or None for a FLOPs budget or the harness default."""
+    """The training seconds of a time budget, or None for a CPU-seconds or FLOPs budget or the default."""
     parsed = _parse(budget) if budget else None
     return parsed[1] if parsed and parsed[0] == "time" else None
 
@@ -75,27 +97,32 @@ def budget_seconds(budget: str | None) -> float | None:
 def check_budget(budget: str) -> str:
     """Return `budget` if it is a valid AUTORESEARCH_BUDGET, else raise ValueError saying what is valid."""
     if _parse(budget) is None:
-        raise ValueError(f"budget {budget!r} is not understood: use seconds (60, 60s) or FLOPs (2.5e12flops)")
+        raise ValueError(
+            f"budget {budget!r} is not understood: use wall seconds (60, 60s), CPU seconds (120cpu) "
+            "or FLOPs (2.5e12flops)"
+        )
     return budget.strip()
 
 
 def describe_budget(budget: str | None) -> str:
-    """A human-readable budget ('60 s', '2.50e+12 FLOPs') without importing the harness (and torch)."""
+    """A human-readable budget ('60 s', '120 CPU s', '2.50e+12 FLOPs') without importing the harness."""
     parsed = _parse(budget) if budget else None
     if parsed is None:
         return budget or "harness default"
     mode, amount = parsed
-    return f"{amount:g} s" if mode == "time" else f"{amount:.2e} FLOPs"
+    if mode == "time":
+        return f"{amount:g} s"
+    return f"{amount:g} CPU s" if mode == "cpu" else f"{amount:.2e} FLOPs"
 
 
 def estimate_training_seconds(budget: str | None, device: str) -> tuple[float, bool]:
-    """Rough training seconds of a budget, and whether that is only an estimate (FLOPs or default budget)."""
-    if (seconds := budget_seconds(budget)) is not None:
-        return seconds, False
-    parsed = _parse(budget) if budget else None
-    if parsed is not None:
-        return parsed[1] / CPU_FLOPS_PER_S, True
-    return (300.0 if device.startswith("cuda") else 60.0), not device.startswith("cuda")
+    """Rough wall seconds of a budget, and whether that is only an estimate (CPU seconds, FLOPs)."""
+    mode, amount = resolve_budget(budget, device)
+    if mode == "time":
+        return amount, False
+    if mode == "cpu":
+        return amount / (os.cpu_count() or 1), True
+    return amount / CPU_FLOPS_PER_S, True
 
 
 @lru_cache(maxsize=1)

@@ -142,7 +142,8 @@ def contain(
     stdin is /dev/null; stdout and stderr pass through. The exit status is argv's exit code, 128+N if it died
     of signal N, and SETUP_FAILED (125, with a line on stderr) if the namespace could not be set up, in which
     case argv never ran. Every process of the run dies when argv's main process exits or when the outer
-    process is killed. SIGTERM, SIGINT and SIGHUP sent to the outer process group reach every process inside.
+    process is killed. SIGTERM, SIGINT and SIGHUP sent to the outer process group reach every process inside;
+    SIGUSR1 sent to the init (the runner's "budget spent") reaches the command's main process.
     At "network" (and at "full" with `network=True`, which keeps the host network) the caller's cwd and
     filesystem apply: start the result with `cwd=` set; `writable`, `hidden` and `tmp_mb` only apply at "full".
     """
@@ -382,6 +383,14 @@ def _init_program() -> None:
         except OSError as exc:
             os.write(2, f"autoresearch containment: cannot run {argv[0]}: {exc.strerror}\n".encode())
             os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+    def stop_training(signum: int, frame: object) -> None:
+        try:  # noqa: SIM105
+            os.kill(child, signum)  # the runner's "budget spent": for the run's main process only
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGUSR1, stop_training)
     while True:
         pid, status = os.waitpid(-1, 0)  # reaps orphans too
         if pid == child:

@@ -66,6 +66,9 @@ TERM_GRACE_S = 3.0
 """Seconds between SIGTERM and SIGKILL of the run's process group."""
 _MEMORY_POLL_S = 0.5
 _DISK_POLL_S = 2.0
+_BUDGET_POLL_S = 0.2
+STOP_SIGNAL = signal.SIGUSR1
+"""Tells a run that its budget is spent (nanogpt/prepare.py's Budget stops training on it)."""
 _OOM_TEXT = re.compile(
     r"MemoryError|out of memory|OutOfMemoryError|Cannot allocate memory|std::bad_alloc", re.IGNORECASE
 )
@@ -123,6 +126,12 @@ class RunSpec:
     deadline_s: float
     """Hard wall-clock limit from start to kill: budget + evaluation + grace."""
     budget: str | None = None
+    budget_limit: tuple[str, float] | None = None
+    """("time", wall seconds) or ("cpu", CPU seconds of the run's processes): measured here, from outside
+    the run, from its start; when spent the run is told to stop (STOP_SIGNAL) and must hand over within
+    `handover_s`. None: the run's own count decides (a FLOPs budget) and only the deadline bounds it."""
+    handover_s: float = 30.0
+    """Seconds a run may take after its budget is spent to stop, export its model and exit."""
     memory_mb: int | None = None
     """Cap on the summed resident memory of the process group; None: no watchdog."""
     address_space_mb: int | None = None
@@ -166,6 +175,8 @@ class RunResult:
     pid: int | None
     judge_seconds: float = 0.0
     """Seconds the judge took (load, probe, score), apart from the run's own."""
+    budget_spent: float | None = None
+    """What the run spent of an enforced budget, by the runner's measure (wall or CPU seconds)."""
 
 
 def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -557,6 +568,7 @@ class _Ended:
     seconds: float
     peak_rss: int
     pid: int
+    budget_spent: float | None = None
 
 
 def _supervise(
@@ -572,9 +584,12 @@ def _supervise(
     scratch_cap_mb: int | None = None,
     on_start: Callable[[int], None] | None = None,
     contained: bool = False,
+    budget_limit: tuple[str, float] | None = None,
+    handover_s: float = 30.0,
 ) -> _Ended:
     """Run `argv` in its own session; stream its output; kill its group at the deadline, on `stop`, over the
-    memory cap or over the scratch cap; nothing of it outlives this call."""
+    memory cap or over the scratch cap; tell it when its budget is spent and kill it if it does not end soon
+    after; nothing of it outlives this call."""
     started = time.monotonic()
     proc = subprocess.Popen(
         argv,
@@ -603,12 +618,24 @@ def _supervise(
         exited_at: float | None = None
         next_memory = started
         next_disk = started + 1.0
+        next_budget = started
+        spent: float | None = None
+        told_at: float | None = None
         while True:
             now = time.monotonic()
+            if budget_limit is not None and now >= next_budget and proc.poll() is None:
+                next_budget = now + _BUDGET_POLL_S
+                mode, amount = budget_limit
+                spent = now - started if mode == "time" else _tree_cpu_seconds(proc.pid, known)
+                if told_at is None and spent >= amount:
+                    told_at = now
+                    _tell_stop(proc.pid, contained)
             if stop.is_set():
                 killed_for = "interrupted"
             elif now - started > deadline_s:
                 killed_for = "timeout"
+            elif told_at is not None and now - told_at > handover_s:
+                killed_for = "overrun"
             elif now >= next_memory:
                 next_memory = now + _MEMORY_POLL_S
                 rss = _group_rss(proc.pid, known)
@@ -663,7 +690,33 @@ def _supervise(
     returncode = proc.returncode
     if contained and returncode is not None and returncode > 128 and returncode != CONTAINMENT_FAILED:
         returncode = -(returncode - 128)  # the namespace's init reports a death by signal N as 128 + N
-    return _Ended(returncode, killed_for, seconds, peak_rss, proc.pid)
+    return _Ended(returncode, killed_for, seconds, peak_rss, proc.pid, spent)
+
+
+def _tree_cpu_seconds(pid: int, known: dict[int, psutil.Process]) -> float:
+    """CPU seconds (user + system) of `pid` and its descendants, finished children included."""
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        known.setdefault(proc.pid, proc)
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def _tell_stop(pid: int, contained: bool) -> None:
+    """Send STOP_SIGNAL to the run's main process: under full containment, its namespace init forwards it
+    (the outer `unshare` would die of it); otherwise `pid` is the run itself (exec chain)."""
+    with contextlib.suppress(psutil.Error, ProcessLookupError):
+        target = psutil.Process(pid)
+        if contained:
+            target = target.children()[0]
+        target.send_signal(STOP_SIGNAL)
 
 
 def _drain(fd: int, output: _Output) -> None:
@@ -710,6 +763,7 @@ def run_training(
     output = _Output(spec, emit)
     contained = containment is not None and containment.level == "full"
     try:
+        env["AUTORESEARCH_CLOCK_START"] = f"{time.time():.6f}"  # the budget's clock, shared with the run
         training = _supervise(
             build_command(spec, containment),
             cwd=spec.scratch,
@@ -722,13 +776,15 @@ def run_training(
             scratch_cap_mb=spec.scratch_cap_mb,
             on_start=on_start,
             contained=contained,
+            budget_limit=spec.budget_limit,
+            handover_s=spec.handover_s,
         )
         tail = list(output.tail)
         summary = parse_summary(tail) or {}
         judge_seconds = 0.0
         if training.killed_for:
             outcome, val_bpb, reason = training.killed_for, None, _kill_reason(spec, training.killed_for)
-            if outcome == "disk":
+            if outcome in ("disk", "overrun"):
                 outcome = "invalid"
         elif bad := classify(training.returncode, tail, output.fail_line):
             (outcome, reason), val_bpb = bad, None
@@ -742,6 +798,8 @@ def run_training(
         output.close()
         for folder in (spec.scratch, judge_dir):
             shutil.rmtree(folder, ignore_errors=True)
+    if training.budget_spent is not None:
+        summary["budget_spent"] = round(training.budget_spent, 2)
     peak = summary.get("peak_memory_mb") if spec.device_memory_from_summary else None
     peak_memory_mb = float(peak) if isinstance(peak, float) else (training.peak_rss / 2**20 or None)
     if peak_memory_mb is not None:
@@ -759,6 +817,7 @@ def run_training(
         truncated=output.truncated,
         pid=training.pid,
         judge_seconds=judge_seconds,
+        budget_spent=training.budget_spent,
     )
 
 
@@ -768,6 +827,8 @@ def _kill_reason(spec: RunSpec, killed_for: str) -> str:
         "timeout": f"killed at the {spec.deadline_s:.0f} s deadline",
         "oom": f"resident memory above the {spec.memory_mb} MB cap",
         "disk": f"the run's folder grew past the {spec.scratch_cap_mb} MB cap",
+        "overrun": f"still running {spec.handover_s:.0f} s after its budget was spent: a run must stop when told "
+        "and hand over its model",
     }[killed_for]
 
 

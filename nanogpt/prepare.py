@@ -32,7 +32,9 @@ import math
 import platform
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -52,17 +54,19 @@ EVAL_TOKENS = 1 << 17
 MIN_CORPUS_BYTES = 4096
 DEFAULT_TIME_SECONDS_CUDA = 300.0
 DEFAULT_CPU_FLOPS = 2.9e12
-"""The compute budget on CPU: 60 s of the default train.py at ~18k tokens/s on a 2-core machine (bench/)."""
+"""A compute budget of about 60 s of the default train.py at ~18k tokens/s on a 2-core machine (bench/)."""
+DEFAULT_CPU_WALL_SECONDS = 60.0
+"""The CPU default: this many seconds of every core, counted as CPU seconds (see `default_cpu_seconds`)."""
 EXPORT_FILE = "model.pt2"
 """The trained model as a `torch.export` program, written into the run's folder for the judge."""
 CLAIMS_FILE = "claims.json"
 """What the run says it spent (steps, tokens, parameters): checked by the judge, never the score."""
-TIME_WARMUP_BATCHES = 3
-"""Batches served before the clock starts in time mode (compile and allocator warm-up)."""
 BYTE_PATTERN = r"[\s\S]"
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 STARTED = time.perf_counter()
 """When train.py imported the harness: the start of the summary's total_seconds."""
+STARTED_AT = time.time()
+"""The same moment in epoch seconds: the budget's clock when no runner set AUTORESEARCH_CLOCK_START."""
 
 
 class CorpusError(ValueError):
@@ -475,49 +479,76 @@ def _map_tokens(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """A training budget: `seconds` of training time, or `flops` of counted compute."""
+    """A training budget: `time` (wall seconds), `cpu` (CPU seconds of the run's processes) or `compute`
+    (FLOPs counted by this file: 6 x parameters x tokens served)."""
 
     mode: str
     amount: float
 
     def __str__(self) -> str:
-        return f"{self.amount:g} s" if self.mode == "time" else f"{self.amount:.2e} FLOPs"
+        if self.mode == "time":
+            return f"{self.amount:g} s"
+        if self.mode == "cpu":
+            return f"{self.amount:g} CPU s"
+        return f"{self.amount:.2e} FLOPs"
 
 
-_BUDGET_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|flops)?\s*$", re.IGNORECASE)
+_BUDGET_RE = re.compile(
+    r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|sec|seconds|cpu|cpus|flops)?\s*$", re.IGNORECASE
+)
+_UNITS = {"flops": "compute", "cpu": "cpu", "cpus": "cpu"}
 
 
 def parse_budget(spec: str | None, device: str = "cpu") -> BudgetSpec:
-    """Parse "60", "60s" or "2.5e12flops"; None or "" gives the device default."""
+    """Parse "60", "60s", "120cpu" or "2.5e12flops"; None or "" gives the device default."""
     if spec is None or not spec.strip():
         if device == "cuda":
             return BudgetSpec("time", DEFAULT_TIME_SECONDS_CUDA)
-        return BudgetSpec("compute", DEFAULT_CPU_FLOPS)
+        return BudgetSpec("cpu", default_cpu_seconds())
     match = _BUDGET_RE.match(spec)
     if not match or float(match.group(1)) <= 0:
-        raise ValueError(f"budget {spec!r} is not understood: use seconds (60, 60s) or FLOPs (2.5e12flops)")
+        raise ValueError(
+            f"budget {spec!r} is not understood: use wall seconds (60, 60s), CPU seconds (120cpu) "
+            "or FLOPs (2.5e12flops)"
+        )
     amount, unit = float(match.group(1)), (match.group(2) or "s").lower()
-    return BudgetSpec("compute" if unit == "flops" else "time", amount)
+    return BudgetSpec(_UNITS.get(unit, "time"), amount)
+
+
+def default_cpu_seconds() -> float:
+    """The default CPU budget: DEFAULT_CPU_WALL_SECONDS of each of this machine's cores, in CPU seconds."""
+    return DEFAULT_CPU_WALL_SECONDS * (os.cpu_count() or 1)
 
 
 def describe_budget(spec: str | None, device: str = "cpu") -> str:
-    """A human-readable budget, e.g. '60 s' or '3.30e+12 FLOPs'."""
+    """A human-readable budget, e.g. '60 s', '120 CPU s' or '3.30e+12 FLOPs'."""
     return str(parse_budget(spec, device))
 
 
 def estimate_seconds(spec: str | None, device: str = "cpu") -> float:
-    """A rough wall-clock training time for a budget (compute budgets: at the default model's CPU rate)."""
+    """A rough wall-clock time for a budget: CPU seconds over this machine's cores, FLOPs at the default
+    model's CPU rate."""
     budget = parse_budget(spec, device)
     if budget.mode == "time":
         return budget.amount
+    if budget.mode == "cpu":
+        return budget.amount / (os.cpu_count() or 1)
     return budget.amount / (DEFAULT_CPU_FLOPS / 60.0)
 
 
-class Budget:
-    """Counts what training spends; `train.py` trains while `not budget.done()`.
+STOP_SIGNAL = signal.SIGUSR1
+"""The runner's word that the budget is spent, measured from outside the run: training stops at the next step."""
 
-    Tokens are counted as this file's loader serves them, so a bigger batch or model spends a compute budget
-    faster and the count cannot be skipped by accident.
+
+class Budget:
+    """Counts what the run spends; `train.py` trains while `not budget.done()`.
+
+    `time` and `cpu` budgets count from the moment the runner started the run (AUTORESEARCH_CLOCK_START):
+    start-up, compilation and every step are paid for, as the user pays them. The runner measures the same
+    thing from outside and sends STOP_SIGNAL when it is spent, so a run that patches this class gains nothing:
+    past its budget it is stopped, and one that does not stop and hand over its model soon is killed.
+    `compute` counts tokens as this file's loader serves them (6 x parameters x tokens); it is the run's own
+    count, so only the runner's deadline bounds it from outside.
     """
 
     def __init__(self, spec: BudgetSpec) -> None:
@@ -525,8 +556,10 @@ class Budget:
         self.n_params = 0
         self.tokens = 0
         self.batches = 0
-        self._clock_start: float | None = None
-        self._clock_stop: float | None = None
+        self.origin = float(os.environ.get("AUTORESEARCH_CLOCK_START") or STARTED_AT)
+        """Epoch seconds when the run started: the clock of `time` and `training_seconds`."""
+        self._finished_at: float | None = None
+        self._stop_requested = False
 
     def attach(self, model: torch.nn.Module) -> None:
         """Count the parameters of the model being trained."""
@@ -535,8 +568,10 @@ class Budget:
     def on_batch(self, tokens: int) -> None:
         self.batches += 1
         self.tokens += tokens
-        if self._clock_start is None and self.batches > TIME_WARMUP_BATCHES:
-            self._clock_start = time.perf_counter()
+
+    def request_stop(self) -> None:
+        """The budget is spent, by the runner's measure."""
+        self._stop_requested = True
 
     @property
     def flops(self) -> float:
@@ -545,31 +580,44 @@ class Budget:
 
     @property
     def training_seconds(self) -> float:
-        """Training time since the warm-up batches, up to `finish()`."""
-        if self._clock_start is None:
-            return 0.0
-        return (self._clock_stop or time.perf_counter()) - self._clock_start
+        """Wall seconds since the run started, up to `finish()`."""
+        return (self._finished_at or time.time()) - self.origin
+
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of this process and its finished children."""
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
 
     def finish(self) -> None:
-        """Stop the clock: evaluation is not training time."""
-        if self._clock_stop is None:
-            self._clock_stop = time.perf_counter()
+        """Stop the clock: what follows (the hand-over to the judge) is not training."""
+        if self._finished_at is None:
+            self._finished_at = time.time()
+
+    def spent(self) -> float:
+        """What is spent so far, in the budget's unit."""
+        if self.spec.mode == "time":
+            return self.training_seconds
+        if self.spec.mode == "cpu":
+            return self.cpu_seconds
+        return self.flops
 
     def fraction(self) -> float:
         """How much of the budget is spent, in [0, 1]: use it for learning-rate schedules."""
-        if self.spec.mode == "time":
-            return min(1.0, self.training_seconds / self.spec.amount)
-        if self.n_params == 0:
+        if self.spec.mode == "compute" and self.n_params == 0:
             raise RuntimeError("budget.attach(model) must be called before training")
-        return min(1.0, self.flops / self.spec.amount)
+        return min(1.0, self.spent() / self.spec.amount)
 
     def done(self) -> bool:
-        return self.fraction() >= 1.0
+        return self._stop_requested or self.fraction() >= 1.0
 
 
 def budget_from_env(device: str) -> Budget:
-    """The run's budget from AUTORESEARCH_BUDGET (or the device default)."""
-    return Budget(parse_budget(os.environ.get("AUTORESEARCH_BUDGET"), device))
+    """The run's budget from AUTORESEARCH_BUDGET (or the device default); STOP_SIGNAL ends it."""
+    budget = Budget(parse_budget(os.environ.get("AUTORESEARCH_BUDGET"), device))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(STOP_SIGNAL, lambda signum, frame: budget.request_stop())
+    return budget
 
 
 # --------------------------------------------------------------------------------------------------- batches
@@ -821,6 +869,7 @@ def evaluate_and_report(
         "export": "ok",
         "block_size": block_size,
         "training_seconds": round(budget.training_seconds, 3),
+        "cpu_seconds": round(budget.cpu_seconds, 3),
         "train_flops": budget.flops,
         "num_steps": num_steps,
         "num_params": budget.n_params,

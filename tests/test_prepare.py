@@ -7,7 +7,9 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,12 +161,38 @@ def test_budget_parsing_and_defaults() -> None:
     assert prepare.parse_budget("60") == prepare.BudgetSpec("time", 60.0)
     assert prepare.parse_budget("2.5s") == prepare.BudgetSpec("time", 2.5)
     assert prepare.parse_budget("2.5e12flops") == prepare.BudgetSpec("compute", 2.5e12)
-    assert prepare.parse_budget(None, "cpu").mode == "compute"
+    assert prepare.parse_budget("120cpu") == prepare.BudgetSpec("cpu", 120.0)
+    assert prepare.parse_budget(None, "cpu") == prepare.BudgetSpec("cpu", 60.0 * (os.cpu_count() or 1))
     assert prepare.parse_budget(None, "cuda") == prepare.BudgetSpec("time", 300.0)
     for bad in ("soon", "-3", "0", "12 parsecs"):
         with pytest.raises(ValueError, match="not understood"):
             prepare.parse_budget(bad)
-    assert prepare.describe_budget("90") == "90 s"
+    assert prepare.describe_budget("90") == "90 s" and prepare.describe_budget("90cpu") == "90 CPU s"
+
+
+def test_wall_and_cpu_budgets_count_from_the_runners_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTORESEARCH_CLOCK_START", str(time.time() - 30.0))  # the runner started us 30 s ago
+    monkeypatch.setenv("AUTORESEARCH_BUDGET", "40")
+    budget = prepare.budget_from_env("cpu")
+    assert budget.training_seconds == pytest.approx(30.0, abs=1.0)  # start-up is paid for, too
+    assert budget.fraction() == pytest.approx(0.75, abs=0.03) and not budget.done()
+    cpu = prepare.Budget(prepare.BudgetSpec("cpu", 1e6))
+    spent = cpu.spent()
+    sum(i * i for i in range(300_000))  # burn a little CPU
+    assert cpu.spent() > spent
+    assert spent == pytest.approx(sum(os.times()[:4]), abs=0.5)
+
+
+def test_the_runners_stop_signal_ends_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTORESEARCH_BUDGET", "1000")
+    budget = prepare.budget_from_env("cpu")
+    previous = signal.getsignal(prepare.STOP_SIGNAL)
+    try:
+        assert not budget.done()
+        os.kill(os.getpid(), prepare.STOP_SIGNAL)
+        assert budget.done()
+    finally:
+        signal.signal(prepare.STOP_SIGNAL, previous)
 
 
 def test_compute_budget_counts_six_params_per_served_token() -> None:
@@ -230,10 +258,12 @@ def test_progress_lines_count_tokens_per_second_since_the_previous_line(
 ) -> None:
     now = [100.0]
     monkeypatch.setattr(prepare.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(prepare.time, "time", lambda: now[0])
     budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    budget.origin = 100.0  # the run started now
     budget.attach(torch.nn.Linear(10, 10))
     progress = prepare.Progress(budget, "cpu")
-    for _ in range(4):  # the fourth batch starts the training clock
+    for _ in range(4):
         budget.on_batch(1000)
     now[0] = 102.0
     progress.log(25, 2.5, 1e-3)

@@ -9,11 +9,14 @@ from engine_fakes import FAKE_PREPARE, FAKE_TRAIN, make_source, make_workspace
 
 from agent.config import (
     CPU_FLOPS_PER_S,
+    DEFAULT_CPU_WALL_SECONDS,
+    DEFAULT_CUDA_SECONDS,
     EngineConfig,
     budget_seconds,
     check_budget,
     describe_budget,
     estimate_training_seconds,
+    resolve_budget,
 )
 from agent.edits import file_hash
 from agent.engine import Engine
@@ -102,7 +105,7 @@ def test_recover_clears_a_stale_git_lock(tmp_path: Path) -> None:
 
 def test_budgets() -> None:
     assert check_budget(" 60s ") == "60s"
-    for good in ("60", "60s", "60 seconds", "2.5e12flops", "3e11FLOPS"):
+    for good in ("60", "60s", "60 seconds", "120cpu", "2.5e12flops", "3e11FLOPS"):
         check_budget(good)
     for bad in ("soon", "0", "-5", "60 minutes"):
         with pytest.raises(ValueError):
@@ -115,6 +118,7 @@ def test_budgets() -> None:
     assert estimate_training_seconds("30", "cpu") == (30.0, False)
     assert estimate_training_seconds("2.9e12flops", "cpu") == (pytest.approx(60.0), True)
     assert estimate_training_seconds(None, "cuda: H100") == (300.0, False)
+    assert estimate_training_seconds("120cpu", "cpu")[1] is True and describe_budget("120cpu") == "120 CPU s"
 
 
 def test_deadline(tmp_path: Path) -> None:
@@ -149,7 +153,11 @@ def test_the_engine_and_the_harness_agree_on_budgets() -> None:
     import prepare
 
     assert pytest.approx(prepare.DEFAULT_CPU_FLOPS / 60.0) == CPU_FLOPS_PER_S
-    for spec in ("60", "60s", "2.5s", "1e12flops", "3.5E11FLOPS"):
+    assert prepare.DEFAULT_CPU_WALL_SECONDS == DEFAULT_CPU_WALL_SECONDS
+    assert prepare.DEFAULT_TIME_SECONDS_CUDA == DEFAULT_CUDA_SECONDS
+    default = prepare.parse_budget(None, "cpu")
+    assert resolve_budget(None, "cpu (2 cores)") == (default.mode, default.amount)
+    for spec in ("60", "60s", "2.5s", "1e12flops", "3.5E11FLOPS", "120cpu", "90 CPUS"):
         check_budget(spec)
         assert prepare.describe_budget(spec) == describe_budget(spec)
         assert prepare.estimate_seconds(spec) == pytest.approx(estimate_training_seconds(spec, "cpu")[0])
