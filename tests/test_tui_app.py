@@ -6,16 +6,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 from textual.pilot import Pilot
-from textual.renderables.styled import Styled
-from textual.widgets import DataTable
-from textual_plotext import PlotextPlot
 from tui_helpers import async_test, wait_until
 
 from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMetric
@@ -121,33 +117,6 @@ def test_ansi_is_read_as_rich_reads_it() -> None:
 
 
 @async_test
-async def test_the_loss_plot_draws_what_plotext_writes() -> None:
-    # TitledPlot turns plotext's ANSI into strips itself, using a textual-plotext 1.0 private for the theme.
-    assert hasattr(PlotextPlot, "_get_plotext_theme_name"), "textual-plotext changed: see TitledPlot"
-    app = make_app()
-    async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
-        app.feed(recorded_session())
-        app.drain_events()
-        plot = app.main.live.plot
-        plot.flush()
-        await pilot.pause()
-        strips = [plot.render_line(y) for y in range(plot.size.height)]
-        rendered = PlotextPlot.render(plot)  # textual-plotext's own: a Text parsed from the same figure
-        assert isinstance(rendered, Text)
-        lines = rendered.split("\n")
-        assert [strip.text for strip in strips] == [line.plain for line in lines]
-        assert any("best #4" in line.plain for line in lines)
-        console = Console()
-        for strip, line in zip(strips, lines, strict=True):
-            offset = 0
-            for segment in strip:
-                for _ in segment.text:
-                    assert segment.style == plot.rich_style + line.get_style_at_offset(console, offset)
-                    offset += 1
-
-
-@async_test
 async def test_a_progress_line_replaces_the_last_one() -> None:
     app = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
@@ -204,47 +173,6 @@ async def test_the_focused_pane_shows_in_its_title_and_its_neighbours_are_not_re
         assert "reverse" in title("timeline") and title("live") == "Live run"
         assert title("proposal") == "Proposal"
         assert restyled == []
-
-
-@async_test
-async def test_the_timeline_draws_focus_moves_from_its_caches_and_draws_them_right() -> None:
-    app = make_app()
-    async with app.run_test(size=(120, 40)) as pilot:
-        await show_recorded_session(app, pilot)
-        timeline = app.main.timeline
-        await pilot.press("2", "1")  # the timeline blurred, then focused: both looks rendered once
-        await pilot.pause()
-        console = app.console
-        render_lines = console.render_lines
-        cells_rendered: list[object] = []
-
-        def counting(renderable: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(renderable, Styled):  # how DataTable renders a cell
-                cells_rendered.append(renderable)
-            return render_lines(renderable, *args, **kwargs)
-
-        console.render_lines = counting  # type: ignore[method-assign]
-        try:
-            await pilot.press("2", "1")
-            await pilot.pause()
-            assert not cells_rendered
-        finally:
-            console.render_lines = render_lines  # type: ignore[method-assign]
-
-        def drawn_as_when_rendered_afresh() -> None:
-            kept = [list(strip) for strip in timeline.render_lines(timeline.size.region)]
-            DataTable.notify_style_update(timeline)  # what Textual does: drop every rendered cell
-            assert kept == [list(strip) for strip in timeline.render_lines(timeline.size.region)]
-
-        await pilot.press("2")
-        await pilot.pause()
-        drawn_as_when_rendered_afresh()  # blurred, from the caches
-        await pilot.press("1", "2", "1")
-        await pilot.pause()
-        drawn_as_when_rendered_afresh()  # focused, from the caches
-        app.theme = "nord"
-        await pilot.pause()
-        drawn_as_when_rendered_afresh()
 
 
 @async_test

@@ -6,11 +6,10 @@ from textual import events, on
 from textual.app import ComposeResult
 from textual.containers import Container
 from textual.content import Content
-from textual.reactive import Reactive
-from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Tab, Tabs
 
+from tui.internals import QuietFocusScreen
 from tui.widgets import CockpitHeader, LivePane, ProgressPlot, ProposalPane, Timeline
 from tui.widgets.footer import CockpitFooter
 
@@ -32,15 +31,14 @@ WIDE_MIN = (120, 34)
 """Below this many columns or rows, the panes collapse into tabs."""
 
 
-class MainScreen(Screen[None]):
-    """Everything at a glance; typed accessors for the panes."""
+class MainScreen(QuietFocusScreen[None]):
+    """Everything at a glance; typed accessors for the panes.
+
+    A focus move does not repaint the whole screen (`tui.internals.QuietFocusScreen`): the widgets that gain
+    or lose focus repaint themselves, and the panes holding them retitle themselves (`watch_focused`).
+    """
 
     AUTO_FOCUS = "#timeline"
-
-    focused: Reactive[Widget | None] = Reactive(None, repaint=False)
-    """As Screen.focused, without its repaint of the whole screen on every focus move (a full frame, tens of
-    ms on a slow CPU): the widgets that gain or lose focus restyle and repaint themselves, and the panes
-    holding them retitle themselves."""
 
     def __init__(self) -> None:
         super().__init__()

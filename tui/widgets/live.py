@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Self
 
 from rich.ansi import AnsiDecoder
 from rich.segment import Segment
@@ -13,10 +12,10 @@ from rich.style import Style
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.strip import Strip
-from textual.widgets import Log
 from textual_plotext import PlotextPlot
 
 from tui import format as fmt
+from tui.internals import ReplaceableLog, plotext_theme_name
 from tui.state import Curve, LiveRun
 
 MAX_PLOT_POINTS = 120
@@ -36,26 +35,8 @@ def thin(
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
-class RunLog(Log):
-    """A bounded log whose last line can be replaced (a `\\r` progress line)."""
-
-    def write_lines(self, lines: Iterable[str], scroll_end: bool | None = None) -> Self:
-        super().write_lines(lines, scroll_end)
-        # Log.write_lines (textual 8.2) repaints the new lines at the index they had before the oldest lines
-        # were pruned to max_lines: once the log is full, the view would go on showing stale lines.
-        self.refresh()
-        return self
-
-    def replace_last_line(self, text: str) -> None:
-        # Log has no public way to overwrite a line; its line store is a plain list (textual 8).
-        if not self._lines:
-            self.write_line(text)
-            return
-        index = len(self._lines) - 1
-        if self._lines[index] == "" and index > 0:
-            index -= 1
-        self._lines[index] = text
-        self.refresh_lines(index)
+class RunLog(ReplaceableLog):
+    """The run's log: bounded, its last line replaceable (a `\\r` progress line); see `tui.internals`."""
 
 
 def fit_title(title: str, width: int) -> str:
@@ -124,12 +105,12 @@ class TitledPlot(PlotextPlot):
     def _figure_ansi(self) -> str:
         """The figure as plotext writes it, sized and themed as PlotextPlot.render does.
 
-        Written against textual-plotext 1.0.1, whose theme naming is private (`_get_plotext_theme_name`);
-        tests/test_tui_app.py fails if it goes away or if these strips stop matching PlotextPlot's render.
+        textual-plotext names the theme only privately (`tui.internals.plotext_theme_name`);
+        tests/test_tui_internals.py fails if these strips stop matching PlotextPlot's render.
         """
         width, height = self.size
         self.plt.plotsize(width, height)
-        self.plt.theme(self._get_plotext_theme_name(self.app.theme))
+        self.plt.theme(plotext_theme_name(self))
         self.plt.title(fit_title(self.title_text, width))
         return self.plt.build()
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.message import Message
-from textual.widget import Widget
 from textual.widgets import DataTable
 
 from tui import format as fmt
+from tui.internals import FocusCachedTable
 from tui.state import ExperimentRow
 
 COLUMNS = (("#", "id"), ("status", "status"), ("val_bpb", "bpb"), ("Δ best", "delta"), ("time", "time"))
 
 
-class Timeline(DataTable[Text | str]):
-    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, description)."""
+class Timeline(FocusCachedTable[Text | str]):
+    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, description).
+
+    Its rendered rows survive focus moves (see `tui.internals.FocusCachedTable`).
+    """
 
     class ExperimentSelected(Message):
         """The user chose an experiment to look at (Enter or click)."""
@@ -27,23 +30,6 @@ class Timeline(DataTable[Text | str]):
         super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
         self._shown: dict[int, tuple[object, ...]] = {}
         self._order: list[int] = []
-        self._styled_theme: str | None = None
-
-    def notify_style_update(self) -> None:
-        # DataTable (textual 8.2) drops every rendered cell, row and line on any restyle, and each focus move
-        # restyles it (its look depends on :focus): a full re-render, ~1-2 ms a row. Those three caches are
-        # keyed by the base style and the focus state, so both looks can stay cached; what is not keyed by
-        # them (the lines already composed, the component styles) is dropped as DataTable does, and a new
-        # theme (which may keep the base style but not the cursor's) drops everything.
-        # tests/test_tui_app.py checks the rows drawn from the caches against freshly rendered ones.
-        if self.app.theme != self._styled_theme:
-            self._styled_theme = self.app.theme
-            super().notify_style_update()
-            return
-        Widget.notify_style_update(self)
-        self._styles_cache.clear()
-        self._get_styles_to_render_cell.cache_clear()
-        self.refresh()
 
     def on_mount(self) -> None:
         for label, key in COLUMNS:
