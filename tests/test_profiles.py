@@ -115,7 +115,7 @@ def test_the_gpu_train_py_trains_a_few_steps_on_cpu_and_exports_for_the_judge(tm
         os.environ,
         **ws.run_env,
         AUTORESEARCH_CORPUS=str(words_corpus(tmp_path / "words.txt")),
-        AUTORESEARCH_BUDGET="0.5",  # seconds after the 3 warm-up batches: 4 steps or a few more
+        AUTORESEARCH_BUDGET="1.5e10flops",  # 3 or 4 steps of 512 tokens, however busy the machine
     )
     proc = subprocess.run(
         [sys.executable, "train.py"], cwd=ws.path, env=env, capture_output=True, text=True, timeout=600
@@ -125,7 +125,7 @@ def test_the_gpu_train_py_trains_a_few_steps_on_cpu_and_exports_for_the_judge(tm
     assert "training a BPE vocabulary of 8192 tokens" in proc.stderr  # the profile's AUTORESEARCH_VOCAB
     block = proc.stdout.split("\n---\n")[-1]
     summary = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines())}
-    assert int(summary["num_steps"]) >= 4
+    assert int(summary["num_steps"]) >= 3
     claims = json.loads((ws.path / "claims.json").read_text())
     assert claims["export"] == "ok" and claims["block_size"] == 256
     judged = subprocess.run(

@@ -15,7 +15,7 @@ N_EMBD = 512
 BLOCK_SIZE = 1024  # context length, in BPE tokens
 BATCH_SIZE = 64  # sequences per step: 64 x 1024 = 65,536 tokens
 LEARNING_RATE = 1.5e-3  # peak
-WARMUP_FRACTION = 0.05  # of the budget
+WARMUP_STEPS = 50  # steps, not a budget fraction: the budget's clock also runs during compilation
 MIN_LR_FRACTION = 0.1  # of the peak
 WEIGHT_DECAY = 0.1
 BETAS = (0.9, 0.95)
@@ -105,11 +105,11 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
 
 
-def learning_rate(progress):
-    if progress < WARMUP_FRACTION:
-        return LEARNING_RATE * (progress + 1e-3) / WARMUP_FRACTION  # + 1e-3: never exactly zero
-    decay = (progress - WARMUP_FRACTION) / max(1e-9, 1 - WARMUP_FRACTION)
-    return LEARNING_RATE * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay)))
+def learning_rate(step, progress):
+    """Linear warm-up over the first steps, cosine decay over the budget (progress in [0, 1])."""
+    warmup = min(1.0, (step + 1) / WARMUP_STEPS)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup * LEARNING_RATE * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * cosine)
 
 
 def main():
@@ -127,7 +127,7 @@ def main():
     progress = Progress(budget, device)
     step = 0
     while not budget.done():
-        lr = learning_rate(budget.fraction())
+        lr = learning_rate(step, budget.fraction())
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batches.next()
