@@ -161,3 +161,19 @@ def test_the_engine_and_the_harness_agree_on_budgets() -> None:
         check_budget(spec)
         assert prepare.describe_budget(spec) == describe_budget(spec)
         assert prepare.estimate_seconds(spec) == pytest.approx(estimate_training_seconds(spec, "cpu")[0])
+
+
+def test_git_hooks_and_fsmonitor_planted_in_a_workspace_never_run(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path)
+    canary = tmp_path / "hook-ran"
+    hooks = Path(ws.repo.git_dir) / "hooks"
+    for name in ("pre-commit", "post-commit", "post-checkout", "reference-transaction", "fsmonitor-watchman"):
+        (hooks / name).write_text(f"#!/bin/sh\necho {name} >> {canary}\n")
+        (hooks / name).chmod(0o755)
+    ws.repo.git.config("core.fsmonitor", str(hooks / "fsmonitor-watchman"))
+    reopened = Workspace.open(ws.path)
+    commit = reopened.commit_train(FAKE_TRAIN + "# changed\n", "an experiment")
+    reopened.move_branch(reopened.initial_commit)
+    reopened.save_discarded(1, commit)
+    reopened.changed_tracked_files()
+    assert not canary.exists(), canary.read_text()
