@@ -130,6 +130,7 @@ def contain(
     *,
     cwd: Path,
     writable: Sequence[Path] = (),
+    readable: Sequence[Path] = (),
     hidden: Sequence[Path] = (),
     tmp_mb: int = 512,
     network: bool = False,
@@ -137,7 +138,8 @@ def contain(
     """The argv that runs `argv` contained as `containment` allows (at level "none": argv unchanged).
 
     At "full": `cwd` is the working directory inside; `writable` paths stay read-write and everything else is
-    read-only; `hidden` files read as empty (a bind of /dev/null) and `hidden` folders as empty read-only
+    read-only; `readable` paths stay in sight read-only even under the private /tmp (a data cache there);
+    `hidden` files read as empty (a bind of /dev/null) and `hidden` folders as empty read-only
     folders (a path missing at start is skipped); /tmp and /dev/shm are private tmpfs of `tmp_mb` MiB each;
     stdin is /dev/null; stdout and stderr pass through. The exit status is argv's exit code, 128+N if it died
     of signal N, and SETUP_FAILED (125, with a line on stderr) if the namespace could not be set up, in which
@@ -164,6 +166,8 @@ def contain(
     options = ["--cwd", str(cwd.resolve()), "--tmp-mb", str(tmp_mb)]
     for path in writable:
         options += ["--writable", str(path.resolve())]
+    for path in readable:
+        options += ["--readable", str(path.resolve())]
     for path in hidden:
         options += ["--hidden", str(path.resolve())]
     return [
@@ -274,6 +278,7 @@ def _init_program() -> None:
     options, argv = args[:split], args[split + 1 :]
     cwd, tmp_mb = "/", 512
     writable: list[str] = []
+    readable: list[str] = []
     hidden: list[str] = []
     values = iter(options)
     for name in values:
@@ -283,6 +288,8 @@ def _init_program() -> None:
             tmp_mb = int(next(values))
         elif name == "--writable":
             writable.append(next(values))
+        elif name == "--readable":
+            readable.append(next(values))
         elif name == "--hidden":
             hidden.append(next(values))
 
@@ -291,11 +298,11 @@ def _init_program() -> None:
     fds: dict[str, int] = {}
     devices = ["null", "zero", "full", "random", "urandom", "tty"]
     devices += sorted(name for name in os.listdir("/dev") if name.startswith("nvidia") or name == "dri")
-    for path in [*writable, *(f"/dev/{name}" for name in devices)]:
+    for path in [*writable, *readable, *(f"/dev/{name}" for name in devices)]:
         try:
             fds[path] = os.open(path, os.O_PATH)
         except OSError as exc:
-            if path in writable or path == "/dev/null":
+            if path in writable or path in readable or path == "/dev/null":
                 fail(f"opening {path} failed: {exc.strerror}")
 
     skeletons: set[str] = set()  # folders created in the private /tmp to hold a writable path's mount point
@@ -329,6 +336,9 @@ def _init_program() -> None:
     for path in writable:
         bind(path, path, recursive=True)
         set_readonly(path, readonly=False, recursive=False)
+    for path in readable:
+        bind(path, path, recursive=True)
+        set_readonly(path, readonly=True, recursive=True)
     for path in skeletons.difference(writable):  # the way to a writable path is read-only like the host's
         mount(path, path, None, ms_bind | ms_rec)
         set_readonly(path, readonly=True, recursive=False)

@@ -43,6 +43,7 @@ def run(
     scratch: Path,
     *args: str,
     hidden: Sequence[Path] = (),
+    readable: Sequence[Path] = (),
     tmp_mb: int = 8,
     network: bool = False,
     extra: Sequence[str] = (),
@@ -54,6 +55,7 @@ def run(
         FULL,
         cwd=scratch,
         writable=[scratch],
+        readable=readable,
         hidden=hidden,
         tmp_mb=tmp_mb,
         network=network,
@@ -221,6 +223,27 @@ def test_hidden_path_inside_writable_is_masked(scratch: Path) -> None:
     script = "import sys; sys.stdout.write(repr(open('val.bin', 'rb').read()))"
     done = run(script, scratch, hidden=[scratch / "val.bin"])
     assert (done.returncode, done.stdout) == (0, "b''")
+
+
+def test_a_readable_folder_under_tmp_stays_in_sight_read_only(scratch: Path, tmp_path: Path) -> None:
+    full_or_skip()
+    cache = tmp_path / "cache"  # under the host's /tmp, which the private /tmp covers
+    (cache / "data").mkdir(parents=True)
+    (cache / "data" / "train.bin").write_bytes(b"train")
+    (cache / "data" / "val.bin").write_bytes(b"secret")
+    script = f"""
+import sys
+data = {str(cache / "data")!r}
+out = [open(data + "/train.bin", "rb").read(), open(data + "/val.bin", "rb").read()]
+try:
+    open(data + "/new", "w")
+    out.append("wrote")
+except OSError as exc:
+    out.append(exc.strerror)
+sys.stdout.write(repr(out))
+"""
+    done = run(script, scratch, readable=[cache], hidden=[cache / "data" / "val.bin"])
+    assert (done.returncode, done.stdout) == (0, "[b'train', b'', 'Read-only file system']"), done.stderr
 
 
 def test_private_tmp_is_size_limited(scratch: Path) -> None:
