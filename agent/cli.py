@@ -11,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import paths
 from agent.config import EngineConfig, check_budget
@@ -40,9 +40,33 @@ class _Nothing:
 # ---- the parser ---------------------------------------------------------------------------------------
 
 
-def _common(suppress: bool) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that never guesses and fails in one line.
+
+    Prefix matching is off (`allow_abbrev=False`): argparse would otherwise read `--seed 2` as `--seeds 2`,
+    and a session meant to be reproducible would silently run with two baseline seeds and an unseeded model.
+    Subparsers are made with the parser's own class, so every parser of the command line is one of these.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """One line on stderr and exit code 2, as every other error (argparse prints its usage too)."""
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+SEED_HELP = (
+    "seed of the local model's sampling: each proposal samples with a seed drawn from a generator seeded "
+    "with N, so the same N proposes the same edits from the same state (default: unseeded; training seeds "
+    "are separate, see --seeds)"
+)
+
+
+def _common(suppress: bool) -> Parser:
     """--workspace, --budget and --model, accepted before and after the subcommand."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = Parser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument(
         "--workspace",
@@ -58,15 +82,17 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
+    """The `autoresearch` parser; every subparser is a `Parser` too (no prefix matching, one-line errors)."""
     sub_common = _common(suppress=True)
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="autoresearch",
         description="Offline autoresearch: a local model edits, trains and judges a small GPT. "
         "Without a command, opens the cockpit.",
         parents=[_common(suppress=False)],
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     run = commands.add_parser("run", parents=[sub_common], help="run the research loop (--headless: no UI)")
     run.add_argument("--headless", action="store_true", help="print events instead of opening the cockpit")
@@ -75,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments")
     run.add_argument(
-        "--seeds", type=int, metavar="K", help="baseline runs that measure the noise (default 3 on CPU)"
+        "--seeds",
+        type=int,
+        metavar="K",
+        help="baseline runs (training seeds) that measure the noise (default 3 on CPU, 2 on CUDA)",
     )
+    run.add_argument("--seed", type=int, default=argparse.SUPPRESS, metavar="N", help=SEED_HELP)
     run.add_argument("--json", action="store_true", help="print events as JSON lines")
     run.add_argument("--verbose", "-v", action="store_true", help="also print states and progress lines")
 
@@ -111,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", type=Path, metavar="PNG", help="where to write (default: DIR/progress.png)"
     )
     return parser
+
+
+SEEDED_COMMANDS = (None, "run")
+"""The commands that make proposals with the local model, where --seed means something."""
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -179,6 +213,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.workspace import Workspace
 
     if args.ideas is not None:
+        if args.seed is not None:
+            raise CliError(
+                "--seed seeds the local model's sampling; --ideas takes the proposals from the file"
+            )
         from agent.ideas import IdeaQueue
 
         proposer: Any = IdeaQueue.from_file(args.ideas)
@@ -187,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             from agent.llm import make_proposer
         except ImportError as exc:
             raise CliError(f"the local-model proposer is not available ({exc}); try --ideas FILE") from None
-        proposer = make_proposer(args.model, None)
+        proposer = make_proposer(args.model, args.seed)
     workspace = Workspace.open_or_init(_workspace_path(args))
     config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments)
     engine = Engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
@@ -326,7 +364,9 @@ def cmd_cockpit(args: argparse.Namespace) -> int:
         from tui.app import run_app
     except ImportError as exc:
         raise CliError(f"the cockpit is not available ({exc}); use `autoresearch run --headless`") from None
-    return int(run_app(workspace=_workspace_path(args), budget=args.budget, model=args.model) or 0)
+    return int(
+        run_app(workspace=_workspace_path(args), budget=args.budget, model=args.model, seed=args.seed) or 0
+    )
 
 
 COMMANDS = {
@@ -344,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The entry point; every error is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
+        if args.seed is not None and args.command not in SEEDED_COMMANDS:
+            raise CliError(
+                f"--seed seeds the model's proposals: it goes with the cockpit or `run`, not `{args.command}`"
+            )
         if args.budget is not None:
             try:
                 args.budget = check_budget(args.budget)

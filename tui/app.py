@@ -76,6 +76,7 @@ def default_engine_builder(
     budget: str | None,
     model: str | None,
     *,
+    seed: int | None = None,
     proposer: Proposer | None = None,
     config: Any = None,
 ) -> EngineBuilder:
@@ -99,7 +100,7 @@ def default_engine_builder(
         if chosen_proposer is None:
             from agent.llm import make_proposer
 
-            chosen_proposer = make_proposer(model, None)
+            chosen_proposer = make_proposer(model, seed)
         created = not Workspace.is_workspace(workspace)
         ws = Workspace.open_or_init(workspace)
         engine = Engine(ws, chosen_proposer, cfg, sink)
@@ -780,6 +781,7 @@ def create_app(
     budget: str | None = None,
     model: str | None = None,
     *,
+    seed: int | None = None,
     proposer: Proposer | None = None,
     config: Any = None,
     welcome: bool | None = None,
@@ -788,10 +790,11 @@ def create_app(
 ) -> CockpitApp:
     """The cockpit on a workspace (created on first run); the CLI and the tests both use this.
 
-    `proposer` replaces the local model (tests pass the idea queue); `config` replaces the EngineConfig
-    built from `budget`/AUTORESEARCH_BUDGET; `welcome` forces the first-run welcome on or off.
+    `seed` seeds the local model's sampling (None: unseeded); `proposer` replaces the local model (tests
+    pass the idea queue); `config` replaces the EngineConfig built from `budget`/AUTORESEARCH_BUDGET;
+    `welcome` forces the first-run welcome on or off.
     """
-    builder = default_engine_builder(workspace, budget, model, proposer=proposer, config=config)
+    builder = default_engine_builder(workspace, budget, model, seed=seed, proposer=proposer, config=config)
     return CockpitApp(
         builder,
         workspace=workspace,
@@ -804,9 +807,9 @@ def create_app(
     )
 
 
-def run_app(workspace: Path, budget: str | None, model: str | None) -> int:
+def run_app(workspace: Path, budget: str | None, model: str | None, seed: int | None = None) -> int:
     """Open the cockpit on `workspace` and return the exit status once the user quits."""
-    app = create_app(workspace, budget, model)
+    app = create_app(workspace, budget, model, seed=seed)
     try:
         code = app.run()
     finally:
