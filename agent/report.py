@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.ledger import Experiment
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.text import Annotation
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,23 @@ def summary_text(summary: Summary, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+LABEL_OFFSET = 6
+"""Points between a kept experiment and its label."""
+
+
 def write_progress_png(experiments: list[Experiment], path: Path) -> Path:
     """Plot val_bpb per experiment (discards faint, keeps green and labelled, the running best as a step line)."""
+    import matplotlib.pyplot as plt
+
+    fig = progress_figure(experiments)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def progress_figure(experiments: list[Experiment]) -> Figure:
+    """The figure of progress.png, laid out, every label inside it; close it with `plt.close`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +118,7 @@ def write_progress_png(experiments: list[Experiment], path: Path) -> Path:
         if e.phase == "decided" and e.status in ("crash", "timeout", "oom", "nan", "invalid")
     ]
     fig, ax = plt.subplots(figsize=(14, 7))
+    labels: list[Annotation] = []
     if discarded:
         ax.scatter(
             [e.id for e in discarded],
@@ -139,17 +160,19 @@ def write_progress_png(experiments: list[Experiment], path: Path) -> Path:
         )
         for exp in kept:
             label = exp.description if len(exp.description) <= 45 else exp.description[:42] + "..."
-            ax.annotate(
+            text = ax.annotate(
                 label,
                 (exp.id, exp.val_bpb),
+                xytext=(LABEL_OFFSET, LABEL_OFFSET),
                 textcoords="offset points",
-                xytext=(6, 6),
                 fontsize=8,
                 color="#1a7a3a",
-                rotation=30,
-                ha="left",
-                va="bottom",
+                rotation_mode="anchor",
             )
+            _point_label(text, right=True, up=True)
+            # The layout makes room for the axes, not for labels: they are placed inside the figure below.
+            text.set_in_layout(False)
+            labels.append(text)
     if failed:
         top = max((e.val_bpb for e in decided if e.val_bpb is not None), default=1.0)
         ax.scatter(
@@ -171,7 +194,28 @@ def write_progress_png(experiments: list[Experiment], path: Path) -> Path:
     if decided:
         ax.legend(loc="upper right", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    _keep_labels_inside(fig, labels)
+    return fig
+
+
+def _point_label(text: Annotation, *, right: bool, up: bool) -> None:
+    """Set `text` to run from its point at 30 degrees: up and to the right, or mirrored."""
+    text.set_position((LABEL_OFFSET if right else -LABEL_OFFSET, LABEL_OFFSET if up else -LABEL_OFFSET))
+    text.set_rotation(30 if right == up else -30)
+    text.set_horizontalalignment("left" if right else "right")
+    text.set_verticalalignment("bottom" if up else "top")
+
+
+def _keep_labels_inside(fig: Figure, labels: list[Annotation]) -> None:
+    """Mirror a label that would leave the figure (a long description on the last point, or the top one)."""
+    if not labels:
+        return
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    bounds = fig.bbox
+    for text in labels:
+        extent = text.get_window_extent(renderer)
+        right = extent.x1 <= bounds.x1
+        up = extent.y1 <= bounds.y1
+        if not (right and up):
+            _point_label(text, right=right, up=up)
