@@ -9,25 +9,23 @@ from __future__ import annotations
 import codecs
 import ctypes
 import hashlib
-import http.client
-import ipaddress
 import json
 import logging
 import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any
 
 from agent import paths
+from agent.backend import Backend, Completion, GenerationCancelled, GenerationStats
 from agent.edits import EditError
+from agent.endpoint import EndpointError as EndpointError  # re-exported: callers import them from here
+from agent.endpoint import EndpointModel, check_local_url, is_endpoint, split_model
+from agent.endpoint import EndpointUnavailable as EndpointUnavailable
 from agent.events import EventSink, Info, ModelLoaded, ModelLoading, ProposalToken
 from agent.models import ModelError, ModelRef, resolve_model, validate
 from agent.prompt import (
@@ -40,7 +38,7 @@ from agent.prompt import (
     render_chatml,
 )
 from agent.proposals import Proposal, ProposalContext, ProposalFailed
-from agent.reply import REPLY_GRAMMAR, REPLY_SCHEMA, DuplicateIdea, ReplyError, check_reply
+from agent.reply import REPLY_GRAMMAR, DuplicateIdea, ReplyError, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -98,75 +96,6 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS and Windows
         return max(1, os.cpu_count() or 1)
-
-
-class GenerationCancelled(Exception):
-    """The cancel event was set while the model was reading the prompt or writing."""
-
-    def __init__(self, partial: str) -> None:
-        super().__init__("cancelled")
-        self.partial = partial
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """How one reply was made: what the KV cache saved and how fast each phase ran."""
-
-    prompt_tokens: int
-    reused_tokens: int
-    """Prompt tokens whose KV cache entries were reused from the previous call (or the disk cache)."""
-    prompt_seconds: float
-    generated_tokens: int
-    generate_seconds: float
-    finish_reason: str
-    """stop (end of reply), length (max_tokens reached)."""
-    drafted_tokens: int = 0
-    """Tokens guessed by prompt lookup and checked alongside the next one."""
-    accepted_tokens: int = 0
-    """Of those, the ones the model went on to sample: each saved a decode step."""
-
-    @property
-    def evaluated_tokens(self) -> int:
-        return self.prompt_tokens - self.reused_tokens
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.evaluated_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    @property
-    def generate_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    stats: GenerationStats
-
-
-class Backend(Protocol):
-    """Something that turns chat messages into a streamed JSON reply."""
-
-    name: str
-    n_ctx: int
-
-    def count_tokens(self, text: str) -> int: ...
-
-    def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        on_text: Callable[[str], None],
-        cancel: threading.Event,
-    ) -> Completion: ...
-
-    def remember(self) -> None:
-        """A proposal succeeded: a good moment to persist the prompt cache."""
-
-    def close(self) -> None: ...
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -571,130 +500,8 @@ class _Sampler:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A local OpenAI-compatible server (llama-server, Ollama): localhost only
-# ---------------------------------------------------------------------------------------------------------
-
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-def check_local_url(url: str) -> str:
-    """The chat-completions URL of a local OpenAI-compatible server; ModelError for any non-local host."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https"):
-        raise ModelError(f"{url}: an endpoint must be an http:// URL on localhost")
-    host = (parsed.hostname or "").lower()
-    local = host in _LOOPBACK_NAMES
-    if not local:
-        try:
-            local = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            local = False
-    if not local:
-        raise ModelError(
-            f"{url}: refusing a non-local endpoint ({host or 'no host'}): only localhost is allowed"
-        )
-    base = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
-    if base.endswith("/chat/completions"):
-        return base
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/chat/completions"
-
-
-class EndpointModel:
-    """A model served on localhost with the OpenAI chat API; the reply is constrained by REPLY_SCHEMA."""
-
-    def __init__(self, url: str, model: str | None = None, n_ctx: int = DEFAULT_CONTEXT) -> None:
-        self.url = check_local_url(url)
-        self.model = model or "local"
-        self.name = f"{self.model}@{urllib.parse.urlsplit(self.url).netloc}"
-        self.n_ctx = n_ctx
-        # Never through a proxy: the request must stay on this machine.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def count_tokens(self, text: str) -> int:
-        from agent.prompt import estimate_tokens
-
-        return estimate_tokens(text)
-
-    def complete(
-        self,
-        messages: Sequence[Message],
-        *,
-        max_tokens: int,
-        temperature: float,
-        seed: int,
-        on_text: Callable[[str], None],
-        cancel: threading.Event,
-        grammar: str | None = None,
-    ) -> Completion:
-        body = {
-            "model": self.model,
-            "messages": list(messages),
-            "stream": True,
-            "temperature": temperature,
-            "seed": seed,
-            "max_tokens": max_tokens,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "proposal", "strict": True, "schema": REPLY_SCHEMA},
-            },
-        }
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        started = time.perf_counter()
-        first: float | None = None
-        parts: list[str] = []
-        finish = "stop"
-        try:
-            with self._opener.open(request, timeout=600) as response:
-                for raw in response:
-                    if cancel.is_set():
-                        raise GenerationCancelled("".join(parts))
-                    line = raw.decode("utf-8", errors="replace").strip()
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    choice = (chunk.get("choices") or [{}])[0]
-                    piece = (choice.get("delta") or {}).get("content") or ""
-                    if piece:
-                        first = first or time.perf_counter()
-                        parts.append(piece)
-                        on_text(piece)
-                    if choice.get("finish_reason"):
-                        finish = str(choice["finish_reason"])
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            raise ModelError(f"{self.url}: the local endpoint failed: {exc}") from None
-        finished = time.perf_counter()
-        first = first or finished
-        stats = GenerationStats(
-            prompt_tokens=0,
-            reused_tokens=0,
-            prompt_seconds=first - started,
-            generated_tokens=len(parts),
-            generate_seconds=finished - first,
-            finish_reason=finish,
-        )
-        return Completion(text="".join(parts), stats=stats)
-
-    def remember(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The proposer
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _is_url(text: str | None) -> bool:
-    return bool(text) and str(text).startswith(("http://", "https://"))
 
 
 class LlamaProposer:
@@ -729,9 +536,8 @@ class LlamaProposer:
 
     @staticmethod
     def _resolve(model: str | Path | None) -> ModelRef | str:
-        if isinstance(model, str) and _is_url(model):
-            url, _, name = model.partition("#")
-            check_local_url(url)
+        if isinstance(model, str) and is_endpoint(model):
+            check_local_url(split_model(model)[0])
             return model
         return resolve_model(model)
 
@@ -756,8 +562,8 @@ class LlamaProposer:
         name = self.model_name or "model"
         started = time.perf_counter()
         if isinstance(target, str):
-            url, _, model = target.partition("#")
-            self._backend = EndpointModel(url, model or None)
+            url, model = split_model(target)
+            self._backend = EndpointModel(url, model, self.n_ctx or DEFAULT_CONTEXT)
         else:
             last = [-1.0]
 

@@ -311,6 +311,8 @@ class ModelEntry:
     error: str | None = None
     embedded: EmbeddedModel | None = None
     default: bool = False
+    dialect: str | None = None
+    """For a local server: how it takes the reply's JSON schema (agent.endpoint.DIALECTS), once known."""
 
 
 _info_cache: dict[tuple[Path, int, int], GGUFInfo] = {}
@@ -417,6 +419,27 @@ def discover_models(extra: Iterable[Path] = ()) -> list[ModelEntry]:
     return entries
 
 
+def endpoint_entries(bases: Iterable[str] | None = None) -> list[ModelEntry]:
+    """Local servers that have answered before, one entry per model they served, from memory (no request).
+
+    `bases` limits them to those `.../v1` URLs. An entry's name is what `--model` takes: `URL#model`.
+    """
+    from agent.endpoint import remembered_endpoints
+
+    memos = remembered_endpoints()
+    wanted = set(bases) if bases is not None else None
+    entries: list[ModelEntry] = []
+    for base, memo in sorted(memos.items()):
+        if wanted is not None and base not in wanted:
+            continue
+        checked = time.strftime("%Y-%m-%d %H:%M", time.localtime(memo.checked)) if memo.checked else "?"
+        where = f"local server, {memo.dialect or 'dialect not probed yet'} (answered {checked})"
+        for model in memo.models or ("",):
+            name = f"{base}#{model}" if model else base
+            entries.append(ModelEntry(name=name, where=where, path=None, dialect=memo.dialect))
+    return entries
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A resolved model choice: a GGUF file, or an embedded model that `ensure_file` assembles."""
@@ -487,8 +510,61 @@ def _human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def print_models(extra: list[Path]) -> int:
-    """Print the model table; 1 if a model given in `extra` is unusable, else 0."""
+def print_endpoints(urls: Sequence[str]) -> int:
+    """Probe each local server in `urls` and print what it serves and its dialect, with the servers remembered
+    from before (not contacted); 1 if a given one does not answer or cannot be used, else 0."""
+    from agent.endpoint import find_dialect, probe, remembered_endpoints
+
+    rows: list[tuple[str, str, str]] = []
+    notes: list[str] = []
+    probed: set[str] = set()
+    status = 0
+    for url in urls:
+        report = probe(url)
+        probed.add(report.base)
+        served = ", ".join(report.models) or "-"
+        if report.error is not None:
+            status = 1
+            rows.append((report.base, served, "unusable"))
+            notes.append(f"  {report.base}: {report.error}")
+        else:
+            assert report.dialect is not None
+            rows.append((report.base, served, f"{report.dialect.name}: {report.dialect.how}"))
+    for base, memo in sorted(remembered_endpoints().items()):
+        if base in probed:
+            continue
+        dialect = find_dialect(memo.dialect)
+        how = f"{dialect.name}: {dialect.how}" if dialect else "not probed yet"
+        rows.append((base, ", ".join(memo.models) or "-", f"{how} (remembered)"))
+    if not rows:
+        return status
+    print()
+    header = ("ENDPOINT", "MODELS", "DIALECT")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(2)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    example = next((row for row in rows if row[1] != "-"), None)
+    if example is not None:
+        print(f"use one with --model {example[0]}#{example[1].split(', ')[0]}")
+    if notes:
+        print("Unusable endpoints:")
+        for note in notes:
+            print(note)
+    return status
+
+
+def print_models(extra: Sequence[Path | str]) -> int:
+    """Print the model table, then the local servers (URLs in `extra` are probed); 1 if a model or server
+    given in `extra` is unusable, else 0."""
+    from agent.endpoint import is_endpoint
+
+    urls = [str(item) for item in extra if is_endpoint(str(item))]
+    files = [Path(item) for item in extra if not is_endpoint(str(item))]
+    status = _print_files(files)
+    return max(status, print_endpoints(urls))
+
+
+def _print_files(extra: list[Path]) -> int:
     entries = discover_models(extra)
     header = ("NAME", "SIZE", "QUANT", "CONTEXT", "CHAT", "FOUND")
     rows: list[tuple[str, ...]] = []
@@ -554,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     assemble_cmd.add_argument("--all", action="store_true", help="every embedded model that is installed")
     assemble_cmd.add_argument("--force", action="store_true", help="rebuild and re-verify even if stamped")
     list_cmd = sub.add_parser("list", help="list the models in reach", allow_abbrev=False)
-    list_cmd.add_argument("paths", nargs="*", type=Path, help="extra GGUF files or folders")
+    list_cmd.add_argument("paths", nargs="*", help="extra GGUF files or folders, or local server URLs")
     req_cmd = sub.add_parser(
         "requirements", help="print hash-pinned pip requirements of an embedded model", allow_abbrev=False
     )

@@ -11,11 +11,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
+from endpoint_fakes import ScriptedServer
 
 from agent import models
 from agent.edits import apply_edits, check_python, file_hash
@@ -131,61 +130,17 @@ GOOD_REPLY = json.dumps(
 )
 
 
-class FakeServer:
-    """A localhost OpenAI-compatible server streaming its replies in small chunks, in turn (the last repeats)."""
-
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = replies
-        self.requests: list[dict[str, Any]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the http.server API
-                length = int(self.headers["Content-Length"])
-                outer.requests.append(json.loads(self.rfile.read(length)))
-                reply = outer.replies[min(len(outer.requests), len(outer.replies)) - 1]
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for start in range(0, len(reply), 7):
-                    chunk = {"choices": [{"delta": {"content": reply[start : start + 7]}}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                self.wfile.write(
-                    b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
-                )
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fake_server() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    server = FakeServer([GOOD_REPLY])
-    yield server.url, server.requests
-    server.close()
-
-
-def test_a_local_endpoint_proposes_through_the_same_checks(
-    fake_server: tuple[str, list[dict[str, Any]]],
-) -> None:
-    url, requests = fake_server
-    proposer = make_proposer(f"{url}#qwen2.5-coder:1.5b", seed=5)
-    assert proposer.model_name == "qwen2.5-coder:1.5b"
-    record = Recorder()
-    proposal = proposer.propose(context(), record, threading.Event())
+def test_a_local_endpoint_proposes_through_the_same_checks() -> None:
+    with ScriptedServer(replies=[GOOD_REPLY]) as server:
+        proposer = make_proposer(f"{server.url}#qwen2.5-coder:1.5b", seed=5)
+        assert proposer.model_name == "qwen2.5-coder:1.5b"
+        record = Recorder()
+        proposal = proposer.propose(context(), record, threading.Event())
     assert isinstance(proposal, Proposal)
     assert proposal.description == "batch size 32" and proposal.model == "qwen2.5-coder:1.5b"
     assert proposal.seed is not None and proposal.temperature is not None
     assert record.streamed == GOOD_REPLY
-    body = requests[0]
+    body = server.bodies[0]
     assert body["model"] == "qwen2.5-coder:1.5b" and body["stream"] is True
     assert body["response_format"]["json_schema"]["schema"]["required"] == [
         "reasoning",
@@ -213,25 +168,22 @@ def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
         SMALL_TRAIN, (Edit("BATCH_SIZE = 16  # sequences per step", "BATCH_SIZE = 32  # sequences per step"),)
     )
     other = GOOD_REPLY.replace("BATCH_SIZE = 32", "BATCH_SIZE = 8").replace("batch size 32", "batch size 8")
-    server = FakeServer([GOOD_REPLY, other])
-    try:
+    with ScriptedServer(replies=[GOOD_REPLY, other]) as server:
         proposer = make_proposer(f"{server.url}#local", seed=5)
         ctx = dataclasses.replace(
             context(program_md=PROGRAM_WITH_IDEAS), tried_hashes=frozenset({file_hash(tried)})
         )
         record = Recorder()
         proposal = proposer.propose(ctx, record, threading.Event())
-    finally:
-        server.close()
     assert proposal is not None and proposal.description == "batch size 8"
     assert len(proposal.replies) == 2 and "already tried" in record.of(Info)[0].message
-    first, second = (request["messages"][-1]["content"] for request in server.requests)
+    first, second = (request["messages"][-1]["content"] for request in server.bodies)
     # One history row: the second direction of the list is suggested first, a different one on the retry.
     assert "Suggested direction (from program.md): Batch size" in first
     retry_tail = second[len(first) :]
     assert "already tried" in retry_tail and "Try a different direction instead:" in retry_tail
     assert "Batch size" not in retry_tail.split("instead:")[1]
-    temperatures = [request["temperature"] for request in server.requests]
+    temperatures = [request["temperature"] for request in server.bodies]
     assert temperatures[1] == pytest.approx(temperatures[0] + 0.3) == proposal.temperature
 
 

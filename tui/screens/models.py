@@ -52,10 +52,11 @@ def choice_from_entry(entry: Any) -> ModelChoice:
 
 
 def discover_choices() -> list[ModelChoice]:
-    """Every model in reach, from `agent.models` (reads files: call it from a worker)."""
-    from agent.models import discover_models
+    """Every model in reach, from `agent.models`, then the local servers that have answered before, each with
+    the dialect it speaks (reads files: call it from a worker)."""
+    from agent.models import discover_models, endpoint_entries
 
-    return [choice_from_entry(entry) for entry in discover_models()]
+    return [choice_from_entry(entry) for entry in [*discover_models(), *endpoint_entries()]]
 
 
 class ModelPickerScreen(ModalScreen[str | None]):
