@@ -132,7 +132,9 @@ def build_parser() -> Parser:
     )
 
     models = commands.add_parser("models", parents=[sub_common], help="list the local models")
-    models.add_argument("extra", type=Path, nargs="*", metavar="PATH", help="more GGUF files or folders")
+    models.add_argument(
+        "extra", nargs="*", metavar="PATH|URL", help="more GGUF files or folders, or local server URLs"
+    )
 
     report = commands.add_parser(
         "report", parents=[sub_common], help="write progress.png and print the gains"
@@ -344,7 +346,8 @@ def _profile_line(ws: Workspace) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from agent.models import print_models
 
-    return int(print_models(list(args.extra)))
+    # A URL stays a string: Path() would fold its "//" ("http:/localhost:8080/v1: no such file").
+    return int(print_models([e if e.startswith(("http://", "https://")) else Path(e) for e in args.extra]))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
