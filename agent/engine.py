@@ -44,6 +44,7 @@ from agent.events import (
     ProposalReady,
     ProposalRejected,
     ProposalStarted,
+    ProposerWaiting,
     ReviewRequested,
     RunFinished,
     RunStarted,
@@ -60,7 +61,11 @@ from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
 """Fault injection for tests: `point` or `point:exp_id` makes the engine SIGKILL itself at that point."""
 CRASH_POINTS = ("after_propose", "after_commit", "during_run", "after_run", "during_decide", "after_decide")
-_MAX_PROPOSER_ERRORS = 3
+PROPOSER_RETRY_S = (2.0, 60.0)
+"""A proposer that fails (a local server down, slow or failing) is asked again after 2 s, then after twice
+as long each time, at most 60 s ..."""
+PROPOSER_PAUSE_AFTER_S = 300.0
+"""... and once it has failed for this long the engine pauses and says why."""
 
 
 def crash_point(name: str, exp_id: int | None = None) -> None:
@@ -140,6 +145,7 @@ class Engine:
         self._program = workspace.read_program()
         self._session_count = 0
         self._proposer_errors = 0
+        self._proposer_failing_since = 0.0
         self._thread: threading.Thread | None = None
         self._run_pgid: int | None = None
         self._done = threading.Event()
@@ -440,17 +446,13 @@ class Engine:
                 )
                 return _SKIPPED
             except Exception as exc:
-                if cancel.is_set():
-                    return _SKIPPED
-                self._proposer_errors += 1
-                self._emit(EngineError(message=f"the proposer failed: {exc}", detail=traceback.format_exc()))
-                if self._proposer_errors >= _MAX_PROPOSER_ERRORS:
-                    raise RuntimeError(
-                        f"the proposer failed {_MAX_PROPOSER_ERRORS} times in a row: {exc}"
-                    ) from exc
+                if not cancel.is_set():
+                    self._wait_for_proposer(exc, cancel)
                 return _SKIPPED
-            if proposal is not None and cancel.is_set():
-                return _SKIPPED  # the user dropped it (skip) or the engine is stopping
+            if cancel.is_set():
+                # The user dropped it (skip, stop) or the engine is stopping; a model cancelled mid-reply
+                # returns None, which must not read as "no more proposals" (that ends the loop).
+                return _SKIPPED
         self._proposer_errors = 0
         if proposal is None:
             return None
@@ -458,6 +460,45 @@ class Engine:
             self._emit(Info(message=f"already tried, skipped: {proposal.description}"))
             return _SKIPPED
         return _Item(proposal)
+
+    def _wait_for_proposer(self, exc: Exception, cancel: threading.Event) -> None:
+        """The proposer raised (its server is down, slow or failing): wait longer each time, then let the
+        loop ask again; pause with the reason once it has failed for PROPOSER_PAUSE_AFTER_S.
+
+        Nothing is recorded and the workspace is untouched. A command, pause, skip or shutdown ends the wait.
+        """
+        now = time.monotonic()
+        self._proposer_errors += 1
+        if self._proposer_errors == 1:
+            self._proposer_failing_since = now
+        failing_for = now - self._proposer_failing_since
+        reason = str(exc) or type(exc).__name__
+        if failing_for >= PROPOSER_PAUSE_AFTER_S:
+            self._proposer_errors = 0
+            with self._lock:
+                self._pause_requested = True
+            self._emit(
+                EngineError(
+                    message=f"paused: the proposer has failed for {failing_for / 60:.0f} min ({reason}); "
+                    "resume once it answers again (p in the cockpit; Ctrl-C stops a headless run)",
+                    detail=traceback.format_exc(),
+                )
+            )
+            return
+        first, longest = PROPOSER_RETRY_S
+        delay = min(longest, first * 2 ** (self._proposer_errors - 1))
+        self._emit(
+            ProposerWaiting(
+                reason=reason, retry_in_s=delay, failures=self._proposer_errors, failing_for_s=failing_for
+            )
+        )
+        deadline = now + delay
+        while (left := deadline - time.monotonic()) > 0 and self._inbox.empty():
+            with self._lock:
+                if self._pause_requested:
+                    return
+            if cancel.wait(min(left, 0.2)):
+                return
 
     def _key_tried(self, key: str) -> bool:
         if any(q.proposal.key == key for q in self.ledger.queued()):

@@ -118,6 +118,18 @@ class ProposalRejected(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProposerWaiting(Event):
+    """The proposer failed (a local server down, slow or failing); the engine asks again in `retry_in_s`."""
+
+    reason: str
+    retry_in_s: float
+    failures: int = 1
+    """Failures in a row, this one included."""
+    failing_for_s: float = 0.0
+    """Seconds since the first of them."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ReviewRequested(Event):
     """The review gate holds proposal `exp_id` until approve, edit or veto."""
 

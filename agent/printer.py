@@ -54,6 +54,9 @@ def format_event(event: Event, verbose: bool = False) -> str | None:
         case ev.ProposalRejected(exp_id=exp_id, reason=reason):
             who = f"#{exp_id} " if exp_id is not None else ""
             return f"{who}rejected: {_first_line(reason, 300)}"
+        case ev.ProposerWaiting(reason=reason, retry_in_s=retry, failures=failures, failing_for_s=failing):
+            since = f", failing for {failing:.0f} s" if failures > 1 else ""
+            return f"proposer failed ({_first_line(reason, 300)}); asking again in {retry:.0f} s{since}"
         case ev.ReviewRequested(exp_id=exp_id, description=description):
             return f"#{exp_id} waiting for review: {description}"
         case ev.Decided(exp_id=exp_id, status=status, val_bpb=val_bpb, best_bpb=best, reason=reason, by=by):

@@ -21,6 +21,7 @@ from agent.events import (
     ProposalRejected,
     ProposalStarted,
     ProposalToken,
+    ProposerWaiting,
     ReviewRequested,
     RunFinished,
     RunStarted,
@@ -433,6 +434,15 @@ class CockpitState:
                 update.dirty.add("timeline")
             update.notifications.append((f"Proposal rejected: {first_line(event.reason)}", "warning"))
             update.dirty.add("proposal")
+        elif isinstance(event, ProposerWaiting):
+            header.detail = f"asking again in {event.retry_in_s:.0f} s"
+            update.notifications.append(
+                (
+                    f"Proposer failed: {first_line(event.reason)}; asking again in {event.retry_in_s:.0f} s",
+                    "warning",
+                )
+            )
+            update.dirty.add("header")
         elif isinstance(event, ReviewRequested):
             self.pending_review = event
             view = self.proposal

@@ -1,0 +1,171 @@
+"""A local server that is down, slow or failing is not fatal: the engine backs off, says so, pauses after a
+while, and goes on when the server answers again (real engine, real git, the fake harness, a scripted server).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from endpoint_fakes import ScriptedServer
+from engine_fakes import Recorder, assert_consistent, make_workspace
+
+from agent import engine as engine_module
+from agent.config import EngineConfig
+from agent.engine import Engine
+from agent.events import (
+    Decided,
+    EngineError,
+    Info,
+    ProposalStarted,
+    ProposalToken,
+    ProposerWaiting,
+    StateChanged,
+)
+from agent.llm import make_proposer
+from agent.printer import format_event
+from agent.workspace import Workspace
+from tui.state import CockpitState
+
+FAST = {"seeds": 2, "deadline_s": 60.0}
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Workspace:
+    return make_workspace(tmp_path)
+
+
+def _engine(ws: Workspace, url: str, **config: object) -> tuple[Engine, Recorder]:
+    recorder = Recorder()
+    proposer = make_proposer(f"{url}#tiny-model", seed=1)
+    engine = Engine(ws, proposer, EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
+    return engine, recorder
+
+
+def _run(engine: Engine) -> threading.Thread:
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_failing_server_is_waited_for_longer_each_time_then_used(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (0.05, 0.15))
+    with ScriptedServer(script=["503", "500", "die", "garbage"]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=1)
+        engine.run()
+    assert engine.error is None
+    waits = events.of(ProposerWaiting)
+    assert [w.retry_in_s for w in waits] == [0.05, 0.1, 0.15, 0.15]  # doubling, capped
+    assert [w.failures for w in waits] == [1, 2, 3, 4]
+    assert "HTTP 503" in waits[0].reason and "broke off" in waits[2].reason
+    assert waits[-1].failing_for_s >= 0.25
+    assert not events.of(EngineError)
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
+    ledger = assert_consistent(ws)  # the failures left no trace in the ledger or in git
+    assert [e.status for e in ledger.experiments()] == ["baseline", "keep"]
+    line = format_event(waits[1])
+    assert line is not None and line.startswith("proposer failed (") and "asking again in 0 s" in line
+
+
+def test_a_server_down_for_minutes_pauses_the_engine_which_resumes_when_it_is_back(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (0.05, 0.1))
+    monkeypatch.setattr(engine_module, "PROPOSER_PAUSE_AFTER_S", 0.4)
+    server = ScriptedServer()
+    port = server.port
+    server.close()  # nothing listens on the port any more
+    engine, events = _engine(ws, f"http://127.0.0.1:{port}/v1", max_experiments=1)
+    thread = _run(engine)
+    try:
+        events.wait_for(lambda e: isinstance(e, StateChanged) and e.state == "paused", timeout=30)
+        [paused] = [e for e in events.of(EngineError) if e.message.startswith("paused:")]
+        assert "nothing is listening" in paused.message and not paused.fatal
+        assert "resume once it answers again" in paused.message
+        assert ws.engine_running()  # the lock is held the whole time
+        assert len(events.of(ProposerWaiting)) >= 3
+        # The server comes back on the same port; resuming goes on from there.
+        with ScriptedServer(port=port) as back:
+            engine.resume()
+            events.wait_for(lambda e: isinstance(e, Decided) and e.exp_id == 1, timeout=30)
+            thread.join(30)
+            assert back.dialects() == ["openai"]
+    finally:
+        engine.shutdown()
+        thread.join(30)
+    assert not thread.is_alive() and engine.error is None
+    assert_consistent(ws)
+    assert not ws.engine_running()
+
+
+def test_shutdown_during_the_wait_ends_it_at_once(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (headless) and quit (cockpit) call shutdown(): a 60 s back-off must not hold them."""
+    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (60.0, 60.0))
+    with ScriptedServer(script=["503"]) as server:
+        engine, events = _engine(ws, server.url)
+        thread = _run(engine)
+        events.wait_for(lambda e: isinstance(e, ProposerWaiting), timeout=30)
+        asked = time.monotonic()
+        engine.shutdown()
+        thread.join(10)
+        assert time.monotonic() - asked < 2
+    assert not thread.is_alive() and engine.error is None
+    assert len(events.of(ProposalStarted)) == 1
+    assert_consistent(ws)
+
+
+def test_a_model_switch_ends_the_wait(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the server is down the user switches model: the switch is not held up by the back-off."""
+    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (60.0, 60.0))
+    with ScriptedServer(script=["503"]) as down, ScriptedServer(models=("other",)) as other:
+        engine, events = _engine(ws, down.url, max_experiments=1)
+        thread = _run(engine)
+        events.wait_for(lambda e: isinstance(e, ProposerWaiting), timeout=30)
+        asked = time.monotonic()
+        engine.use_model(f"{other.url}#other")
+        events.wait_for(lambda e: isinstance(e, Decided) and e.exp_id == 1, timeout=30)
+        assert time.monotonic() - asked < 10
+        thread.join(30)
+        assert [body["model"] for _, body in other.requests] == ["other"]
+    assert engine.error is None
+    assert_consistent(ws)
+
+
+def test_the_cockpit_shows_the_wait() -> None:
+    state = CockpitState()
+    update = state.apply_batch(
+        [
+            ProposerWaiting(
+                reason="http://127.0.0.1:1/v1 failed: HTTP 503: loading", retry_in_s=8.0, failures=3
+            )
+        ]
+    )
+    assert state.header.detail == "asking again in 8 s" and "header" in update.dirty
+    [(text, severity)] = update.notifications
+    assert severity == "warning" and "HTTP 503: loading" in text and "asking again in 8 s" in text
+    state.apply_batch([StateChanged(state="proposing")])
+    assert state.header.detail == ""
+
+
+def test_skip_while_the_server_streams_asks_again_instead_of_ending(ws: Workspace) -> None:
+    """A cancelled reply makes the proposer return None: that is a skip, not "no more proposals"."""
+    with ScriptedServer(script=["trickle"]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=1)
+        skipped: list[bool] = []
+
+        def skip_once(event: object) -> None:
+            if isinstance(event, ProposalToken) and not skipped:
+                skipped.append(True)
+                engine.skip()
+
+        events.hooks.append(skip_once)
+        engine.run()
+    assert skipped and engine.error is None
+    assert len(events.of(ProposalStarted)) == 2
+    assert not [e for e in events.of(Info) if "nothing more to try" in e.message]
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
+    assert_consistent(ws)
