@@ -76,7 +76,10 @@ def _common(suppress: bool) -> Parser:
         help="the research workspace (default: per user)",
     )
     parser.add_argument(
-        "--budget", default=default, metavar="SPEC", help="training budget per run: 60, 60s or 2.5e12flops"
+        "--budget",
+        default=default,
+        metavar="SPEC",
+        help="training budget per run: 60 (wall s), 120cpu (CPU s) or 2.5e12flops",
     )
     parser.add_argument("--model", default=default, metavar="NAME", help="the local model that proposes")
     return parser
@@ -235,6 +238,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from agent.containment import probe as probe_containment
     from agent.ledger import Ledger
 
     ws = _open(args)
@@ -251,6 +255,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"branch     {ws.branch} at {ws.head()[:7]}")
         print(f"profile    {_profile_line(ws)}")
         print(f"engine     {'running' if ws.engine_running() else 'not running'}")
+        contained = probe_containment()
+        print(f"runs       {contained.summary}" + (f" ({contained.detail})" if contained.detail else ""))
         baseline = ledger.get_meta("baseline_bpb")
         print(f"baseline   {f'{baseline:.6f}' if baseline is not None else '-'}")
         if best is not None and best.val_bpb is not None:

@@ -32,7 +32,10 @@ from agent.config import (
     describe_budget,
     detect_device,
     estimate_training_seconds,
+    resolve_budget,
 )
+from agent.containment import Containment
+from agent.containment import probe as probe_containment
 from agent.decisions import NoiseFloor, judge, judge_confirmed, noise_floor
 from agent.edits import EditError, apply_edits, file_hash, unified_diff
 from agent.events import (
@@ -55,7 +58,7 @@ from agent.events import (
 )
 from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_from_json, proposal_to_json
 from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
-from agent.runner import RunResult, RunSpec, kill_stale_run, network_isolation, run_training
+from agent.runner import PrepareError, RunResult, RunSpec, kill_stale_run, prepare_for_runs, run_training
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
 
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
@@ -99,6 +102,8 @@ class EngineSnapshot:
     proposer: str = ""
     queued: int = 0
     """Proposals waiting to be re-run (reapplied or interrupted)."""
+    containment: str = ""
+    """How runs are contained here: 'full', 'network' or 'none' (see agent.containment), once probed."""
 
 
 @dataclass
@@ -149,8 +154,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._run_pgid: int | None = None
         self._done = threading.Event()
-        self._isolation: tuple[str, ...] | None = None
-        self._isolation_checked = False
+        self._contained: Containment | None = None
+        self._containment_checked = False
+        self._hidden: tuple[Path, ...] | None = None
         self._resume_ids: list[int] = []
 
     # ---- the command API (any thread) -----------------------------------------------------------------
@@ -259,6 +265,7 @@ class Engine:
             current_exp_id=current,
             proposer=getattr(self.proposer, "name", ""),
             queued=len(self.ledger.queued()),
+            containment=self._contained.level if self._contained else "",
         )
 
     def close(self) -> None:
@@ -304,7 +311,9 @@ class Engine:
         """Run the loop in the calling thread until the proposer runs dry, max_experiments, or shutdown."""
         try:
             with self.ws.engine_lock():
+                self._containment()
                 self.recover()
+                self._check_harness_hands_over()
                 self._settle_budget()
                 if self._ensure_baseline():
                     for exp_id in self._resume_ids:
@@ -314,9 +323,11 @@ class Engine:
                         self._resume_experiment(exp_id)
                     self._resume_ids.clear()
                     self._loop()
-        except WorkspaceError as exc:
-            self.error = str(exc)
-            self._emit(EngineError(message=str(exc), fatal=True))
+        except (WorkspaceError, PrepareError) as exc:
+            self.error = (
+                str(exc) if isinstance(exc, WorkspaceError) else f"the data could not be prepared: {exc}"
+            )
+            self._emit(EngineError(message=self.error, fatal=True))
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self._emit(EngineError(message=self.error, detail=traceback.format_exc(), fatal=True))
@@ -595,11 +606,17 @@ class Engine:
             self._current = exp_id
         try:
             new_text = self._candidate_text(item, base_text)
+            digest = file_hash(new_text)  # also refuses text that is not valid UTF-8 (a lone surrogate)
         except EditError as exc:
             self._consume_queue_item(item)
             self._record_rejected(proposal, str(exc))
             return
-        digest = file_hash(new_text)
+        except Exception as exc:  # whatever one proposal holds, it is that proposal's problem, not the loop's
+            self._consume_queue_item(item)
+            self._record_rejected(
+                proposal, f"the proposal cannot be applied: {type(exc).__name__}: {exc}"[:300]
+            )
+            return
         if not item.force:
             twin = next(
                 (e for e in self.ledger.experiments() if e.train_hash == digest and e.status in RAN), None
@@ -835,6 +852,11 @@ class Engine:
             eval_s = 240.0 if self.device.startswith("cuda") else 60.0
         return seconds + eval_s + self.config.grace_s
 
+    def _budget_limit(self) -> tuple[str, float] | None:
+        """A wall or CPU budget, which the runner measures and enforces; None for FLOPs (the run counts them)."""
+        mode, amount = resolve_budget(self.config.budget, self.device)
+        return (mode, amount) if mode in ("time", "cpu") else None
+
     def _limits(self) -> tuple[int, int | None]:
         total_mb = psutil.virtual_memory().total // 2**20
         memory = self.config.memory_mb or int(total_mb * 0.8)
@@ -844,20 +866,47 @@ class Engine:
             address = None if self.device.startswith("cuda") else int(total_mb * 2)
         return memory, address
 
-    def _network_prefix(self) -> tuple[str, ...] | None:
-        if self.config.network:
-            return None
-        if not self._isolation_checked:
-            self._isolation_checked = True
-            self._isolation = network_isolation()
-            if self._isolation is None:
+    def _containment(self) -> Containment | None:
+        """How runs are contained here (probed once); says so once when it is less than full."""
+        if not self._containment_checked:
+            self._containment_checked = True
+            self._contained = probe_containment()
+            if self._contained.level != "full":
                 self._emit(
                     EngineError(
-                        message="runs are NOT network-isolated: `unshare -n` is not available or not permitted here",
-                        detail="install util-linux and allow unprivileged user namespaces to isolate runs",
+                        message=f"runs are contained only partly: {self._contained.summary}",
+                        detail=self._contained.detail
+                        or "Linux mount, PID and network namespaces (root or unprivileged user namespaces) "
+                        "contain a run fully; see the README's threat model",
                     )
                 )
-        return self._isolation
+        return self._contained
+
+    def _check_harness_hands_over(self) -> None:
+        """A workspace made before runs were judged outside the run has a prepare.py that cannot hand over."""
+        try:
+            harness = (self.ws.path / "prepare.py").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return  # recover() has put the committed harness back; git has it if this fails
+        if "def judge(" not in harness:
+            raise WorkspaceError(
+                f"{self.ws.path} was made before runs were scored by a separate judge: its frozen prepare.py "
+                "cannot hand a model over, so no run could be scored. Start a new workspace "
+                "(autoresearch init NEW_FOLDER); this one stays readable with `autoresearch log`."
+            )
+
+    def _prepare_runs(self) -> tuple[Path, ...]:
+        """Once per engine: the harness builds the data cache outside any run; the files runs must not read."""
+        if self._hidden is None:
+            self._hidden = prepare_for_runs(
+                self.ws.path,
+                self.ws.state_dir / "scratch",
+                python=self.config.python or _python(),
+                env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},
+                containment=self._containment(),
+                emit=self._emit,
+            )
+        return self._hidden
 
     def _run(self, exp: Experiment, n: int, seed: int) -> RunResult:
         """One training run of `exp` (its commit checked out), recorded before and after."""
@@ -868,22 +917,28 @@ class Engine:
         suffix = "" if n == 0 else f"-{n}"
         log_path = run_dir / f"run{suffix}.log"
         memory, address = self._limits()
+        env = {"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env}  # the profile's vocab
         spec = RunSpec(
             workspace=self.ws.path,
+            scratch=self.ws.state_dir / "scratch" / f"{exp.id}-{n}",
             exp_id=exp.id,
             seed=seed,
             log_path=log_path,
-            result_path=run_dir / f"result{suffix}.json",
             deadline_s=self._deadline(),
             budget=self.config.budget,
+            budget_limit=self._budget_limit(),
+            handover_s=self.config.handover_s or (60.0 if self.device.startswith("cuda") else 10.0),
             memory_mb=memory,
             address_space_mb=address,
+            hidden=self._prepare_runs(),
+            readable=(paths.cache_dir(),),
             log_cap_bytes=self.config.log_cap_bytes,
             network=self.config.network,
             python=self.config.python or _python(),
-            env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},  # the profile's vocab
+            env=env,
+            device_memory_from_summary=self.device.startswith("cuda"),
         )
-        isolation = self._network_prefix()
+        containment = self._containment()
         self.ledger.start_run(exp.id, n, seed, str(log_path))
         self._set_state("baseline" if exp.id == 0 else "running", f"#{exp.id} seed {seed}")
         self._emit(
@@ -904,7 +959,9 @@ class Engine:
 
         try:
             with self._stepping("run") as cancel:
-                result = run_training(spec, self._emit, stop=cancel, on_start=started, isolation=isolation)
+                result = run_training(
+                    spec, self._emit, stop=cancel, on_start=started, containment=containment
+                )
         finally:
             with self._lock:
                 self._run_pgid = None
@@ -931,6 +988,7 @@ class Engine:
                 seconds=result.seconds,
                 summary=summary,
                 log_tail=result.log_tail,
+                judge_seconds=result.judge_seconds,
             )
         )
         crash_point("after_run", exp.id)
@@ -1273,7 +1331,7 @@ class Engine:
         for exp in in_flight:
             for run in self.ledger.runs(exp.id):
                 if run.outcome is None:
-                    if run.pid and kill_stale_run(run.pid, self.ws.path):
+                    if run.pid and kill_stale_run(run.pid, self.ws.state_dir / "scratch"):
                         notes.append(f"killed the orphaned run of #{exp.id} (pid {run.pid})")
                     self.ledger.finish_run(
                         exp.id, run.n, outcome="interrupted", reason="the engine was killed"

@@ -69,8 +69,11 @@ class RunFinished(Event):
     outcome: str
     val_bpb: float | None
     seconds: float
+    """The training process's wall time."""
     summary: dict[str, Any] = field(default_factory=dict)
     log_tail: str = ""
+    judge_seconds: float = 0.0
+    """The judge's wall time after it (load, causality probe, scoring)."""
 
 
 @dataclass(frozen=True, kw_only=True)

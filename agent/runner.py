@@ -52,7 +52,7 @@ JUDGE_SCRIPT = Path(__file__).with_name("judge.py")
 CONTAINMENT_FAILED = SETUP_FAILED
 """Exit status of the containment's setup stage when a namespace or mount step failed (nothing ran)."""
 _CONTAINMENT_ERROR = "autoresearch containment:"
-_JUDGED_FIELDS = ("eval_tokens", "eval_bytes", "num_params", "block_size")
+_JUDGED_FIELDS = ("eval_tokens", "eval_bytes", "num_params", "block_size", "export_seconds")
 """What the judge measured that the summary shows (besides val_bpb)."""
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 MAX_CLAIMS_BYTES = 256 * 1024
@@ -146,6 +146,8 @@ class RunSpec:
     """Size of the run's private /tmp (with namespaces)."""
     hidden: tuple[Path, ...] = ()
     """Files training must not read (the validation split); only the judge reads them."""
+    readable: tuple[Path, ...] = ()
+    """Folders the run and the judge read (the data cache), kept in sight read-only wherever they are."""
     judge_deadline_s: float = 300.0
     log_cap_bytes: int = 4 * 1024 * 1024
     network: bool = False
@@ -507,6 +509,7 @@ def build_command(spec: RunSpec, containment: Containment | None, argv: list[str
         containment,
         cwd=spec.scratch,
         writable=[spec.scratch],
+        readable=spec.readable,
         hidden=spec.hidden,
         tmp_mb=spec.tmp_mb,
         network=spec.network,
@@ -901,7 +904,9 @@ def _judge(
         str(out),
     ]
     if containment is not None:
-        argv = contain(argv, containment, cwd=judge_dir, writable=[judge_dir], tmp_mb=spec.tmp_mb)
+        argv = contain(
+            argv, containment, cwd=judge_dir, writable=[judge_dir], readable=spec.readable, tmp_mb=spec.tmp_mb
+        )
     output.prefix = "[judge] "
     ended = _supervise(
         argv,
@@ -925,6 +930,8 @@ def _judge(
     except (OSError, UnsafeFile, ValueError, UnicodeDecodeError) as exc:
         last = next((line.strip() for line in reversed(output.tail) if line.strip()), "")
         return "invalid", None, f"the judge failed (exit {ended.returncode}): {last or exc}"[:300], {}
+    if isinstance(claims.get("export_seconds"), int | float):
+        verdict["export_seconds"] = claims["export_seconds"]  # the run's word: shown, never decisive
     return (*judged(verdict), verdict)
 
 

@@ -18,6 +18,7 @@ from engine_fakes import BETTER, CRASHES, WORSE, assert_consistent, cli, make_wo
 
 from agent import cli as cli_module
 from agent import paths
+from agent.containment import probe
 from agent.ledger import Ledger
 
 
@@ -112,6 +113,7 @@ def test_run_status_log_report_reapply(tmp_path: Path) -> None:
     assert status.returncode == 0
     assert "best       2.100100 (#1: lower the learning rate)" in status.stdout
     assert "margin     0.002000" in status.stdout and "engine     not running" in status.stdout
+    assert f"runs       {probe().summary}" in status.stdout  # which containment runs get here
 
     log = cli("log", *workspace, "--json")
     records = [json.loads(line) for line in log.stdout.splitlines()]

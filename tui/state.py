@@ -96,6 +96,8 @@ class HeaderInfo:
     loading_model: str | None = None
     loading_progress: float | None = None
     loading_message: str = ""
+    containment: str = ""
+    """'full', 'network' or 'none' once the engine has probed it; '' before."""
 
 
 @dataclass
@@ -291,7 +293,7 @@ class CockpitState:
         state = getattr(snapshot, "state", None)
         if state is not None and state != header.state:
             header.detail = ""  # the detail belonged to the state the events last reported
-        for name in ("workspace", "branch", "model", "device", "budget", "state"):
+        for name in ("workspace", "branch", "model", "device", "budget", "state", "containment"):
             value = getattr(snapshot, name, None)
             if value is not None:
                 setattr(header, name, str(value))

@@ -15,6 +15,14 @@ from tui.state import QUEUED, HeaderInfo
 GAP = "  "
 
 
+CONTAINMENT_WORDS = {
+    "full": ("contained", ""),
+    "network": ("network-isolated only", "bold yellow"),
+    "none": ("NOT contained", "bold red"),
+}
+"""How the header names the runs' containment (agent.containment levels)."""
+
+
 def _piece(label: str, value: str, style: str = "bold") -> Text:
     text = Text(label, style="grey62") if label else Text()
     text.append(value, style=style)
@@ -36,6 +44,9 @@ def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[
         where.append(_piece("model ", header.model or "—"))
     where.append(_piece("budget ", header.budget or "—", ""))
     where.append(_piece("on ", header.device or "—", ""))
+    if header.containment:
+        words, style = CONTAINMENT_WORDS.get(header.containment, (header.containment, "bold red"))
+        where.append(_piece("runs ", words, style))
 
     state = Text(" ")
     state.append("● ", style=fmt.STATE_WORDS.get(header.state, ("", "grey62"))[1] or "grey62")
