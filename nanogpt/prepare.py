@@ -631,17 +631,17 @@ class Batches:
     ) -> None:
         if data.train.size <= block_size + 1:
             raise ValueError(f"block_size {block_size} is longer than the training split")
-        self.tokens = torch.from_numpy(data.train.astype(np.int64))
+        self.tokens = data.train  # uint16, memory-mapped: a batch reads only its own windows
         self.batch_size, self.block_size, self.device, self.budget = batch_size, block_size, device, budget
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets, each (B, T)."""
         starts = torch.randint(
-            0, self.tokens.numel() - self.block_size - 1, (self.batch_size,), generator=self.generator
+            0, self.tokens.size - self.block_size - 1, (self.batch_size,), generator=self.generator
         )
-        offsets = torch.arange(self.block_size + 1)
-        window = self.tokens[starts[:, None] + offsets]  # (B, T+1)
+        offsets = np.arange(self.block_size + 1)
+        window = torch.from_numpy(self.tokens[starts.numpy()[:, None] + offsets].astype(np.int64))  # (B, T+1)
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         if self.device == "cuda":
             x, y = x.pin_memory().to("cuda", non_blocking=True), y.pin_memory().to("cuda", non_blocking=True)
@@ -877,8 +877,10 @@ def evaluate_and_report(
         "seed": seed,
         "budget": str(budget.spec),
     }
+    started = time.perf_counter()
     try:
         export_model(model, block_size, device, Path(EXPORT_FILE))
+        claims["export_seconds"] = round(time.perf_counter() - started, 3)
     except Exception as exc:  # any failure of the user's model to export is the run's result, not a crash
         claims["export"] = f"{type(exc).__name__}: {exc}".strip()[:800]
         print(f"the model cannot be exported for the judge: {claims['export']}", flush=True)

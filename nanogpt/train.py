@@ -105,9 +105,10 @@ def main():
     train_model = torch.compile(model) if device == "cuda" else model
     batches = Batches(data, BATCH_SIZE, BLOCK_SIZE, device, budget, seed)
     progress = Progress(budget, device)
+    start = budget.fraction()  # start-up has spent part of a wall or CPU budget: schedule the rest
     step = 0
     while not budget.done():
-        lr = learning_rate(budget.fraction())
+        lr = learning_rate((budget.fraction() - start) / max(1e-9, 1 - start))
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batches.next()
