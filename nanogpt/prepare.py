@@ -1001,6 +1001,16 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
             f"the run charged its budget for {claimed:,} parameters but the exported model has {n_params:,}"
         )
         return result
+    flops, tokens = claims.get("train_flops"), claims.get("tokens")
+    if (
+        isinstance(flops, int | float)
+        and isinstance(tokens, int)
+        and flops < 6.0 * n_params * tokens * (1 - 1e-9)
+    ):
+        result["reason"] = (
+            f"the run claims {flops:.3e} training FLOPs, less than 6 x {n_params:,} parameters x {tokens:,} tokens"
+        )
+        return result
     n_targets = min(EVAL_TOKENS, data.val.size - 1)
     if not 0 < block_size <= n_targets:
         result["reason"] = f"block_size {block_size} does not fit the {n_targets:,} validation targets"

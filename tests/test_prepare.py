@@ -374,6 +374,10 @@ def test_the_judge_refuses_a_model_that_undercounts_its_parameters(tmp_path: Pat
     params = sum(p.numel() for p in model.parameters())
     result = prepare.judge(tmp_path / "model.pt2", {"num_params": params // 2})
     assert result["status"] == "invalid" and "parameters" in result["reason"], result
+    honest = {"num_params": params, "tokens": 1000, "train_flops": 6.0 * params * 1000}
+    assert prepare.judge(tmp_path / "model.pt2", honest)["status"] == "ok"
+    short = prepare.judge(tmp_path / "model.pt2", {**honest, "train_flops": 6.0 * params * 500})
+    assert short["status"] == "invalid" and "training FLOPs" in short["reason"], short
 
 
 @pytest.mark.parametrize(
