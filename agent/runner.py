@@ -26,6 +26,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -734,10 +735,28 @@ def _drain(fd: int, output: _Output) -> None:
         output.feed(data)
 
 
+def remove_tree(folder: Path) -> None:
+    """Remove a folder a run wrote, whatever modes it left on it (a folder chmod-ed 000 included)."""
+
+    def unlock_and_retry(function: Callable[..., Any], path: str, _exc: BaseException) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(path), 0o700)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.chmod(path, 0o700)
+            function(path)
+
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=unlock_and_retry)
+    else:
+        shutil.rmtree(folder, onerror=lambda function, path, info: unlock_and_retry(function, path, info[1]))
+
+
 def _fresh_folder(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         else:
             path.unlink()
     path.mkdir(parents=True)
@@ -800,7 +819,7 @@ def run_training(
     finally:
         output.close()
         for folder in (spec.scratch, judge_dir):
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(folder)
     if training.budget_spent is not None:
         summary["budget_spent"] = round(training.budget_spent, 2)
     peak = summary.get("peak_memory_mb") if spec.device_memory_from_summary else None
@@ -992,7 +1011,7 @@ def prepare_for_runs(
     except subprocess.TimeoutExpired:
         raise PrepareError(f"preparing the data took over {timeout_s:.0f} s") from None
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
 
 
 def kill_stale_run(pid: int, scratch_root: Path) -> bool:
