@@ -134,6 +134,7 @@ def contain(
     hidden: Sequence[Path] = (),
     tmp_mb: int = 512,
     network: bool = False,
+    stdin: bool = False,
 ) -> list[str]:
     """The argv that runs `argv` contained as `containment` allows (at level "none": argv unchanged).
 
@@ -141,7 +142,8 @@ def contain(
     read-only; `readable` paths stay in sight read-only even under the private /tmp (a data cache there);
     `hidden` files read as empty (a bind of /dev/null) and `hidden` folders as empty read-only
     folders (a path missing at start is skipped); /tmp and /dev/shm are private tmpfs of `tmp_mb` MiB each;
-    stdin is /dev/null; stdout and stderr pass through. The exit status is argv's exit code, 128+N if it died
+    stdin is /dev/null (`stdin=True` passes the caller's through: the warm judge reads its requests there); stdout
+    and stderr pass through. The exit status is argv's exit code, 128+N if it died
     of signal N, and SETUP_FAILED (125, with a line on stderr) if the namespace could not be set up, in which
     case argv never ran. Every process of the run dies when argv's main process exits or when the outer
     process is killed. SIGTERM, SIGINT and SIGHUP sent to the outer process group reach every process inside;
@@ -163,7 +165,7 @@ def contain(
     if tmp_mb < 1:
         raise ValueError(f"tmp_mb must be at least 1, not {tmp_mb}")
     namespaces = ["--mount", "--pid"] if network else ["--mount", "--pid", "--net"]
-    options = ["--cwd", str(cwd.resolve()), "--tmp-mb", str(tmp_mb)]
+    options = ["--cwd", str(cwd.resolve()), "--tmp-mb", str(tmp_mb), *(["--keep-stdin"] if stdin else [])]
     for path in writable:
         options += ["--writable", str(path.resolve())]
     for path in readable:
@@ -197,7 +199,7 @@ def _init_program() -> None:
     """PID 1 of a contained run: set up the mounts, fork+exec the command without capabilities, exit with its status.
 
     Runs inside the new namespaces as `python -I -S -c` (stdlib only, few imports: it adds to every run's
-    start). Arguments: --cwd P --tmp-mb N [--writable P]... [--hidden P]... [--legacy-remount] -- argv...
+    start). Arguments: --cwd P --tmp-mb N [--writable P]... [--readable P]... [--hidden P]... [--keep-stdin]
     Fails closed: any failed step prints one line on stderr and exits 125 before the command starts.
     """
     import _signal as signal  # the signal module without its enums: 6 ms less per run
@@ -276,7 +278,7 @@ def _init_program() -> None:
     args = sys.argv[1:]
     split = args.index("--")
     options, argv = args[:split], args[split + 1 :]
-    cwd, tmp_mb = "/", 512
+    cwd, tmp_mb, keep_stdin = "/", 512, False
     writable: list[str] = []
     readable: list[str] = []
     hidden: list[str] = []
@@ -290,6 +292,8 @@ def _init_program() -> None:
             writable.append(next(values))
         elif name == "--readable":
             readable.append(next(values))
+        elif name == "--keep-stdin":
+            keep_stdin = True
         elif name == "--hidden":
             hidden.append(next(values))
 
@@ -366,9 +370,10 @@ def _init_program() -> None:
     child = os.fork()
     if child == 0:
         try:
-            null = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(null, 0)
-            os.close(null)
+            if not keep_stdin:
+                null = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(null, 0)
+                os.close(null)
             os.chdir(cwd)
         except OSError as exc:
             fail(f"entering {cwd} failed: {exc.strerror}")

@@ -44,6 +44,7 @@ from agent.events import (
     Event,
     EventSink,
     Info,
+    ModelLoaded,
     ProposalReady,
     ProposalRejected,
     ProposalStarted,
@@ -58,7 +59,15 @@ from agent.events import (
 )
 from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_from_json, proposal_to_json
 from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
-from agent.runner import PrepareError, RunResult, RunSpec, kill_stale_run, prepare_for_runs, run_training
+from agent.runner import (
+    PrepareError,
+    RunResult,
+    RunSpec,
+    WarmJudge,
+    kill_stale_run,
+    prepare_for_runs,
+    run_training,
+)
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
 
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
@@ -157,6 +166,7 @@ class Engine:
         self._contained: Containment | None = None
         self._containment_checked = False
         self._hidden: tuple[Path, ...] | None = None
+        self._warm_judge: WarmJudge | None = None
         self._resume_ids: list[int] = []
 
     # ---- the command API (any thread) -----------------------------------------------------------------
@@ -242,6 +252,10 @@ class Engine:
     def use_model(self, name: str) -> None:
         """Switch the proposer's model between proposals."""
         self._inbox.put(("use_model", name))
+
+    def set_proposer(self, proposer: Proposer) -> None:
+        """Take the proposals from another proposer from the next one on (the cockpit's random search)."""
+        self._inbox.put(("set_proposer", proposer))
 
     def snapshot(self) -> EngineSnapshot:
         with self._lock:
@@ -332,6 +346,9 @@ class Engine:
             self.error = f"{type(exc).__name__}: {exc}"
             self._emit(EngineError(message=self.error, detail=traceback.format_exc(), fatal=True))
         finally:
+            if self._warm_judge is not None:
+                self._warm_judge.close()
+                self._warm_judge = None
             self._set_state("stopped")
             self._done.set()
 
@@ -398,6 +415,9 @@ class Engine:
                 use(arg, self._emit)
             except Exception as exc:
                 self._emit(EngineError(message=f"cannot switch to model {arg}: {exc}"))
+        elif name == "set_proposer":
+            self.proposer = arg
+            self._emit(ModelLoaded(name=getattr(arg, "model_name", None) or arg.name, seconds=0.0))
 
     # ---- proposals ------------------------------------------------------------------------------------
 
@@ -895,6 +915,19 @@ class Engine:
                 "(autoresearch init NEW_FOLDER); this one stays readable with `autoresearch log`."
             )
 
+    def _judge_for_runs(self) -> WarmJudge | None:
+        """The workspace's warm judge (started on first use), or None to start a judge per run."""
+        if self._warm_judge is None and self.config.warm_judge:
+            self._warm_judge = WarmJudge(
+                self.ws.path,
+                self.ws.state_dir / "scratch" / "judge",
+                python=self.config.python or _python(),
+                env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},
+                containment=self._containment(),
+                readable=(paths.cache_dir(),),
+            )
+        return self._warm_judge
+
     def _prepare_runs(self) -> tuple[Path, ...]:
         """Once per engine: the harness builds the data cache outside any run; the files runs must not read."""
         if self._hidden is None:
@@ -960,7 +993,12 @@ class Engine:
         try:
             with self._stepping("run") as cancel:
                 result = run_training(
-                    spec, self._emit, stop=cancel, on_start=started, containment=containment
+                    spec,
+                    self._emit,
+                    stop=cancel,
+                    on_start=started,
+                    containment=containment,
+                    judge=self._judge_for_runs(),
                 )
         finally:
             with self._lock:

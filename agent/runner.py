@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -768,6 +769,7 @@ def run_training(
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     containment: Containment | None = None,
+    judge: WarmJudge | None = None,
 ) -> RunResult:
     """Train `train.py` once in a fresh scratch folder under the limits of `spec`, then have the judge score
     the model it exported. Blocks until both end, a limit is hit, or `stop` is set.
@@ -812,7 +814,7 @@ def run_training(
             (outcome, reason), val_bpb = bad, None
         else:
             started = time.monotonic()
-            outcome, val_bpb, reason, verdict = _judge(spec, judge_dir, env, output, stop, containment)
+            outcome, val_bpb, reason, verdict = _judge(spec, judge_dir, env, output, stop, containment, judge)
             judge_seconds = time.monotonic() - started
             summary.update({k: verdict[k] for k in _JUDGED_FIELDS if k in verdict})
             summary["val_bpb"] = val_bpb if val_bpb is not None else f"invalid ({reason[:60]})"
@@ -884,6 +886,133 @@ def _private_caches(folder: Path) -> dict[str, str]:
     }
 
 
+class WarmJudge:
+    """The judge kept warm for a workspace: one contained, long-lived `judge.py serve` process that imports
+    torch and the frozen harness once and forks a fresh child to score each model, so a run does not pay the
+    judge's start-up (~2 s: torch, the first `torch.export.load`). Requests are files in its folder (the only
+    place it may write), the reply one line on its stdout. Any trouble (it died, hit the deadline or the memory
+    cap, was stopped) kills it; the next score starts a new one. It ends by itself when the engine's end of its
+    stdin closes (the engine exited, or was killed)."""
+
+    def __init__(
+        self,
+        workspace: Path,
+        root: Path,
+        *,
+        python: str,
+        env: Mapping[str, str],
+        containment: Containment | None,
+        readable: tuple[Path, ...] = (),
+        tmp_mb: int = 1024,
+    ) -> None:
+        self.workspace, self.root, self.python = workspace, root, python
+        self.env, self.containment, self.readable, self.tmp_mb = dict(env), containment, readable, tmp_mb
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0
+        """How many servers were started (tests and the bench read it)."""
+
+    def folder(self, name: str) -> Path:
+        """A fresh request folder inside the judge's own."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        folder = self.root / name
+        _fresh_folder(folder)
+        return folder
+
+    def _start(self) -> None:
+        self.close()
+        _fresh_folder(self.root)
+        harness = self.root / HARNESS_FILE
+        harness.write_bytes(read_regular(self.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
+        argv = [self.python, "-I", str(JUDGE_SCRIPT), "serve", str(harness)]
+        if self.containment is not None:
+            argv = contain(
+                argv,
+                self.containment,
+                cwd=self.root,
+                writable=[self.root],
+                readable=self.readable,
+                tmp_mb=self.tmp_mb,
+                stdin=True,
+            )
+        env = (
+            scrub_environment(os.environ) | self.env | _private_caches(self.root) | {"PYTHONUNBUFFERED": "1"}
+        )
+        with (self.root.parent / f"{self.root.name}.log").open("wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self.started += 1
+
+    def score(
+        self, folder: Path, deadline_s: float, stop: threading.Event, memory_mb: int | None
+    ) -> tuple[int | None, str]:
+        """Score folder/model.pt2 (with folder/claims.json) into folder/result.json: (the scoring child's exit
+        code, "") or (None, why there is none)."""
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        request = {"model": str(folder / EXPORT_FILE), "claims": str(folder / CLAIMS_FILE)}
+        request["out"] = str(folder / "result.json")
+        try:
+            proc.stdin.write((json.dumps(request) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:
+            self.close()
+            return None, "the judge had stopped"
+        started = time.monotonic()
+        known: dict[int, psutil.Process] = {}
+        fd = proc.stdout.fileno()
+        while True:
+            if stop.is_set():
+                self.close()
+                return None, "interrupted"
+            if time.monotonic() - started > deadline_s:
+                self.close()
+                return None, f"the judge hit its {deadline_s:.0f} s deadline"
+            if memory_mb is not None and _group_rss(proc.pid, known) > memory_mb * 2**20:
+                self.close()
+                return None, f"the judge's memory went above the {memory_mb} MB cap"
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                line = proc.stdout.readline()
+                if not line:
+                    self.close()
+                    return None, f"the judge died ({self._log_tail()})"
+                try:
+                    return int(json.loads(line)["exit"]), ""
+                except (ValueError, KeyError, TypeError):
+                    self.close()
+                    return None, "the judge answered garbage"
+
+    def _log_tail(self) -> str:
+        try:
+            lines = (self.root.parent / f"{self.root.name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        return next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+
+    def close(self) -> None:
+        """Stop the server and everything it started."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        kill_group(proc.pid, grace_s=0.5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def _judge(
     spec: RunSpec,
     judge_dir: Path,
@@ -891,10 +1020,15 @@ def _judge(
     output: _Output,
     stop: threading.Event,
     containment: Containment | None,
+    warm: WarmJudge | None = None,
 ) -> tuple[str, float | None, str, dict[str, Any]]:
     """Collect what the run handed over (claims, exported model) as regular files, and have the judge score it
-    in a folder the run never saw. Outcome, val_bpb, reason and the judge's result."""
-    _fresh_folder(judge_dir)
+    in a folder the run never saw (the warm judge's, if there is one). Outcome, val_bpb, reason and the
+    judge's result."""
+    if warm is not None:
+        judge_dir = warm.folder(spec.scratch.name)
+    else:
+        _fresh_folder(judge_dir)
     scratch_fd = os.open(spec.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         claims = read_json_object(Path(CLAIMS_FILE), MAX_CLAIMS_BYTES, dir_fd=scratch_fd)
@@ -908,10 +1042,22 @@ def _judge(
         return "invalid", None, f"the run's hand-over is refused: {exc}"[:300], {}
     finally:
         os.close(scratch_fd)
-    # The harness the judge imports is the workspace's frozen copy, never the one the run could edit.
-    (judge_dir / HARNESS_FILE).write_bytes(read_regular(spec.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
     (judge_dir / CLAIMS_FILE).write_text(json.dumps(claims), encoding="utf-8")
     out = judge_dir / "result.json"
+    if warm is not None:
+        code, trouble = warm.score(judge_dir, spec.judge_deadline_s, stop, spec.memory_mb)
+        try:
+            if trouble:
+                outcome = "interrupted" if trouble == "interrupted" else "invalid"
+                return outcome, None, "the judge was stopped" if outcome == "interrupted" else trouble, {}
+            verdict = _verdict(out, claims, code, output)
+            output.prefix = "[judge] "  # the warm judge's own lines go to its log: say the verdict here
+            output.feed(f"{verdict[0]} val_bpb {verdict[1]} {verdict[2]}".rstrip().encode() + b"\n", eof=True)
+            return verdict
+        finally:
+            remove_tree(judge_dir)
+    # The harness the judge imports is the workspace's frozen copy, never the one the run could edit.
+    (judge_dir / HARNESS_FILE).write_bytes(read_regular(spec.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
     argv = [
         spec.python,
         "-I",
@@ -944,11 +1090,18 @@ def _judge(
             else f"the judge hit its {ended.killed_for}"
         )
         return ("interrupted" if ended.killed_for == "interrupted" else "invalid"), None, what, {}
+    return _verdict(out, claims, ended.returncode, output)
+
+
+def _verdict(
+    out: Path, claims: dict[str, Any], exit_code: int | None, output: _Output
+) -> tuple[str, float | None, str, dict[str, Any]]:
+    """Outcome, val_bpb, reason and result from the judge's result file."""
     try:
         verdict = read_json_object(out, MAX_CLAIMS_BYTES)
     except (OSError, UnsafeFile, ValueError, UnicodeDecodeError) as exc:
         last = next((line.strip() for line in reversed(output.tail) if line.strip()), "")
-        return "invalid", None, f"the judge failed (exit {ended.returncode}): {last or exc}"[:300], {}
+        return "invalid", None, f"the judge failed (exit {exit_code}): {last or exc}"[:300], {}
     if isinstance(claims.get("export_seconds"), int | float):
         verdict["export_seconds"] = claims["export_seconds"]  # the run's word: shown, never decisive
     return (*judged(verdict), verdict)
@@ -1032,6 +1185,7 @@ __all__ = [
     "PrepareError",
     "RunResult",
     "UnsafeFile",
+    "WarmJudge",
     "RunSpec",
     "build_command",
     "classify",

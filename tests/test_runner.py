@@ -18,6 +18,7 @@ from agent.events import Event, LogLine, StepMetric
 from agent.runner import (
     RunResult,
     RunSpec,
+    WarmJudge,
     group_members,
     kill_stale_run,
     run_training,
@@ -33,6 +34,7 @@ def _run(
     events: list[Event] | None = None,
     stop: threading.Event | None = None,
     containment: Containment | None = None,
+    judge: WarmJudge | None = None,
     **limits: object,
 ) -> RunResult:
     workspace = tmp_path / "ws"
@@ -50,7 +52,7 @@ def _run(
         **limits,  # type: ignore[arg-type]
     )
     sink = events.append if events is not None else (lambda e: None)
-    return run_training(spec, sink, stop=stop, containment=containment)
+    return run_training(spec, sink, stop=stop, containment=containment, judge=judge)
 
 
 def _assert_no_survivors(result: RunResult, *pid_files: Path) -> None:
@@ -367,3 +369,70 @@ def test_no_network(tmp_path: Path) -> None:
 def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
     assert not kill_stale_run(os.getpid(), tmp_path)  # not working under the scratch root: left alone
     assert psutil.pid_exists(os.getpid())
+
+
+def _warm_judge(tmp_path: Path, containment: Containment | None = None) -> WarmJudge:
+    workspace = tmp_path / "ws"
+    workspace.mkdir(exist_ok=True)
+    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    return WarmJudge(
+        workspace, tmp_path / "scratch" / "judge", python=sys.executable, env={}, containment=containment
+    )
+
+
+@pytest.mark.parametrize("level", ["none", "full"])
+def test_the_warm_judge_scores_run_after_run_with_one_process(tmp_path: Path, level: str) -> None:
+    containment = probe() if level == "full" else None
+    if containment is not None and containment.level != "full":
+        pytest.skip(f"no full containment here: {containment.detail}")
+    judge = _warm_judge(tmp_path, containment)
+    try:
+        first = _run(tmp_path, OK_SCRIPT, judge=judge)
+        second = _run(tmp_path, "from prepare import report\nreport(2.25)\n", judge=judge)
+        assert (first.outcome, first.val_bpb, second.outcome, second.val_bpb) == ("ok", 2.345678, "ok", 2.25)
+        assert judge.started == 1
+        assert "[judge] ok val_bpb 2.25" in second.log_path.read_text()
+        assert not list((tmp_path / "scratch" / "judge").glob("7-0"))  # each request folder is removed
+    finally:
+        judge.close()
+
+
+def test_a_failing_score_is_invalid_and_the_warm_judge_goes_on(tmp_path: Path) -> None:
+    judge = _warm_judge(tmp_path)
+    garbage = """
+        import json
+        json.dump({"export": "ok"}, open("claims.json", "w"))
+        open("model.pt2", "w").write("not json")
+        print("---")
+        print("val_bpb:          1.000000")
+    """
+    try:
+        bad = _run(tmp_path, garbage, judge=judge)
+        assert bad.outcome == "invalid" and "the judge failed (exit 1)" in bad.reason
+        good = _run(tmp_path, OK_SCRIPT, judge=judge)
+        assert (good.outcome, good.val_bpb, judge.started) == ("ok", 2.345678, 1)
+    finally:
+        judge.close()
+
+
+def test_a_dead_warm_judge_is_started_again(tmp_path: Path) -> None:
+    judge = _warm_judge(tmp_path)
+    try:
+        assert _run(tmp_path, OK_SCRIPT, judge=judge).outcome == "ok"
+        assert judge.proc is not None
+        os.killpg(judge.proc.pid, 9)
+        judge.proc.wait()
+        again = _run(tmp_path, OK_SCRIPT, judge=judge)
+        assert (again.outcome, judge.started) == ("ok", 2)
+    finally:
+        judge.close()
+
+
+def test_the_warm_judge_ends_when_the_engine_closes_its_input(tmp_path: Path) -> None:
+    judge = _warm_judge(tmp_path)
+    judge.folder("1-0")
+    proc = judge.proc
+    assert proc is not None and proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+    judge.close()
