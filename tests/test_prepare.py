@@ -162,7 +162,7 @@ def test_budget_parsing_and_defaults() -> None:
     assert prepare.parse_budget("2.5s") == prepare.BudgetSpec("time", 2.5)
     assert prepare.parse_budget("2.5e12flops") == prepare.BudgetSpec("compute", 2.5e12)
     assert prepare.parse_budget("120cpu") == prepare.BudgetSpec("cpu", 120.0)
-    assert prepare.parse_budget(None, "cpu") == prepare.BudgetSpec("cpu", 60.0 * (os.cpu_count() or 1))
+    assert prepare.parse_budget(None, "cpu") == prepare.BudgetSpec("time", 60.0)
     assert prepare.parse_budget(None, "cuda") == prepare.BudgetSpec("time", 300.0)
     for bad in ("soon", "-3", "0", "12 parsecs"):
         with pytest.raises(ValueError, match="not understood"):
