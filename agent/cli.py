@@ -59,8 +59,8 @@ class Parser(argparse.ArgumentParser):
 
 SEED_HELP = (
     "seed of the local model's sampling: each proposal samples with a seed drawn from a generator seeded "
-    "with N, so the same N proposes the same edits from the same state (default: unseeded; training seeds "
-    "are separate, see --seeds)"
+    "with N, so the same N proposes the same edits from the same state; with --proposer random it seeds "
+    "the random search (default: unseeded; training seeds are separate, see --seeds)"
 )
 
 
@@ -101,6 +101,12 @@ def build_parser() -> Parser:
     run.add_argument("--headless", action="store_true", help="print events instead of opening the cockpit")
     run.add_argument(
         "--ideas", type=Path, metavar="FILE", help="a JSON-lines file of ideas to try, then stop"
+    )
+    run.add_argument(
+        "--proposer",
+        choices=("llm", "random"),
+        help="who proposes: llm, the local model (the default), or random, a random search that moves one "
+        "or two constants of train.py (no model; --seed makes it reproducible)",
     )
     run.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments")
     run.add_argument(
@@ -201,7 +207,7 @@ def _drive(engine: Any) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     headless_only = [
-        name for name in ("ideas", "max_experiments", "seeds") if getattr(args, name) is not None
+        name for name in ("ideas", "proposer", "max_experiments", "seeds") if getattr(args, name) is not None
     ]
     headless_only += [name for name in ("json", "verbose") if getattr(args, name)]
     if not args.headless:
@@ -222,9 +228,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CliError(
                 "--seed seeds the local model's sampling; --ideas takes the proposals from the file"
             )
+        if args.proposer is not None:
+            raise CliError(f"--proposer {args.proposer} proposes; --ideas takes the proposals from the file")
         from agent.ideas import IdeaQueue
 
         proposer: Any = IdeaQueue.from_file(args.ideas)
+    elif args.proposer == "random":
+        if args.model is not None:
+            raise CliError("--model names the local model; --proposer random needs none")
+        from agent.random_search import RandomSearch
+
+        proposer = RandomSearch(args.seed)
     else:
         try:
             from agent.llm import make_proposer

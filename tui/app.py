@@ -18,6 +18,8 @@ from textual.worker import Worker, WorkerState
 
 from agent.events import Event, EventSink
 from agent.proposals import Edit, Proposal, Proposer
+from agent.random_search import MODEL_NAME as RANDOM_SEARCH
+from agent.random_search import RandomSearch
 from tui.bridge import EventBridge
 from tui.patch import PatchError, apply_unified_diff
 from tui.protocols import EngineLike
@@ -203,8 +205,11 @@ class CockpitApp(App[int]):
         welcome: bool | None = None,
         autostart: bool = True,
         model_loader: Callable[[], list[ModelChoice]] = discover_choices,
+        seed: int | None = None,
     ) -> None:
-        """Without an engine builder the app only shows what is fed to `bridge` (snapshots, benchmarks)."""
+        """Without an engine builder the app only shows what is fed to `bridge` (snapshots, benchmarks).
+
+        `seed` seeds the random search when the model picker swaps it in."""
         super().__init__()
         self.bridge = EventBridge()
         self.state = CockpitState(header or HeaderInfo(workspace=str(workspace or "")))
@@ -214,6 +219,9 @@ class CockpitApp(App[int]):
         self._welcome = welcome
         self._autostart = autostart
         self._model_loader = model_loader
+        self.seed = seed
+        self._model_proposer: Proposer | None = None
+        """While random search proposes: the model proposer it replaced, to switch back to."""
         self._review_screen: ReviewScreen | None = None
         self._last_snapshot = 0.0
         self._snapshot_wanted = False
@@ -553,6 +561,17 @@ class CockpitApp(App[int]):
     def _model_chosen(self, name: str | None) -> None:
         if not name or name == self.state.header.model:
             return
+        if name == RANDOM_SEARCH:
+            # The model proposer is kept (its model stays loaded) for the way back.
+            kept = self._model_proposer or getattr(self.engine, "proposer", None)
+            if self._command("set_proposer", RandomSearch(self.seed)):
+                self._model_proposer = kept
+                self.notify("Random search proposes from the next proposal on.")
+            return
+        if self._model_proposer is not None:
+            back, self._model_proposer = self._model_proposer, None
+            if not self._command("set_proposer", back) or name == getattr(back, "model_name", None):
+                return
         if self._command("use_model", name):
             header = self.state.header
             header.loading_model = name
@@ -804,6 +823,7 @@ def create_app(
         welcome=welcome,
         autostart=autostart,
         model_loader=model_loader,
+        seed=seed,
     )
 
 

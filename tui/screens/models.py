@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from agent.random_search import MODEL_NAME
 from tui import format as fmt
 from tui.widgets.footer import CockpitFooter
 
@@ -51,12 +52,19 @@ def choice_from_entry(entry: Any) -> ModelChoice:
     )
 
 
+RANDOM_SEARCH_CHOICE = ModelChoice(
+    name=MODEL_NAME, size=None, quantisation="—", where="built in: moves one or two constants at random"
+)
+"""The picker's row for random search: no model, a proposal in milliseconds (the cockpit swaps proposers)."""
+
+
 def discover_choices() -> list[ModelChoice]:
     """Every model in reach, from `agent.models`, then the local servers that have answered before, each with
-    the dialect it speaks (reads files: call it from a worker)."""
+    the dialect it speaks, then random search (reads files: call it from a worker)."""
     from agent.models import discover_models, endpoint_entries
 
-    return [choice_from_entry(entry) for entry in [*discover_models(), *endpoint_entries()]]
+    models = [choice_from_entry(entry) for entry in [*discover_models(), *endpoint_entries()]]
+    return [*models, RANDOM_SEARCH_CHOICE]
 
 
 class ModelPickerScreen(ModalScreen[str | None]):
