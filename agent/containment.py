@@ -124,6 +124,17 @@ def _why_not(error: str) -> str:
     return f"namespaces failed: {error}"
 
 
+def _interpreter_under_tmp() -> list[Path]:
+    """This interpreter's environment where it lives under /tmp (a checkout there, as CI may make): the private
+    /tmp would hide it, so it is kept in sight, read-only."""
+    folders = {
+        Path(sys.prefix).resolve(),
+        Path(sys.base_prefix).resolve(),
+        Path(sys.executable).resolve().parent,
+    }
+    return sorted(folder for folder in folders if folder.is_relative_to("/tmp") and folder.is_dir())
+
+
 def contain(
     argv: Sequence[str],
     containment: Containment,
@@ -168,7 +179,7 @@ def contain(
     options = ["--cwd", str(cwd.resolve()), "--tmp-mb", str(tmp_mb), *(["--keep-stdin"] if stdin else [])]
     for path in writable:
         options += ["--writable", str(path.resolve())]
-    for path in readable:
+    for path in [*readable, *_interpreter_under_tmp()]:
         options += ["--readable", str(path.resolve())]
     for path in hidden:
         options += ["--hidden", str(path.resolve())]

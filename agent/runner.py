@@ -51,6 +51,8 @@ CLAIMS_FILE = "claims.json"
 """What the run says it spent; checked by the judge, never the score."""
 HARNESS_FILE = "prepare.py"
 JUDGE_SCRIPT = Path(__file__).with_name("judge.py")
+_CODE = JUDGE_SCRIPT.parent
+"""The folder the judge script lives in: kept in sight of contained judges (a checkout under /tmp)."""
 CONTAINMENT_FAILED = SETUP_FAILED
 """Exit status of the containment's setup stage when a namespace or mount step failed (nothing ran)."""
 _CONTAINMENT_ERROR = "autoresearch containment:"
@@ -931,7 +933,7 @@ class WarmJudge:
                 self.containment,
                 cwd=self.root,
                 writable=[self.root],
-                readable=self.readable,
+                readable=[*self.readable, _CODE],
                 tmp_mb=self.tmp_mb,
                 stdin=True,
             )
@@ -1070,7 +1072,12 @@ def _judge(
     ]
     if containment is not None:
         argv = contain(
-            argv, containment, cwd=judge_dir, writable=[judge_dir], readable=spec.readable, tmp_mb=spec.tmp_mb
+            argv,
+            containment,
+            cwd=judge_dir,
+            writable=[judge_dir],
+            readable=[*spec.readable, _CODE],
+            tmp_mb=spec.tmp_mb,
         )
     output.prefix = "[judge] "
     ended = _supervise(
@@ -1148,7 +1155,7 @@ def prepare_for_runs(
         out = folder / "prepared.json"
         argv = [python, "-I", str(JUDGE_SCRIPT), "prepare", str(folder / HARNESS_FILE), str(out)]
         if containment is not None:
-            argv = contain(argv, containment, cwd=folder, writable=[folder, cache])
+            argv = contain(argv, containment, cwd=folder, writable=[folder, cache], readable=[_CODE])
         full_env = scrub_environment(os.environ) | dict(env) | {"PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(
             argv, cwd=folder, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
