@@ -105,9 +105,13 @@ _PASS_NAMES = frozenset(
     }
 )
 _PASS_PREFIXES = ("LC_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_", "NVIDIA_", "TORCH_", "PYTORCH_")
-# Sets the rlimits, then becomes the real interpreter: no preexec_fn, which is unsafe in a threaded engine.
+# Sets the rlimits and ignores the stop signal, then becomes the real interpreter: no preexec_fn, which is unsafe
+# in a threaded engine.
 _LAUNCHER = (
-    "import os,resource,sys\n"
+    "import os,resource,signal,sys\n"
+    # Ignored (which survives exec) until the harness installs its handler: a stop that comes during
+    # start-up must not kill the run; the harness's own clock then stops it at the first step.
+    "signal.signal(signal.SIGUSR1,signal.SIG_IGN)\n"
     "a,f=int(sys.argv[1]),int(sys.argv[2])\n"
     "if a>0: resource.setrlimit(resource.RLIMIT_AS,(a,a))\n"
     "if f>0: resource.setrlimit(resource.RLIMIT_FSIZE,(f,f))\n"
@@ -252,16 +256,22 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _group_rss(pid: int, known: dict[int, psutil.Process]) -> int:
-    """Summed resident bytes of `pid` and its descendants; remembers the descendants in `known`."""
-    total = 0
+def _tree(pid: int, known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    """`pid` and its descendants now (none if it is gone); remembers them in `known`."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
+        return []
     for proc in procs:
         known.setdefault(proc.pid, proc)
+    return procs
+
+
+def _group_rss(pid: int, known: dict[int, psutil.Process]) -> int:
+    """Summed resident bytes of `pid` and its descendants; remembers the descendants in `known`."""
+    total = 0
+    for proc in _tree(pid, known):
         with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
     return total
@@ -703,13 +713,7 @@ def _supervise(
 def _tree_cpu_seconds(pid: int, known: dict[int, psutil.Process]) -> float:
     """CPU seconds (user + system) of `pid` and its descendants, finished children included."""
     total = 0.0
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    for proc in procs:
-        known.setdefault(proc.pid, proc)
+    for proc in _tree(pid, known):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             total += times.user + times.system + times.children_user + times.children_system

@@ -205,7 +205,10 @@ def test_filesystem_is_read_only_but_scratch(scratch: Path, tmp_path: Path, remo
     hidden_file, hidden_dir = ROOT / "README.md", ROOT / "nanogpt"
     args = [os.getpid(), ROOT, Path.home(), tmp_path, host_only, private, hidden_file, hidden_dir]
     extra = ["--legacy-remount"] if remount == "legacy" else []
-    done = run(FILESYSTEM, scratch, *map(str, args), hidden=[hidden_file, hidden_dir], extra=extra)
+    # The checkout stays in sight even where it lives under the host's /tmp (as a CI clone may).
+    done = run(
+        FILESYSTEM, scratch, *map(str, args), hidden=[hidden_file, hidden_dir], readable=[ROOT], extra=extra
+    )
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 17, done.stdout  # every check ran
     assert "FAILED" not in done.stdout, done.stdout

@@ -453,3 +453,17 @@ def test_peak_memory_is_the_runs_own_not_the_engines(tmp_path: Path) -> None:
     assert result.outcome == "ok" and result.peak_memory_mb is not None
     assert 80 < result.peak_memory_mb < 300, result.peak_memory_mb
     assert result.summary["peak_memory_mb"] == round(result.peak_memory_mb, 1)
+
+
+def test_a_stop_during_start_up_does_not_kill_the_run(tmp_path: Path) -> None:
+    # The budget is spent while the run is still importing: the stop signal must not kill it (its default
+    # action) before the harness has installed its handler.
+    script = """
+        import time
+        time.sleep(1.5)
+        from prepare import report
+        report(2.5)
+    """
+    result = _run(tmp_path, script, budget_limit=("time", 0.3), handover_s=10.0)
+    assert (result.outcome, result.val_bpb) == ("ok", 2.5), result.reason
+    assert result.budget_spent is not None and result.budget_spent >= 0.3

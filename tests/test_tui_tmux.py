@@ -57,7 +57,7 @@ def test_the_cockpit_welcomes_starts_and_quits_cleanly(tmp_path: Path) -> None:
     workspace = tmp_path / "ws"
     status_file = tmp_path / "exit-status"
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), TERM="xterm-256color", AUTORESEARCH_BUDGET="2")
+    env.update(PYTHONPATH=str(ROOT), TERM="xterm-256color", AUTORESEARCH_BUDGET="8")
     command = (
         f"cd {ROOT} && {sys.executable} -m agent.cli --workspace {workspace} --model smollm2-135m; "
         f"echo $? > {status_file}; sleep 30"
@@ -69,7 +69,7 @@ def test_the_cockpit_welcomes_starts_and_quits_cleanly(tmp_path: Path) -> None:
         first_frame = time.monotonic() - started
         tmux.keys("Enter")
         screen = tmux.wait_for("running · baseline", 60)
-        assert "smollm2-135m" in screen and "budget 2 s" in screen
+        assert "smollm2-135m" in screen and "budget 8 s" in screen
         tmux.wait_for(r"step\s+\d+ \| loss", 120)  # the baseline's training log is live
         tmux.keys("q")
         tmux.wait_for(r"Quit autoresearch\?", 15)
