@@ -740,6 +740,32 @@ def check_causal(
     return None
 
 
+@torch.no_grad()
+def check_rows_independent(
+    model: torch.nn.Module, val: np.ndarray, vocab_size: int, block_size: int, batch: int, device: str = "cpu"
+) -> str | None:
+    """None if each window's logits depend on that window alone; otherwise why not.
+
+    The windows of a scored batch follow each other in the split, so a model that mixed rows could read a
+    window's targets from the next one. Changing one row must leave every other row's logits as they were.
+    """
+    rows = min(batch, max(2, (val.size - 1) // block_size))
+    if rows < 2 or val.size < rows * block_size:
+        return None
+    x = torch.from_numpy(val[: rows * block_size].astype(np.int64)).reshape(rows, block_size).to(device)
+    generator = torch.Generator().manual_seed(4321)
+    with _autocast(device):
+        base = _logits(model, x).float()
+        changed = x.clone()
+        changed[-1] = torch.randint(0, vocab_size, (block_size,), generator=generator).to(device)
+        probe = _logits(model, changed).float()
+    scale = 1.0 + base[:-1].abs().max().item()
+    diff = (probe[:-1] - base[:-1]).abs().max().item()
+    if not math.isfinite(diff) or diff > (2e-2 if device == "cuda" else 1e-4) * scale:
+        return f"changing one window moved the logits of the others by {diff:.3g}"
+    return None
+
+
 # ------------------------------------------------------------------------------------------------- peak FLOPs
 
 CUDA_BF16_PEAK = {  # dense bf16 tensor-core FLOPs/s
@@ -1024,6 +1050,10 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
         problem = check_causal(scorer, data.val, data.vocab_size, block_size, device)
         if problem:
             result["reason"] = f"non-causal: {problem}"
+            return result
+        problem = check_rows_independent(scorer, data.val, data.vocab_size, block_size, batch, device)
+        if problem:  # consecutive windows hold each other's targets: a row must not see the others
+            result["reason"] = f"rows not independent: {problem}"
             return result
         bpb, tokens, nbytes = evaluate_bpb(
             scorer, data.val, data.token_bytes, block_size, batch_size=batch, device=device

@@ -593,3 +593,24 @@ def test_progress_lines_show_megabytes_done_every_five_percent_at_most_once_a_se
     quiet.add(100)
     quiet.close()  # a pass that never showed a line stays quiet at the end too
     assert capsys.readouterr().err == ""
+
+
+class PeeksAtTheNextRow(torch.nn.Module):
+    """Causal within a row, but each row also sees the next one, which holds its targets."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        return e + 0.5 * e.roll(-1, dims=0)
+
+
+def test_the_judge_refuses_a_model_whose_rows_see_each_other(tmp_path: Path) -> None:
+    prepare.prepare()
+    prepare.export_model(PeeksAtTheNextRow(256), 32, "cpu", tmp_path / "model.pt2")
+    result = prepare.judge(tmp_path / "model.pt2", {})
+    assert result["status"] == "invalid" and result["reason"].startswith("rows not independent"), result
+    prepare.export_model(Causal(256), 32, "cpu", tmp_path / "causal.pt2")
+    assert prepare.judge(tmp_path / "causal.pt2", {})["status"] == "ok"
