@@ -150,7 +150,7 @@ def test_network_level_has_no_network(tmp_path: Path, monkeypatch: pytest.Monkey
 
 FILESYSTEM = r"""
 import ctypes, errno, os, sys
-engine_pid, repo, home, parent, host_only, private, hidden_file, hidden_dir = sys.argv[1:]
+engine_pid, repo, home, parent, host_only, private, hidden_file, hidden_dir, in_tmp = sys.argv[1:]
 report = []
 def check(name, ok):
     report.append(name if ok else f"FAILED {name}")
@@ -169,8 +169,7 @@ check("repo read-only", refused(write, os.path.join(repo, "escaped.txt")))
 check("cwd's parent read-only", refused(write, os.path.join(parent, "escaped.txt")))
 check("home read-only", refused(write, os.path.join(home, "escaped.txt")))
 check("host /tmp out of sight", not os.path.exists(host_only))
-way = [parent.split("/")[2]] if parent.startswith("/tmp/") else []
-check("/tmp holds only the way to cwd", os.listdir("/tmp") == way)
+check("/tmp holds only the way to cwd and the code", sorted(os.listdir("/tmp")) == sorted(filter(None, in_tmp.split(","))))
 write(private)
 check("hidden file reads empty", open(hidden_file, "rb").read() == b"")
 check("hidden file's mask read-only", refused(os.chmod, hidden_file, 0o600))
@@ -203,9 +202,12 @@ def test_filesystem_is_read_only_but_scratch(scratch: Path, tmp_path: Path, remo
     private = Path(f"/tmp/autoresearch-private-{uuid.uuid4().hex}")
     # Hidden paths on the read-only filesystem (under the host /tmp a path is out of sight anyway).
     hidden_file, hidden_dir = ROOT / "README.md", ROOT / "nanogpt"
-    args = [os.getpid(), ROOT, Path.home(), tmp_path, host_only, private, hidden_file, hidden_dir]
+    # What the private /tmp may show: the way to the scratch folder, and the checkout and interpreter where
+    # they live under the host's /tmp (as a CI clone may).
+    seen = [tmp_path, ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent]
+    in_tmp = ",".join(sorted({p.resolve().parts[2] for p in seen if p.resolve().is_relative_to("/tmp")}))
+    args = [os.getpid(), ROOT, Path.home(), tmp_path, host_only, private, hidden_file, hidden_dir, in_tmp]
     extra = ["--legacy-remount"] if remount == "legacy" else []
-    # The checkout stays in sight even where it lives under the host's /tmp (as a CI clone may).
     done = run(
         FILESYSTEM, scratch, *map(str, args), hidden=[hidden_file, hidden_dir], readable=[ROOT], extra=extra
     )
