@@ -107,9 +107,12 @@ def check_budget(budget: str) -> str:
     return budget.strip()
 
 
-def describe_budget(budget: str | None) -> str:
-    """A human-readable budget ('60 s', '120 CPU s', '2.50e+12 FLOPs') without importing the harness."""
+def describe_budget(budget: str | None, device: str | None = None) -> str:
+    """A human-readable budget ('60 s', '120 CPU s', '2.50e+12 FLOPs') without importing the harness; the
+    default is named as what it is on `device` when given, else 'harness default'."""
     parsed = _parse(budget) if budget else None
+    if parsed is None and device is not None and not budget:
+        parsed = resolve_budget(None, device)
     if parsed is None:
         return budget or "harness default"
     mode, amount = parsed

@@ -269,7 +269,7 @@ class Engine:
             branch=self.ws.branch,
             model=getattr(self.proposer, "model_name", None),
             device=self.device,
-            budget=describe_budget(self.config.budget),
+            budget=describe_budget(self.config.budget, self.device),
             n_experiments=self.ledger.count(),
             baseline_bpb=self.ledger.get_meta("baseline_bpb"),
             best_bpb=best.val_bpb if best else None,
@@ -444,7 +444,7 @@ class Engine:
             history=history,
             best_bpb=best.val_bpb if best else None,
             noise_margin=noise["margin"] if noise else None,
-            budget=describe_budget(self.config.budget),
+            budget=describe_budget(self.config.budget, self.device),
             tried_hashes=frozenset(e.train_hash for e in experiments if e.train_hash and e.status in RAN),
             veto_reason=veto,
         )
@@ -980,7 +980,7 @@ class Engine:
                 description=exp.description,
                 commit=exp.commit,
                 seed=seed,
-                budget=describe_budget(self.config.budget),
+                budget=describe_budget(self.config.budget, self.device),
             )
         )
 

@@ -41,7 +41,7 @@ import psutil
 
 from agent import paths
 from agent.containment import SETUP_FAILED, Containment, contain
-from agent.events import EventSink, LogLine, StepMetric
+from agent.events import EventSink, Info, LogLine, StepMetric
 from agent.summary import find_fail, parse_progress, parse_summary
 
 OUTCOMES = ("ok", "crash", "timeout", "oom", "nan", "invalid", "interrupted")
@@ -1166,7 +1166,7 @@ def prepare_for_runs(
         )
         for line in proc.stderr.splitlines():
             if line.startswith("[prepare]"):
-                emit(LogLine(exp_id=-1, text=line))
+                emit(Info(message=line))
         if proc.returncode != 0:
             lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
             raise PrepareError(lines[-1] if lines else f"exit code {proc.returncode}")

@@ -114,7 +114,8 @@ def test_budgets() -> None:
         budget_seconds("60s") == 60.0 and budget_seconds("1e12flops") is None and budget_seconds(None) is None
     )
     assert describe_budget("60") == "60 s" and describe_budget("2.5e12flops") == "2.50e+12 FLOPs"
-    assert describe_budget(None) == "harness default"
+    assert describe_budget(None) == "harness default" and describe_budget(None, "cpu (2 cores)") == "60 s"
+    assert describe_budget(None, "cuda: H200") == "300 s"
     assert estimate_training_seconds("30", "cpu") == (30.0, False)
     assert estimate_training_seconds("2.9e12flops", "cpu") == (pytest.approx(60.0), True)
     assert estimate_training_seconds(None, "cuda: H100") == (300.0, False)
