@@ -200,22 +200,6 @@ def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return kept
 
 
-@lru_cache(maxsize=1)
-def network_isolation() -> tuple[str, ...] | None:
-    """The command prefix that runs a program without network (`unshare -n`, or `-rn` unprivileged), or None."""
-    unshare = shutil.which("unshare")
-    if not unshare:
-        return None
-    for flags in (("-n",), ("-r", "-n")):
-        try:
-            probe = subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if probe.returncode == 0:
-            return (unshare, *flags, "--")
-    return None
-
-
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is `pgid`."""
     members = []
@@ -1204,7 +1188,6 @@ __all__ = [
     "group_members",
     "kill_group",
     "kill_stale_run",
-    "network_isolation",
     "prepare_for_runs",
     "read_json_object",
     "read_regular",
