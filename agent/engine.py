@@ -925,8 +925,14 @@ class Engine:
                 env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},
                 containment=self._containment(),
                 readable=(paths.cache_dir(),),
+                harness_sha256=self._harness_sha256(),
             )
         return self._warm_judge
+
+    def _harness_sha256(self) -> str | None:
+        """The frozen prepare.py's SHA-256 as recorded at init: the only harness a judge may import."""
+        recorded = self.ws.meta.get("harness", {}).get(HARNESS[0])
+        return recorded if isinstance(recorded, str) else None
 
     def _prepare_runs(self) -> tuple[Path, ...]:
         """Once per engine: the harness builds the data cache outside any run; the files runs must not read."""
@@ -965,6 +971,7 @@ class Engine:
             address_space_mb=address,
             hidden=self._prepare_runs(),
             readable=(paths.cache_dir(),),
+            harness_sha256=self._harness_sha256(),
             log_cap_bytes=self.config.log_cap_bytes,
             network=self.config.network,
             python=self.config.python or _python(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -157,6 +158,8 @@ class RunSpec:
     readable: tuple[Path, ...] = ()
     """Folders the run and the judge read (the data cache), kept in sight read-only wherever they are."""
     judge_deadline_s: float = 300.0
+    harness_sha256: str | None = None
+    """The frozen prepare.py's SHA-256 (recorded at init): the judge imports nothing else."""
     log_cap_bytes: int = 4 * 1024 * 1024
     network: bool = False
     python: str = "python3"
@@ -894,8 +897,10 @@ class WarmJudge:
         containment: Containment | None,
         readable: tuple[Path, ...] = (),
         tmp_mb: int = 1024,
+        harness_sha256: str | None = None,
     ) -> None:
         self.workspace, self.root, self.python = workspace, root, python
+        self.harness_sha256 = harness_sha256
         self.env, self.containment, self.readable, self.tmp_mb = dict(env), containment, readable, tmp_mb
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0
@@ -913,7 +918,7 @@ class WarmJudge:
         self.close()
         _fresh_folder(self.root)
         harness = self.root / HARNESS_FILE
-        harness.write_bytes(read_regular(self.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
+        harness.write_bytes(frozen_harness(self.workspace, self.harness_sha256))
         argv = [self.python, "-I", str(JUDGE_SCRIPT), "serve", str(harness)]
         if self.containment is not None:
             argv = contain(
@@ -1016,7 +1021,10 @@ def _judge(
     in a folder the run never saw (the warm judge's, if there is one). Outcome, val_bpb, reason and the
     judge's result."""
     if warm is not None:
-        judge_dir = warm.folder(spec.scratch.name)
+        try:
+            judge_dir = warm.folder(spec.scratch.name)
+        except HarnessChanged as exc:
+            return "invalid", None, f"not judged: {exc}", {}
     else:
         _fresh_folder(judge_dir)
     scratch_fd = os.open(spec.scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1046,8 +1054,11 @@ def _judge(
             return verdict
         finally:
             remove_tree(judge_dir)
-    # The harness the judge imports is the workspace's frozen copy, never the one the run could edit.
-    (judge_dir / HARNESS_FILE).write_bytes(read_regular(spec.workspace / HARNESS_FILE, MAX_SOURCE_BYTES))
+    # The harness the judge imports is the workspace's frozen copy (hash checked), never the one the run could edit.
+    try:
+        (judge_dir / HARNESS_FILE).write_bytes(frozen_harness(spec.workspace, spec.harness_sha256))
+    except HarnessChanged as exc:
+        return "invalid", None, f"not judged: {exc}", {}
     argv = [
         spec.python,
         "-I",
@@ -1100,6 +1111,19 @@ def _verdict(
     if isinstance(claims.get("export_seconds"), int | float):
         verdict["export_seconds"] = claims["export_seconds"]  # the run's word: shown, never decisive
     return (*judged(verdict), verdict)
+
+
+class HarnessChanged(Exception):
+    """The workspace's frozen prepare.py no longer has the SHA-256 recorded at init."""
+
+
+def frozen_harness(workspace: Path, expected_sha256: str | None) -> bytes:
+    """The workspace's prepare.py, refused (HarnessChanged) unless it has the recorded SHA-256: the judge must
+    never import a harness a run (one without full containment) could have rewritten."""
+    data = read_regular(workspace / HARNESS_FILE, MAX_SOURCE_BYTES)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise HarnessChanged(f"{HARNESS_FILE} in {workspace} is not the frozen harness any more")
+    return data
 
 
 def _copy_regular(name: Path, target: Path, limit: int, dir_fd: int) -> None:

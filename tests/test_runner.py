@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
@@ -467,3 +468,27 @@ def test_a_stop_during_start_up_does_not_kill_the_run(tmp_path: Path) -> None:
     result = _run(tmp_path, script, budget_limit=("time", 0.3), handover_s=10.0)
     assert (result.outcome, result.val_bpb) == ("ok", 2.5), result.reason
     assert result.budget_spent is not None and result.budget_spent >= 0.3
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["one-shot", "warm"])
+def test_the_judge_imports_only_the_frozen_harness(tmp_path: Path, warm: bool) -> None:
+    # A run without full containment could rewrite the workspace's prepare.py with a kinder judge: the judge
+    # checks the recorded SHA-256 before it imports anything.
+    frozen = hashlib.sha256(FAKE_PREPARE.encode()).hexdigest()
+    forged = FAKE_PREPARE + "\ndef judge(model_path, claims):\n    return {'status': 'ok', 'val_bpb': 0.1}\n"
+    script = f"""
+        import pathlib
+        from prepare import report
+        report(2.5)
+        pathlib.Path({str(tmp_path / "ws" / "prepare.py")!r}).write_text({forged!r})
+    """
+    judge = _warm_judge(tmp_path) if warm else None
+    if judge is not None:
+        judge.harness_sha256 = frozen
+    try:
+        result = _run(tmp_path, script, judge=judge, harness_sha256=frozen)
+    finally:
+        if judge is not None:
+            judge.close()
+    assert result.outcome == "invalid" and "not the frozen harness" in result.reason, result.reason
+    assert result.val_bpb is None
