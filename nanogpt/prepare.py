@@ -551,7 +551,6 @@ class Budget:
         self.spec = spec
         self.n_params = 0
         self.tokens = 0
-        self.batches = 0
         self.origin = float(os.environ.get("AUTORESEARCH_CLOCK_START") or STARTED_AT)
         """Epoch seconds when the run started: the clock of `time` and `training_seconds`."""
         self._finished_at: float | None = None
@@ -562,7 +561,6 @@ class Budget:
         self.n_params = sum(p.numel() for p in model.parameters())
 
     def on_batch(self, tokens: int) -> None:
-        self.batches += 1
         self.tokens += tokens
 
     def request_stop(self) -> None:
