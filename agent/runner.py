@@ -500,8 +500,7 @@ def build_command(spec: RunSpec, containment: Containment | None, argv: list[str
     file_size = spec.file_size_mb * 1024 * 1024
     program = argv or [spec.python, spec.script]
     command = [spec.python, "-S", "-c", _LAUNCHER, str(address_space), str(file_size), *program]
-    full = containment is not None and containment.level == "full"
-    if not full and (setpriv := _drop_capabilities()) is not None:
+    if not _fully(containment) and (setpriv := _drop_capabilities()) is not None:
         command = [*setpriv, *command]  # full containment drops them itself
     if containment is None:
         return command
@@ -515,6 +514,11 @@ def build_command(spec: RunSpec, containment: Containment | None, argv: list[str
         tmp_mb=spec.tmp_mb,
         network=spec.network,
     )
+
+
+def _fully(containment: Containment | None) -> bool:
+    """Whether runs get the namespaces (and so the init that reports signals as 128 + N and forwards SIGUSR1)."""
+    return containment is not None and containment.level == "full"
 
 
 @lru_cache(maxsize=1)
@@ -778,7 +782,7 @@ def run_training(
         (spec.scratch / name).write_bytes(read_regular(spec.workspace / name, MAX_SOURCE_BYTES))
     env = _run_environment(spec)
     output = _Output(spec, emit)
-    contained = containment is not None and containment.level == "full"
+    contained = _fully(containment)
     try:
         env["AUTORESEARCH_CLOCK_START"] = f"{time.time():.6f}"  # the budget's clock, shared with the run
         training = _supervise(
@@ -1087,7 +1091,7 @@ def _judge(
         stop=stop,
         deadline_s=spec.judge_deadline_s,
         memory_mb=spec.memory_mb,
-        contained=containment is not None and containment.level == "full",
+        contained=_fully(containment),
     )
     if ended.killed_for:
         what = (
