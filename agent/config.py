@@ -69,6 +69,14 @@ class EngineConfig:
     """Allow the run network access (by default it runs in a new, empty network namespace)."""
     python: str | None = None
     """The interpreter that runs train.py; None is the engine's own."""
+    trainers: int = 1
+    """How many runs train at once (trainer slots: local, one per GPU, or Ray tasks with `ray`)."""
+    ray: str | None = None
+    """Run each training as a Ray task: 'local' (a Ray instance started here, bound to 127.0.0.1), 'auto' or a
+    cluster ADDRESS (Ray's own meaning); None trains on this machine without Ray."""
+    overlap: bool | None = None
+    """Propose the next experiment while runs train; None: on where training has its own device (CUDA), and
+    on CPU as measured (see the README)."""
 
 
 def _parse(budget: str) -> tuple[str, float] | None:

@@ -113,6 +113,14 @@ class EngineSnapshot:
     """Proposals waiting to be re-run (reapplied or interrupted)."""
     containment: str = ""
     """How runs are contained here: 'full', 'network' or 'none' (see agent.containment), once probed."""
+    trainers: int = 1
+    """Trainer slots (runs that can train at once)."""
+    in_flight: tuple[int, ...] = ()
+    """The experiments training now, one per busy slot (slot order)."""
+    busy_share: float | None = None
+    """Seconds the trainers spent training / (trainers x wall seconds) since the engine started."""
+    experiments_per_hour: float | None = None
+    """Experiments decided per hour of this session (rejected proposals not counted)."""
 
 
 @dataclass

@@ -40,6 +40,10 @@ class RunStarted(Event):
     commit: str
     seed: int
     budget: str
+    slot: int = 0
+    """The trainer slot it runs in (0 .. trainers-1)."""
+    where: str = ""
+    """Where it trains when that is not this machine (a Ray node)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -127,6 +127,9 @@ class RunSpec:
 
     workspace: Path
     """Where train.py and the frozen prepare.py are copied from; the run never sees this folder."""
+    train_source: bytes | None = None
+    """The train.py to run (a candidate's text at its commit); None: the workspace's file. With several runs in
+    flight the workspace holds the best train.py, not the one each run trains."""
     scratch: Path
     """The run's own folder, made fresh (its only writable place); removed after the judge has scored."""
     exp_id: int
@@ -779,7 +782,10 @@ def run_training(
     judge_dir = spec.scratch.with_name(spec.scratch.name + ".judge")
     _fresh_folder(spec.scratch)
     for name in (spec.script, HARNESS_FILE):
-        (spec.scratch / name).write_bytes(read_regular(spec.workspace / name, MAX_SOURCE_BYTES))
+        source = spec.train_source if name == spec.script else None
+        if source is None:
+            source = read_regular(spec.workspace / name, MAX_SOURCE_BYTES)
+        (spec.scratch / name).write_bytes(source)
     env = _run_environment(spec)
     output = _Output(spec, emit)
     contained = _fully(containment)
@@ -907,6 +913,8 @@ class WarmJudge:
         self.harness_sha256 = harness_sha256
         self.env, self.containment, self.readable, self.tmp_mb = dict(env), containment, readable, tmp_mb
         self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+        """Held while one model is scored: the server answers one request after another (runs in parallel)."""
         self.started = 0
         """How many servers were started (tests and the bench read it)."""
 
@@ -1013,6 +1021,21 @@ class WarmJudge:
 
 
 def _judge(
+    spec: RunSpec,
+    judge_dir: Path,
+    env: dict[str, str],
+    output: _Output,
+    stop: threading.Event,
+    containment: Containment | None,
+    warm: WarmJudge | None = None,
+) -> tuple[str, float | None, str, dict[str, Any]]:
+    if warm is None:
+        return _judge_one(spec, judge_dir, env, output, stop, containment)
+    with warm.lock:
+        return _judge_one(spec, judge_dir, env, output, stop, containment, warm)
+
+
+def _judge_one(
     spec: RunSpec,
     judge_dir: Path,
     env: dict[str, str],
