@@ -127,9 +127,6 @@ class RunSpec:
 
     workspace: Path
     """Where train.py and the frozen prepare.py are copied from; the run never sees this folder."""
-    train_source: bytes | None = None
-    """The train.py to run (a candidate's text at its commit); None: the workspace's file. With several runs in
-    flight the workspace holds the best train.py, not the one each run trains."""
     scratch: Path
     """The run's own folder, made fresh (its only writable place); removed after the judge has scored."""
     exp_id: int
@@ -171,6 +168,9 @@ class RunSpec:
     """Extra environment (after scrubbing), e.g. AUTORESEARCH_CACHE."""
     device_memory_from_summary: bool = False
     """On CUDA the harness's max_memory_allocated is the figure; on CPU the runner's own measurement."""
+    train_source: bytes | None = None
+    """The train.py to run (a candidate's text at its commit); None: the workspace's file. With several runs in
+    flight the workspace holds the best train.py, not the one each run trains."""
 
 
 @dataclass(frozen=True)
