@@ -371,13 +371,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent.report import summarize, summary_text, write_progress_png
+    from agent.report import ledger_noise, summarize, summary_text, write_progress_png
 
     ws = _open(args)
     experiments = _experiments(ws)
     output = args.output or ws.path / "progress.png"
     write_progress_png(experiments, output)
-    print(summary_text(summarize(experiments)))
+    print(summary_text(summarize(experiments, ledger_noise(ws.ledger_path))))
     print(f"wrote {output}")
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,17 +16,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Improvement:
-    """A kept experiment and how much it gained over the best before it."""
+    """A kept experiment and how much it gained over the best before it (positive: lower bpb)."""
 
     exp_id: int
     description: str
     val_bpb: float
     delta: float
+    by_user: bool = False
+    """Kept by an override rather than by the engine (its gain may be negative)."""
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Baseline -> best, counts, and the kept improvements sorted by gain."""
+    """Baseline -> best, the noise margin, counts, and the kept changes in the order they were kept."""
 
     baseline_bpb: float | None
     best_bpb: float | None
@@ -34,56 +37,149 @@ class Summary:
     n_kept: int
     counts: dict[str, int]
     improvements: tuple[Improvement, ...]
+    """Each keep against the best before it, in the order they were kept."""
+    margin: float | None = None
+    """The keep margin from the baseline's spread over seeds (the ledger's `noise`); None when unknown."""
+    margin_measured: bool = True
+    """False when the margin is the configured default (a single baseline run)."""
 
 
-def summarize(experiments: list[Experiment]) -> Summary:
-    """The numbers of a report, from the ledger's experiments (oldest first)."""
+@dataclass(frozen=True)
+class Kept:
+    """One step of the chain of bests: an experiment that was the baseline or kept."""
+
+    exp_id: int
+    status: str
+    val_bpb: float
+    description: str = ""
+    by_user: bool = False
+
+
+def kept_changes(chain: Iterable[Kept]) -> tuple[float | None, list[Improvement]]:
+    """The baseline's val_bpb and each keep's gain over the best before it, from the chain in order.
+
+    The best before a keep is the experiment kept last before it (the train.py it replaced), so the gains
+    add up to baseline - last kept, and a keep forced by the user can show a loss.
+    """
+    baseline: float | None = None
+    previous: float | None = None
+    improvements: list[Improvement] = []
+    for step in chain:
+        if step.status == "baseline" and baseline is None:
+            baseline = step.val_bpb
+        elif step.status == "keep" and previous is not None:
+            improvements.append(
+                Improvement(
+                    step.exp_id, step.description, step.val_bpb, previous - step.val_bpb, step.by_user
+                )
+            )
+        if baseline is not None:
+            previous = step.val_bpb
+    return baseline, improvements
+
+
+def margin_of(noise: object) -> tuple[float | None, bool]:
+    """The margin and whether it was measured, from the ledger's `noise` meta (None when there is none)."""
+    if not isinstance(noise, dict) or not isinstance(noise.get("margin"), int | float):
+        return None, True
+    return float(noise["margin"]), bool(noise.get("measured", True))
+
+
+def ledger_noise(ledger_path: Path) -> object:
+    """The ledger's `noise` meta (the baseline's spread and the keep margin), or None."""
+    from agent.ledger import Ledger
+
+    ledger = Ledger(ledger_path)
+    try:
+        return ledger.get_meta("noise")
+    finally:
+        ledger.close()
+
+
+def times_margin(change: float, margin: float | None) -> float | None:
+    """How many margins a change in bpb amounts to (None without a positive margin)."""
+    return abs(change) / margin if margin else None
+
+
+def margin_words(change: float, margin: float | None, measured: bool = True, digits: int = 6) -> str:
+    """ ", 7.6 × the margin (0.011000)" for a change in bpb; "" without a margin."""
+    ratio = times_margin(change, margin)
+    if ratio is None or margin is None:
+        return ""
+    what = "the margin" if measured else "the default margin"
+    return f", {ratio:.1f} × {what} ({margin:.{digits}f})"
+
+
+def gain_words(
+    baseline_bpb: float, best_bpb: float, margin: float | None, measured: bool = True, digits: int = 6
+) -> str:
+    """The change from the baseline to the best with its noise margin: "-0.084000 bpb, 7.6 × the margin"."""
+    change = best_bpb - baseline_bpb
+    return f"{change:+.{digits}f} bpb" + margin_words(change, margin, measured, digits)
+
+
+def summarize(experiments: list[Experiment], noise: object = None) -> Summary:
+    """The numbers of a report, from the ledger's experiments (oldest first) and its `noise` meta."""
     decided = [e for e in experiments if e.phase == "decided"]
     counts: dict[str, int] = {}
     for exp in decided:
         counts[exp.status] = counts.get(exp.status, 0) + 1
-    chain = [e for e in decided if e.status in ("baseline", "keep") and e.val_bpb is not None]
-    baseline = next((e for e in chain if e.status == "baseline"), None)
-    improvements = []
-    previous = baseline.val_bpb if baseline else None
-    for exp in chain:
-        if exp.status == "keep" and previous is not None and exp.val_bpb is not None:
-            improvements.append(Improvement(exp.id, exp.description, exp.val_bpb, previous - exp.val_bpb))
-        previous = exp.val_bpb
-    best = min(chain, key=lambda e: e.val_bpb or float("inf"), default=None)
+    chain = [
+        Kept(e.id, e.status, e.val_bpb, e.description, e.decided_by == "user")
+        for e in decided
+        if e.status in ("baseline", "keep") and e.val_bpb is not None
+    ]
+    baseline, improvements = kept_changes(chain)
+    best = min(chain, key=lambda e: e.val_bpb, default=None)
+    margin, measured = margin_of(noise)
     return Summary(
-        baseline_bpb=baseline.val_bpb if baseline else None,
+        baseline_bpb=baseline,
         best_bpb=best.val_bpb if best else None,
-        best_exp_id=best.id if best else None,
+        best_exp_id=best.exp_id if best else None,
         n_experiments=len([e for e in decided if e.id != 0]),
         n_kept=counts.get("keep", 0),
         counts=counts,
-        improvements=tuple(sorted(improvements, key=lambda i: i.delta, reverse=True)),
+        improvements=tuple(improvements),
+        margin=margin,
+        margin_measured=measured,
     )
 
 
-def summary_text(summary: Summary, top: int = 10) -> str:
-    """The report as lines of text."""
+def summary_text(summary: Summary, top: int | None = None) -> str:
+    """The report as lines of text (`top`: list only the last `top` kept changes)."""
     if summary.baseline_bpb is None:
         return "no baseline yet: run `autoresearch run --headless` first"
     lines = []
     if summary.best_bpb is not None:
-        gain = summary.baseline_bpb - summary.best_bpb
-        pct = 100 * gain / summary.baseline_bpb if summary.baseline_bpb else 0.0
+        change = summary.best_bpb - summary.baseline_bpb
+        pct = 100 * change / summary.baseline_bpb if summary.baseline_bpb else 0.0
         lines.append(
             f"baseline {summary.baseline_bpb:.6f} -> best {summary.best_bpb:.6f} (#{summary.best_exp_id}): "
-            f"{gain:+.6f} bpb ({pct:.2f}%)"
+            f"{change:+.6f} bpb ({pct:+.2f}%)" + margin_words(change, summary.margin, summary.margin_measured)
         )
+    if summary.margin is None:
+        lines.append("noise margin not measured yet (it comes from the baseline's seeds)")
+    elif not summary.margin_measured:
+        lines.append(f"noise margin {summary.margin:.6f} bpb: the default (one baseline run, no spread)")
     counted = ", ".join(
         f"{n} {status}" for status, n in sorted(summary.counts.items()) if status != "baseline"
     )
     lines.append(f"{summary.n_experiments} experiments after the baseline{': ' + counted if counted else ''}")
-    if summary.improvements:
-        lines.append("top improvements (gain over the best before it):")
-        for rank, imp in enumerate(summary.improvements[:top], start=1):
-            lines.append(
-                f"  {rank:2d}. #{imp.exp_id:<4d} {imp.delta:+.6f}  {imp.val_bpb:.6f}  {imp.description}"
-            )
+    shown = summary.improvements
+    if top is not None and len(shown) > top:
+        lines.append(f"kept changes, in order ({len(shown) - top} earlier ones not shown):")
+        shown = shown[-top:]
+    elif shown:
+        lines.append("kept changes, in order (each against the best before it):")
+    first = len(summary.improvements) - len(shown) + 1
+    for rank, imp in enumerate(shown, start=first):
+        ratio = times_margin(imp.delta, summary.margin)
+        margins = f"{ratio:5.1f} × margin" if ratio is not None else ""
+        override = "  (kept by you)" if imp.by_user else ""
+        lines.append(
+            f"  {rank:2d}. #{imp.exp_id:<4d} {-imp.delta:+.6f}  {imp.val_bpb:.6f}  {margins}  "
+            f"{imp.description}{override}".rstrip()
+        )
     return "\n".join(lines)
 
 
