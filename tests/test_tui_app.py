@@ -311,3 +311,34 @@ async def test_an_unknown_model_is_a_notification_and_makes_no_workspace(tmp_pat
         assert app.engine is None
         await pilot.press("q", "y")
     assert not (tmp_path / "ws").exists()
+
+
+@async_test
+async def test_two_trainers_are_listed_and_t_picks_whose_log_and_curve_are_shown() -> None:
+    from tui.demo import parallel_runs
+
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await show_recorded_session(app, pilot)
+        live = app.main.live
+        assert not live.trainer_list.display and app.check_action("next_trainer", ()) is False
+        app.state.header.trainers = 2  # as the engine's snapshot says
+        app.feed(parallel_runs(steps=5))
+        app.drain_events()
+        live.plot.flush()
+        await pilot.pause()
+        assert live.trainer_list.display and app.check_action("next_trainer", ()) is True
+        listed = str(live.trainer_list.render())
+        assert "▶ 2 #8 step 40" in listed and "  1 #7 step 40" in listed and "on node-b (gpu 1)" in listed
+        assert live.log_view.lines[-1] == app.state.slots[1].log[-1]
+        assert live.plot.title_text.startswith("#8 on trainer 2 · step 40")
+        await pilot.press("t")
+        await pilot.pause()
+        assert list(live.log_view.lines) == list(app.state.slots[0].log)
+        assert live.log_view.lines[0].startswith("── #7 seed 1 · trainer 1")
+        live.plot.flush()
+        assert live.plot.title_text.startswith("#7 on trainer 1")
+        assert "▶ 1 #7" in str(live.trainer_list.render())
+        await pilot.press("t", "t")  # trainer 2, then back to following the newest run
+        await pilot.pause()
+        assert app.state.selected_slot is None and live.log_view.lines[0].startswith("── #8")

@@ -7,7 +7,7 @@ from typing import Any
 from textual.pilot import Pilot
 
 from tui.app import CockpitApp
-from tui.demo import demo_header, recorded_session
+from tui.demo import demo_header, parallel_runs, recorded_session
 from tui.screens import ModelChoice, ModelPickerScreen
 
 CHOICES = [
@@ -61,6 +61,25 @@ def test_model_picker(snap_compare: Any) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
         await replayed(pilot)
         app.push_screen(ModelPickerScreen("qwen2.5-coder-1.5b", choices=list(CHOICES)))
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)
+
+
+def test_two_trainers(snap_compare: Any) -> None:
+    app, replayed = replay()
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await replayed(pilot)
+        header = app.state.header
+        header.trainers, header.busy_share, header.experiments_per_hour = (
+            2,
+            0.91,
+            11.4,
+        )  # the engine's snapshot
+        app.feed(parallel_runs())
+        app.drain_events()
+        app.main.live.plot.flush()
         await pilot.pause()
 
     assert snap_compare(app, terminal_size=(120, 40), run_before=run_before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from agent.events import (
     LogLine,
     ModelLoaded,
     ModelLoading,
+    NoiseFloor,
     ProposalReady,
     ProposalRejected,
     ProposalStarted,
@@ -233,3 +235,158 @@ def test_the_header_wraps_between_pieces_and_shows_a_queued_switch() -> None:
     assert "a → b next" in header_text(header, 3, None, width=200).plain
     header.loading_message, header.loading_progress = "loading b.gguf", 0.5
     assert "loading b 50%" in header_text(header, 3, None, width=200).plain
+
+
+def two_runs_in_flight(state: CockpitState) -> list:
+    """The recorded session, then #7 on trainer 1 and #8 on trainer 2, their events interleaved."""
+    from tui.demo import parallel_runs, recorded_session
+
+    state.apply_batch(recorded_session())
+    state.header.trainers = 2  # as the engine's snapshot says before any run starts
+    return parallel_runs(steps=5)
+
+
+def test_two_trainers_keep_their_own_log_and_curve_and_the_view_follows_the_newest() -> None:
+    state = CockpitState()
+    update = state.apply_batch(two_runs_in_flight(state))
+    assert state.n_trainers == 2 and state.shown_slot == 1 and state.selected_slot is None
+    assert state.run.exp_id == 8 and state.run.where == "node-b (gpu 1)"
+    # Only the shown trainer's lines reach the view (#7 was the newest until #8 started); each run keeps
+    # its own, banner first.
+    assert update.log.lines[0] == "── #7 seed 1 · trainer 1: linear warmup over 50 steps ──"
+    assert update.log.lines[1] == "── #8 seed 1 · trainer 2 on node-b (gpu 1): N_HEAD 8 ──"
+    assert len(update.log.lines) == 2 + 5
+    assert list(state.slots[1].log) == update.log.lines[1:]
+    assert state.slots[0].log[0].startswith("── #7 seed 1 · trainer 1: linear warmup")
+    assert len(state.slots[0].log) == 6 and state.slots[0].log[1] != state.slots[1].log[1]
+    assert state.slots[0].curve.exp_id == 7 and state.slots[0].curve.steps == [0, 10, 20, 30, 40]
+    assert state.slots[1].curve.losses != state.slots[0].curve.losses
+    assert set(state.curves) >= {4, 7, 8}  # the best's curve and both trainers' are held
+    rows = state.trainer_rows()
+    assert [(r.slot, r.exp_id, r.step, r.shown, r.status) for r in rows] == [
+        (0, 7, 40, False, "running"),
+        (1, 8, 40, True, "running"),
+    ]
+    best_loss = state.best_curve.loss_at(40)
+    assert (
+        best_loss is not None
+        and rows[0].best_loss == best_loss
+        and rows[0].loss == state.slots[0].curve.losses[-1]
+    )
+
+
+def test_picking_a_trainer_refills_the_view_with_its_log_and_routes_its_lines_there() -> None:
+    state = CockpitState()
+    state.apply_batch(two_runs_in_flight(state))
+    update = state.select_trainer(0)
+    assert update.log.reset and update.log.lines == list(state.slots[0].log)
+    assert state.run.exp_id == 7 and {"run", "trainers"} <= update.dirty
+    update = state.apply_batch(
+        [
+            LogLine(exp_id=8, text="eight"),
+            LogLine(exp_id=7, text="seven"),
+            StepMetric(exp_id=8, step=50, loss=1.0, tokens_per_s=1.0),
+        ]
+    )
+    assert update.log.lines == ["seven"] and not update.log.reset
+    assert "run" not in update.dirty and "trainers" in update.dirty  # #8's step moves its row, not the plot
+    assert state.slots[1].log[-1] == "eight"
+    # A new run on the other trainer does not take the view away from the one picked.
+    update = state.apply_batch([RunStarted(exp_id=9, description="x", commit="c", seed=1, budget="", slot=1)])
+    assert update.log.lines == [] and state.run.exp_id == 7
+    assert state.next_trainer().log.lines[0].startswith("── #9") and state.selected_slot == 1
+    assert state.next_trainer().log.lines[0].startswith("── #9") and state.selected_slot is None
+    assert state.next_trainer().log.lines[0].startswith("── #7") and state.selected_slot == 0
+
+
+def test_a_finished_run_shows_its_verdict_on_its_trainer() -> None:
+    state = CockpitState()
+    state.apply_batch(two_runs_in_flight(state))
+    state.apply_batch([RunFinished(exp_id=7, outcome="ok", val_bpb=2.55, seconds=60.0)])
+    assert state.slots[0].finished and not state.slots[1].finished
+    assert state.trainer_rows()[0].status == "running"  # judged, not decided yet
+    state.apply_batch([Decided(exp_id=7, status="keep", val_bpb=2.55, best_bpb=2.55, margin=0.01, reason="")])
+    assert state.trainer_rows()[0].status == "keep" and state.header.best_exp_id == 7
+
+
+def test_one_trainer_writes_every_run_to_the_view_in_turn() -> None:
+    state = CockpitState()
+    update = state.apply_batch(run_events(0, 2.5, "baseline", 2.5) + run_events(1, 2.4, "keep", 2.4))
+    assert state.n_trainers == 1 and list(state.slots) == [0]
+    assert [line for line in update.log.lines if line.startswith("──")] == [
+        "── #0 seed 1: idea 0 ──",
+        "── #1 seed 1: idea 1 ──",
+    ]
+    assert len(update.log.lines) == 12
+
+
+def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are() -> None:
+    from agent.engine import EngineSnapshot
+    from tui.widgets.header import header_text
+
+    state = CockpitState()
+    plain = header_text(state.header, 0, None, width=200).plain
+    assert "trainer" not in plain and "exp/h" not in plain  # one trainer, nothing measured: as before
+    snapshot = EngineSnapshot(
+        state="running",
+        workspace=Path("/w"),
+        branch="b",
+        model=None,
+        device="cpu",
+        budget="60 s",
+        n_experiments=3,
+        baseline_bpb=2.5,
+        best_bpb=2.4,
+        best_exp_id=1,
+        margin=0.01,
+        review_gate=False,
+        trainers=4,
+        in_flight=(5, 6),
+        busy_share=0.913,
+        experiments_per_hour=11.42,
+    )
+    state.apply_snapshot(snapshot)
+    assert state.n_trainers == 4 and len(state.trainer_rows()) == 4
+    assert [r.exp_id for r in state.trainer_rows()] == [None] * 4
+    plain = header_text(state.header, 3, 0.1, width=200).plain
+    assert "4 trainers busy 91%" in plain and "11.4 exp/h" in plain
+    state.header.trainers = 1
+    assert "trainer busy 91%" in header_text(state.header, 3, 0.1, width=200).plain
+
+
+def test_the_progress_pane_states_the_gain_in_margins_and_each_kept_change() -> None:
+    from tui.demo import recorded_session
+    from tui.widgets.progress import gains_text
+
+    state = CockpitState()
+    assert gains_text(state).plain == "gain: no baseline yet"
+    events = recorded_session()
+    noise = next(i for i, e in enumerate(events) if isinstance(e, NoiseFloor))
+    state.apply_batch(events[: noise + 1])  # the baseline only
+    assert gains_text(state).plain == "baseline 2.7000 · no change kept yet · margin 0.0100"
+    state.apply_batch(events[noise + 1 :])
+    lines = gains_text(state).plain.splitlines()
+    assert lines[0] == "-0.1300 bpb vs baseline, 13.0 × the margin (0.0100)"
+    assert lines[1].split() == [
+        "#1",
+        "2.6100",
+        "-0.0900",
+        "9.0×",
+        "raise",
+        "the",
+        "learning",
+        "rate",
+        "to",
+        "4e-3",
+    ]
+    assert lines[2].split()[:4] == ["#4", "2.5700", "-0.0400", "4.0×"]
+    assert len(lines) == 3
+    state.apply_batch(
+        [
+            NoiseFloor(values=(2.7,), spread=0.0, margin=0.02),
+            Decided(exp_id=5, status="keep", val_bpb=2.58, best_bpb=2.58, margin=0.02, reason="", by="user"),
+        ]
+    )
+    lines = gains_text(state).plain.splitlines()
+    assert lines[0] == "-0.1200 bpb vs baseline, 6.0 × the default margin (0.0200)"
+    assert lines[3].split()[:4] == ["#5", "2.5800", "+0.0100", "0.5×"] and lines[3].endswith("(kept by you)")

@@ -141,6 +141,7 @@ class CockpitApp(App[int]):
         Binding("k", "force_keep", "Force keep"),
         Binding("d", "force_discard", "Force discard"),
         Binding("x", "reapply", "Re-apply"),
+        Binding("t", "next_trainer", "Trainer"),
         Binding("1", "show_pane('timeline')", "Timeline", show=False),
         Binding("2", "show_pane('live')", "Live", show=False),
         Binding("3", "show_pane('proposal')", "Proposal", show=False),
@@ -336,8 +337,11 @@ class CockpitApp(App[int]):
     @on(SnapshotRead)
     def _snapshot_read(self, message: SnapshotRead) -> None:
         previous_best = self.state.header.best_exp_id
+        trainers = self.state.n_trainers
         self.state.apply_snapshot(message.snapshot)
         self._render_header()
+        if self.state.n_trainers != trainers and self.showing:
+            self.main.live.show_trainers(self.state)
         best = self.state.header.best_exp_id
         if best is not None and best != previous_best and self.state.best_curve.exp_id != best:
             if best in self.state.curves:
@@ -375,7 +379,8 @@ class CockpitApp(App[int]):
         if message.exp_id == self.state.header.best_exp_id:
             self.state.set_best_curve(message.exp_id, message.curve)
             if self.showing:
-                self.main.live.show_run(self.state.run, self.state.best_curve)
+                self.main.live.show_run(self.state.run, self.state.best_curve, self.state.n_trainers)
+                self.main.live.show_trainers(self.state)
 
     @work(
         thread=True, exclusive=True, exit_on_error=False, group="detail", description="reading an experiment"
@@ -429,10 +434,12 @@ class CockpitApp(App[int]):
         dirty = update.dirty
         if update.dropped_lines:
             update.log.lines.insert(0, f"… {update.dropped_lines} log lines skipped (display fell behind)")
-        if update.log.lines or update.log.replace_last is not None:
-            main.live.write_lines(update.log.lines, update.log.replace_last)
+        if update.log.lines or update.log.replace_last is not None or update.log.reset:
+            main.live.write_lines(update.log.lines, update.log.replace_last, update.log.reset)
         if dirty & {"run", "log", "timeline"}:
-            main.live.show_run(self.state.run, self.state.best_curve)
+            main.live.show_run(self.state.run, self.state.best_curve, self.state.n_trainers)
+        if "trainers" in dirty:
+            main.live.show_trainers(self.state)
         if "timeline" in dirty:
             self._render_rows()
         elif "header" in dirty:
@@ -460,12 +467,14 @@ class CockpitApp(App[int]):
         self._render_rows()
         main = self.main
         main.proposal.show_proposal(self.state.proposal)
-        main.live.show_run(self.state.run, self.state.best_curve)
+        main.live.show_run(self.state.run, self.state.best_curve, self.state.n_trainers)
+        main.live.show_trainers(self.state)
 
     def _render_header(self) -> None:
         if not self.showing:
             return
         self.main.header.show(self.state.header, self.state.n_done, self.state.gain)
+        self.main.gains.show_state(self.state)
 
     def _render_rows(self) -> None:
         if not self.showing:
@@ -498,6 +507,8 @@ class CockpitApp(App[int]):
             return paused
         if action == "review":
             return True if self.state.pending_review is not None else None
+        if action == "next_trainer":
+            return self.state.n_trainers > 1  # one trainer: no key, the cockpit as it always was
         return True
 
     def action_pause(self) -> None:
@@ -588,6 +599,17 @@ class CockpitApp(App[int]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_next_trainer(self) -> None:
+        """Show the next trainer's log and curve (after the last: follow the newest run again)."""
+        if self.state.n_trainers <= 1 or not self.showing:
+            return
+        update = self.state.next_trainer()
+        self._render(update, [])
+        slot = self.state.selected_slot
+        self.notify(
+            "Following the newest run." if slot is None else f"Showing trainer {slot + 1}.", timeout=2
+        )
 
     def action_show_pane(self, key: str) -> None:
         self.main.show_pane(key)
@@ -773,6 +795,10 @@ class CockpitApp(App[int]):
             ("Edit program.md", "Edit the research instructions in place", self.action_edit_program),
             ("Help", "Keys and what quitting does", self.action_help),
         ]
+        if self.state.n_trainers > 1:
+            commands.append(
+                ("Next trainer", "Show the next trainer's log and loss curve", self.action_next_trainer)
+            )
         for title, help_text, callback in commands:
             yield SystemCommand(title, help_text, callback)
 

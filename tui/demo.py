@@ -139,6 +139,30 @@ def recorded_session(with_review: bool = False) -> list[Event]:
     return events
 
 
+def parallel_runs(steps: int = 30) -> list[Event]:
+    """Two trainers at once after the recorded session: #7 on trainer 1, #8 on trainer 2 (a Ray node), their
+    lines and metrics interleaved as the engine sends them."""
+    starts = [
+        RunStarted(
+            exp_id=7, description="linear warmup over 50 steps", commit="7", seed=1, budget="60 s", slot=0
+        ),
+        RunStarted(
+            exp_id=8,
+            description="N_HEAD 8",
+            commit="8",
+            seed=1,
+            budget="60 s",
+            slot=1,
+            where="node-b (gpu 1)",
+        ),
+    ]
+    events: list[Event] = [StateChanged(state="running"), *starts]
+    streams = [run(7, "", 2.55, "ok", steps)[1:-3], run(8, "", 2.60, "ok", steps)[1:-3]]
+    for pair in zip(*streams, strict=True):
+        events.extend(pair)
+    return events
+
+
 def main() -> int:
     """`python -m tui.demo`: the cockpit replaying the recorded session (no engine, no training)."""
     from tui.app import CockpitApp

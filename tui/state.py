@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +44,9 @@ OVERRIDABLE = frozenset({"keep", "discard"})
 
 MAX_CURVE_POINTS = 4000
 """A loss curve longer than this is thinned (every other point dropped), so memory stays flat."""
+
+MAX_RUN_LOG_LINES = 1000
+"""Each trainer's run keeps this many log lines, to refill the log view when the user picks that trainer."""
 
 MAX_REASONING_CHARS = 40_000
 """Only the tail of a streamed reasoning is kept."""
@@ -91,6 +95,8 @@ class HeaderInfo:
     best_bpb: float | None = None
     best_exp_id: int | None = None
     margin: float | None = None
+    margin_measured: bool = True
+    """False when the margin is the default (the baseline ran once: no spread to measure)."""
     review_gate: bool = False
     pause_requested: bool = False
     loading_model: str | None = None
@@ -98,6 +104,12 @@ class HeaderInfo:
     loading_message: str = ""
     containment: str = ""
     """'full', 'network' or 'none' once the engine has probed it; '' before."""
+    trainers: int = 1
+    """Trainer slots the engine runs (how many runs can train at once)."""
+    busy_share: float | None = None
+    """Share of the trainers' time spent training since the engine started (None until it says)."""
+    experiments_per_hour: float | None = None
+    """Experiments decided per hour of this session (None until the engine says)."""
 
 
 @dataclass
@@ -124,7 +136,7 @@ class Curve:
 
 @dataclass
 class LiveRun:
-    """The run in flight: its curve and throughput."""
+    """A trainer's run (in flight, or its last one): its curve, throughput and the tail of its log."""
 
     exp_id: int | None = None
     seed: int | None = None
@@ -132,6 +144,38 @@ class LiveRun:
     curve: Curve = field(default_factory=Curve)
     tokens_per_s: float | None = None
     finished: bool = False
+    slot: int = 0
+    """The trainer slot it runs in."""
+    where: str = ""
+    """The node it trains on when that is not this machine."""
+    log: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_RUN_LOG_LINES))
+    """Its last log lines (its banner first while they fit)."""
+
+    def add_line(self, text: str, replace: bool = False) -> None:
+        if replace and self.log:
+            self.log[-1] = text
+        else:
+            self.log.append(text)
+
+
+@dataclass(frozen=True)
+class TrainerRow:
+    """One trainer as the live pane lists it: what it runs, how far, its loss against the best's."""
+
+    slot: int
+    exp_id: int | None
+    description: str
+    step: int | None
+    loss: float | None
+    best_loss: float | None
+    """The best run's loss at the same step (None when the best's curve is unknown or it is this run)."""
+    tokens_per_s: float | None
+    where: str
+    finished: bool
+    shown: bool
+    """Its log and curve are the ones the live pane shows."""
+    status: str = ""
+    """Its experiment's status in the timeline (running, keep, discard, ...)."""
 
 
 @dataclass
@@ -156,6 +200,8 @@ class LogOps:
     lines: list[str] = field(default_factory=list)
     replace_last: str | None = None
     """Replaces the last line already in the view, before `lines` are written."""
+    reset: bool = False
+    """Clear the view first (another trainer's log is shown): `lines` are then its whole tail."""
 
 
 @dataclass
@@ -217,15 +263,72 @@ class CockpitState:
     def __init__(self, header: HeaderInfo | None = None) -> None:
         self.header = header or HeaderInfo()
         self.rows: dict[int, ExperimentRow] = {}
-        self.run = LiveRun()
+        self.slots: dict[int, LiveRun] = {}
+        """Each trainer slot's run: the one it trains now, or the last one it trained."""
+        self.selected_slot: int | None = None
+        """The trainer whose log and curve the live pane shows; None follows the newest run."""
+        self.newest_slot = 0
+        """The slot of the run that started last."""
+        self._no_run = LiveRun()
         self.best_curve = Curve()
         self.curves: dict[int, Curve] = {}
-        """Curves of this session's runs, kept only for the run in flight and the best."""
+        """Curves of this session's runs, kept only for the runs the trainers hold and the best."""
         self.proposal = ProposalView()
         self.pending_review: ReviewRequested | None = None
         self.last_log_exp: int | None = None
 
     # -- derived ---------------------------------------------------------------------------------
+
+    @property
+    def n_trainers(self) -> int:
+        """Trainer slots: as the engine says, or as many as runs were seen in."""
+        return max(self.header.trainers, max(self.slots, default=-1) + 1, 1)
+
+    @property
+    def shown_slot(self) -> int:
+        """The trainer whose log and curve the live pane shows."""
+        return self.newest_slot if self.selected_slot is None else self.selected_slot
+
+    @property
+    def run(self) -> LiveRun:
+        """The run the live pane shows (the shown trainer's; an empty one before any)."""
+        return self.slots.get(self.shown_slot, self._no_run)
+
+    def trainer_rows(self) -> list[TrainerRow]:
+        """One row per trainer slot, in slot order."""
+        rows = []
+        for slot in range(self.n_trainers):
+            run = self.slots.get(slot)
+            if run is None:
+                rows.append(
+                    TrainerRow(slot, None, "", None, None, None, None, "", False, slot == self.shown_slot)
+                )
+                continue
+            step = run.curve.steps[-1] if run.curve.steps else None
+            best = self.best_curve
+            best_loss = (
+                best.loss_at(step) if step is not None and best.exp_id not in (None, run.exp_id) else None
+            )
+            rows.append(
+                TrainerRow(
+                    slot=slot,
+                    exp_id=run.exp_id,
+                    description=run.description or self._description(run.exp_id),
+                    step=step,
+                    loss=run.curve.losses[-1] if run.curve.losses else None,
+                    best_loss=best_loss,
+                    tokens_per_s=run.tokens_per_s,
+                    where=run.where,
+                    finished=run.finished,
+                    shown=slot == self.shown_slot,
+                    status=self.rows[run.exp_id].status if run.exp_id in self.rows else "",
+                )
+            )
+        return rows
+
+    def _description(self, exp_id: int | None) -> str:
+        row = self.rows.get(exp_id) if exp_id is not None else None
+        return row.description if row is not None else ""
 
     @property
     def n_done(self) -> int:
@@ -297,9 +400,19 @@ class CockpitState:
             value = getattr(snapshot, name, None)
             if value is not None:
                 setattr(header, name, str(value))
-        for name in ("baseline_bpb", "best_bpb", "best_exp_id", "margin"):
+        for name in (
+            "baseline_bpb",
+            "best_bpb",
+            "best_exp_id",
+            "margin",
+            "busy_share",
+            "experiments_per_hour",
+        ):
             if hasattr(snapshot, name):
                 setattr(header, name, getattr(snapshot, name))
+        trainers = getattr(snapshot, "trainers", None)
+        if isinstance(trainers, int) and trainers >= 1:
+            header.trainers = trainers
         if hasattr(snapshot, "review_gate"):
             header.review_gate = bool(snapshot.review_gate)
         if header.state == "paused":
@@ -308,6 +421,25 @@ class CockpitState:
     def set_best_curve(self, exp_id: int, curve: Curve) -> None:
         curve.exp_id = exp_id
         self.best_curve = curve
+
+    def select_trainer(self, slot: int | None) -> Update:
+        """Show trainer `slot`'s log and curve (None: follow the newest run); the log view is refilled."""
+        self.selected_slot = slot
+        update = Update(dirty={"run", "trainers"})
+        update.log.reset = True
+        update.log.lines = list(self.run.log)
+        return update
+
+    def next_trainer(self) -> Update:
+        """Cycle what the live pane shows: the newest run, then trainer 1, 2, ... and back."""
+        slot = self.selected_slot
+        if slot is None:
+            following = 0
+        elif slot + 1 < self.n_trainers:
+            following = slot + 1
+        else:
+            return self.select_trainer(None)
+        return self.select_trainer(following)
 
     # -- the reducer -----------------------------------------------------------------------------
 
@@ -331,11 +463,16 @@ class CockpitState:
         if isinstance(event, LogLine):
             self._log_line(event, update)
         elif isinstance(event, StepMetric):
-            if self.run.exp_id != event.exp_id:
-                self._new_run(event.exp_id)
-            self.run.curve.add(event.step, event.loss)
-            self.run.tokens_per_s = event.tokens_per_s
-            update.dirty.add("run")
+            slot = self._slot_of(event)
+            if slot is None:
+                slot = self._free_slot()
+                self._new_run(event.exp_id, slot=slot)
+            run = self.slots[slot]
+            run.curve.add(event.step, event.loss)
+            run.tokens_per_s = event.tokens_per_s
+            update.dirty.add("trainers")
+            if slot == self.shown_slot:
+                update.dirty.add("run")
         elif isinstance(event, StateChanged):
             header.state = event.state
             header.detail = event.detail
@@ -354,10 +491,16 @@ class CockpitState:
             row.description = row.description or event.description
             row.seeds += 1
             header.budget = event.budget or header.budget
-            self._new_run(event.exp_id, event.seed, event.description)
-            banner = f"── #{event.exp_id} seed {event.seed}: {event.description} ──"
-            update.log.lines.append(banner)
-            update.dirty.update({"timeline", "run", "header"})
+            run = self._new_run(event.exp_id, event.seed, event.description, event.slot, event.where)
+            self.newest_slot = event.slot
+            on = ""
+            if self.n_trainers > 1:
+                on = f" · trainer {event.slot + 1}" + (f" on {event.where}" if event.where else "")
+            banner = f"── #{event.exp_id} seed {event.seed}{on}: {event.description} ──"
+            run.add_line(banner)
+            if event.slot == self.shown_slot:
+                update.log.lines.append(banner)
+            update.dirty.update({"timeline", "run", "header", "trainers"})
         elif isinstance(event, RunFinished):
             row = self.row(event.exp_id)
             row.seconds = (row.seconds or 0.0) + event.seconds if row.seeds > 1 else event.seconds
@@ -368,8 +511,9 @@ class CockpitState:
             peak = event.summary.get("peak_memory_mb") if event.summary else None
             if isinstance(peak, int | float):
                 row.peak_memory_mb = float(peak)
-            if self.run.exp_id == event.exp_id:
-                self.run.finished = True
+            slot = self._slot_of(event)
+            if slot is not None:
+                self.slots[slot].finished = True
             if event.outcome not in ("ok", "interrupted"):
                 tail = first_line(event.log_tail)
                 update.notifications.append(
@@ -396,7 +540,7 @@ class CockpitState:
                 update.notifications.append(
                     (f"#{event.exp_id} is now {event.status} (override)", "information")
                 )
-            update.dirty.update({"timeline", "header", "progress", "run"})
+            update.dirty.update({"timeline", "header", "progress", "run", "trainers"})
         elif isinstance(event, ProposalStarted):
             self.proposal = ProposalView(phase="thinking", proposer=event.proposer, model=event.model)
             if event.model:
@@ -460,6 +604,7 @@ class CockpitState:
             update.dirty.update({"proposal", "timeline", "header"})
         elif isinstance(event, NoiseFloor):
             header.margin = event.margin
+            header.margin_measured = len(event.values) > 1
             update.dirty.add("header")
         elif isinstance(event, ModelLoading):
             header.loading_model = event.name
@@ -483,13 +628,49 @@ class CockpitState:
         elif isinstance(event, Info):
             update.notifications.append((event.message, "information"))
 
-    def _new_run(self, exp_id: int, seed: int | None = None, description: str = "") -> None:
-        """A fresh live run; only the best's curve is kept from before, so memory stays flat."""
-        self.run = LiveRun(exp_id=exp_id, seed=seed, description=description, curve=Curve(exp_id=exp_id))
-        self.curves = {k: v for k, v in self.curves.items() if k == self.best_curve.exp_id}
-        self.curves[exp_id] = self.run.curve
+    def _new_run(
+        self, exp_id: int, seed: int | None = None, description: str = "", slot: int = 0, where: str = ""
+    ) -> LiveRun:
+        """A fresh run in `slot`; only the curves of the trainers' runs and the best's are kept, so memory
+        stays flat."""
+        run = LiveRun(
+            exp_id=exp_id,
+            seed=seed,
+            description=description,
+            curve=Curve(exp_id=exp_id),
+            slot=slot,
+            where=where,
+        )
+        self.slots[slot] = run
+        held = {r.exp_id for r in self.slots.values()} | {self.best_curve.exp_id}
+        self.curves = {k: v for k, v in self.curves.items() if k in held}
+        self.curves[exp_id] = run.curve
+        return run
+
+    def _slot_of(self, event: LogLine | StepMetric | RunFinished) -> int | None:
+        """The trainer slot running the event's experiment: the one that runs it still, else the last one."""
+        slot = getattr(event, "slot", None)
+        if isinstance(slot, int) and slot in self.slots:
+            return slot
+        holding = [s for s, run in self.slots.items() if run.exp_id == event.exp_id]
+        running = [s for s in holding if not self.slots[s].finished]
+        chosen = running or holding
+        return chosen[0] if chosen else None
+
+    def _free_slot(self) -> int:
+        """A slot for a run seen without its start: the first idle one, else the shown one."""
+        for slot in range(self.n_trainers):
+            run = self.slots.get(slot)
+            if run is None or run.finished:
+                return slot
+        return self.shown_slot
 
     def _log_line(self, event: LogLine, update: Update) -> None:
+        slot = self._slot_of(event)
+        if slot is not None:
+            self.slots[slot].add_line(event.text, event.replace)
+            if slot != self.shown_slot:
+                return  # another trainer's line: kept with its run, shown when the user picks it
         lines = update.log.lines
         if event.replace:
             if lines:

@@ -10,7 +10,7 @@ from textual.widget import Widget
 from textual.widgets import Tab, Tabs
 
 from tui.internals import QuietFocusScreen
-from tui.widgets import CockpitHeader, LivePane, ProgressPlot, ProposalPane, Timeline
+from tui.widgets import CockpitHeader, LivePane, ProgressGains, ProgressPlot, ProposalPane, Timeline
 from tui.widgets.footer import CockpitFooter
 
 PANES = (
@@ -55,6 +55,7 @@ class MainScreen(QuietFocusScreen[None]):
             with Container(id="pane-proposal", classes="pane"):
                 yield ProposalPane(id="proposal")
             with Container(id="pane-progress", classes="pane"):
+                yield ProgressGains(id="progress-gains")
                 yield ProgressPlot(id="progress")
         yield CockpitFooter(compact=True)
 
@@ -127,6 +128,10 @@ class MainScreen(QuietFocusScreen[None]):
     @property
     def progress(self) -> ProgressPlot:
         return self.query_one(ProgressPlot)
+
+    @property
+    def gains(self) -> ProgressGains:
+        return self.query_one(ProgressGains)
 
     @property
     def active_pane(self) -> str:

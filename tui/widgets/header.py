@@ -55,6 +55,7 @@ def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[
         detail = header.detail if len(header.detail) <= 60 else header.detail[:59] + "…"
         state.append(f" ({detail})", style="grey62")
     how: list[Text] = [state, _piece("", f"{n_done} done", "")]
+    how.extend(trainer_pieces(header))
     best = _piece("best ", fmt.bpb(header.best_bpb))
     if header.best_exp_id is not None:
         best.append(f" (#{header.best_exp_id})", style="grey62")
@@ -69,6 +70,24 @@ def header_groups(header: HeaderInfo, n_done: int, gain: float | None) -> tuple[
         )
     )
     return where, how
+
+
+def trainer_pieces(header: HeaderInfo) -> list[Text]:
+    """How busy the trainers are and how many experiments an hour they decide (once the engine says)."""
+    pieces: list[Text] = []
+    busy = header.busy_share
+    if header.trainers > 1 or busy is not None:
+        label = f"{header.trainers} trainers" if header.trainers > 1 else "trainer"
+        piece = _piece("", label, "bold" if header.trainers > 1 else "")
+        if busy is not None:
+            piece.append(" busy ", style="grey62")
+            piece.append(f"{busy * 100:.0f}%", style="bold" if busy >= 0.85 else "bold yellow")
+        pieces.append(piece)
+    if header.experiments_per_hour is not None:
+        pieces.append(
+            _piece("", f"{header.experiments_per_hour:.1f}", "bold") + Text(" exp/h", style="grey62")
+        )
+    return pieces
 
 
 def wrap_pieces(pieces: list[Text], width: int) -> list[Text]:

@@ -16,7 +16,8 @@ from textual_plotext import PlotextPlot
 
 from tui import format as fmt
 from tui.internals import ReplaceableLog, plotext_theme_name
-from tui.state import Curve, LiveRun
+from tui.state import CockpitState, Curve, LiveRun
+from tui.widgets.trainers import TrainerList
 
 MAX_PLOT_POINTS = 120
 """A curve is thinned to about this many points before plotting (braille gives two per column)."""
@@ -176,11 +177,12 @@ class LossPlot(TitledPlot):
         self.changed()
 
 
-def run_title(run: LiveRun, best: Curve) -> str:
-    """The plot's title: which run, its latest loss, the best's loss at that step, throughput."""
+def run_title(run: LiveRun, best: Curve, trainers: int = 1) -> str:
+    """The plot's title: which run (on which trainer when there are several), its latest loss, the best's
+    loss at that step, throughput."""
     if run.exp_id is None:
         return "loss (no run yet)"
-    parts = [f"#{run.exp_id}"]
+    parts = [f"#{run.exp_id}" + (f" on trainer {run.slot + 1}" if trainers > 1 else "")]
     if run.curve.losses:
         step = run.curve.steps[-1]
         parts.append(f"step {step} loss {run.curve.losses[-1]:.3f}")
@@ -194,11 +196,16 @@ def run_title(run: LiveRun, best: Curve) -> str:
 
 
 class LivePane(Vertical):
-    """The log of the run in flight above its loss plot."""
+    """The trainers (when there are several), the shown run's log above its loss plot."""
 
     def compose(self) -> ComposeResult:
+        yield TrainerList(id="trainers")
         yield RunLog(max_lines=1000, id="run-log")
         yield LossPlot(id="loss-plot")
+
+    @property
+    def trainer_list(self) -> TrainerList:
+        return self.query_one(TrainerList)
 
     @property
     def log_view(self) -> RunLog:
@@ -208,9 +215,12 @@ class LivePane(Vertical):
     def plot(self) -> LossPlot:
         return self.query_one(LossPlot)
 
-    def write_lines(self, lines: list[str], replace_last: str | None) -> None:
+    def write_lines(self, lines: list[str], replace_last: str | None, reset: bool = False) -> None:
         log = self.log_view
         follow = log.is_vertical_scroll_end or log.line_count == 0
+        if reset:
+            log.clear()
+            follow = True
         if replace_last is not None:
             log.replace_last_line(replace_last)
         if lines:
@@ -219,5 +229,8 @@ class LivePane(Vertical):
             # The tail stays in view even when the write changed the layout (a scrollbar appearing).
             log.call_after_refresh(log.scroll_end, animate=False, x_axis=False)
 
-    def show_run(self, run: LiveRun, best: Curve) -> None:
-        self.plot.show(run.curve, best, run_title(run, best))
+    def show_run(self, run: LiveRun, best: Curve, trainers: int = 1) -> None:
+        self.plot.show(run.curve, best, run_title(run, best, trainers))
+
+    def show_trainers(self, state: CockpitState) -> None:
+        self.trainer_list.show_state(state)
