@@ -1,10 +1,11 @@
-"""The research engine: the autoresearch loop in its own thread, driven by a command inbox, seen through events.
+"""The research engine: a scheduler that keeps trainer slots busy, driven by one inbox, seen through events.
 
-One experiment: take a proposal -> apply it to train.py -> validate (parses; only train.py changes; the
-harness's SHA-256 is unchanged) -> commit -> run -> parse -> decide -> record. Every step is written to the
-ledger before it is acted on, so `recover()` can put a killed engine's workspace back in a consistent state:
-the branch at the best kept commit, every discarded commit under refs/autoresearch/discarded/<id>, interrupted
-experiments recorded as such (and re-queued), results.tsv regenerated from the ledger.
+One experiment: take a proposal -> apply it to the best train.py -> validate (parses; only train.py changes;
+the harness's SHA-256 is unchanged) -> commit (beside the branch) -> run in a free slot -> decide -> record.
+The next proposal is thought of while runs train (`overlap`), and with several slots (local, one per GPU, or
+Ray tasks) several experiments are out at once: each is judged against the best it started from, and a win
+that lands after another keep is merged onto the new best and confirmed by a run before it is kept.
+Bookkeeping (ledger, git, recovery) is `agent.books`; this module decides when things happen.
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ import os
 import queue
 import signal
 import statistics
-import subprocess
-import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from agent import paths
+from agent.books import Books, queue_reapply
 from agent.config import (
     EngineConfig,
     default_seeds,
@@ -36,7 +37,7 @@ from agent.config import (
 )
 from agent.containment import Containment
 from agent.containment import probe as probe_containment
-from agent.decisions import NoiseFloor, judge, judge_confirmed, noise_floor
+from agent.decisions import judge, judge_confirmed, noise_floor
 from agent.edits import EditError, apply_edits, file_hash, unified_diff
 from agent.events import (
     Decided,
@@ -46,7 +47,6 @@ from agent.events import (
     Info,
     ModelLoaded,
     ProposalReady,
-    ProposalRejected,
     ProposalStarted,
     ProposerWaiting,
     ReviewRequested,
@@ -54,20 +54,10 @@ from agent.events import (
     RunStarted,
     StateChanged,
 )
-from agent.events import (
-    NoiseFloor as NoiseFloorEvent,
-)
-from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_from_json, proposal_to_json
+from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_to_json
 from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
-from agent.runner import (
-    PrepareError,
-    RunResult,
-    RunSpec,
-    WarmJudge,
-    kill_stale_run,
-    prepare_for_runs,
-    run_training,
-)
+from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_for_runs
+from agent.trainers import LocalTrainers, Trainer, TrainerLost
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
 
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
@@ -123,6 +113,82 @@ class EngineSnapshot:
     """Experiments decided per hour of this session (rejected proposals not counted)."""
 
 
+# ---- the inbox: user commands and what the engine's own threads report ----------------------------------
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Look at the flags again (pause, skip, stop, shutdown set them)."""
+
+
+@dataclass(frozen=True)
+class SetGate:
+    on: bool
+
+
+@dataclass(frozen=True)
+class Approve:
+    edited: Proposal | None = None
+
+
+@dataclass(frozen=True)
+class Veto:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Override:
+    status: str
+    exp_id: int | None
+    by: str
+
+
+@dataclass(frozen=True)
+class Reapply:
+    exp_id: int
+
+
+@dataclass(frozen=True)
+class ReloadProgram:
+    pass
+
+
+@dataclass(frozen=True)
+class UseModel:
+    name: str
+
+
+@dataclass(frozen=True)
+class SetProposer:
+    proposer: Proposer
+
+
+@dataclass(frozen=True)
+class _RunDone:
+    """A slot's run ended: its result, or the trainer lost it, or the runner itself failed."""
+
+    slot: int
+    result: RunResult | None = None
+    lost: TrainerLost | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class _Proposed:
+    """The proposer thread's answer: a proposal, None (no more ideas), or how it failed."""
+
+    base_commit: str
+    proposal: Proposal | None = None
+    failed: ProposalFailed | None = None
+    error: Exception | None = None
+    detail: str = ""
+    cancelled: bool = False
+
+
+Command = Wake | SetGate | Approve | Veto | Override | Reapply | ReloadProgram | UseModel | SetProposer
+_Message = Command | _RunDone | _Proposed
+
+
 @dataclass
 class _Item:
     """A proposal to try, and where it came from."""
@@ -133,49 +199,106 @@ class _Item:
     source_exp_id: int | None = None
     force: bool = False
     """Run it even if the same train.py was tried before (a reapply, an interrupted run)."""
+    base_commit: str | None = None
+    """The best commit the proposer saw; the edits are re-applied to the best at dispatch time."""
 
 
-class _Cancelled(Exception):
-    """The current step was cancelled (stop, skip or shutdown)."""
+@dataclass
+class _Flight:
+    """A run training in a slot."""
+
+    exp_id: int
+    n: int
+    seed: int
+    slot: int
+    started: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    why: str = ""
+    """Why it was stopped: stop, skip or shutdown."""
+    pgid: int | None = None
+
+
+@dataclass
+class _Thinking:
+    cancel: threading.Event
+    thread: threading.Thread
+
+
+@dataclass
+class _Review:
+    exp_id: int
+    item: _Item
+    parent: str
+    base_text: str
+    new_text: str
+    diff: str
+    cancelled: str = ""
 
 
 class Engine:
-    """The autoresearch loop over one workspace. Commands are thread-safe and return at once."""
+    """The autoresearch scheduler over one workspace. Commands are thread-safe and return at once.
+
+    One engine thread owns the ledger and git (through `Books`) and consumes one inbox: the user's commands and
+    what its helper threads report — a proposer thread (one proposal at a time) and one thread per busy trainer
+    slot. Runs wait in a queue for a free slot; proposals wait (bounded) for a slot to run in.
+    """
 
     def __init__(
-        self, workspace: Workspace, proposer: Proposer, config: EngineConfig, sink: EventSink
+        self,
+        workspace: Workspace,
+        proposer: Proposer,
+        config: EngineConfig,
+        sink: EventSink,
+        trainer: Trainer | None = None,
     ) -> None:
         self.ws = workspace
         self.proposer = proposer
         self.config = config
         self._sink = sink
         self.ledger = Ledger(workspace.ledger_path)
+        self.books = Books(workspace, self.ledger, config, self._emit)
         self.device = detect_device()
         self.seeds = config.seeds or default_seeds(self.device)
+        self.overlap = config.overlap if config.overlap is not None else self.device.startswith("cuda")
         self.error: str | None = None
         """The fatal error that ended the loop, if any."""
+        self._trainer = trainer
+        self._slots = trainer.slots if trainer is not None else max(1, config.trainers)
         self._lock = threading.RLock()
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._inbox: queue.Queue[_Message] = queue.Queue()
         self._state = "idle"
         self._review_gate = config.review_gate
         self._pause_requested = False
         self._shutdown = False
-        self._step: tuple[str, threading.Event] | None = None
-        self._cancel_reason = ""
+        self._fatal = False
         self._current: int | None = None
         self._veto_reason: str | None = None
         self._program = workspace.read_program()
         self._session_count = 0
         self._proposer_errors = 0
         self._proposer_failing_since = 0.0
+        self._retry_at = 0.0
+        self._dry = False
         self._thread: threading.Thread | None = None
-        self._run_pgid: int | None = None
         self._done = threading.Event()
         self._contained: Containment | None = None
         self._containment_checked = False
         self._hidden: tuple[Path, ...] | None = None
         self._warm_judge: WarmJudge | None = None
         self._resume_ids: list[int] = []
+        self._flights: dict[int, _Flight] = {}
+        self._waiting: deque[tuple[int, int]] = deque()
+        """Runs (exp_id, seed) ready to train, waiting for a free slot."""
+        self._ready: deque[_Item] = deque()
+        self._thinking: _Thinking | None = None
+        self._review: _Review | None = None
+        self._deferred: list[Command] = []
+        """Model switches asked for while the proposer thinks: done once it has answered."""
+        self._baseline_announced = False
+        self._last_detail = ""
+        self._started = time.monotonic()
+        self._busy_s = 0.0
+        self._decided_runs = 0
 
     # ---- the command API (any thread) -----------------------------------------------------------------
 
@@ -194,82 +317,94 @@ class Engine:
         return self._done.is_set()
 
     def pause(self) -> None:
-        """Pause after the current run."""
+        """Start nothing new; runs in flight finish (and are decided)."""
         with self._lock:
             self._pause_requested = True
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
 
     def resume(self) -> None:
         with self._lock:
             self._pause_requested = False
-        self._inbox.put(("resume", None))
+        self._inbox.put(Wake())
 
     def stop_run(self) -> None:
-        """Kill the current run now, record it as interrupted, and pause."""
+        """Kill the runs in flight now, record them as interrupted, and pause."""
         with self._lock:
             self._pause_requested = True
-            self._cancel_step("stop")
-        self._inbox.put(("wake", None))
+            self._cancel_everything("stop")
+        self._inbox.put(Wake())
 
     def skip(self) -> None:
-        """Drop the current proposal or run and go on."""
+        """Drop what the user is looking at and go on: the proposal under review, else the newest run, else
+        the proposal being thought of."""
         with self._lock:
-            self._cancel_step("skip")
-        self._inbox.put(("wake", None))
+            if self._review is not None:
+                self._review.cancelled = self._review.cancelled or "skip"
+            elif self._flights:
+                newest = max(self._flights.values(), key=lambda f: f.started)
+                self._stop_flight(newest, "skip")
+            elif self._thinking is not None:
+                self._thinking.cancel.set()
+        self._inbox.put(Wake())
 
     def shutdown(self) -> None:
-        """End the loop: a run in flight is killed, recorded as interrupted and re-queued."""
+        """End the loop: runs in flight are killed, recorded as interrupted and re-queued."""
         with self._lock:
             self._shutdown = True
-            self._cancel_step("shutdown")
-        self._inbox.put(("wake", None))
+            self._cancel_everything("shutdown")
+        self._inbox.put(Wake())
 
     def set_review_gate(self, on: bool) -> None:
         """Hold each proposal for approve/edit/veto (on), or not; turning it off releases a waiting proposal."""
         with self._lock:
             self._review_gate = bool(on)
-        self._inbox.put(("gate", bool(on)))
+        self._inbox.put(SetGate(bool(on)))
 
     def abort(self) -> None:
-        """Kill the run in flight at once (a second Ctrl-C); nothing is recorded: recover() sees to that."""
+        """Kill the runs in flight at once (a second Ctrl-C); nothing is recorded: recover() sees to that."""
         with self._lock:
-            pgid = self._run_pgid
-        if pgid is not None:
+            groups = [f.pgid for f in self._flights.values() if f.pgid is not None]
+        for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
 
     def approve(self, edited: Proposal | None = None) -> None:
         """Let the proposal under review run, or run `edited` in its place."""
-        self._inbox.put(("approve", edited))
+        self._inbox.put(Approve(edited))
 
     def veto(self, reason: str) -> None:
         """Refuse the proposal under review; the reason goes back to the proposer."""
-        self._inbox.put(("veto", reason))
+        self._inbox.put(Veto(reason))
 
     def override(self, status: str, exp_id: int | None = None, by: str = "user") -> None:
         """Force keep or discard of a decision (None: the last one); recorded with who decided."""
-        self._inbox.put(("override", (status, exp_id, by)))
+        self._inbox.put(Override(status, exp_id, by))
 
     def reapply(self, exp_id: int) -> None:
         """Queue a (discarded) experiment's change again, on top of the current best."""
-        self._inbox.put(("reapply", exp_id))
+        self._inbox.put(Reapply(exp_id))
 
     def reload_program(self) -> None:
-        self._inbox.put(("reload_program", None))
+        self._inbox.put(ReloadProgram())
 
     def use_model(self, name: str) -> None:
         """Switch the proposer's model between proposals."""
-        self._inbox.put(("use_model", name))
+        self._inbox.put(UseModel(name))
 
     def set_proposer(self, proposer: Proposer) -> None:
         """Take the proposals from another proposer from the next one on (the cockpit's random search)."""
-        self._inbox.put(("set_proposer", proposer))
+        self._inbox.put(SetProposer(proposer))
 
     def snapshot(self) -> EngineSnapshot:
         with self._lock:
             state, current, gate = self._state, self._current, self._review_gate
-        best_id = self.ledger.get_meta("best_exp_id")
-        best = self.ledger.get(best_id) if best_id is not None else None
+            flights = sorted(self._flights.values(), key=lambda f: f.slot)
+            in_flight = tuple(f.exp_id for f in flights)
+            now = time.monotonic()
+            busy = self._busy_s + sum(now - f.started for f in flights)
+            decided = self._decided_runs
+        wall = max(now - self._started, 1e-9)
+        best = self.books.best()
         noise = self.ledger.get_meta("noise")
         return EngineSnapshot(
             state=state,
@@ -281,13 +416,17 @@ class Engine:
             n_experiments=self.ledger.count(),
             baseline_bpb=self.ledger.get_meta("baseline_bpb"),
             best_bpb=best.val_bpb if best else None,
-            best_exp_id=best_id,
+            best_exp_id=best.id if best else None,
             margin=noise["margin"] if noise else None,
             review_gate=gate,
             current_exp_id=current,
             proposer=getattr(self.proposer, "name", ""),
             queued=len(self.ledger.queued()),
             containment=self._contained.level if self._contained else "",
+            trainers=self._slots,
+            in_flight=in_flight,
+            busy_share=min(1.0, busy / (self._slots * wall)) if wall > 1.0 else None,
+            experiments_per_hour=decided * 3600.0 / wall if decided else None,
         )
 
     def close(self) -> None:
@@ -301,31 +440,37 @@ class Engine:
 
     def _set_state(self, state: str, detail: str = "") -> None:
         with self._lock:
+            changed = self._state != state
             self._state = state
-        self._emit(StateChanged(state=state, detail=detail))
+        if changed or detail:
+            self._emit(StateChanged(state=state, detail=detail))
 
-    def _cancel_step(self, reason: str) -> None:
-        if self._step is not None and not self._step[1].is_set():
-            self._cancel_reason = reason
-            self._step[1].set()
+    def _stop_flight(self, flight: _Flight, why: str) -> None:
+        if not flight.stop.is_set():
+            flight.why = why
+            flight.stop.set()
 
-    @contextlib.contextmanager
-    def _stepping(self, what: str) -> Any:
-        event = threading.Event()
+    def _cancel_everything(self, why: str) -> None:
+        """(lock held) Stop every run, the proposal being thought of and the one under review."""
+        for flight in self._flights.values():
+            self._stop_flight(flight, why)
+        if self._thinking is not None:
+            self._thinking.cancel.set()
+        if self._review is not None:
+            self._review.cancelled = why if why == "shutdown" else (self._review.cancelled or why)
+
+    def _paused(self) -> bool:
         with self._lock:
-            self._cancel_reason = "shutdown" if self._shutdown else ""
-            if self._shutdown:
-                event.set()
-            self._step = (what, event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                self._step = None
+            return self._pause_requested and not self._shutdown
 
     def _stopping(self) -> bool:
         with self._lock:
-            return self._shutdown
+            return self._shutdown or self._fatal
+
+    def _free_slots(self) -> list[int]:
+        with self._lock:
+            busy = set(self._flights)
+        return [slot for slot in range(self._slots) if slot not in busy]
 
     # ---- the loop -------------------------------------------------------------------------------------
 
@@ -337,14 +482,11 @@ class Engine:
                 self.recover()
                 self._check_harness_hands_over()
                 self._settle_budget()
-                if self._ensure_baseline():
-                    for exp_id in self._resume_ids:
-                        self._safe_point()
-                        if self._stopping():
-                            break
-                        self._resume_experiment(exp_id)
-                    self._resume_ids.clear()
-                    self._loop()
+                if self._trainer is None:
+                    self._trainer = self._make_trainer()
+                self._emit(Info(message=f"training on {self._trainer.description}"))
+                self._started = time.monotonic()
+                self._loop()
         except (WorkspaceError, PrepareError) as exc:
             self.error = (
                 str(exc) if isinstance(exc, WorkspaceError) else f"the data could not be prepared: {exc}"
@@ -354,78 +496,181 @@ class Engine:
             self.error = f"{type(exc).__name__}: {exc}"
             self._emit(EngineError(message=self.error, detail=traceback.format_exc(), fatal=True))
         finally:
+            self._abandon()
+            if self._trainer is not None:
+                with contextlib.suppress(Exception):
+                    self._trainer.close()
             if self._warm_judge is not None:
                 self._warm_judge.close()
                 self._warm_judge = None
             self._set_state("stopped")
             self._done.set()
 
+    def _make_trainer(self) -> Trainer:
+        if self.config.ray:
+            from agent.ray_trainers import RayTrainers  # Ray is imported only when asked for
+
+            return RayTrainers(self.config.ray, self._slots, self.device)
+        gpus = self._slots if self.device.startswith("cuda") else 0
+        return LocalTrainers(self._slots, self._containment, self._judge_for_runs, gpus=gpus)
+
+    def _abandon(self) -> None:
+        """The loop ended abnormally with work in flight: stop it; recover() records it next time."""
+        with self._lock:
+            self._cancel_everything("shutdown")
+            threads = [self._thinking.thread] if self._thinking else []
+        deadline = time.monotonic() + 30
+        while self._flights and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                message = self._inbox.get(timeout=0.2)
+                if isinstance(message, _RunDone):
+                    with self._lock:
+                        flight = self._flights.pop(message.slot, None)
+                    if flight is not None and message.result is not None:
+                        with contextlib.suppress(Exception):
+                            self._record_run(flight, message.result)
+        for thread in threads:
+            thread.join(timeout=5)
+
     def _loop(self) -> None:
         while True:
-            self._safe_point()
-            if self._stopping():
+            self._schedule()
+            if self._ended():
                 return
-            limit = self.config.max_experiments
-            if limit is not None and self._session_count >= limit:
-                self._emit(Info(message=f"reached --max-experiments {limit}"))
-                return
-            item = self._next_item()
-            if item is None:
-                name = getattr(self.proposer, "name", "proposer")
-                self._emit(Info(message=f"nothing more to try: the {name} proposer has no more proposals"))
-                return
-            if item is not _SKIPPED:
-                self._experiment(item)
+            with contextlib.suppress(queue.Empty):
+                wait = (
+                    0.5 if self._retry_at <= time.monotonic() else min(0.5, self._retry_at - time.monotonic())
+                )
+                self._handle(self._inbox.get(timeout=max(wait, 0.01)))
+                while True:  # everything already waiting, before scheduling again
+                    self._handle(self._inbox.get_nowait())
 
-    def _safe_point(self) -> None:
-        """Handle queued commands; wait here while paused."""
-        self._drain_inbox()
-        while True:
+    def _schedule(self) -> None:
+        """Start what can start: waiting runs in free slots, the baseline, new experiments, the next proposal."""
+        if self._stopping():
             with self._lock:
-                paused = self._pause_requested and not self._shutdown
-            if not paused:
-                return
-            if self._state != "paused":
-                self._set_state("paused")
-            self._handle(self._inbox.get())
-        # unreachable
+                self._cancel_everything("shutdown")
+            self._settle_review()
+            self._show_state()
+            return
+        self._settle_review()
+        self._start_waiting_runs()
+        if not self._baseline_decided():
+            self._advance_baseline()
+            self._show_state()
+            return
+        while self._resume_ids:
+            self._advance(self._resume_ids.pop(0))
+        while (
+            not self._paused()
+            and self._review is None
+            and len(self._free_slots()) > len(self._waiting)
+            and not self._limit_reached()
+        ):
+            item = self._take_item()
+            if item is None:
+                break
+            self._start_experiment(item)
+        if self._want_proposal():
+            self._start_thinking()
+        self._show_state()
 
-    def _drain_inbox(self) -> None:
-        while True:
+    def _ended(self) -> bool:
+        with self._lock:
+            busy = bool(self._flights or self._waiting or self._thinking or self._review)
+        if busy:
+            return False
+        if self._stopping():
+            return True
+        if self._paused() or not self._baseline_decided():
+            return False
+        if self._limit_reached():
+            self._emit(Info(message=f"reached --max-experiments {self.config.max_experiments}"))
+            return True
+        if self._dry and not self._ready and not self.ledger.queued():
+            name = getattr(self.proposer, "name", "proposer")
+            self._emit(Info(message=f"nothing more to try: the {name} proposer has no more proposals"))
+            return True
+        return False
+
+    def _limit_reached(self) -> bool:
+        limit = self.config.max_experiments
+        return limit is not None and self._session_count >= limit
+
+    def _show_state(self) -> None:
+        with self._lock:
+            flights = sorted(self._flights.values(), key=lambda f: f.started)
+            review, thinking = self._review, self._thinking
+        if review is not None:
+            self._set_state("waiting_review")
+        elif flights:
+            newest = flights[-1]
+            detail = f"#{newest.exp_id} seed {newest.seed}"
+            self._set_state(
+                "baseline" if newest.exp_id == 0 else "running", detail if self._state_detail(detail) else ""
+            )
+        elif thinking is not None:
+            self._set_state("proposing")
+        elif self._paused():
+            self._set_state("paused")
+        else:
+            self._set_state("idle")
+
+    def _state_detail(self, detail: str) -> bool:
+        """Whether `detail` is news (a run started since it was last said)."""
+        if self._last_detail == detail:
+            return False
+        self._last_detail = detail
+        return True
+
+    def _handle(self, message: _Message) -> None:
+        if isinstance(message, _RunDone):
+            self._run_done(message)
+            return
+        if isinstance(message, _Proposed):
+            self._proposed(message)
+            return
+        self._retry_at = 0.0  # any command ends a wait for a failing proposer
+        if isinstance(message, Wake):
+            return
+        if isinstance(message, SetGate):
+            self._emit(Info(message=f"review gate {'on' if message.on else 'off'}"))
+        elif isinstance(message, Approve | Veto):
+            if self._review is None:
+                name = "approve" if isinstance(message, Approve) else "veto"
+                self._emit(Info(message=f"nothing is waiting for review ({name} ignored)"))
+            else:
+                self._resolve_review(message)
+        elif isinstance(message, Override):
+            self.books.override(message.status, message.exp_id, message.by)
+        elif isinstance(message, Reapply):
             try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            self._handle(command)
-
-    def _handle(self, command: tuple[str, Any]) -> None:
-        name, arg = command
-        if name in ("wake", "resume"):
-            return
-        if name == "gate":
-            self._emit(Info(message=f"review gate {'on' if arg else 'off'}"))
-            return
-        if name in ("approve", "veto"):
-            self._emit(Info(message=f"nothing is waiting for review ({name} ignored)"))
-        elif name == "override":
-            self._override(*arg)
-        elif name == "reapply":
-            self._queue_reapply(arg)
-        elif name == "reload_program":
+                self._emit(Info(message=queue_reapply(self.ledger, message.exp_id)))
+            except ValueError as exc:
+                self._emit(EngineError(message=str(exc)))
+        elif isinstance(message, ReloadProgram):
             self._program = self.ws.read_program()
             self._emit(Info(message="program.md reloaded"))
-        elif name == "use_model":
-            use = getattr(self.proposer, "use_model", None)
-            if use is None:
-                self._emit(EngineError(message=f"the {self.proposer.name} proposer has no model to switch"))
-                return
-            try:
-                use(arg, self._emit)
-            except Exception as exc:
-                self._emit(EngineError(message=f"cannot switch to model {arg}: {exc}"))
-        elif name == "set_proposer":
-            self.proposer = arg
-            self._emit(ModelLoaded(name=getattr(arg, "model_name", None) or arg.name, seconds=0.0))
+        elif isinstance(message, UseModel | SetProposer):
+            if self._thinking is not None:
+                self._deferred.append(message)
+            else:
+                self._switch(message)
+
+    def _switch(self, message: UseModel | SetProposer) -> None:
+        if isinstance(message, SetProposer):
+            self.proposer = message.proposer
+            name = getattr(message.proposer, "model_name", None) or message.proposer.name
+            self._emit(ModelLoaded(name=name, seconds=0.0))
+            return
+        use = getattr(self.proposer, "use_model", None)
+        if use is None:
+            self._emit(EngineError(message=f"the {self.proposer.name} proposer has no model to switch"))
+            return
+        try:
+            use(message.name, self._emit)
+        except Exception as exc:
+            self._emit(EngineError(message=f"cannot switch to model {message.name}: {exc}"))
 
     # ---- proposals ------------------------------------------------------------------------------------
 
@@ -442,70 +687,112 @@ class Engine:
             for e in experiments
             if e.phase == "decided"
         )
-        best = self._best()
+        best = self.books.best()
         noise = self.ledger.get_meta("noise")
         with self._lock:
             veto, self._veto_reason = self._veto_reason, None
+        tried = {
+            e.train_hash for e in experiments if e.train_hash and (e.status in RAN or e.phase != "decided")
+        }
         return ProposalContext(
             program_md=self._program,
-            train_py=self.ws.file_at(self.ws.head()),
+            train_py=self.ws.file_at(self.books.best_commit()),
             history=history,
             best_bpb=best.val_bpb if best else None,
             noise_margin=noise["margin"] if noise else None,
             budget=describe_budget(self.config.budget, self.device),
-            tried_hashes=frozenset(e.train_hash for e in experiments if e.train_hash and e.status in RAN),
+            tried_hashes=frozenset(tried),
             veto_reason=veto,
         )
 
-    def _next_item(self) -> _Item | None:
-        queued = self.ledger.queued()
-        if queued:
-            q = queued[0]
-            return _Item(q.proposal, qid=q.qid, source_exp_id=q.source_exp_id, force=True)
+    def _want_proposal(self) -> bool:
+        with self._lock:
+            if self._thinking is not None or self._review is not None:
+                return False
+        if self._paused() or self._dry or time.monotonic() < self._retry_at:
+            return False
+        limit = self.config.max_experiments
+        if limit is not None and self._session_count + len(self._ready) >= limit:
+            return False
+        if self.ledger.queued():
+            return False
+        room = len(self._free_slots()) - len(self._waiting)
+        return room > len(self._ready) or (self.overlap and not self._ready)
+
+    def _start_thinking(self) -> None:
         context = self._context()
-        model = getattr(self.proposer, "model_name", None)
-        with self._stepping("propose") as cancel:
-            self._set_state("proposing")
-            self._emit(ProposalStarted(proposer=self.proposer.name, model=model))
-            try:
-                proposal = self.proposer.propose(context, self._emit, cancel)
-            except ProposalFailed as exc:
-                self._proposer_errors = 0
-                if cancel.is_set():
-                    return _SKIPPED  # cancelled mid-thought (skip, shutdown): not the model's failure
-                self._record_rejected(
-                    Proposal(
-                        description="(no valid proposal)",
-                        edits=(),
-                        proposer=self.proposer.name,
-                        model=exc.model,
-                        replies=exc.replies,
-                    ),
-                    exc.reason,
-                )
-                return _SKIPPED
-            except Exception as exc:
-                if not cancel.is_set():
-                    self._wait_for_proposer(exc, cancel)
-                return _SKIPPED
-            if cancel.is_set():
-                # The user dropped it (skip, stop) or the engine is stopping; a model cancelled mid-reply
-                # returns None, which must not read as "no more proposals" (that ends the loop).
-                return _SKIPPED
+        base = self.books.best_commit()
+        cancel = threading.Event()
+        proposer = self.proposer
+        thread = threading.Thread(
+            target=self._think,
+            args=(proposer, context, base, cancel),
+            name="autoresearch-proposer",
+            daemon=True,
+        )
+        with self._lock:
+            self._thinking = _Thinking(cancel, thread)
+        self._emit(ProposalStarted(proposer=proposer.name, model=getattr(proposer, "model_name", None)))
+        thread.start()
+
+    def _think(
+        self, proposer: Proposer, context: ProposalContext, base: str, cancel: threading.Event
+    ) -> None:
+        """The proposer thread: one proposal, reported to the inbox."""
+        try:
+            proposal = proposer.propose(context, self._emit, cancel)
+        except ProposalFailed as exc:
+            self._inbox.put(_Proposed(base, failed=exc, cancelled=cancel.is_set()))
+        except Exception as exc:
+            self._inbox.put(
+                _Proposed(base, error=exc, detail=traceback.format_exc(), cancelled=cancel.is_set())
+            )
+        else:
+            # A model cancelled mid-reply returns None, which must not read as "no more proposals".
+            self._inbox.put(_Proposed(base, proposal=proposal, cancelled=cancel.is_set()))
+
+    def _proposed(self, message: _Proposed) -> None:
+        with self._lock:
+            thinking, self._thinking = self._thinking, None
+        if thinking is not None:
+            thinking.thread.join(timeout=5)
+        deferred, self._deferred = self._deferred, []
+        for switch in deferred:
+            self._switch(switch)  # type: ignore[arg-type]
+        if message.cancelled:
+            self._proposer_errors = 0
+            return  # dropped by the user (skip, stop) or the engine is stopping: not the model's failure
+        if message.failed is not None:
+            self._proposer_errors = 0
+            exc = message.failed
+            self._reject_new(
+                Proposal(
+                    description="(no valid proposal)",
+                    edits=(),
+                    proposer=self.proposer.name,
+                    model=exc.model,
+                    replies=exc.replies,
+                ),
+                exc.reason,
+            )
+            return
+        if message.error is not None:
+            self._proposer_failed(message.error, message.detail)
+            return
         self._proposer_errors = 0
+        proposal = message.proposal
         if proposal is None:
-            return None
+            self._dry = True
+            return
         if proposal.key and self._key_tried(proposal.key):
             self._emit(Info(message=f"already tried, skipped: {proposal.description}"))
-            return _SKIPPED
-        return _Item(proposal)
+            return
+        self._ready.append(_Item(proposal, base_commit=message.base_commit))
 
-    def _wait_for_proposer(self, exc: Exception, cancel: threading.Event) -> None:
-        """The proposer raised (its server is down, slow or failing): wait longer each time, then let the
-        loop ask again; pause with the reason once it has failed for PROPOSER_PAUSE_AFTER_S.
-
-        Nothing is recorded and the workspace is untouched. A command, pause, skip or shutdown ends the wait.
-        """
+    def _proposer_failed(self, exc: Exception, detail: str) -> None:
+        """The proposer raised (its server is down, slow or failing): ask again later, longer each time; pause
+        with the reason once it has failed for PROPOSER_PAUSE_AFTER_S. Nothing is recorded; any command ends
+        the wait."""
         now = time.monotonic()
         self._proposer_errors += 1
         if self._proposer_errors == 1:
@@ -520,7 +807,7 @@ class Engine:
                 EngineError(
                     message=f"paused: the proposer has failed for {failing_for / 60:.0f} min ({reason}); "
                     "resume once it answers again (p in the cockpit; Ctrl-C stops a headless run)",
-                    detail=traceback.format_exc(),
+                    detail=detail,
                 )
             )
             return
@@ -531,66 +818,34 @@ class Engine:
                 reason=reason, retry_in_s=delay, failures=self._proposer_errors, failing_for_s=failing_for
             )
         )
-        deadline = now + delay
-        while (left := deadline - time.monotonic()) > 0 and self._inbox.empty():
-            with self._lock:
-                if self._pause_requested:
-                    return
-            if cancel.wait(min(left, 0.2)):
-                return
+        self._retry_at = now + delay
 
     def _key_tried(self, key: str) -> bool:
         if any(q.proposal.key == key for q in self.ledger.queued()):
             return True
+        if any(item.proposal.key == key for item in self._ready):
+            return True
         return any(
-            e.idea_key == key and e.phase == "decided" and e.status != "interrupted"
+            e.idea_key == key and (e.phase != "decided" or e.status != "interrupted")
             for e in self.ledger.experiments()
         )
 
-    def _record_rejected(self, proposal: Proposal, reason: str, exp_id: int | None = None) -> None:
-        """A proposal that never ran: status rejected, with its replies kept."""
-        if exp_id is None:
-            exp_id = self.ledger.next_id()
-            self.ledger.create(
-                exp_id,
-                "rejected",
-                "decided",
-                parent_commit=self.ws.head(),
-                description=proposal.description,
-                proposal=proposal_to_json(proposal),
-                proposer=proposal.proposer or self.proposer.name,
-                model=proposal.model,
-                temperature=proposal.temperature,
-                seed=proposal.seed,
-                idea_key=proposal.key,
-                decided_by="engine",
-                reason=reason,
-                finished_at=time.time(),
-            )
-            self._session_count += 1
-        else:
-            self.ledger.update(
-                exp_id,
-                status="rejected",
-                phase="decided",
-                decided_by="engine",
-                reason=reason,
-                finished_at=time.time(),
-            )
-        self._emit(ProposalRejected(exp_id=exp_id, reason=reason, replies=proposal.replies))
-        self._emit(
-            Decided(
-                exp_id=exp_id,
-                status="rejected",
-                val_bpb=None,
-                best_bpb=self._best_bpb(),
-                margin=self._margin(),
-                reason=reason,
-            )
-        )
+    def _take_item(self) -> _Item | None:
+        queued = self.ledger.queued()
+        if queued:
+            q = queued[0]
+            return _Item(q.proposal, qid=q.qid, source_exp_id=q.source_exp_id, force=True)
+        return self._ready.popleft() if self._ready else None
 
-    def _candidate_text(self, item: _Item, base_text: str) -> str:
-        """train.py after the item's edits (EditError if they do not apply or touch another file)."""
+    def _reject_new(self, proposal: Proposal, reason: str) -> None:
+        self.books.record_rejected(proposal, reason, self.proposer.name)
+        self._session_count += 1
+
+    def _candidate_text(self, item: _Item, parent: str, base_text: str) -> str:
+        """train.py after the item's edits on the best (EditError if they do not apply or touch another file).
+
+        Edits that no longer apply because the best moved (a keep while the proposal was made or queued) are
+        applied where they were made and merged onto the best; a reapplied change is merged the same way."""
         for number, edit in enumerate(item.proposal.edits, start=1):
             if edit.path != TRAIN:
                 frozen = " (the frozen harness)" if edit.path in HARNESS else ""
@@ -598,60 +853,55 @@ class Engine:
         try:
             return apply_edits(base_text, item.proposal.edits)
         except EditError:
-            if item.source_exp_id is None:
-                raise
-            merged = self._merge_source(item.source_exp_id, base_text)
+            merged = self._merged_text(item, parent, base_text)
             if merged is None:
                 raise
             return merged
 
-    def _merge_source(self, source_id: int, base_text: str) -> str | None:
-        """A 3-way merge of experiment `source_id`'s change onto `base_text` (for reapply); None on conflict."""
-        source = self.ledger.get(source_id)
-        if source is None or not source.commit or not source.parent_commit:
+    def _merged_text(self, item: _Item, parent: str, base_text: str) -> str | None:
+        if item.source_exp_id is not None:
+            source = self.ledger.get(item.source_exp_id)
+            if source is None or not (
+                self.ws.is_commit(source.commit) and self.ws.is_commit(source.parent_commit)
+            ):
+                return None
+            assert source.commit and source.parent_commit
+            return self.books.merge(
+                self.ws.file_at(source.parent_commit), self.ws.file_at(source.commit), base_text
+            )
+        if item.base_commit is None or item.base_commit == parent or not self.ws.is_commit(item.base_commit):
             return None
-        if not (self.ws.is_commit(source.commit) and self.ws.is_commit(source.parent_commit)):
+        ancestor = self.ws.file_at(item.base_commit)
+        try:
+            theirs = apply_edits(ancestor, item.proposal.edits)
+        except EditError:
             return None
-        theirs = self.ws.file_at(source.commit)
-        ancestor = self.ws.file_at(source.parent_commit)
-        with tempfile.TemporaryDirectory() as tmp:
-            files = []
-            for name, text in (("ours", base_text), ("base", ancestor), ("theirs", theirs)):
-                path = Path(tmp) / name
-                path.write_text(text, encoding="utf-8")
-                files.append(str(path))
-            proc = subprocess.run(["git", "merge-file", "-p", "-q", *files], capture_output=True, text=True)
-        return proc.stdout if proc.returncode == 0 and proc.stdout != base_text else None
+        return self.books.merge(ancestor, theirs, base_text)
 
-    # ---- one experiment -------------------------------------------------------------------------------
+    # ---- one experiment: proposal -> (review) -> commit -> runs -> decision ------------------------------
 
-    def _experiment(self, item: _Item) -> None:
-        parent = self.ws.head()
+    def _start_experiment(self, item: _Item) -> None:
+        parent = self.books.best_commit()
         base_text = self.ws.file_at(parent)
         proposal = item.proposal
         exp_id = self.ledger.next_id()
         with self._lock:
             self._current = exp_id
         try:
-            new_text = self._candidate_text(item, base_text)
+            new_text = self._candidate_text(item, parent, base_text)
             digest = file_hash(new_text)  # also refuses text that is not valid UTF-8 (a lone surrogate)
         except EditError as exc:
             self._consume_queue_item(item)
-            self._record_rejected(proposal, str(exc))
+            self._reject_new(proposal, str(exc))
             return
         except Exception as exc:  # whatever one proposal holds, it is that proposal's problem, not the loop's
             self._consume_queue_item(item)
-            self._record_rejected(
-                proposal, f"the proposal cannot be applied: {type(exc).__name__}: {exc}"[:300]
-            )
+            self._reject_new(proposal, f"the proposal cannot be applied: {type(exc).__name__}: {exc}"[:300])
             return
-        if not item.force:
-            twin = next(
-                (e for e in self.ledger.experiments() if e.train_hash == digest and e.status in RAN), None
-            )
-            if twin is not None:
-                self._record_rejected(proposal, f"duplicate: this train.py was already tried as #{twin.id}")
-                return
+        twin = self._twin(digest)
+        if twin is not None and not item.force:
+            self._reject_new(proposal, f"duplicate: this train.py was already tried as #{twin.id}")
+            return
         diff = unified_diff(base_text, new_text)
         with self.ledger.transaction() as conn:
             self.ledger._insert(
@@ -660,6 +910,7 @@ class Engine:
                 "pending",
                 "proposed",
                 parent_commit=parent,
+                base_commit=item.base_commit if item.base_commit not in (None, parent) else None,
                 description=proposal.description,
                 proposal=proposal_to_json(proposal),
                 diff=diff,
@@ -687,186 +938,492 @@ class Engine:
         with self._lock:
             gate = self._review_gate
         if gate:
-            reviewed = self._review(exp_id, item, base_text, new_text, diff)
-            if reviewed is None:
-                return
-            new_text, proposal = reviewed
-        problem = self._validate_and_commit(exp_id, proposal, new_text)
-        if problem:
-            self._record_rejected(proposal, problem, exp_id)
+            with self._lock:
+                self._review = _Review(exp_id, item, parent, base_text, new_text, diff)
+            self._set_state("waiting_review")
+            self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff))
             return
-        self._resume_experiment(exp_id)
+        self._commit_and_run(exp_id, proposal, new_text, parent)
+
+    def _twin(self, digest: str) -> Experiment | None:
+        """An experiment with this train.py that ran, or is in flight."""
+        return next(
+            (
+                e
+                for e in self.ledger.experiments()
+                if e.train_hash == digest and (e.status in RAN or (e.phase != "decided" and e.commit))
+            ),
+            None,
+        )
 
     def _consume_queue_item(self, item: _Item) -> None:
         if item.qid is not None:
             self.ledger.dequeue(item.qid)
 
-    def _review(
-        self, exp_id: int, item: _Item, base_text: str, new_text: str, diff: str
-    ) -> tuple[str, Proposal] | None:
-        """Hold the proposal for the user; returns the (possibly edited) text and proposal, or None if dropped."""
-        proposal = item.proposal
-        self._set_state("waiting_review")
-        self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff))
-        deferred: list[tuple[str, Any]] = []
-        try:
-            with self._stepping("review") as cancel:
-                return self._await_review(exp_id, proposal, base_text, new_text, diff, cancel, deferred)
-        finally:
-            for command in deferred:  # decisions wait until the proposal under review is settled
-                self._inbox.put(command)
-
-    def _await_review(
-        self,
-        exp_id: int,
-        proposal: Proposal,
-        base_text: str,
-        new_text: str,
-        diff: str,
-        cancel: threading.Event,
-        deferred: list[tuple[str, Any]],
-    ) -> tuple[str, Proposal] | None:
-        while True:
+    def _settle_review(self) -> None:
+        """Act on a review the user or the engine dropped (skip, stop, shutdown) or released (gate off)."""
+        with self._lock:
+            review, gate = self._review, self._review_gate
+        if review is None:
+            return
+        if review.cancelled:
             with self._lock:
-                gate = self._review_gate
-            if not gate:
-                self._emit(Info(message=f"#{exp_id} approved: the review gate was turned off"))
-                return new_text, proposal
-            if cancel.is_set():
-                reason = self._cancel_reason
-                if reason == "shutdown":
-                    self._interrupt(
-                        exp_id, "the engine stopped while the proposal waited for review", requeue=True
-                    )
-                else:
-                    self._finish_unrun(exp_id, "vetoed", "skipped by the user")
-                return None
-            name, arg = self._inbox.get()
-            if name == "approve":
-                if arg is None:
-                    return new_text, proposal
-                edited: Proposal = replace(arg, proposer=arg.proposer or "user")
-                try:
-                    text = self._candidate_text(_Item(edited), base_text)
-                except EditError as exc:
-                    self._emit(EngineError(message=f"the edited proposal does not apply: {exc}"))
-                    self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=diff))
-                    continue
-                new_diff = unified_diff(base_text, text)
-                self.ledger.update(
-                    exp_id,
-                    description=edited.description,
-                    proposal=proposal_to_json(edited),
-                    diff=new_diff,
-                    proposer=edited.proposer,
-                    train_hash=file_hash(text),
+                self._review = None
+            if review.cancelled == "shutdown":
+                self.books.interrupt(
+                    review.exp_id, "the engine stopped while the proposal waited for review", requeue=True
                 )
-                self._emit(
-                    ProposalReady(
-                        exp_id=exp_id,
-                        description=edited.description,
-                        diff=new_diff,
-                        reasoning=edited.reasoning,
-                        proposer=edited.proposer,
-                    )
-                )
-                return text, edited
-            if name == "veto":
-                reason = str(arg or "vetoed by the user")
-                with self._lock:
-                    self._veto_reason = reason
-                self._finish_unrun(exp_id, "vetoed", reason)
-                return None
-            if name in ("override", "reapply"):
-                deferred.append((name, arg))
             else:
-                self._handle((name, arg))
+                self.books.finish_unrun(review.exp_id, "vetoed", "skipped by the user")
+        elif not gate:
+            self._emit(Info(message=f"#{review.exp_id} approved: the review gate was turned off"))
+            self._resolve_review(Approve())
 
-    def _finish_unrun(self, exp_id: int, status: str, reason: str) -> None:
-        self.ledger.update(
-            exp_id, status=status, phase="decided", decided_by="user", reason=reason, finished_at=time.time()
-        )
-        self._emit(
-            Decided(
-                exp_id=exp_id,
-                status=status,
-                val_bpb=None,
-                best_bpb=self._best_bpb(),
-                margin=self._margin(),
-                reason=reason,
-                by="user",
+    def _resolve_review(self, answer: Approve | Veto) -> None:
+        review = self._review
+        assert review is not None
+        exp_id, proposal = review.exp_id, review.item.proposal
+        if isinstance(answer, Veto):
+            reason = str(answer.reason or "vetoed by the user")
+            with self._lock:
+                self._veto_reason = reason
+                self._review = None
+            self.books.finish_unrun(exp_id, "vetoed", reason)
+            return
+        text = review.new_text
+        if answer.edited is not None:
+            edited: Proposal = replace(answer.edited, proposer=answer.edited.proposer or "user")
+            try:
+                text = self._candidate_text(_Item(edited), review.parent, review.base_text)
+            except EditError as exc:
+                self._emit(EngineError(message=f"the edited proposal does not apply: {exc}"))
+                self._emit(ReviewRequested(exp_id=exp_id, description=proposal.description, diff=review.diff))
+                return
+            proposal = edited
+            new_diff = unified_diff(review.base_text, text)
+            self.ledger.update(
+                exp_id,
+                description=edited.description,
+                proposal=proposal_to_json(edited),
+                diff=new_diff,
+                proposer=edited.proposer,
+                train_hash=file_hash(text),
             )
-        )
+            self._emit(
+                ProposalReady(
+                    exp_id=exp_id,
+                    description=edited.description,
+                    diff=new_diff,
+                    reasoning=edited.reasoning,
+                    proposer=edited.proposer,
+                )
+            )
+        with self._lock:
+            self._review = None
+        parent = self.books.best_commit()
+        if parent != review.parent:  # a keep landed while it waited: apply it to the new best
+            merged = self.books.merge(review.base_text, text, self.ws.file_at(parent))
+            if merged is None:
+                self.books.record_rejected(
+                    proposal,
+                    "the best changed while it waited for review and the change no longer applies to it",
+                    self.proposer.name,
+                    exp_id,
+                )
+                return
+            text = merged
+            self.ledger.update(
+                exp_id,
+                parent_commit=parent,
+                base_commit=review.parent,
+                diff=unified_diff(self.ws.file_at(parent), text),
+                train_hash=file_hash(text),
+            )
+        self._commit_and_run(exp_id, proposal, text, parent)
 
-    def _validate_and_commit(self, exp_id: int, proposal: Proposal, new_text: str) -> str:
-        """Commit the candidate; returns a problem (the proposal is refused) or ''."""
+    def _commit_and_run(self, exp_id: int, proposal: Proposal, new_text: str, parent: str) -> None:
         if problems := self.ws.harness_problems():
             self.ws.restore_harness()
-            return f"the frozen harness changed ({', '.join(problems)}); restored it and refused the proposal"
+            reason = (
+                f"the frozen harness changed ({', '.join(problems)}); restored it and refused the proposal"
+            )
+            self.books.record_rejected(proposal, reason, self.proposer.name, exp_id)
+            return
         message = (
             f"{proposal.description}\n\nexperiment #{exp_id} by {proposal.proposer or self.proposer.name}"
         )
         if proposal.model:
             message += f" ({proposal.model})"
-        self.ws.train_path.write_text(new_text, encoding="utf-8")
-        changed = self.ws.changed_tracked_files()
-        if set(changed) - {TRAIN} or self.ws.harness_problems():
-            self.ws.move_branch(self.ws.head())
-            return f"the change touches more than train.py ({', '.join(changed)}); refused"
-        commit = self.ws.commit_train(new_text, message)
+        commit = self.ws.commit_candidate(new_text, parent, message)
         crash_point("after_commit", exp_id)
         self.ledger.update(exp_id, commit=commit, phase="committed")
-        return ""
+        self._advance(exp_id)
 
-    def _resume_experiment(self, exp_id: int) -> None:
-        """Run (what is left of) a committed experiment, then decide it."""
+    def _advance(self, exp_id: int) -> None:
+        """The next step of a committed experiment, from its runs so far: a run to start, or the decision."""
         exp = self.ledger.get(exp_id)
         assert exp is not None and exp.commit
-        with self._lock:
-            self._current = exp_id
-        runs = self.ledger.runs(exp_id)
+        runs = self.books.current_runs(exp)
         if not runs:
-            result = self._run(exp, n=0, seed=self.config.base_seed)
-            if result.outcome == "interrupted":
-                self._interrupted_run(exp_id)
-                return
-            runs = self.ledger.runs(exp_id)
+            self._queue_run(exp_id, self.config.base_seed)
+            return
         first = runs[0]
         if first.outcome != "ok" or first.val_bpb is None:
             self._decide(exp_id, first.outcome or "crash", first.reason or "the run failed")
             return
-        best, margin = self._best_bpb(), self._margin()
-        assert best is not None and margin is not None
+        against = self._started_from(exp)
+        best, margin = against.val_bpb, self.books.margin()
+        assert best is not None
         verdict = judge(first.val_bpb, best, margin, self.config.confirm_marginal)
-        if verdict.status != "confirm":
-            self._decide(exp_id, verdict.status, verdict.reason)
-            return
-        self._emit(Info(message=f"#{exp_id}: {verdict.reason}"))
-        if len(runs) < 2:
-            result = self._run(exp, n=1, seed=self.config.base_seed + 1)
-            if result.outcome == "interrupted":
-                self._interrupted_run(exp_id)
+        if verdict.status == "confirm":
+            if len(runs) < 2:
+                self._emit(Info(message=f"#{exp_id}: {verdict.reason}"))
+                self._queue_run(exp_id, self.config.base_seed + 1)
                 return
-            runs = self.ledger.runs(exp_id)
-        second = runs[1]
-        if second.outcome != "ok" or second.val_bpb is None:
+            second = runs[1]
+            if second.outcome != "ok" or second.val_bpb is None:
+                self._decide(
+                    exp_id, "discard", f"{verdict.reason}; the confirmation run failed: {second.outcome}"
+                )
+                return
+            verdict = judge_confirmed([first.val_bpb, second.val_bpb], best, margin)
+        if verdict.status == "keep" and exp.parent_commit != self.books.best_commit():
+            self._merge_onto_best(exp, against, verdict.reason)
+            return
+        self._decide(exp_id, verdict.status, verdict.reason)
+
+    def _started_from(self, exp: Experiment) -> Experiment:
+        """The kept experiment (or baseline) `exp` was applied to: what it is judged against."""
+        parent = self.books.experiment_at(exp.parent_commit)
+        if parent is not None and parent.val_bpb is not None:
+            return parent
+        best = self.books.best()
+        assert best is not None
+        return best
+
+    def _merge_onto_best(self, exp: Experiment, against: Experiment, reason: str) -> None:
+        """`exp` beat the best it started from, but another keep landed while it ran: merge its change onto
+        the new best and confirm that with a run before it is kept (a conflict: discarded)."""
+        assert exp.commit and exp.parent_commit
+        best = self.books.best()
+        assert best is not None
+        best_commit = self.books.best_commit()
+        ours = self.ws.file_at(best_commit)
+        merged = self.books.merge(self.ws.file_at(exp.parent_commit), self.ws.file_at(exp.commit), ours)
+        won = f"beat #{against.id}, the best it started from ({reason})"
+        if merged is None:
             self._decide(
-                exp_id, "discard", f"{verdict.reason}; the confirmation run failed: {second.outcome}"
+                exp.id,
+                "discard",
+                f"{won}, but its change conflicts with the new best #{best.id} (or is already in it)",
             )
             return
-        confirmed = judge_confirmed([first.val_bpb, second.val_bpb], best, margin)
-        self._decide(exp_id, confirmed.status, confirmed.reason)
+        self.ws.repo.git.update_ref(f"refs/autoresearch/merged/{exp.id}", exp.commit)
+        message = f"{exp.description}\n\nexperiment #{exp.id}, merged onto #{best.id}"
+        commit = self.ws.commit_candidate(merged, best_commit, message)
+        self.ledger.update(
+            exp.id,
+            base_commit=exp.base_commit or exp.parent_commit,
+            parent_commit=best_commit,
+            commit=commit,
+            diff=unified_diff(ours, merged),
+            train_hash=file_hash(merged),
+        )
+        self._emit(
+            Info(message=f"#{exp.id} {won}; merged onto the new best #{best.id}, confirming with a run")
+        )
+        self._queue_run(exp.id, self.config.base_seed)
 
-    def _interrupted_run(self, exp_id: int) -> None:
-        reason = self._cancel_reason or "interrupted"
+    def _decide(self, exp_id: int, status: str, reason: str) -> None:
+        self.books.decide(exp_id, status, reason)
+        with self._lock:
+            self._decided_runs += 1
+
+    # ---- runs -----------------------------------------------------------------------------------------
+
+    def _queue_run(self, exp_id: int, seed: int) -> None:
+        self._waiting.append((exp_id, seed))
+        self._start_waiting_runs()
+
+    def _start_waiting_runs(self) -> None:
+        for slot in self._free_slots():
+            if not self._waiting:
+                return
+            exp_id, seed = self._waiting.popleft()
+            self._start_run(exp_id, seed, slot)
+
+    def _start_run(self, exp_id: int, seed: int, slot: int) -> None:
+        exp = self.ledger.get(exp_id)
+        assert exp is not None and exp.commit and self._trainer is not None
+        n = len(self.ledger.runs(exp_id))
+        spec = self._spec(exp, n, seed)
+        self.ledger.start_run(exp_id, n, seed, str(spec.log_path), commit=exp.commit)
+        flight = _Flight(exp_id=exp_id, n=n, seed=seed, slot=slot, started=time.monotonic())
+        with self._lock:
+            self._flights[slot] = flight
+            self._current = exp_id
+        self._emit(
+            RunStarted(
+                exp_id=exp_id,
+                description=exp.description,
+                commit=exp.commit,
+                seed=seed,
+                budget=describe_budget(self.config.budget, self.device),
+                slot=slot,
+            )
+        )
+        self._show_state()
+        thread = threading.Thread(
+            target=self._train, args=(flight, spec), name=f"autoresearch-trainer-{slot}", daemon=True
+        )
+        thread.start()
+
+    def _train(self, flight: _Flight, spec: RunSpec) -> None:
+        """A slot's thread: one run, reported to the inbox."""
+        assert self._trainer is not None
+
+        def started(pid: int) -> None:
+            flight.pgid = pid
+            self.ledger.set_run_pid(flight.exp_id, flight.n, pid)
+            crash_point("during_run", flight.exp_id)
+
+        try:
+            result = self._trainer.run(flight.slot, spec, self._emit, flight.stop, started)
+        except TrainerLost as lost:
+            self._inbox.put(_RunDone(flight.slot, lost=lost))
+        except Exception as exc:
+            self._inbox.put(
+                _RunDone(flight.slot, error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            )
+        else:
+            self._inbox.put(_RunDone(flight.slot, result=result))
+
+    def _spec(self, exp: Experiment, n: int, seed: int) -> RunSpec:
+        assert exp.commit
+        run_dir = self.ws.run_dir(exp.id)
+        suffix = "" if n == 0 else f"-{n}"
+        memory, address = self._limits()
+        return RunSpec(
+            workspace=self.ws.path,
+            scratch=self.ws.state_dir / "scratch" / f"{exp.id}-{n}",
+            exp_id=exp.id,
+            seed=seed,
+            log_path=run_dir / f"run{suffix}.log",
+            deadline_s=self._deadline(),
+            budget=self.config.budget,
+            budget_limit=self._budget_limit(),
+            handover_s=self.config.handover_s or (60.0 if self.device.startswith("cuda") else 10.0),
+            memory_mb=memory,
+            address_space_mb=address,
+            hidden=self._prepare_runs(),
+            readable=(paths.cache_dir(),),
+            harness_sha256=self._harness_sha256(),
+            log_cap_bytes=self.config.log_cap_bytes,
+            network=self.config.network,
+            python=self.config.python or _python(),
+            env={"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env},  # the profile's vocab
+            device_memory_from_summary=self.device.startswith("cuda"),
+            train_source=self.ws.file_at(exp.commit).encode("utf-8"),
+        )
+
+    def _run_done(self, message: _RunDone) -> None:
+        with self._lock:
+            flight = self._flights.pop(message.slot)
+            self._busy_s += time.monotonic() - flight.started
+        if message.result is None:
+            self._run_lost(flight, message)
+            return
+        result = self._record_run(flight, message.result)
+        crash_point("after_run", flight.exp_id)
+        if result.outcome == "interrupted":
+            self._run_interrupted(flight)
+            return
+        if flight.exp_id != 0:
+            self._advance(flight.exp_id)
+
+    def _record_run(self, flight: _Flight, result: RunResult) -> RunResult:
+        result = self._check_after_run(result)
+        summary = result.summary
+        self.ledger.finish_run(
+            flight.exp_id,
+            flight.n,
+            outcome=result.outcome,
+            val_bpb=result.val_bpb,
+            reason=result.reason,
+            seconds=result.seconds,
+            peak_memory_mb=result.peak_memory_mb,
+            training_seconds=_number(summary.get("training_seconds")),
+            total_seconds=_number(summary.get("total_seconds")) or result.seconds,
+            log_tail=result.log_tail,
+            summary=summary,
+        )
+        self._emit(
+            RunFinished(
+                exp_id=flight.exp_id,
+                outcome=result.outcome,
+                val_bpb=result.val_bpb,
+                seconds=result.seconds,
+                summary=summary,
+                log_tail=result.log_tail,
+                judge_seconds=result.judge_seconds,
+            )
+        )
+        return result
+
+    def _run_lost(self, flight: _Flight, message: _RunDone) -> None:
+        """The trainer lost the run (a node or worker went away) or the runner failed: interrupted, re-queued."""
+        if message.lost is not None:
+            reason = f"the trainer lost the run: {message.lost.reason}"
+            retries = message.lost.system_retries
+        else:
+            reason = f"the runner failed: {message.error.splitlines()[0] if message.error else 'unknown'}"
+            retries = 0
+            self._emit(EngineError(message=reason, detail=message.error))
+        self.ledger.finish_run(
+            flight.exp_id, flight.n, outcome="interrupted", reason=reason, system_retries=retries
+        )
+        self._emit(
+            RunFinished(
+                exp_id=flight.exp_id, outcome="interrupted", val_bpb=None, seconds=0.0, log_tail=reason
+            )
+        )
+        if flight.exp_id == 0:
+            self._emit(Info(message=f"baseline seed {flight.seed}: {reason}; it runs again"))
+            return
+        exp = self.ledger.get(flight.exp_id)
+        assert exp is not None
+        self.books.interrupt(flight.exp_id, reason, requeue=self.books.should_requeue(exp))
+
+    def _run_interrupted(self, flight: _Flight) -> None:
+        why = flight.why or "interrupted"
+        if flight.exp_id == 0:
+            self.ledger.update(0, status="interrupted", phase="finished", reason="interrupted")
+            if why == "skip":
+                self._emit(Info(message="the baseline cannot be skipped; it will run again"))
+            return
         words = {
             "stop": "stopped by the user",
             "skip": "skipped by the user",
             "shutdown": "the engine shut down",
         }
-        self._interrupt(exp_id, words.get(reason, reason), requeue=reason == "shutdown")
+        self.books.interrupt(flight.exp_id, words.get(why, why), requeue=why == "shutdown")
 
-    # ---- running --------------------------------------------------------------------------------------
+    def _check_after_run(self, result: RunResult) -> RunResult:
+        """A run that changed the harness or train.py is invalid, whatever it printed; the files are restored."""
+        changed = set(self.ws.changed_tracked_files()) | set(self.ws.harness_problems())
+        if not changed:
+            return result
+        self.ws.move_branch(self.books.best_commit())
+        if self.ws.harness_problems():
+            self.ws.restore_harness()
+        if result.outcome == "interrupted":
+            return result
+        reason = f"the run modified {', '.join(sorted(changed))} (restored): its result cannot be trusted"
+        return replace(result, outcome="invalid", val_bpb=None, reason=reason)
+
+    # ---- the baseline ---------------------------------------------------------------------------------
+
+    def _baseline_decided(self) -> bool:
+        exp = self.ledger.get(0)
+        return exp is not None and exp.phase == "decided"
+
+    def _advance_baseline(self) -> None:
+        """Experiment 0: the unmodified train.py, run K times (in parallel where there are slots) to measure
+        the noise floor. A failing baseline ends the loop."""
+        exp = self.ledger.get(0)
+        if exp is None:
+            exp = self.ledger.create(
+                0,
+                "pending",
+                "committed",
+                parent_commit=None,
+                commit=self.ws.head(),
+                description="baseline",
+                proposer="baseline",
+                train_hash=file_hash(self.ws.file_at(self.ws.head())),
+            )
+        with self._lock:
+            self._current = 0
+            busy_seeds = {f.seed for f in self._flights.values() if f.exp_id == 0}
+        busy_seeds |= {seed for exp_id, seed in self._waiting if exp_id == 0}
+        wanted = [self.config.base_seed + i for i in range(self.seeds)]
+        if not self._baseline_announced:
+            self._baseline_announced = True
+            self._emit(
+                Info(message=f"baseline: {len(wanted)} run(s) with seeds {wanted} to measure the noise floor")
+            )
+        runs = self.ledger.runs(0)
+        failed = next((r for r in runs if r.outcome not in (None, "ok", "interrupted")), None)
+        if failed is not None:
+            message = f"the baseline train.py fails ({failed.outcome}: {failed.reason}); fix it and run again"
+            self.ledger.update(
+                0, status=failed.outcome, phase="finished", reason=message, log_tail=failed.log_tail
+            )
+            self.error = message
+            with self._lock:
+                self._fatal = True
+            self._emit(EngineError(message=message, detail=failed.log_tail, fatal=True))
+            return
+        missing = [
+            seed
+            for seed in wanted
+            if seed not in busy_seeds and not any(r.seed == seed and r.outcome == "ok" for r in runs)
+        ]
+        if missing:
+            if not self._paused():
+                for seed in missing:
+                    self._queue_run(0, seed)
+            return
+        if busy_seeds:
+            return
+        ok = [r for r in runs if r.outcome == "ok" and r.seed in wanted]
+        values = [r.val_bpb for r in ok if r.val_bpb is not None]
+        noise = noise_floor(values, self.config.min_margin, self.config.default_margin)
+        self.books.record_noise(noise)
+        reason = f"baseline mean of {len(values)} seed(s); {noise.describe()}"
+        with self.ledger.transaction() as conn:
+            self.ledger.update(
+                0,
+                conn,
+                status="baseline",
+                phase="decided",
+                val_bpb=noise.mean,
+                peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in ok) or None,
+                training_seconds=_mean([r.training_seconds for r in ok]),
+                total_seconds=_mean([r.total_seconds for r in ok]),
+                log_tail=ok[-1].log_tail,
+                decided_by="engine",
+                reason=reason,
+                finished_at=time.time(),
+            )
+            self.ledger.set_meta("best_exp_id", 0, conn)
+            self.ledger.set_meta("best_commit", exp.commit, conn)
+            self.ledger.set_meta("baseline_bpb", noise.mean, conn)
+            self.ledger.set_meta(
+                "baseline_training_seconds", max((r.training_seconds or 0.0) for r in ok), conn
+            )
+        self.ledger.write_results_tsv(self.ws.results_tsv)
+        self._emit(
+            Decided(
+                exp_id=0,
+                status="baseline",
+                val_bpb=noise.mean,
+                best_bpb=noise.mean,
+                margin=noise.margin,
+                reason=reason,
+            )
+        )
+
+    # ---- recovery -------------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Reconcile git, the ledger and results.tsv after a crash or kill -9 (called at the start of run)."""
+        found = self.books.recover()
+        self._resume_ids.extend(found.resume)
+        if found.notes:
+            self._emit(Info(message="recovered: " + "; ".join(found.notes)))
+
+    # ---- limits, containment, the judge ---------------------------------------------------------------
 
     def _deadline(self) -> float:
         if self.config.deadline_s is not None:
@@ -925,6 +1482,10 @@ class Engine:
 
     def _judge_for_runs(self) -> WarmJudge | None:
         """The workspace's warm judge (started on first use), or None to start a judge per run."""
+        with self._lock:  # slots ask from their own threads
+            return self._make_judge()
+
+    def _make_judge(self) -> WarmJudge | None:
         if self._warm_judge is None and self.config.warm_judge:
             self._warm_judge = WarmJudge(
                 self.ws.path,
@@ -955,114 +1516,6 @@ class Engine:
             )
         return self._hidden
 
-    def _run(self, exp: Experiment, n: int, seed: int) -> RunResult:
-        """One training run of `exp` (its commit checked out), recorded before and after."""
-        assert exp.commit
-        if self.ws.head() != exp.commit:
-            self.ws.move_branch(exp.commit)
-        run_dir = self.ws.run_dir(exp.id)
-        suffix = "" if n == 0 else f"-{n}"
-        log_path = run_dir / f"run{suffix}.log"
-        memory, address = self._limits()
-        env = {"AUTORESEARCH_CACHE": str(paths.cache_dir()), **self.ws.run_env}  # the profile's vocab
-        spec = RunSpec(
-            workspace=self.ws.path,
-            scratch=self.ws.state_dir / "scratch" / f"{exp.id}-{n}",
-            exp_id=exp.id,
-            seed=seed,
-            log_path=log_path,
-            deadline_s=self._deadline(),
-            budget=self.config.budget,
-            budget_limit=self._budget_limit(),
-            handover_s=self.config.handover_s or (60.0 if self.device.startswith("cuda") else 10.0),
-            memory_mb=memory,
-            address_space_mb=address,
-            hidden=self._prepare_runs(),
-            readable=(paths.cache_dir(),),
-            harness_sha256=self._harness_sha256(),
-            log_cap_bytes=self.config.log_cap_bytes,
-            network=self.config.network,
-            python=self.config.python or _python(),
-            env=env,
-            device_memory_from_summary=self.device.startswith("cuda"),
-        )
-        containment = self._containment()
-        self.ledger.start_run(exp.id, n, seed, str(log_path))
-        self._set_state("baseline" if exp.id == 0 else "running", f"#{exp.id} seed {seed}")
-        self._emit(
-            RunStarted(
-                exp_id=exp.id,
-                description=exp.description,
-                commit=exp.commit,
-                seed=seed,
-                budget=describe_budget(self.config.budget, self.device),
-            )
-        )
-
-        def started(pid: int) -> None:
-            with self._lock:
-                self._run_pgid = pid
-            self.ledger.set_run_pid(exp.id, n, pid)
-            crash_point("during_run", exp.id)
-
-        try:
-            with self._stepping("run") as cancel:
-                result = run_training(
-                    spec,
-                    self._emit,
-                    stop=cancel,
-                    on_start=started,
-                    containment=containment,
-                    judge=self._judge_for_runs(),
-                )
-        finally:
-            with self._lock:
-                self._run_pgid = None
-        result = self._check_after_run(exp, result)
-        summary = result.summary
-        self.ledger.finish_run(
-            exp.id,
-            n,
-            outcome=result.outcome,
-            val_bpb=result.val_bpb,
-            reason=result.reason,
-            seconds=result.seconds,
-            peak_memory_mb=result.peak_memory_mb,
-            training_seconds=_number(summary.get("training_seconds")),
-            total_seconds=_number(summary.get("total_seconds")) or result.seconds,
-            log_tail=result.log_tail,
-            summary=summary,
-        )
-        self._emit(
-            RunFinished(
-                exp_id=exp.id,
-                outcome=result.outcome,
-                val_bpb=result.val_bpb,
-                seconds=result.seconds,
-                summary=summary,
-                log_tail=result.log_tail,
-                judge_seconds=result.judge_seconds,
-            )
-        )
-        crash_point("after_run", exp.id)
-        return result
-
-    def _check_after_run(self, exp: Experiment, result: RunResult) -> RunResult:
-        """A run that changed the harness or train.py is invalid, whatever it printed; the files are restored."""
-        changed = set(self.ws.changed_tracked_files()) | set(self.ws.harness_problems())
-        if not changed:
-            return result
-        assert exp.commit
-        self.ws.move_branch(exp.commit)
-        if self.ws.harness_problems():
-            self.ws.restore_harness()
-        if result.outcome == "interrupted":
-            return result
-        reason = f"the run modified {', '.join(sorted(changed))} (restored): its result cannot be trusted"
-        return replace(result, outcome="invalid", val_bpb=None, reason=reason)
-
-    # ---- the baseline ---------------------------------------------------------------------------------
-
     def _settle_budget(self) -> None:
         """Every run of a workspace uses the budget its baseline was measured with: results must compare."""
         baseline = self.ledger.get(0)
@@ -1081,404 +1534,6 @@ class Engine:
                 f"({'--budget ' + stored if stored else 'no --budget'}) or in a new workspace"
             )
 
-    def _ensure_baseline(self) -> bool:
-        """Experiment 0: the unmodified train.py, run K times to measure the noise floor. False: stop."""
-        exp = self.ledger.get(0)
-        if exp is not None and exp.phase == "decided":
-            return True
-        if exp is None:
-            exp = self.ledger.create(
-                0,
-                "pending",
-                "committed",
-                parent_commit=None,
-                commit=self.ws.head(),
-                description="baseline",
-                proposer="baseline",
-                train_hash=file_hash(self.ws.file_at(self.ws.head())),
-            )
-        with self._lock:
-            self._current = 0
-        wanted = [self.config.base_seed + i for i in range(self.seeds)]
-        self._emit(
-            Info(message=f"baseline: {len(wanted)} run(s) with seeds {wanted} to measure the noise floor")
-        )
-        for seed in wanted:
-            runs = self.ledger.runs(0)
-            if any(r.seed == seed and r.outcome == "ok" for r in runs):
-                continue
-            self._safe_point()
-            if self._stopping():
-                return False
-            result = self._run(exp, n=len(runs), seed=seed)
-            if result.outcome == "interrupted":
-                self.ledger.update(0, status="interrupted", phase="finished", reason="interrupted")
-                if self._cancel_reason == "skip":
-                    self._emit(Info(message="the baseline cannot be skipped; it will run again"))
-                    return self._ensure_baseline()
-                self._safe_point()
-                if self._stopping():
-                    return False
-                return self._ensure_baseline()
-            if result.outcome != "ok":
-                message = (
-                    f"the baseline train.py fails ({result.outcome}: {result.reason}); fix it and run again"
-                )
-                self.ledger.update(
-                    0, status=result.outcome, phase="finished", reason=message, log_tail=result.log_tail
-                )
-                self.error = message
-                self._emit(EngineError(message=message, detail=result.log_tail, fatal=True))
-                return False
-        runs = [r for r in self.ledger.runs(0) if r.outcome == "ok" and r.seed in wanted]
-        values = [r.val_bpb for r in runs if r.val_bpb is not None]
-        noise = noise_floor(values, self.config.min_margin, self.config.default_margin)
-        self._record_noise(noise)
-        reason = f"baseline mean of {len(values)} seed(s); {noise.describe()}"
-        with self.ledger.transaction() as conn:
-            self.ledger.update(
-                0,
-                conn,
-                status="baseline",
-                phase="decided",
-                val_bpb=noise.mean,
-                peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in runs) or None,
-                training_seconds=_mean([r.training_seconds for r in runs]),
-                total_seconds=_mean([r.total_seconds for r in runs]),
-                log_tail=runs[-1].log_tail,
-                decided_by="engine",
-                reason=reason,
-                finished_at=time.time(),
-            )
-            self.ledger.set_meta("best_exp_id", 0, conn)
-            self.ledger.set_meta("best_commit", exp.commit, conn)
-            self.ledger.set_meta("baseline_bpb", noise.mean, conn)
-            self.ledger.set_meta(
-                "baseline_training_seconds", max((r.training_seconds or 0.0) for r in runs), conn
-            )
-        self.ledger.write_results_tsv(self.ws.results_tsv)
-        self._emit(
-            Decided(
-                exp_id=0,
-                status="baseline",
-                val_bpb=noise.mean,
-                best_bpb=noise.mean,
-                margin=noise.margin,
-                reason=reason,
-            )
-        )
-        return True
-
-    def _record_noise(self, noise: NoiseFloor) -> None:
-        self.ledger.set_meta(
-            "noise",
-            {
-                "values": list(noise.values),
-                "std": noise.std,
-                "spread": noise.spread,
-                "margin": noise.margin,
-                "measured": noise.measured,
-            },
-        )
-        self._emit(NoiseFloorEvent(values=noise.values, spread=noise.spread, margin=noise.margin))
-
-    # ---- decisions ------------------------------------------------------------------------------------
-
-    def _best(self) -> Experiment | None:
-        best_id = self.ledger.get_meta("best_exp_id")
-        return self.ledger.get(best_id) if best_id is not None else None
-
-    def _best_bpb(self) -> float | None:
-        best = self._best()
-        return best.val_bpb if best else None
-
-    def _margin(self) -> float:
-        noise = self.ledger.get_meta("noise")
-        return float(noise["margin"]) if noise else self.config.default_margin
-
-    def _decide(self, exp_id: int, status: str, reason: str) -> None:
-        """Record the verdict on a finished experiment, then move git to match."""
-        runs = [r for r in self.ledger.runs(exp_id) if r.outcome is not None]
-        ok = [r for r in runs if r.outcome == "ok" and r.val_bpb is not None]
-        exp = self.ledger.get(exp_id)
-        assert exp is not None
-        values: dict[str, Any] = dict(
-            val_bpb=statistics.fmean(r.val_bpb for r in ok if r.val_bpb is not None) if ok else None,
-            peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in runs) or None if runs else None,
-            training_seconds=_mean([r.training_seconds for r in runs]),
-            total_seconds=_mean([r.total_seconds for r in runs]),
-            log_tail=runs[-1].log_tail if runs else exp.log_tail,
-        )
-        if status in FAILED:
-            values["val_bpb"] = None
-        self._apply_decision(exp, status, reason, "engine", **values)
-
-    def _apply_decision(
-        self,
-        exp: Experiment,
-        status: str,
-        reason: str,
-        by: str,
-        new_best: tuple[int, str] | None = None,
-        **values: Any,
-    ) -> None:
-        """Intent first (ledger, phase deciding), then git, then phase decided; recover() redoes the middle.
-
-        A keep makes `exp` the best; `new_best` (id, commit) names the best explicitly (a discard override).
-        """
-        previous_best = self._best()
-        if new_best is None and status == "keep":
-            assert exp.commit
-            new_best = (exp.id, exp.commit)
-        with self.ledger.transaction() as conn:
-            self.ledger.update(
-                exp.id,
-                conn,
-                status=status,
-                phase="deciding",
-                decided_by=by,
-                reason=reason,
-                finished_at=time.time(),
-                **values,
-            )
-            if new_best is not None:
-                self.ledger.set_meta("best_exp_id", new_best[0], conn)
-                self.ledger.set_meta("best_commit", new_best[1], conn)
-            if by != "engine":
-                self.ledger.record_override(conn, exp.id, exp.status, status, by)
-        crash_point("during_decide", exp.id)
-        self._settle_git(exp.id)
-        self.ledger.update(exp.id, phase="decided")
-        crash_point("after_decide", exp.id)
-        self.ledger.write_results_tsv(self.ws.results_tsv)
-        decided = self.ledger.get(exp.id)
-        assert decided is not None
-        best = self._best()
-        self._emit(
-            Decided(
-                exp_id=exp.id,
-                status=status,
-                val_bpb=decided.val_bpb,
-                best_bpb=best.val_bpb if best else (previous_best.val_bpb if previous_best else None),
-                margin=self._margin(),
-                reason=reason,
-                by=by,
-            )
-        )
-
-    def _settle_git(self, exp_id: int) -> None:
-        """Make git match the ledger's decision on `exp_id` (idempotent)."""
-        exp = self.ledger.get(exp_id)
-        assert exp is not None
-        if exp.status not in ("keep", "baseline") and exp.commit and self.ws.is_commit(exp.commit):
-            self.ws.save_discarded(exp.id, exp.commit)
-        best_commit = self.ledger.get_meta("best_commit") or self.ws.initial_commit
-        if self.ws.head() != best_commit or self.ws.changed_tracked_files():
-            self.ws.move_branch(best_commit)
-
-    def _interrupt(self, exp_id: int, reason: str, requeue: bool) -> None:
-        """An experiment that did not finish: recorded as interrupted, the branch back at the best commit."""
-        exp = self.ledger.get(exp_id)
-        assert exp is not None
-        with self.ledger.transaction() as conn:
-            self.ledger.update(
-                exp_id,
-                conn,
-                status="interrupted",
-                phase="deciding",
-                decided_by="engine",
-                reason=reason + ("; re-queued" if requeue else ""),
-                finished_at=time.time(),
-            )
-            if requeue and exp.proposal and exp.id != 0:
-                self.ledger.enqueue(proposal_from_json(exp.proposal), exp.id, "interrupted", conn)
-        self._settle_git(exp_id)
-        self.ledger.update(exp_id, phase="decided")
-        self.ledger.write_results_tsv(self.ws.results_tsv)
-        self._emit(
-            Decided(
-                exp_id=exp_id,
-                status="interrupted",
-                val_bpb=None,
-                best_bpb=self._best_bpb(),
-                margin=self._margin(),
-                reason=reason,
-            )
-        )
-
-    # ---- user decisions -------------------------------------------------------------------------------
-
-    def _override(self, status: str, exp_id: int | None, by: str) -> None:
-        if status not in ("keep", "discard"):
-            self._emit(EngineError(message=f"override must be keep or discard, not {status!r}"))
-            return
-        if exp_id is None:
-            decided = [
-                e
-                for e in self.ledger.experiments()
-                if e.phase == "decided" and e.status in ("keep", "discard")
-            ]
-            if not decided:
-                self._emit(EngineError(message="there is no keep or discard decision to override"))
-                return
-            exp: Experiment | None = max(decided, key=lambda e: (e.finished_at or 0.0, e.id))
-        else:
-            exp = self.ledger.get(exp_id)
-        if exp is None or exp.status not in ("keep", "discard") or exp.phase != "decided":
-            self._emit(
-                EngineError(message=f"experiment {exp_id} has no keep or discard decision to override")
-            )
-            return
-        if exp.status == status:
-            self._emit(Info(message=f"#{exp.id} is already {status}"))
-            return
-        best = self._best()
-        best_commit = self.ledger.get_meta("best_commit") or self.ws.initial_commit
-        note = f"override by {by} (the engine said {exp.status}): {exp.reason}"
-        if status == "discard":
-            if exp.commit != best_commit:
-                self._emit(
-                    EngineError(
-                        message=f"#{exp.id} is not the current best; only the last kept change can be "
-                        "discarded (later experiments build on it)"
-                    )
-                )
-                return
-            parent = self._experiment_at(exp.parent_commit)
-            new_best = (parent.id if parent else 0, exp.parent_commit or self.ws.initial_commit)
-            self._apply_decision(exp, "discard", note, by, new_best=new_best)
-        else:
-            if exp.parent_commit != best_commit or exp.val_bpb is None:
-                self._emit(
-                    EngineError(
-                        message=f"#{exp.id} was not made on top of the current best (#"
-                        f"{best.id if best else 0}); use reapply {exp.id} instead"
-                    )
-                )
-                return
-            self._apply_decision(exp, "keep", note, by)
-            with contextlib.suppress(Exception):
-                self.ws.repo.git.update_ref("-d", f"refs/autoresearch/discarded/{exp.id}")
-
-    def _experiment_at(self, commit: str | None) -> Experiment | None:
-        """The kept (or baseline) experiment whose commit is `commit`."""
-        matches = [
-            e for e in self.ledger.experiments() if e.commit == commit and e.status in ("keep", "baseline")
-        ]
-        return matches[-1] if matches else None
-
-    def _queue_reapply(self, exp_id: int) -> None:
-        try:
-            self._emit(Info(message=queue_reapply(self.ledger, exp_id)))
-        except ValueError as exc:
-            self._emit(EngineError(message=str(exc)))
-
-    # ---- recovery -------------------------------------------------------------------------------------
-
-    def recover(self) -> None:
-        """Reconcile git, the ledger and results.tsv after a crash or kill -9 (called at the start of run)."""
-        notes: list[str] = []
-        if removed := self.ws.clear_stale_git_locks():
-            notes.append(f"removed stale git locks {removed}")
-        in_flight = self.ledger.unfinished()
-        for exp in in_flight:
-            for run in self.ledger.runs(exp.id):
-                if run.outcome is None:
-                    if run.pid and kill_stale_run(run.pid, self.ws.state_dir / "scratch"):
-                        notes.append(f"killed the orphaned run of #{exp.id} (pid {run.pid})")
-                    self.ledger.finish_run(
-                        exp.id, run.n, outcome="interrupted", reason="the engine was killed"
-                    )
-            if exp.id == 0:
-                continue  # the baseline reruns its missing seeds
-            runs = self.ledger.runs(exp.id)
-            if exp.phase == "deciding":
-                self._settle_git(exp.id)
-                self.ledger.update(exp.id, phase="decided")
-                notes.append(f"finished recording the decision on #{exp.id} ({exp.status})")
-            elif (
-                exp.phase in ("running", "finished")
-                and runs
-                and all(r.outcome != "interrupted" for r in runs)
-            ):
-                self._resume_ids.append(exp.id)
-                notes.append(f"#{exp.id} finished running before the engine stopped; deciding it now")
-            else:
-                requeue = self._should_requeue(exp)
-                self._interrupt_recovered(exp, requeue)
-                notes.append(f"#{exp.id} was interrupted ({exp.phase}){'; re-queued' if requeue else ''}")
-        best_commit = self.ledger.get_meta("best_commit") or self.ws.initial_commit
-        changed = self.ws.changed_tracked_files()
-        if TRAIN in changed and not in_flight:
-            # Nobody was running: a person edited train.py by hand. Keep their text before resetting it.
-            saved = self.ws.state_dir / f"train.py.{time.strftime('%Y%m%d-%H%M%S')}.uncommitted"
-            saved.write_text(self.ws.read_train(), encoding="utf-8")
-            notes.append(f"train.py had uncommitted changes: saved them to {saved}")
-        if not self._resume_ids and (self.ws.head() != best_commit or changed):
-            self.ws.move_branch(best_commit)
-            notes.append("moved the branch back to the best kept commit")
-        if self.ws.harness_problems():
-            self.ws.restore_harness()
-            notes.append("restored the frozen harness")
-        refs = self.ws.discarded_refs()
-        for exp in self.ledger.experiments():
-            if (
-                exp.phase == "decided"
-                and exp.status not in ("keep", "baseline")
-                and exp.commit
-                and exp.id not in refs
-                and self.ws.is_commit(exp.commit)
-            ):
-                self.ws.save_discarded(exp.id, exp.commit)
-        self.ledger.write_results_tsv(self.ws.results_tsv)
-        if notes:
-            self._emit(Info(message="recovered: " + "; ".join(notes)))
-
-    def _should_requeue(self, exp: Experiment) -> bool:
-        """Re-queue an interrupted experiment once; an interrupted re-run is not queued again."""
-        if exp.requeued_from is None:
-            return True
-        source = self.ledger.get(exp.requeued_from)
-        return not (source is not None and source.status == "interrupted")
-
-    def _interrupt_recovered(self, exp: Experiment, requeue: bool) -> None:
-        reason = f"the engine stopped during phase {exp.phase}" + ("; re-queued" if requeue else "")
-        with self.ledger.transaction() as conn:
-            self.ledger.update(
-                exp.id,
-                conn,
-                status="interrupted",
-                phase="decided",
-                decided_by="engine",
-                reason=reason,
-                finished_at=time.time(),
-            )
-            if requeue and exp.proposal:
-                self.ledger.enqueue(proposal_from_json(exp.proposal), exp.id, "interrupted", conn)
-        if exp.commit and self.ws.is_commit(exp.commit):
-            self.ws.save_discarded(exp.id, exp.commit)
-
-
-def queue_reapply(ledger: Ledger, exp_id: int) -> str:
-    """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
-    exp = ledger.get(exp_id)
-    if exp is None or exp_id == 0:
-        raise ValueError(f"there is no experiment #{exp_id} to reapply")
-    if exp.phase != "decided":
-        raise ValueError(f"#{exp_id} is still in flight")
-    original = proposal_from_json(exp.proposal)
-    if not original.edits:
-        raise ValueError(f"#{exp_id} ({exp.status}) has no change to reapply")
-    proposal = replace(
-        original, description=f"reapply #{exp_id}: {exp.description}", proposer="reapply", key=None
-    )
-    ledger.enqueue(proposal, exp_id, "reapply")
-    return f"#{exp_id} queued again: {exp.description}"
-
-
-_SKIPPED: Any = _Item(Proposal(description="", edits=()))
-"""Returned by _next_item when a proposal was consumed without an experiment to run."""
-
 
 def _python() -> str:
     import sys
@@ -1493,3 +1548,6 @@ def _number(value: Any) -> float | None:
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
+
+
+__all__ = ["CRASH_POINTS", "Engine", "EngineSnapshot", "crash_point", "queue_reapply"]

@@ -69,7 +69,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     train_hash TEXT,
     idea_key TEXT,
     requeued_from INTEGER,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    base_commit TEXT
 );
 CREATE TABLE IF NOT EXISTS runs (
     exp_id INTEGER NOT NULL,
@@ -88,6 +89,8 @@ CREATE TABLE IF NOT EXISTS runs (
     pid INTEGER,
     started_at REAL NOT NULL,
     finished_at REAL,
+    commit_sha TEXT,
+    system_retries INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (exp_id, n)
 );
 CREATE TABLE IF NOT EXISTS queue (
@@ -144,6 +147,9 @@ class Experiment:
     idea_key: str | None = None
     requeued_from: int | None = None
     created_at: float = 0.0
+    base_commit: str | None = None
+    """The best commit the proposal was made against, where it differs from `parent_commit`: the best moved
+    while it was out, and its change was merged onto the new best (see the engine's decisions in flight)."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,11 @@ class RunRecord:
     pid: int | None
     started_at: float
     finished_at: float | None
+    commit_sha: str | None = None
+    """The commit it trained (an experiment merged onto a newer best trains a second commit); None in ledgers
+    written before runs recorded it."""
+    system_retries: int = 0
+    """Times the cluster restarted the run after losing its worker (Ray); the user's crash is never retried."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +223,19 @@ class Ledger:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Ledgers written by an older version lack the newest columns; add them (NULL/default for old rows)."""
+        added = {
+            "experiments": (("base_commit", "TEXT"),),
+            "runs": (("commit_sha", "TEXT"), ("system_retries", "INTEGER NOT NULL DEFAULT 0")),
+        }
+        for table, columns in added.items():
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -283,12 +307,13 @@ class Ledger:
 
     # ---- runs -----------------------------------------------------------------------------------------
 
-    def start_run(self, exp_id: int, n: int, seed: int, log_path: str) -> None:
+    def start_run(self, exp_id: int, n: int, seed: int, log_path: str, commit: str | None = None) -> None:
         """Record that run `n` of an experiment starts (phase running), before the child exists."""
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO runs (exp_id, n, seed, log_path, started_at) VALUES (?, ?, ?, ?, ?)",
-                (exp_id, n, seed, log_path, time.time()),
+                "INSERT OR REPLACE INTO runs (exp_id, n, seed, log_path, started_at, commit_sha) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (exp_id, n, seed, log_path, time.time(), commit),
             )
             exp = conn.execute("SELECT seeds, started_at FROM experiments WHERE id = ?", (exp_id,)).fetchone()
             seeds = json.loads(exp["seeds"])

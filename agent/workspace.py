@@ -11,7 +11,9 @@ import fcntl
 import json
 import os
 import re
+import io
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import git
+from gitdb import IStream
 
 from agent import paths
 from agent.edits import file_hash
@@ -281,6 +284,25 @@ class Workspace:
         self.repo.index.add([TRAIN])
         commit = self.repo.index.commit(message, author=ACTOR, committer=ACTOR, skip_hooks=True)
         return commit.hexsha
+
+    def commit_candidate(self, text: str, parent: str, message: str) -> str:
+        """Commit `text` as train.py on top of `parent` without touching the branch or the working tree (a
+        candidate trains from its commit while the workspace shows the best train.py); returns the commit."""
+        data = text.encode("utf-8")
+        blob = self.repo.odb.store(IStream("blob", len(data), io.BytesIO(data))).hexsha
+        blob_sha = blob.decode() if isinstance(blob, bytes) else str(blob)
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {
+                "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+                "GIT_AUTHOR_NAME": ACTOR.name or "autoresearch",
+                "GIT_AUTHOR_EMAIL": ACTOR.email or "autoresearch@localhost",
+                "GIT_COMMITTER_NAME": ACTOR.name or "autoresearch",
+                "GIT_COMMITTER_EMAIL": ACTOR.email or "autoresearch@localhost",
+            }
+            self.repo.git.read_tree(parent, env=env)
+            self.repo.git.update_index("--add", "--cacheinfo", f"100644,{blob_sha},{TRAIN}", env=env)
+            tree = self.repo.git.write_tree(env=env)
+            return str(self.repo.git.commit_tree(tree, "-p", parent, "-m", message, env=env)).strip()
 
     def move_branch(self, commit: str) -> None:
         """Point the branch at `commit` and make train.py and the harness match it (program.md untouched)."""
