@@ -66,7 +66,15 @@ from agent.events import (  # noqa: E402
 )
 from agent.ledger import FAILED, Experiment, Ledger  # noqa: E402
 from agent.proposals import Proposal, ProposalContext, Proposer  # noqa: E402
-from agent.workspace import HARNESS, PROGRAM, TRAIN, Workspace, get_profile, write_atomic  # noqa: E402
+from agent.workspace import (  # noqa: E402
+    HARNESS,
+    PROGRAM,
+    TRAIN,
+    Workspace,
+    WorkspaceError,
+    get_profile,
+    write_atomic,
+)
 
 RANDOM = "random"
 """The control arm: random search (`--proposer random`)."""
@@ -710,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_benchmark(arms, args.sessions, settings, args.out)
     except KeyboardInterrupt:
         return 130
-    except (BenchError, ValueError) as exc:  # ModelError and a bad budget are ValueErrors
+    except (BenchError, WorkspaceError, ValueError) as exc:  # ModelError, a bad budget: ValueErrors
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
