@@ -85,6 +85,34 @@ def _common(suppress: bool) -> Parser:
     return parser
 
 
+def _scheduling(suppress: bool) -> Parser:
+    """--trainers, --ray and --overlap: how many runs train at once and where (the cockpit and `run`)."""
+    parser = Parser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--trainers",
+        type=int,
+        default=default,
+        metavar="N",
+        help="runs that train at once (default 1; on CUDA one per GPU, each sees only its own)",
+    )
+    parser.add_argument(
+        "--ray",
+        default=default,
+        metavar="ADDR",
+        help="train each run as a Ray task: local (a Ray instance started here, bound to 127.0.0.1), auto or "
+        "a cluster ADDRESS (Ray's meaning)",
+    )
+    parser.add_argument(
+        "--overlap",
+        choices=("on", "off"),
+        default=default,
+        help="think of the next proposal while runs train (default: on with CUDA, off on CPU, where the "
+        "model and the training share the cores; see the README)",
+    )
+    return parser
+
+
 def build_parser() -> Parser:
     """The `autoresearch` parser; every subparser is a `Parser` too (no prefix matching, one-line errors)."""
     sub_common = _common(suppress=True)
@@ -92,12 +120,16 @@ def build_parser() -> Parser:
         prog="autoresearch",
         description="Offline autoresearch: a local model edits, trains and judges a small GPT. "
         "Without a command, opens the cockpit.",
-        parents=[_common(suppress=False)],
+        parents=[_common(suppress=False), _scheduling(suppress=False)],
     )
     parser.add_argument("--seed", type=int, metavar="N", help=SEED_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    run = commands.add_parser("run", parents=[sub_common], help="run the research loop (--headless: no UI)")
+    run = commands.add_parser(
+        "run",
+        parents=[sub_common, _scheduling(suppress=True)],
+        help="run the research loop (--headless: no UI)",
+    )
     run.add_argument("--headless", action="store_true", help="print events instead of opening the cockpit")
     run.add_argument(
         "--ideas", type=Path, metavar="FILE", help="a JSON-lines file of ideas to try, then stop"
@@ -175,6 +207,20 @@ def _config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     return EngineConfig(budget=os.environ.get("AUTORESEARCH_BUDGET") or None, **extra)
 
 
+def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields from --trainers, --ray and --overlap (CliError on a bad value)."""
+    trainers = getattr(args, "trainers", None)
+    if trainers is not None and trainers < 1:
+        raise CliError("--trainers must be at least 1")
+    ray = getattr(args, "ray", None)
+    if ray is not None and not ray.strip():
+        raise CliError("--ray needs local, auto or a cluster address")
+    fields: dict[str, Any] = {"trainers": trainers or 1, "ray": ray or None}
+    if getattr(args, "overlap", None) is not None:
+        fields["overlap"] = args.overlap == "on"
+    return fields
+
+
 def _drive(engine: Any) -> int:
     """Run the engine in its thread until it ends; Ctrl-C or SIGTERM shuts it down cleanly (twice: now)."""
     interrupts = 0
@@ -246,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CliError(f"the local-model proposer is not available ({exc}); try --ideas FILE") from None
         proposer = make_proposer(args.model, args.seed)
     workspace = Workspace.open_or_init(_workspace_path(args))
-    config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments)
+    config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **_scheduling_config(args))
     engine = Engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
     return _drive(engine)
 
@@ -387,8 +433,16 @@ def cmd_cockpit(args: argparse.Namespace) -> int:
         from tui.app import run_app
     except ImportError as exc:
         raise CliError(f"the cockpit is not available ({exc}); use `autoresearch run --headless`") from None
+    scheduling = _scheduling_config(args)
     return int(
-        run_app(workspace=_workspace_path(args), budget=args.budget, model=args.model, seed=args.seed) or 0
+        run_app(
+            workspace=_workspace_path(args),
+            budget=args.budget,
+            model=args.model,
+            seed=args.seed,
+            **scheduling,
+        )
+        or 0
     )
 
 

@@ -161,19 +161,45 @@ def test_no_command_opens_the_cockpit(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
     class FakeApp:
         @staticmethod
-        def run_app(workspace: Path, budget: str | None, model: str | None, seed: int | None) -> int:
-            calls.append({"workspace": workspace, "budget": budget, "model": model, "seed": seed})
+        def run_app(
+            workspace: Path, budget: str | None, model: str | None, seed: int | None, **scheduling: Any
+        ) -> int:
+            calls.append(
+                {"workspace": workspace, "budget": budget, "model": model, "seed": seed, **scheduling}
+            )
             return 0
 
     monkeypatch.setitem(sys.modules, "tui.app", FakeApp)
     assert cli_module.main(["--workspace", str(tmp_path), "--budget", "30", "--model", "tiny"]) == 0
     assert cli_module.main([]) == 0
     assert cli_module.main(["run", "--seed", "4"]) == 0  # run without --headless is the cockpit
+    assert cli_module.main(["--trainers", "2", "--ray", "local", "--overlap", "on"]) == 0
+    assert cli_module.main(["run", "--trainers", "3", "--overlap", "off"]) == 0
+    one = {"trainers": 1, "ray": None}
     assert calls == [
-        {"workspace": tmp_path, "budget": "30", "model": "tiny", "seed": None},
-        {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": None},
-        {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": 4},
+        {"workspace": tmp_path, "budget": "30", "model": "tiny", "seed": None, **one},
+        {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": None, **one},
+        {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": 4, **one},
+        {
+            "workspace": paths.default_workspace(),
+            "budget": None,
+            "model": None,
+            "seed": None,
+            "trainers": 2,
+            "ray": "local",
+            "overlap": True,
+        },
+        {
+            "workspace": paths.default_workspace(),
+            "budget": None,
+            "model": None,
+            "seed": None,
+            "trainers": 3,
+            "ray": None,
+            "overlap": False,
+        },
     ]
+    assert cli_module.main(["--trainers", "0"]) == 2 and len(calls) == 5  # refused before the cockpit
 
 
 def test_models_is_delegated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ def default_engine_builder(
     seed: int | None = None,
     proposer: Proposer | None = None,
     config: Any = None,
+    scheduling: dict[str, Any] | None = None,
 ) -> EngineBuilder:
     """The real thing: open (or create) the workspace, make the model proposer, build the engine.
 
@@ -97,7 +98,7 @@ def default_engine_builder(
         cfg = config
         if cfg is None:
             chosen = budget or os.environ.get("AUTORESEARCH_BUDGET") or None
-            cfg = EngineConfig(budget=check_budget(chosen) if chosen else None)
+            cfg = EngineConfig(budget=check_budget(chosen) if chosen else None, **(scheduling or {}))
         chosen_proposer = proposer
         if chosen_proposer is None:
             from agent.llm import make_proposer
@@ -832,14 +833,18 @@ def create_app(
     welcome: bool | None = None,
     autostart: bool = True,
     model_loader: Callable[[], list[ModelChoice]] = discover_choices,
+    scheduling: dict[str, Any] | None = None,
 ) -> CockpitApp:
     """The cockpit on a workspace (created on first run); the CLI and the tests both use this.
 
     `seed` seeds the local model's sampling (None: unseeded); `proposer` replaces the local model (tests
     pass the idea queue); `config` replaces the EngineConfig built from `budget`/AUTORESEARCH_BUDGET;
-    `welcome` forces the first-run welcome on or off.
+    `welcome` forces the first-run welcome on or off; `scheduling` holds the EngineConfig fields of
+    --trainers, --ray and --overlap.
     """
-    builder = default_engine_builder(workspace, budget, model, seed=seed, proposer=proposer, config=config)
+    builder = default_engine_builder(
+        workspace, budget, model, seed=seed, proposer=proposer, config=config, scheduling=scheduling
+    )
     return CockpitApp(
         builder,
         workspace=workspace,
@@ -853,9 +858,12 @@ def create_app(
     )
 
 
-def run_app(workspace: Path, budget: str | None, model: str | None, seed: int | None = None) -> int:
-    """Open the cockpit on `workspace` and return the exit status once the user quits."""
-    app = create_app(workspace, budget, model, seed=seed)
+def run_app(
+    workspace: Path, budget: str | None, model: str | None, seed: int | None = None, **scheduling: Any
+) -> int:
+    """Open the cockpit on `workspace` and return the exit status once the user quits; `scheduling`:
+    EngineConfig's trainers, ray and overlap."""
+    app = create_app(workspace, budget, model, seed=seed, scheduling=scheduling)
     try:
         code = app.run()
     finally:
