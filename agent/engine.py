@@ -1090,7 +1090,14 @@ class Engine:
         if verdict.status == "keep" and exp.parent_commit != self.books.best_commit():
             self._merge_onto_best(exp, against, verdict.reason)
             return
-        self._decide(exp_id, verdict.status, verdict.reason)
+        reason = verdict.reason
+        if len(self.ledger.runs(exp_id)) > len(runs):  # it trained before on the commit it was merged from
+            started = self.books.experiment_at(exp.base_commit)
+            reason = (
+                f"beat #{started.id if started else '?'}, the best it started from, and was merged onto the new "
+                f"best #{against.id}; its run there: {reason}"
+            )
+        self._decide(exp_id, verdict.status, reason)
 
     def _started_from(self, exp: Experiment) -> Experiment:
         """The kept experiment (or baseline) `exp` was applied to: what it is judged against."""

@@ -180,3 +180,23 @@ def test_results_row_of_a_confirmed_keep(ledger: Ledger) -> None:
         1, "keep", "decided", commit="1234567890", val_bpb=2.41234567, description="two seeds"
     )
     assert results_row(exp) == ("1234567", "2.412346", "0.0", "keep", "two seeds")
+
+
+def test_a_ledger_from_before_the_scheduler_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    old = Ledger(path)
+    old.create(1, "keep", "decided", commit="a" * 40, description="kept long ago")
+    old.start_run(1, 0, 1, "run.log")
+    old.finish_run(1, 0, outcome="ok", val_bpb=2.5)
+    old.close()
+    with sqlite3.connect(path) as conn:  # what a ledger written by the previous version holds
+        conn.execute("ALTER TABLE experiments DROP COLUMN base_commit")
+        conn.execute("ALTER TABLE runs DROP COLUMN commit_sha")
+        conn.execute("ALTER TABLE runs DROP COLUMN system_retries")
+    ledger = Ledger(path)
+    exp = ledger.get(1)
+    assert exp is not None and exp.base_commit is None and exp.description == "kept long ago"
+    [run] = ledger.runs(1)
+    assert (run.commit_sha, run.system_retries, run.val_bpb) == (None, 0, 2.5)
+    ledger.start_run(1, 1, 2, "run-1.log", commit="b" * 40)
+    assert ledger.runs(1)[1].commit_sha == "b" * 40
