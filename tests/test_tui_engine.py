@@ -114,7 +114,7 @@ async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup
         await wait_until(
             pilot, lambda: app.state.header.state == "stopped", RUN_TIMEOUT, "the ideas to run out"
         )
-        assert app.main.timeline.shown_ids == [2, 1, 0]
+        assert app.main.timeline.shown_ids == [2, 1, 0], [n.message for n in app._notifications]
         assert [app.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
         assert app.state.header.branch.startswith("autoresearch/")
         assert app.state.header.best_exp_id == 0

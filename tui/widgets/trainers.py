@@ -60,6 +60,7 @@ class TrainerList(Static):
 
     def show_state(self, state: CockpitState) -> None:
         several = state.n_trainers > 1
-        self.display = several
+        if self.display != several:  # called on every batch of step metrics: no restyle when nothing changed
+            self.display = several
         if several:
             self.update(trainers_text(state))
