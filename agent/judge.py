@@ -48,6 +48,9 @@ def score(harness: ModuleType, model: Path, claims_path: Path, out: Path) -> int
     else:
         result = dict(harness.judge(str(model), claims if isinstance(claims, dict) else {}))
     write_atomic(out, result)
+    if result.get("status") == "probe":  # a probe's model (agent/noop.py): a fingerprint, never a score
+        print(f"judge: probe fingerprint {result.get('fingerprint')} {result.get('reason') or ''}".rstrip())
+        return 0
     print(
         f"judge: {result.get('status')} val_bpb {result.get('val_bpb')} {result.get('reason') or ''}".rstrip()
     )

@@ -57,8 +57,8 @@ _CODE = JUDGE_SCRIPT.parent
 CONTAINMENT_FAILED = SETUP_FAILED
 """Exit status of the containment's setup stage when a namespace or mount step failed (nothing ran)."""
 _CONTAINMENT_ERROR = "autoresearch containment:"
-_JUDGED_FIELDS = ("eval_tokens", "eval_bytes", "num_params", "block_size", "export_seconds")
-"""What the judge measured that the summary shows (besides val_bpb)."""
+_JUDGED_FIELDS = ("eval_tokens", "eval_bytes", "num_params", "block_size", "export_seconds", "fingerprint")
+"""What the judge measured that the summary shows (besides val_bpb; a probe's fingerprint: agent/noop.py)."""
 MAX_SOURCE_BYTES = 4 * 1024 * 1024
 MAX_CLAIMS_BYTES = 256 * 1024
 MAX_LINE_BYTES = 64 * 1024

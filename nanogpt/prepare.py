@@ -14,6 +14,8 @@ The agent never edits this file; the engine checks its SHA-256 before every run.
   string; refused (`invalid (non-causal)`) when a causality probe shows the model peeks at future tokens.
 - Run helpers for train.py: `setup` (seed and device), `Progress` (the progress lines) and
   `evaluate_and_report` (the result file and the fields of the `---` summary block).
+- Probes (AUTORESEARCH_PROBE_STEPS, set by the runner): K steps on a step clock, then the judge fingerprints the
+  exported model's logits (`fingerprint`) instead of scoring it: a no-op or an early crash costs seconds.
 """
 
 from __future__ import annotations
@@ -534,6 +536,9 @@ def estimate_seconds(spec: str | None, device: str = "cpu") -> float:
 
 STOP_SIGNAL = signal.SIGUSR1
 """The runner's word that the budget is spent, measured from outside the run: training stops at the next step."""
+PROBE_STEPS_ENV = "AUTORESEARCH_PROBE_STEPS"
+"""Set by the runner for a probe (agent/noop.py): K optimizer steps on a step clock, then the judge fingerprints
+the exported model instead of scoring it. It can only end a run sooner, and a probe's model is never scored."""
 
 
 class Budget:
@@ -545,10 +550,22 @@ class Budget:
     past its budget it is stopped, and one that does not stop and hand over its model soon is killed.
     `compute` counts tokens as this file's loader serves them (6 x parameters x tokens); it is the run's own
     count, so only the runner's deadline bounds it from outside.
+
+    A probe (`probe_steps` K) also ends after K optimizer steps, and its clock is the step count, so that the
+    same train.py computes the same numbers bit for bit: after i steps `fraction()` is i / (K - 1) (the last step
+    just short of the end: the K steps sample the whole schedule). A run that claimed to be a probe would only
+    stop sooner, and the judge gives a probe's model a fingerprint, never a score.
     """
 
-    def __init__(self, spec: BudgetSpec) -> None:
+    def __init__(self, spec: BudgetSpec, probe_steps: int | None = None) -> None:
         self.spec = spec
+        self.probe_steps = probe_steps
+        """K: a probe's optimizer steps; None for a run."""
+        self.steps = 0
+        """Optimizer steps taken (counted in a probe only): the steps of the first optimizer that stepped."""
+        self._stepper: int | None = None
+        self.batches = 0
+        """Batches served by the harness's loader."""
         self.n_params = 0
         self.tokens = 0
         self.origin = float(os.environ.get("AUTORESEARCH_CLOCK_START") or STARTED_AT)
@@ -562,6 +579,20 @@ class Budget:
 
     def on_batch(self, tokens: int) -> None:
         self.tokens += tokens
+        self.batches += 1
+
+    def on_optimizer_step(self, optimizer: object) -> None:
+        """torch's hook after any optimizer step: counts the steps of the first optimizer seen (two optimizers
+        stepping together make one training step)."""
+        if self._stepper is None:
+            self._stepper = id(optimizer)
+        if id(optimizer) == self._stepper:
+            self.steps += 1
+
+    @property
+    def probe_steps_done(self) -> int:
+        """A probe's steps so far: optimizer steps, or batches served when no torch optimizer ever stepped."""
+        return self.steps if self._stepper is not None else self.batches
 
     def request_stop(self) -> None:
         """The budget is spent, by the runner's measure."""
@@ -598,17 +629,34 @@ class Budget:
 
     def fraction(self) -> float:
         """How much of the budget is spent, in [0, 1]: use it for learning-rate schedules."""
+        spent = self._spent_fraction()
+        if self.probe_steps is None:
+            return spent
+        done, k = self.probe_steps_done, self.probe_steps
+        return 1.0 if done >= k else done / max(1, k - 1) * (1 - 1e-6)
+
+    def _spent_fraction(self) -> float:
         if self.spec.mode == "compute" and self.n_params == 0:
             raise RuntimeError("budget.attach(model) must be called before training")
         return min(1.0, self.spent() / self.spec.amount)
 
     def done(self) -> bool:
-        return self._stop_requested or self.fraction() >= 1.0
+        if self.probe_steps is not None and self.probe_steps_done >= self.probe_steps:
+            return True
+        return self._stop_requested or self._spent_fraction() >= 1.0
 
 
 def budget_from_env(device: str) -> Budget:
-    """The run's budget from AUTORESEARCH_BUDGET (or the device default); STOP_SIGNAL ends it."""
-    budget = Budget(parse_budget(os.environ.get("AUTORESEARCH_BUDGET"), device))
+    """The run's budget from AUTORESEARCH_BUDGET (or the device default); STOP_SIGNAL ends it. A probe's
+    (PROBE_STEPS_ENV) counts optimizer steps through torch's global step hook."""
+    probe = int(os.environ.get(PROBE_STEPS_ENV) or 0) or None
+    if probe is not None and probe < 1:
+        raise ValueError(f"{PROBE_STEPS_ENV}={probe}: a probe takes at least one step")
+    budget = Budget(parse_budget(os.environ.get("AUTORESEARCH_BUDGET"), device), probe)
+    if budget.probe_steps is not None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda optimizer, args, kwargs: budget.on_optimizer_step(optimizer))
     if threading.current_thread() is threading.main_thread():
         signal.signal(STOP_SIGNAL, lambda signum, frame: budget.request_stop())
     return budget
@@ -897,6 +945,8 @@ def evaluate_and_report(
         "seed": seed,
         "budget": str(budget.spec),
     }
+    if budget.probe_steps is not None:  # the judge fingerprints a probe's model (see `fingerprint`)
+        claims.update(probe_steps=budget.probe_steps, probe_steps_done=budget.probe_steps_done)
     started = time.perf_counter()
     try:
         export_model(model, block_size, device, Path(EXPORT_FILE))
@@ -988,9 +1038,12 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
     """Score an exported model: the causality probe, val_bpb over the first EVAL_TOKENS validation targets,
     and self-checks of the run's claims. Returns the result the engine trusts (status ok or invalid + reason).
 
-    Runs in the judge process, which imports neither train.py nor anything the run could write.
+    Runs in the judge process, which imports neither train.py nor anything the run could write. A probe's model
+    (its claims name its probe steps) gets a fingerprint instead (`fingerprint`), never a score.
     """
     claims = claims or {}
+    if claims.get("probe_steps") is not None:
+        return fingerprint(model_path, claims)
     result: dict[str, Any] = {
         "status": "invalid",
         "reason": "",
@@ -1067,6 +1120,52 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
         result["reason"] = "val_bpb is not finite"
         return result
     result.update(status="ok", val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
+    return result
+
+
+def fingerprint(model_path: str | os.PathLike[str], claims: dict[str, Any]) -> dict[str, Any]:
+    """A probe's verdict: the SHA-256 of the exported model's logits on a fixed input, bit for bit; no score.
+
+    The input is the program's own fixed (batch, block_size) shape filled with the first validation tokens
+    (repeated if the split is shorter). Two probes of the same computation (train.py, seed, steps) give the
+    same digest; a change to any weight, or to the model's code, gives another. Status `probe`: the runner
+    records it as not scored, so a run that claims to be a probe only loses its score.
+    """
+    result: dict[str, Any] = {
+        "status": "probe",
+        "reason": "a probe's model is fingerprinted, never scored",
+        "val_bpb": None,
+        "fingerprint": None,
+        "block_size": None,
+    }
+    steps, done = claims.get("probe_steps"), claims.get("probe_steps_done")
+    if done != steps:
+        result["reason"] = f"the probe ended after {done} of {steps} steps: no fingerprint"
+        return result
+    try:
+        program = torch.export.load(str(model_path))
+    except Exception as exc:
+        result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+        return result
+    signature = _user_input_shape(program)
+    if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:
+        result["reason"] = "the exported model must take one int64 (batch, block_size) tensor of token ids"
+        return result
+    (batch, block_size), _ = signature
+    result["block_size"] = block_size
+    val = prepare().val
+    tokens = np.resize(val, batch * block_size) if val.size else np.zeros(batch * block_size, dtype=np.uint16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.from_numpy(tokens.astype(np.int64)).reshape(batch, block_size).to(device)
+    try:
+        with torch.no_grad():
+            logits = _logits(program.module(), x).detach().cpu().contiguous()
+    except Exception as exc:
+        result["reason"] = f"the exported model failed on a fixed input: {type(exc).__name__}: {exc}"[:500]
+        return result
+    digest = hashlib.sha256(f"{tuple(logits.shape)} {logits.dtype}\n".encode())
+    digest.update(logits.reshape(-1).view(torch.uint8).numpy().tobytes())
+    result["fingerprint"] = digest.hexdigest()
     return result
 
 

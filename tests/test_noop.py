@@ -1,0 +1,336 @@
+"""No wasted runs: the static no-op check, and probes of the real train.py on the real harness (contained,
+judged by the warm judge) whose fingerprints tell a no-op from a one-ulp change, and a crash in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import torch
+from engine_fakes import FAKE_PREPARE
+
+from agent.containment import probe as containment_probe
+from agent.noop import (
+    PROBE_STEPS,
+    Probe,
+    ProbeCache,
+    probe,
+    probe_key,
+    same_computation,
+    static_noop,
+)
+from agent.runner import RunSpec, WarmJudge, judged, prepare_for_runs
+
+NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
+TRAIN = (NANOGPT / "train.py").read_text()
+sys.path.insert(0, str(NANOGPT))
+
+import prepare  # noqa: E402
+
+
+def edited(old: str, new: str, text: str = TRAIN) -> str:
+    assert text.count(old) == 1, f"{old!r} is not in nanogpt/train.py once any more"
+    return text.replace(old, new)
+
+
+# ---- static ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ("N_LAYER = 2\n", "N_LAYER = 2  # two blocks\n\n", "only comments or formatting changed"),
+        ("BETAS = (0.9, 0.95)", "BETAS = (\n    0.9,\n    0.95,\n)", "only comments or formatting changed"),
+        (
+            "LEARNING_RATE = 2e-3",
+            "LEARNING_RATE = 0.002",
+            "the same values written differently (0.002 for 2e-3)",
+        ),
+        ("N_EMBD = 128", "N_EMBD = 2 * 64", "the same values written differently"),
+        (
+            "def forward(self, x):\n        B, T",
+            'def forward(self, x):\n        """(B, T, C)"""\n        B, T',
+            "docstrings",
+        ),
+        (
+            "GRAD_CLIP = 1.0\n",
+            "GRAD_CLIP = 1.0\nUNUSED_SCALE = 3.0\n",
+            "nothing reads changed (UNUSED_SCALE)",
+        ),
+        ("\n\nclass MLP", "\n\ndef helper(x, k=2):\n    return x * k\n\n\nclass MLP", "(helper)"),
+    ],
+    ids=["comment", "layout", "spelling", "arithmetic", "docstring", "unused-constant", "unused-function"],
+)
+def test_an_edit_that_cannot_change_the_computation_is_a_static_noop(old: str, new: str, reason: str) -> None:
+    found = static_noop(TRAIN, edited(old, new))
+    assert found is not None and found.startswith("no-op: ") and reason in found
+    assert static_noop(TRAIN, TRAIN) == "no-op: train.py is unchanged"
+
+
+def test_an_unused_constant_changed_in_the_parent_and_the_candidate_is_a_noop() -> None:
+    parent = edited("GRAD_CLIP = 1.0\n", "GRAD_CLIP = 1.0\nSPARE = 3\n")
+    assert static_noop(parent, edited("SPARE = 3", "SPARE = 4", parent)) == (
+        "no-op: only definitions nothing reads changed (SPARE)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("LEARNING_RATE = 2e-3", "LEARNING_RATE = 3e-3"),
+        ("LEARNING_RATE = 2e-3", "LEARNING_RATE = 2e-3 * (1 + 2**-52)"),  # one ulp of a float64
+        ("GRAD_CLIP = 1.0", "GRAD_CLIP = 1"),  # an int is not a float
+        ("LOG_EVERY = 25", "LOG_EVERY = 50"),  # read by the loop: only a probe can tell it changes no number
+        (
+            "        optimizer.step()\n        step += 1",
+            "        optimizer.step()\n    step += 1",
+        ),  # indentation
+        ("LEARNING_RATE = 2e-3", "LEARNING_RATE = 2e-3 +"),  # does not parse: its crash is its result
+    ],
+    ids=["value", "float64-ulp", "int-for-float", "used-constant", "moved-out-of-loop", "syntax-error"],
+)
+def test_an_edit_that_may_change_the_computation_is_not_a_static_noop(old: str, new: str) -> None:
+    assert static_noop(TRAIN, edited(old, new)) is None
+
+
+def test_a_file_that_may_read_its_globals_by_name_keeps_its_unused_constants() -> None:
+    parent = edited("GRAD_CLIP = 1.0\n", "GRAD_CLIP = 1.0\nSPARE = 3\nprint(globals()['SPARE'])\n")
+    assert static_noop(parent, edited("SPARE = 3", "SPARE = 4", parent)) is None
+    called = edited("GRAD_CLIP = 1.0\n", "GRAD_CLIP = 1.0\nSPARE = len([])\n")  # a call may act: kept
+    assert static_noop(called, edited("SPARE = len([])", "SPARE = len([1])", called)) is None
+
+
+# ---- the harness's probe mode and fingerprint -------------------------------------------------------------
+
+
+def test_a_probe_budget_samples_the_schedule_by_steps_and_only_ends_a_run_sooner() -> None:
+    budget = prepare.Budget(prepare.BudgetSpec("time", 60.0), probe_steps=4)
+    optimizer, other = object(), object()
+    seen = []
+    while not budget.done():
+        seen.append(budget.fraction())
+        budget.on_batch(10)
+        budget.on_optimizer_step(optimizer)
+        budget.on_optimizer_step(other)  # a second optimizer in the same step is the same step
+    assert seen == [0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), pytest.approx(1.0, abs=1e-5)]
+    assert seen[-1] < 1.0 and budget.fraction() == 1.0 and budget.steps == 4
+    long = prepare.Budget(prepare.BudgetSpec("time", 1.0), probe_steps=10**9)
+    long.origin -= 2.0  # the run's own budget is spent
+    assert long.done()
+    stopped = prepare.Budget(prepare.BudgetSpec("time", 60.0), probe_steps=10**9)
+    stopped.request_stop()
+    assert stopped.done()
+    no_optimizer = prepare.Budget(prepare.BudgetSpec("time", 60.0), probe_steps=2)
+    no_optimizer.on_batch(10)
+    no_optimizer.on_batch(10)
+    assert no_optimizer.done()  # batches served count when no torch optimizer ever stepped
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(256, 8)
+        self.head = torch.nn.Linear(8, 256)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(idx))
+
+
+def test_the_judge_fingerprints_a_probe_bit_for_bit_and_never_scores_it(tmp_path: Path) -> None:
+    prepare.prepare()
+    model = _Tiny()
+
+    def verdict(name: str, claims: dict[str, object]) -> dict[str, object]:
+        prepare.export_model(model, 16, "cpu", tmp_path / name)
+        return prepare.judge(tmp_path / name, claims)
+
+    claims = {"probe_steps": 2, "probe_steps_done": 2}
+    first, again = verdict("a.pt2", claims), verdict("b.pt2", claims)
+    assert first["status"] == "probe" and first["val_bpb"] is None and first["block_size"] == 16
+    assert isinstance(first["fingerprint"], str) and len(first["fingerprint"]) == 64
+    assert again["fingerprint"] == first["fingerprint"]
+    assert judged(first)[0] == "invalid"  # a run that claims to be a probe only loses its score
+    with torch.no_grad():
+        weight = model.head.bias
+        weight[0] = torch.nextafter(weight[0], torch.tensor(1.0))  # one ulp of one weight
+    assert verdict("c.pt2", claims)["fingerprint"] != first["fingerprint"]
+    short = verdict("d.pt2", {"probe_steps": 2, "probe_steps_done": 1})
+    assert short["fingerprint"] is None and "after 1 of 2 steps" in str(short["reason"])
+
+
+# ---- probes on the real harness ------------------------------------------------------------------------------
+
+
+@dataclass
+class Lab:
+    """A workspace of the real nanogpt sandbox, its prepared data, a warm judge and the parent's probe."""
+
+    workspace: Path
+    root: Path
+    base: RunSpec
+    judge: WarmJudge
+    parent: Probe
+    runs: int = 0
+
+    def spec(self, text: str) -> RunSpec:
+        self.runs += 1
+        return replace(
+            self.base,
+            scratch=self.root / "scratch" / f"probe-{self.runs}",
+            exp_id=self.runs,
+            log_path=self.root / "runs" / f"{self.runs}.log",
+            train_source=text.encode(),
+        )
+
+    def probe(self, text: str) -> Probe:
+        return probe(self.spec(text), containment=containment_probe(), judge=self.judge)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iterator[Lab]:
+    root = tmp_path_factory.mktemp("noop")
+    workspace = root / "ws"
+    workspace.mkdir()
+    for name in ("prepare.py", "train.py"):
+        shutil.copy(NANOGPT / name, workspace / name)
+    env = {"AUTORESEARCH_CACHE": str(shared_cache)}
+    containment = containment_probe()
+    hidden = prepare_for_runs(
+        workspace,
+        root / "scratch",
+        python=sys.executable,
+        env=env,
+        containment=containment,
+        emit=lambda e: None,
+    )
+    sha256 = hashlib.sha256((workspace / "prepare.py").read_bytes()).hexdigest()
+    base = RunSpec(
+        workspace=workspace,
+        scratch=root / "scratch" / "probe-0",
+        exp_id=0,
+        seed=1,
+        log_path=root / "runs" / "0.log",
+        deadline_s=180.0,
+        budget_limit=("time", 60.0),
+        hidden=hidden,
+        readable=(shared_cache,),
+        harness_sha256=sha256,
+        python=sys.executable,
+        env=env,
+    )
+    judge = WarmJudge(
+        workspace,
+        root / "scratch" / "judge",
+        python=sys.executable,
+        env=env,
+        containment=containment,
+        readable=(shared_cache,),
+        harness_sha256=sha256,
+    )
+    try:
+        bench = Lab(workspace, root, base, judge, parent=Probe("", None, "", 0.0, 0))
+        bench.parent = bench.probe(TRAIN)
+        assert bench.parent.outcome == "ok", bench.parent.log_tail
+        yield bench
+    finally:
+        judge.close()
+
+
+def test_a_real_noop_is_the_same_computation_as_its_parent(lab: Lab) -> None:
+    """LOG_EVERY is read by the loop, so the static check cannot drop it; the probe shows no number moves."""
+    candidate = edited("LOG_EVERY = 25", "LOG_EVERY = 50")
+    assert static_noop(TRAIN, candidate) is None
+    found = lab.probe(candidate)
+    assert (found.outcome, found.steps, found.fingerprint) == ("ok", PROBE_STEPS, lab.parent.fingerprint)
+    assert (
+        same_computation(lab.parent, found, 3)
+        == f"no-op: same computation as #3 in {PROBE_STEPS} probe steps"
+    )
+    assert f"step {PROBE_STEPS:5d}" in found.log_path.read_text()  # it trained its steps, then stopped
+
+
+def test_a_one_ulp_change_of_the_learning_rate_is_seen_bit_for_bit(lab: Lab) -> None:
+    """One float32 ulp of LEARNING_RATE changes the fingerprint. One float64 ulp does not, and that is true:
+    the optimizer applies the rate to float32 weights, where both values round to the same number."""
+    float32_ulp = lab.probe(edited("LEARNING_RATE = 2e-3", "LEARNING_RATE = 2e-3 * (1 + 2**-23)"))
+    assert float32_ulp.outcome == "ok" and float32_ulp.fingerprint != lab.parent.fingerprint
+    assert same_computation(lab.parent, float32_ulp, 0) is None
+    float64_ulp = lab.probe(edited("LEARNING_RATE = 2e-3", "LEARNING_RATE = 2e-3 * (1 + 2**-52)"))
+    assert float64_ulp.outcome == "ok" and float64_ulp.fingerprint == lab.parent.fingerprint
+
+
+def test_a_shape_error_is_caught_by_the_probe_in_seconds(lab: Lab) -> None:
+    candidate = edited(
+        "self.down = nn.Linear(4 * N_EMBD, N_EMBD, bias=False)",
+        "self.down = nn.Linear(4 * N_EMBD, 2 * N_EMBD, bias=False)",
+    )
+    started = time.monotonic()
+    found = lab.probe(candidate)
+    assert found.outcome == "crash" and found.settles and found.fingerprint is None
+    assert "RuntimeError: The size of tensor a (128) must match the size of tensor b (256)" in found.reason
+    assert found.seconds <= time.monotonic() - started < 60.0  # well under one run of the 60 s default budget
+    assert found.log_path is not None and "Traceback" in found.log_path.read_text()  # the log is kept
+    assert same_computation(lab.parent, found, 0) is None
+
+
+def test_a_workspace_whose_harness_predates_probes_is_not_probed(tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    (workspace / "train.py").write_text("raise SystemExit('a probe must not run this')\n")
+    spec = RunSpec(workspace, tmp_path / "scratch", 1, 1, tmp_path / "run.log", 10.0, python=sys.executable)
+    found = probe(spec)
+    assert (found.outcome, found.fingerprint, found.seconds) == ("unsupported", None, 0.0)
+    assert "predates probes" in found.reason and not spec.log_path.exists()
+
+
+# ---- the parent's probe, once ------------------------------------------------------------------------------
+
+
+def test_probe_key_names_what_a_fingerprint_depends_on(tmp_path: Path) -> None:
+    spec = RunSpec(tmp_path, tmp_path / "s", 1, 1, tmp_path / "l", 10.0, train_source=b"A = 1\n")
+    assert probe_key(spec) == probe_key(replace(spec, exp_id=2, scratch=tmp_path / "t"))
+    for other in (
+        replace(spec, train_source=b"A = 2\n"),
+        replace(spec, seed=2),
+        replace(spec, budget="30"),
+        replace(spec, env={"AUTORESEARCH_VOCAB": "8192"}),
+    ):
+        assert probe_key(other) != probe_key(spec)
+    assert probe_key(spec, steps=2) != probe_key(spec)
+
+
+def test_the_cache_probes_a_parent_once_even_when_two_slots_ask_at_once() -> None:
+    cache = ProbeCache(size=2)
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def run(key: str, fingerprint: str | None = "f") -> Probe:
+        calls.append(key)
+        gate.wait(5)
+        return Probe("ok" if fingerprint else "timeout", fingerprint, "", 1.0, PROBE_STEPS)
+
+    got: list[Probe] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(cache.get("a", lambda: run("a")))) for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # both askers are in: one probes, one waits
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert calls == ["a"] and got[0] is got[1]
+    assert cache.get("b", lambda: run("b", None)).outcome == "timeout"
+    assert cache.get("b", lambda: run("b")).fingerprint == "f"  # a failed probe is not kept
+    cache.get("c", lambda: run("c"))
+    cache.get("a", lambda: run("a"))  # evicted by b and c (size 2): probed again
+    assert calls == ["a", "b", "b", "c", "a"]
