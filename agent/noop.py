@@ -3,12 +3,12 @@ whose fingerprint (the exported model's logits, bit for bit) says whether a cand
 does, or crashes, in seconds instead of a run.
 
 The engine asks `static_noop(parent, candidate)` first (milliseconds: same syntax tree once comments,
-docstrings, spelling of values and unused constants are set aside). Otherwise it probes the candidate and its
-parent (`probe`, cached per parent with `ProbeCache` and `probe_key`): K optimizer steps of the real train.py
-on the real harness, contained like a run, with the budget's clock made of steps so that the same code gives
-the same numbers; the clean judge hashes the exported model's logits on a fixed input. `same_computation`
-turns equal fingerprints into the experiment's reason; a probe that crashed (`Probe.settles`) is the run's
-outcome already.
+docstrings, spelling of values and unused definitions are set aside). Otherwise it probes the candidate
+(`probe`): K optimizer steps of the real train.py on the real harness, contained like a run, with the budget's
+clock made of steps so that the same code gives the same numbers; the clean judge hashes the exported model's
+logits on a fixed input. A probe that crashed (`Probe.settles`) is the experiment's outcome already. Otherwise
+the parent's probe (same seed and environment; once per parent: `ProbeCache`, `probe_key`) and
+`same_computation` say whether it is a no-op; anything else (no fingerprint, a timeout) means: train it.
 
 A probe sees K steps only: a change whose effect starts later (a branch on the step number, a clip threshold
 the first gradients do not reach) reads as the same computation. The K steps sample the whole learning-rate
@@ -49,9 +49,8 @@ PROBE_STEPS = 4
 """Optimizer steps of a probe: the schedule at 0, 1/3, 2/3 and its end; each costs ~0.1 s on the default model."""
 PROBE_STEPS_ENV = "AUTORESEARCH_PROBE_STEPS"
 """The harness's probe knob (nanogpt/prepare.py): set by the runner's environment only, never the run's."""
-SETTLED = ("crash", "nan", "oom")
-"""Probe outcomes a full run of the same code reaches too (same model, same batches, a learning rate no
-higher): recorded as the experiment's outcome, without training."""
+_CONTAINMENT_FAILED = "the run's containment could not be set up"
+"""The runner's reason for a crash before anything ran (agent/runner.py `classify`): not the code's fault."""
 
 
 # ------------------------------------------------------------------------------------------------ static
@@ -277,8 +276,10 @@ class Probe:
 
     @property
     def settles(self) -> bool:
-        """The probe failed the way the full run would: record its outcome, do not train."""
-        return self.outcome in SETTLED
+        """The probe crashed the way the full run would (the same code on the same batches): record the crash,
+        do not train. Not a NaN: the probe's steps sample the schedule's peak, where the run warms up first;
+        not memory: the machine's may be short only for now."""
+        return self.outcome == "crash" and not self.reason.startswith(_CONTAINMENT_FAILED)
 
 
 def probe(

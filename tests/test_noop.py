@@ -281,6 +281,14 @@ def test_a_shape_error_is_caught_by_the_probe_in_seconds(lab: Lab) -> None:
     assert same_computation(lab.parent, found, 0) is None
 
 
+def test_only_a_crash_of_the_code_settles_an_experiment() -> None:
+    crash = Probe("crash", None, "exit code 1: NameError: name 'x' is not defined", 3.0, PROBE_STEPS)
+    assert crash.settles
+    assert not replace(crash, reason="the run's containment could not be set up: unshare failed").settles
+    assert not replace(crash, outcome="nan").settles  # the probe samples the schedule's peak; a run warms up
+    assert not replace(crash, outcome="oom").settles and not replace(crash, outcome="timeout").settles
+
+
 def test_a_workspace_whose_harness_predates_probes_is_not_probed(tmp_path: Path) -> None:
     workspace = tmp_path / "ws"
     workspace.mkdir()
