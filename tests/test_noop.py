@@ -26,7 +26,7 @@ from agent.noop import (
     same_computation,
     static_noop,
 )
-from agent.runner import RunSpec, WarmJudge, judged, prepare_for_runs
+from agent.runner import RunSpec, WarmJudge, judged, prepare_for_runs, run_training, scrub_environment
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
 TRAIN = (NANOGPT / "train.py").read_text()
@@ -279,6 +279,16 @@ def test_a_shape_error_is_caught_by_the_probe_in_seconds(lab: Lab) -> None:
     assert found.seconds <= time.monotonic() - started < 60.0  # well under one run of the 60 s default budget
     assert found.log_path is not None and "Traceback" in found.log_path.read_text()  # the log is kept
     assert same_computation(lab.parent, found, 0) is None
+
+
+def test_a_run_that_makes_itself_a_probe_only_loses_its_score(lab: Lab) -> None:
+    """Probe mode comes from the runner's environment (the engine's own never reaches a run); a train.py that
+    sets it itself stops sooner and is fingerprinted, never scored."""
+    assert scrub_environment({"AUTORESEARCH_PROBE_STEPS": "2", "PATH": "/bin"}) == {"PATH": "/bin"}
+    forged = "import os\nos.environ['AUTORESEARCH_PROBE_STEPS'] = '1'\n" + TRAIN
+    result = run_training(lab.spec(forged), lambda e: None, containment=containment_probe(), judge=lab.judge)
+    assert (result.outcome, result.val_bpb) == ("invalid", None)
+    assert "fingerprinted, never scored" in result.reason
 
 
 def test_only_a_crash_of_the_code_settles_an_experiment() -> None:
