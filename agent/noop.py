@@ -160,7 +160,7 @@ class _FoldConstants(ast.NodeTransformer):
         if op is None or not (_number(node.left) and _number(node.right)):
             return node
         left, right = node.left.value, node.right.value  # type: ignore[attr-defined]
-        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 2**64):
             return node  # no huge numbers from a proposal
         try:
             value = op(left, right)
