@@ -1,11 +1,15 @@
-"""The researcher's prompt: rules, program.md, the best train.py, the history, then what changes each time.
+"""The researcher's prompt: rules, program.md, train.py's code, its constants, the history, then the request.
 
-The order is chosen for llama.cpp's prefix reuse: the long, stable text comes first, the history is appended
-oldest-first (so a new experiment only adds a row at the end) and the numbers that move every time come last.
+The order is chosen for llama.cpp's prefix reuse: each part comes before the parts that change more often. A
+keep usually edits the constants at the top of train.py, so the file is shown in two parts, its code (from the
+first class or function on) first and its top (docstring, imports, constants) after it: a keep then costs a
+re-read of the top and the history (a few hundred tokens), not of the whole file. The history is appended
+oldest-first, so a discarded experiment only adds a row, and the request comes last.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,23 +102,70 @@ def history_table(rows: Sequence[HistoryRow]) -> str:
     return "\n".join(lines)
 
 
-def stable_text(context: ProposalContext) -> str:
-    """The part that changes only with program.md or a new best: instructions, train.py, score, budget.
+def split_train_py(train_py: str) -> tuple[str, str] | None:
+    """train.py as (top, code): the lines before its first top-level class or function, and the rest.
 
-    The best score, the noise margin and the budget move only when train.py does (a keep), so they belong here
-    rather than after the history, where every proposal would read them again.
+    Comment lines right above that class or function go with the code. None when the file does not parse or
+    has no top (or no code) to split off: it is then shown whole.
     """
-    program = context.program_md.strip() or "(no program.md: lower val_bpb within the budget)"
-    train = context.train_py.rstrip("\n")
-    status = f"Its val_bpb: {_fmt_bpb(context.best_bpb)} (lower is better). Training budget per run: {context.budget}."
+    try:
+        tree = ast.parse(train_py)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    first = next(
+        (n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)), None
+    )
+    if first is None:
+        return None
+    lines = train_py.split("\n")
+    start = min([first.lineno, *(d.lineno for d in first.decorator_list)]) - 1
+    while start > 0 and lines[start - 1].lstrip().startswith("#"):
+        start -= 1
+    top = "\n".join(lines[:start]).strip("\n")
+    code = "\n".join(lines[start:]).strip("\n")
+    if not top.strip() or not code.strip():
+        return None
+    return top, code
+
+
+def _status(context: ProposalContext) -> str:
+    status = (
+        f"The val_bpb of this train.py: {_fmt_bpb(context.best_bpb)} (lower is better). "
+        f"Training budget per run: {context.budget}."
+    )
     if context.noise_margin is not None:
         status += (
             f" Noise margin: {context.noise_margin:.4f} (a change must beat the best by more to be kept)."
         )
-    return (
-        f"# Research instructions (program.md)\n\n{program}\n\n"
-        f"# train.py (the current best version)\n\n```python\n{train}\n```\n{status}\n"
+    return status + "\n"
+
+
+def file_texts(context: ProposalContext) -> tuple[str, str]:
+    """program.md and train.py as (the part a keep rarely changes, the part it usually changes).
+
+    The first holds the instructions and train.py's code; the second train.py's top (imports and constants),
+    with the best score, the budget and the noise margin, which also move only with a keep. A train.py that
+    cannot be split is shown whole in the first part.
+    """
+    program = context.program_md.strip() or "(no program.md: lower val_bpb within the budget)"
+    instructions = f"# Research instructions (program.md)\n\n{program}\n\n"
+    parts = split_train_py(context.train_py)
+    if parts is None:
+        train = context.train_py.rstrip("\n")
+        whole = f"# train.py (the current best version)\n\n```python\n{train}\n```\n"
+        return instructions + whole, _status(context)
+    top, code = parts
+    code_part = (
+        "# train.py (the current best version), in two parts\n\n"
+        "Part 1 is train.py from its first class or function to its end; part 2, below it, is the start of "
+        "train.py: its imports and its constants. Both are copied exactly from train.py.\n\n"
+        f"## train.py, part 1: from the first class or function to the end\n\n```python\n{code}\n```\n\n"
     )
+    top_part = (
+        "## train.py, part 2: the start of the file, above part 1 (imports and constants)\n\n"
+        f"```python\n{top}\n```\n"
+    )
+    return instructions + code_part, top_part + _status(context)
 
 
 def idea_directions(program_md: str) -> list[str]:
@@ -180,10 +231,10 @@ def build_prompt(
 
     Raises PromptTooLong if the rules, program.md and train.py alone do not fit.
     """
-    stable = stable_text(context)
+    code_part, top_part = file_texts(context)
     history = list(context.history)
     start = history_start(len(history), max_history)
-    base = count_tokens(SYSTEM_PROMPT) + count_tokens(stable)
+    base = count_tokens(SYSTEM_PROMPT) + count_tokens(code_part) + count_tokens(top_part)
     crash_lines = CRASH_TAIL_LINES
     while True:
         shown = history[start:]
@@ -204,7 +255,7 @@ def build_prompt(
                 f"the prompt needs about {total} tokens but only {budget_tokens} fit in the model's context: "
                 "train.py and program.md are too long for this model (use a model with a longer context)"
             )
-    user = f"{stable}\n{table}{dynamic}"
+    user = f"{code_part}{top_part}\n{table}{dynamic}"
     messages: tuple[Message, ...] = (
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": user},

@@ -255,6 +255,30 @@ def test_the_shared_prefix_is_not_evaluated_again(smollm: LocalModel) -> None:
 
 
 @pytest.mark.slow
+def test_after_a_keep_only_the_constants_and_the_history_are_read_again(smollm: LocalModel) -> None:
+    """A keep edits the constants at the top of train.py: the prompt shows them after the code, so the KV cache
+    keeps the rules, program.md and the code, and only a few hundred tokens are evaluated again."""
+    train = (ROOT / "nanogpt" / "train.py").read_text()
+    ctx = context(train, (ROOT / "program.md").read_text())
+    budget = smollm.n_ctx - 700
+
+    def read(c: ProposalContext) -> tuple[int, int]:
+        stats = smollm.complete(
+            build_prompt(c, budget, smollm.count_tokens).messages, max_tokens=2, temperature=0.7, seed=1,
+            on_text=lambda _: None, cancel=threading.Event(),
+        ).stats  # fmt: skip
+        return stats.evaluated_tokens, stats.prompt_tokens
+
+    read(ctx)
+    row = HistoryRow(1, "three layers", "keep", 2.70)
+    kept = dataclasses.replace(
+        ctx, train_py=train.replace("N_LAYER = 2", "N_LAYER = 3"), history=(*ctx.history, row), best_bpb=2.70
+    )
+    evaluated, total = read(kept)
+    assert evaluated < 400 and total > 2000, (evaluated, total)
+
+
+@pytest.mark.slow
 @needs_smollm
 def test_prompt_lookup_guesses_change_the_speed_not_the_reply(smollm: LocalModel) -> None:
     """Greedy replies with and without guesses are the same: a stale guess left in the KV cache would not be.

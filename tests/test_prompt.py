@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +20,12 @@ from agent.prompt import (
     idea_directions,
     pick_direction,
     render_chatml,
+    split_train_py,
 )
 from agent.proposals import HistoryRow, ProposalContext
 
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = (ROOT / "nanogpt" / "train.py").read_text()
 PROGRAM = "# Goal\nLower val_bpb.\n"
 TRAIN = "LEARNING_RATE = 4e-3  # peak\nN_LAYER = 2\n" * 20
 
@@ -55,7 +60,13 @@ def user_text(ctx: ProposalContext, budget: int = 100_000) -> str:
 
 def test_stable_parts_come_first_and_the_changing_numbers_last() -> None:
     text = user_text(context())
-    markers = ("Lower val_bpb.", TRAIN.rstrip("\n"), "Its val_bpb: 2.6991", "| 2 |", "Propose the next")
+    markers = (
+        "Lower val_bpb.",
+        TRAIN.rstrip("\n"),
+        "The val_bpb of this train.py: 2.6991",
+        "| 2 |",
+        "Propose the next",
+    )
     order = [text.index(marker) for marker in markers]
     assert order == sorted(order)
     assert text.rstrip().endswith("as the JSON object only.")
@@ -123,7 +134,7 @@ def test_table_cells_cannot_break_the_table() -> None:
 def test_empty_program_and_no_history() -> None:
     text = user_text(context(0, program_md="", best_bpb=None, noise_margin=None))
     assert "Experiments so far" not in text and "Noise margin" not in text
-    assert "Its val_bpb: -" in text
+    assert "The val_bpb of this train.py: -" in text
 
 
 def test_followup_appends_the_error_to_the_prompt_without_the_bad_reply() -> None:
@@ -184,3 +195,84 @@ def test_a_direction_is_suggested_after_the_history_and_in_a_followup() -> None:
     retry = followup(prompt.messages, "this exact change was already tried", "Learning rate: lower.")
     assert retry[-1]["content"].endswith("Try a different direction instead: Learning rate: lower.")
     assert "Try a different" not in followup(prompt.messages, "bad search")[-1]["content"]
+
+
+# -- train.py in two parts: a keep re-reads its constants, not the file ------------------------------------
+
+
+def test_the_shipped_train_py_splits_into_its_top_and_its_code() -> None:
+    parts = split_train_py(SHIPPED)
+    assert parts is not None
+    top, code = parts
+    assert top.startswith('"""') and top.rstrip().endswith("LOG_EVERY = 25  # steps")
+    assert "import torch" in top and "LEARNING_RATE = " in top and "class " not in top
+    assert code.startswith("class CausalSelfAttention(") and code.rstrip().endswith("main()")
+    assert f"{top}\n\n\n{code}\n" == SHIPPED
+
+
+def test_the_gpu_profile_splits_at_its_first_function() -> None:
+    parts = split_train_py((ROOT / "nanogpt" / "profiles" / "gpu" / "train.py").read_text())
+    assert parts is not None
+    assert parts[0].rstrip().endswith("LOG_EVERY = 50  # steps") and parts[1].startswith("def rotate(")
+
+
+def test_comments_and_decorators_above_the_first_definition_go_with_the_code() -> None:
+    text = "import functools\nA = 1\n\n# the model\n# (cached)\n@functools.cache\ndef f():\n    return A\n"
+    assert split_train_py(text) == (
+        "import functools\nA = 1",
+        "# the model\n# (cached)\n@functools.cache\ndef f():\n    return A",
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [TRAIN, "def f():\n    return 1\n", "# only a comment\ndef f():\n    return 1\n", "A = (\n", "\x00"],
+    ids=["no definition", "nothing above", "only a comment above", "syntax error", "NUL"],
+)
+def test_a_train_py_that_cannot_be_split_is_shown_whole(text: str) -> None:
+    assert split_train_py(text) is None
+    shown = user_text(context(train_py=text))
+    assert f"```python\n{text.rstrip(chr(10))}\n```" in shown and "part 2" not in shown
+
+
+def test_every_line_of_train_py_is_in_the_prompt_and_the_constants_come_after_the_code() -> None:
+    text = user_text(context(train_py=SHIPPED))
+    position = 0
+    top, code = split_train_py(SHIPPED) or ("", "")
+    for line in code.splitlines() + top.splitlines():  # the model copies "search" text from either part
+        position = text.index(line, position if line.strip() else 0)
+    order = [
+        text.index(m) for m in ("Lower val_bpb.", "class GPT(", "N_LAYER = 2", "2.6991", "| 2 |", "Propose")
+    ]
+    assert order == sorted(order)
+
+
+def keep(ctx: ProposalContext, old: str, new: str) -> ProposalContext:
+    """The context after a keep: train.py edited, a row with the new best, the best score moved."""
+    row = HistoryRow(len(ctx.history), f"{old} -> {new}", "keep", 2.65)
+    return dataclasses.replace(
+        ctx, train_py=ctx.train_py.replace(old, new, 1), history=(*ctx.history, row), best_bpb=2.65
+    )
+
+
+def changed_tail(before: str, after: str) -> str:
+    """What a prefix cache has to read of `after` when it holds `before`."""
+    return after[len(os.path.commonprefix([before, after])) :]
+
+
+@pytest.mark.parametrize("old,new", [("N_LAYER = 2", "N_LAYER = 3"), ("LOG_EVERY = 25", "LOG_EVERY = 50")])
+def test_a_keep_of_a_constant_rereads_the_constants_and_the_history_not_the_file(old: str, new: str) -> None:
+    ctx = context(8, train_py=SHIPPED)
+    before, after = user_text(ctx), user_text(keep(ctx, old, new))
+    tail = changed_tail(before, after)
+    assert "class GPT(" not in tail and "def main()" not in tail
+    assert estimate_tokens(tail) < estimate_tokens(before) // 4
+
+
+def test_a_discard_rereads_one_history_row_and_the_request() -> None:
+    ctx = context(8, train_py=SHIPPED)
+    row = HistoryRow(8, "a new idea", "discard", 2.7)
+    before = user_text(ctx)
+    tail = changed_tail(before, user_text(dataclasses.replace(ctx, history=(*ctx.history, row))))
+    assert tail.startswith("| 8 | 2.7000 | discard | a new idea |")
+    assert estimate_tokens(tail) < 80
