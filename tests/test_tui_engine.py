@@ -11,10 +11,11 @@ import pytest
 from tui_helpers import async_test, quit_app, wait_until
 
 from agent.config import EngineConfig
-from agent.events import EventSink, ModelLoaded, ModelLoading
+from agent.events import Event, EventSink, ModelLoaded, ModelLoading, RunStarted, StepMetric
 from agent.ideas import IdeaQueue, parse_ideas
 from agent.proposals import Proposal, ProposalContext
 from tui.app import CockpitApp, create_app, shutdown_engine
+from tui.bridge import EventBridge
 from tui.screens import (
     ModelChoice,
     ModelPickerScreen,
@@ -133,6 +134,61 @@ async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup
         assert [again.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
         await wait_until(pilot, lambda: again.state.header.state == "stopped", 60, "the already-tried ideas")
         assert set(again.state.rows) == {0, 1, 2}
+        await quit_app(pilot)
+
+
+class RecordingBridge(EventBridge):
+    """The cockpit's event sink, remembering every event the engine sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.seen.append(event)
+        super().__call__(event)
+
+
+@async_test
+async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Path, cleanup: Any) -> None:
+    # Two runs share the 2 cores (and whatever else runs here): give the export time, or a loaded machine
+    # makes the baseline an overrun.
+    config = EngineConfig(budget="2", seeds=2, trainers=2, handover_s=60)
+    app = create_app(
+        tmp_path / "ws", proposer=proposer(WORSE, DECAY), config=config, welcome=False, model_loader=list
+    )
+    bridge = app.bridge = RecordingBridge()
+    cleanup(app)
+    async with app.run_test(size=(120, 40)) as pilot:
+        # The baseline's two seeds train at once, one per trainer.
+        await wait_until(
+            pilot,
+            lambda: sum(not run.finished for run in app.state.slots.values()) == 2,
+            RUN_TIMEOUT,
+            "two runs training at once",
+        )
+        live = app.main.live
+        assert live.trainer_list.display and app.state.n_trainers == 2
+        listed = str(live.trainer_list.render())
+        assert "1 #0" in listed and "2 #0" in listed  # (a 2 s run may print no progress line)
+        await wait_until(
+            pilot, lambda: app.state.header.state == "stopped", RUN_TIMEOUT, "the ideas to run out"
+        )
+        assert app.state.rows[0].status == "baseline" and app.state.rows[0].seeds == 2
+        assert all(app.state.rows[i].decided for i in (0, 1, 2)), [n.message for n in app._notifications]
+        starts = [e for e in bridge.seen if isinstance(e, RunStarted)]
+        assert [(e.exp_id, e.slot) for e in starts] == [(0, 0), (0, 1), (1, 0), (2, 1)]
+        assert {run.exp_id for run in app.state.slots.values()} == {1, 2}
+        assert all(run.finished for run in app.state.slots.values())
+        for slot, run in app.state.slots.items():  # each trainer's curve is its own run's, in step order
+            assert run.curve.steps == sorted(run.curve.steps), slot
+            mine = [e for e in bridge.seen if isinstance(e, StepMetric) and e.exp_id == run.exp_id]
+            assert set(run.curve.steps) <= {e.step for e in mine}
+        app._request_snapshot(force=True)
+        await wait_until(pilot, lambda: app.state.header.busy_share is not None, 30, "the busy share")
+        assert "2 trainers busy" in app.main.header.text and "exp/h" in app.main.header.text
+        await pilot.press("t")
+        assert app.state.selected_slot == 0 and list(live.log_view.lines) == list(app.state.slots[0].log)
         await quit_app(pilot)
 
 
