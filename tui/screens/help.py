@@ -27,6 +27,7 @@ its val_bpb beats the best by the noise margin. Everything is recorded in the wo
 | `x` | re-apply the discarded experiment under the timeline cursor |
 | `m` | switch model (from the next proposal; loading shows in the header) |
 | `e` | edit `program.md` in place (saved, then reloaded by the engine) |
+| `t` | with several trainers: show the next trainer's log and loss curve (after the last: follow the newest run again) |
 | `1`-`4` | timeline · live run · proposal · progress (tabs in a small terminal) |
 | `Enter` | on a timeline row: show that experiment's diff, log tail and numbers (`Esc` goes back) |
 | `Ctrl+P` | command palette: every command by name |
