@@ -550,6 +550,7 @@ class Engine:
         if self._stopping():
             with self._lock:
                 self._cancel_everything("shutdown")
+            self._drop_waiting_runs()
             self._settle_review()
             self._show_state()
             return
@@ -1147,6 +1148,16 @@ class Engine:
             self._decided_runs += 1
 
     # ---- runs -----------------------------------------------------------------------------------------
+
+    def _drop_waiting_runs(self) -> None:
+        """The engine stops: runs that never got a slot do not start; their experiments are re-queued (the
+        baseline's missing seeds simply run next time)."""
+        while self._waiting:
+            exp_id, _seed = self._waiting.popleft()
+            exp = self.ledger.get(exp_id)
+            if exp_id != 0 and exp is not None and exp.phase != "decided":
+                reason = "the engine shut down before it could train"
+                self.books.interrupt(exp_id, reason, requeue=self.books.should_requeue(exp))
 
     def _queue_run(self, exp_id: int, seed: int) -> None:
         self._waiting.append((exp_id, seed))

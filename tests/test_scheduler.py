@@ -238,3 +238,19 @@ def test_the_snapshot_counts_busy_trainers(ws: Workspace) -> None:
     assert snap.experiments_per_hour is not None and snap.experiments_per_hour > 0
     assert any(isinstance(e, Info) and e.message == "training on 2 local trainers" for e in events.events)
     assert [d.status for d in events.of(Decided)][-1] == "keep"
+
+
+def test_shutdown_with_runs_waiting_for_a_slot_ends_at_once(ws: Workspace) -> None:
+    """One slot, three baseline seeds: seed 1 trains, 2 and 3 wait for the slot; shutdown ends the loop."""
+    events = Recorder()
+    config = EngineConfig(**{**FAST, "trainers": 1, "seeds": 3})
+    engine = Engine(ws, _queue(QUICK_WIN), config, events)  # type: ignore[arg-type]
+    events.hooks.append(lambda e: engine.shutdown() if isinstance(e, RunStarted) else None)
+    thread = threading.Thread(target=engine.run, daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the engine did not end"
+    assert engine.error is None
+    ledger = Ledger(ws.ledger_path)
+    assert [r.outcome for r in ledger.runs(0)] == ["interrupted"]  # the waiting seeds never started
+    assert len(events.of(RunStarted)) == 1
