@@ -349,7 +349,8 @@ class CockpitApp(App[int]):
                 self.state.set_best_curve(best, self.state.curves[best])
             else:
                 self._read_curve(best)
-        self.refresh_bindings()
+        if self.showing:  # a snapshot read while the app closes finds no screen to refresh
+            self.refresh_bindings()
 
     @work(
         thread=True,
