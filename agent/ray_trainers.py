@@ -26,7 +26,9 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -151,7 +153,9 @@ class RayTrainers:
             "configure_logging": False,
         }
         if self.local:
-            with loopback_only():
+            if "RAY_AUTH_MODE" not in os.environ:  # a user's own choice stands
+                os.environ.setdefault("RAY_AUTH_TOKEN", _TOKEN)
+            with loopback_only(), _quiet_token_notice():
                 ray.init(
                     address="local",  # never join a cluster found on this machine (RAY_ADDRESS, `ray start`)
                     _node_ip_address=LOOPBACK,
@@ -406,6 +410,27 @@ def _cluster_address(address: str) -> str:
     if found is None:
         raise RuntimeError(f"no Ray cluster found at {address!r} (start one with `ray start --head`)")
     return str(found)
+
+
+_TOKEN = secrets.token_hex(32)
+
+
+"""The token a local instance requires of every client (Ray turns token authentication on for a new local
+instance): one random token per process, in the environment its processes inherit (Ray alone would generate
+one and save it in ~/.ray/auth_token)."""
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Ray logs a warning that token authentication is on: it is, by design, and the cockpit's screen is not
+    the place to say so."""
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notice.setLevel(level)
 
 
 _DEAD_PROXY = f"http://{LOOPBACK}:9"

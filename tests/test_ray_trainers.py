@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import sys
 import threading
@@ -268,6 +269,7 @@ def test_local_ray_binds_only_loopback_and_shuts_down(cluster: Cluster, workspac
     trainers = RayTrainers("local", 2, "cpu")
     try:
         assert trainers.description == "2 Ray trainers (local, 127.0.0.1)"
+        assert os.environ.get("RAY_AUTH_MODE") == "token"  # every client of the instance needs its token
         result = trainers.run(0, _spec(workspace, 3, _train(0.6)), Arrivals(), threading.Event(), None)
         assert (result.outcome, result.val_bpb) == ("ok", _expected(0.6, 1))
         ours = {p.pid for p in psutil.Process().children(recursive=True)}
