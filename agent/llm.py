@@ -38,15 +38,16 @@ from agent.prompt import (
     render_chatml,
 )
 from agent.proposals import Proposal, ProposalContext, ProposalFailed
-from agent.reply import REPLY_GRAMMAR, DuplicateIdea, ReplyError, check_reply
+from agent.reply import REPLY_GRAMMAR, DuplicateIdea, ReplyError, check_reply, close_open_string
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 8192
 """Context tokens allocated (capped by the model's own): the prompt is about 3k, replies and one retry fit."""
 DEFAULT_TEMPERATURE = 0.7
-DEFAULT_MAX_TOKENS = 640
-"""Per reply; a typical proposal is 60-150 tokens."""
+DEFAULT_MAX_TOKENS = 384
+"""Per reply. A valid proposal of the 1.5B model is 60-150 tokens; the rare one past 300 is a reply that lost
+its way (a loop, a rewritten file), and each token costs ~0.1 s on 2 cores: a cut-off is retried sooner."""
 MAX_TRIES = 3
 _RETRY_HEAT = 0.1
 """Added to the temperature on each retry ..."""
@@ -283,9 +284,13 @@ class LocalModel:
                 if piece:
                     text_parts.append(piece)
                     on_text(piece)
-                    if grammar and piece.endswith("}") and _complete_json("".join(text_parts)):
-                        finish = "stop"  # the grammar allows nothing more: skip reading the end token
-                        break
+                    if grammar and "}" in piece:
+                        so_far = "".join(text_parts)
+                        # The grammar allows nothing more: skip reading the end token. Or the model ended
+                        # the reply inside a string it forgot to close: the rest would be prose.
+                        if (piece.endswith("}") and _complete_json(so_far)) or close_open_string(so_far):
+                            finish = "stop"
+                            break
                 if draft and draft[0] == token:  # guessed right: read already, its logits are the next row
                     draft.pop(0)
                     accepted += 1

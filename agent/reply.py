@@ -119,11 +119,38 @@ def _string_field(data: dict[str, Any], key: str, limit: int, where: str = "") -
     return value
 
 
+REPLY_END = "}]}"
+"""How a reply ends: the last edit, the list of edits and the reply closed at once."""
+
+
+def close_open_string(text: str) -> str | None:
+    """The reply closed where its model ended it, if it ended it inside a string it forgot to close.
+
+    Qwen's tokenizer has one token for `)}`. Where an edit's text ends in `)`, a small model often writes
+    `)}` `]}` (believing it closed the string) instead of `)` `"}` `]}`; the string stays open, and under the
+    grammar the model then writes prose into it until max_tokens (a minute on 2 cores, and a wasted try).
+    Here the reply is cut at the first `}]}` after "edits" and the string closed before it: what the model
+    meant (code with `}]}` in it is not Python). None when that `}]}` follows a closing quote already (nothing
+    was left open) or there is none.
+    """
+    start = text.find('"edits"')
+    end = text.find(REPLY_END, start) if start >= 0 else -1
+    if end < 0 or text[:end].endswith('"'):
+        return None
+    return text[:end] + '"' + REPLY_END
+
+
 def parse_reply(text: str) -> ParsedReply:
     """Parse a model reply into a description and edits; ReplyError (only) if it is malformed."""
     if not isinstance(text, str):
         raise ReplyError("the reply is not text")
-    data = _json_object(text)
+    closed = close_open_string(text)
+    try:
+        data = _json_object(closed if closed is not None else text)
+    except ReplyError:
+        if closed is None:
+            raise
+        data = _json_object(text)
     reasoning = _string_field(data, "reasoning", MAX_REASONING) if "reasoning" in data else ""
     description = " ".join(_string_field(data, "description", MAX_DESCRIPTION).split())
     if not description:

@@ -22,6 +22,7 @@ from agent.reply import (
     ParsedReply,
     ReplyError,
     check_reply,
+    close_open_string,
     dry_run,
     parse_reply,
 )
@@ -318,3 +319,33 @@ def test_arbitrary_reply_shaped_json_only_ever_raises_reply_error(
 def test_arbitrary_edits_only_ever_raise_edit_or_reply_errors(search: str, replace: str) -> None:
     with contextlib.suppress(ReplyError, EditError):
         check_reply(TRAIN, reply((search, replace)))
+
+
+# Replies of the 1.5B model in a benchmark session (bench_proposal_latency.py): Qwen's one token for ")}" ended
+# each edit text without its closing quote, and the grammar let the model go on writing inside the string.
+OPEN_STRING_REPLIES = [
+    '{"reasoning": "r", "description": "learning rate from the start", "edits": [{"search": '
+    '"return LEARNING_RATE * progress / 0.1", "replace": "return LEARNING_RATE * min(1.0, progress / 0.1)}]}'
+    "**Note:** The change keeps the warm-up. If you apply it after the loop",
+    '{"reasoning": "r", "description": "learning rate from the start", "edits": [{"search": '
+    '"return LEARNING_RATE * progress / 0.1", "replace": "return LEARNING_RATE * min(1.0, progress / 0.1)}]}" '
+    '},{ "search": "N_LAYER = 2", "replace": "N_LAYER = 3"}]}',
+]
+
+
+@pytest.mark.parametrize("text", OPEN_STRING_REPLIES, ids=["prose after the end", "a quote after the end"])
+def test_a_reply_ended_inside_an_unclosed_string_is_closed_where_the_model_ended_it(text: str) -> None:
+    parsed, new = check_reply(TRAIN, text)
+    assert parsed.edits == (
+        Edit("return LEARNING_RATE * progress / 0.1", "return LEARNING_RATE * min(1.0, progress / 0.1)"),
+    )
+    assert "min(1.0, progress / 0.1)\n" in new
+
+
+def test_only_a_string_left_open_is_closed() -> None:
+    good = reply(LR_EDIT)
+    assert close_open_string(good) is None  # its "}]}" follows a closing quote
+    assert close_open_string('{"reasoning": "a)}]}", "description": "d"') is None  # before "edits"
+    assert close_open_string(good[: -len("}]}")]) is None  # cut off before the end: nothing to close
+    with pytest.raises(ReplyError, match="not valid JSON"):
+        parse_reply('{"reasoning": "r", "description": "d", "edits": [{"search": "a", "replace": "b)}')
