@@ -5,8 +5,10 @@
 
 first:   a freshly loaded model and an empty KV cache: the whole prompt is read (a first run ever).
 warm:    the same best train.py as the previous proposal, one more history row: only the tail is read.
-cold:    the last valid proposal was kept, so train.py is new to the model: read from the first changed line
-         on (the rules and program.md before it are reused), as after every keep.
+cold:    the last valid proposal was kept, so train.py changed: read from the first changed line on, as after
+         every keep (the prompt shows train.py's code before its top, imports and constants, so a kept
+         constant costs a re-read of the top and the history only; bench_proposal_latency.py plays a whole
+         session, before and after a change).
 restart: a fresh load that restores the KV cache saved on disk (the prompt cache).
 draft:   prompt lookup decoding: tokens guessed from the prompt / accepted by the model.
 Run it on a quiet machine: other work on the CPU changes every number.
