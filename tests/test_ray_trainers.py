@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import re
 import sys
@@ -20,13 +21,26 @@ from typing import Any
 
 import psutil
 import pytest
-from engine_fakes import FAKE_PREPARE, FAKE_TRAIN
+from engine_fakes import (
+    BETTER,
+    CRASHES,
+    FAKE_PREPARE,
+    FAKE_TRAIN,
+    MARGINAL,
+    WORSE,
+    Recorder,
+    assert_consistent,
+    make_workspace,
+)
 
 ray = pytest.importorskip("ray")  # installed by scripts/setup.sh: skipped only where Ray truly is absent
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from agent.events import Event, Info, LogLine, StepMetric  # noqa: E402
+from agent.config import EngineConfig  # noqa: E402
+from agent.engine import Engine  # noqa: E402
+from agent.events import Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
+from agent.ideas import IdeaQueue, parse_ideas  # noqa: E402
 from agent.ray_trainers import RayTrainers, loopback_only, node_root  # noqa: E402
 from agent.runner import RunResult, RunSpec  # noqa: E402
 from agent.trainers import TrainerLost  # noqa: E402
@@ -286,3 +300,28 @@ def test_local_ray_binds_only_loopback_and_shuts_down(cluster: Cluster, workspac
         p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
     ]
     assert alive == [], "close() left the local instance's processes running"
+
+
+def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path)
+    ideas = IdeaQueue(
+        parse_ideas("".join(json.dumps(i) + "\n" for i in (BETTER, WORSE, CRASHES, MARGINAL)), Path("i"))
+    )
+    events = Recorder()
+    engine = Engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=2, ray="local"), events)
+    engine.run()
+    assert engine.error is None
+    assert any(e.message == "training on 2 Ray trainers (local, 127.0.0.1)" for e in events.of(Info))
+    ledger = assert_consistent(ws)  # branch, refs and results.tsv agree with the ledger
+    experiments = ledger.experiments()
+    assert [e.id for e in experiments] == [0, 1, 2, 3, 4]
+    status = {e.description: e.status for e in experiments}
+    assert status[str(BETTER["description"])] == "keep" and status[str(CRASHES["description"])] == "crash"
+    assert status[str(WORSE["description"])] == "discard"
+    # Every run recorded once, with the outcome the engine was told; the kept one scored as the fake computes.
+    finished = [(e.exp_id, e.outcome) for e in events.of(RunFinished)]
+    recorded = [(e.id, r.outcome) for e in experiments for r in ledger.runs(e.id)]
+    assert sorted(finished) == sorted(recorded) and all(outcome for _, outcome in recorded)
+    kept = next(e for e in experiments if e.status == "keep")
+    assert kept.val_bpb == pytest.approx(2.1, abs=0.001)
+    assert any(isinstance(e, LogLine) and e.text.startswith("step ") for e in events.events)
