@@ -543,7 +543,7 @@ def _run_here(
 ) -> tuple[RunResult, bytes]:
     """Write the sources into this node's folder, prepare the data once, run and judge; the result and the log."""
     spec = job.spec
-    root = node_root(node_id)
+    root = node_root()
     harness_dir = root / "harness" / job.harness_sha256
     if not (harness_dir / HARNESS_FILE).is_file():
         harness_dir.mkdir(parents=True, exist_ok=True)
@@ -579,9 +579,11 @@ def _run_here(
     return result, log
 
 
-def node_root(node_id: str) -> Path:
-    """This node's folder for runs of `node_id` (several Ray nodes may share a machine)."""
-    return paths.data_dir() / "ray-nodes" / node_id[:16]
+def node_root() -> Path:
+    """Where runs of Ray tasks live on this machine: the frozen harness by hash, what preparing the data found
+    (by harness, cache and environment), and each run's scratch folder and log (by a token of its own, removed
+    after the run). Shared by the Ray nodes on one machine (tests start several): data is prepared once."""
+    return paths.data_dir() / "ray-runs"
 
 
 def _containment(cap: str | None) -> Containment:
