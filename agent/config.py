@@ -74,6 +74,11 @@ class EngineConfig:
     ray: str | None = None
     """Run each training as a Ray task: 'local' (a Ray instance started here, bound to 127.0.0.1), 'auto' or a
     cluster ADDRESS (Ray's own meaning); None trains on this machine without Ray."""
+    probe: bool | None = None
+    """Before a candidate trains, run it for a few seeded steps (agent.noop.probe) and compare the model's
+    fingerprint with its parent's: a no-op is recorded as such instead of trained, a crash costs seconds.
+    None: on for local CPU runs, off on CUDA (each probe would pay torch.compile) and with Ray. The static
+    check (same syntax tree) always runs."""
     overlap: bool | None = None
     """Propose the next experiment while runs train; None: on where training has its own device (CUDA), and
     on CPU as measured (see the README)."""

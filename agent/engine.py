@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from agent.events import (
     Event,
     EventSink,
     Info,
+    LogLine,
     ModelLoaded,
     ProposalReady,
     ProposalStarted,
@@ -53,8 +55,10 @@ from agent.events import (
     RunFinished,
     RunStarted,
     StateChanged,
+    StepMetric,
 )
 from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_to_json
+from agent.noop import Probe, ProbeCache, probe, probe_key, same_computation, static_noop
 from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
 from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_for_runs
 from agent.trainers import LocalTrainers, Trainer, TrainerLost
@@ -216,6 +220,8 @@ class _Flight:
     why: str = ""
     """Why it was stopped: stop, skip or shutdown."""
     pgid: int | None = None
+    probe_against: tuple[int, str] | None = None
+    """Probe first (a candidate's first run on this machine): the parent's id and train.py to compare with."""
 
 
 @dataclass
@@ -296,6 +302,7 @@ class Engine:
         """Model switches asked for while the proposer thinks: done once it has answered."""
         self._baseline_announced = False
         self._last_detail = ""
+        self._probes = ProbeCache()
         self._started = time.monotonic()
         self._busy_s = 0.0
         self._decided_runs = 0
@@ -903,6 +910,7 @@ class Engine:
         if twin is not None and not item.force:
             self._reject_new(proposal, f"duplicate: this train.py was already tried as #{twin.id}")
             return
+        noop = static_noop(base_text, new_text)
         diff = unified_diff(base_text, new_text)
         with self.ledger.transaction() as conn:
             self.ledger._insert(
@@ -938,6 +946,10 @@ class Engine:
         )
         with self._lock:
             gate = self._review_gate
+        if noop is not None:  # the same program: nothing to train, nothing to review
+            self._consume_queue_item(item)
+            self._decide(exp_id, "noop", noop)
+            return
         if gate:
             with self._lock:
                 self._review = _Review(exp_id, item, parent, base_text, new_text, diff)
@@ -1177,6 +1189,9 @@ class Engine:
         spec = self._spec(exp, n, seed)
         self.ledger.start_run(exp_id, n, seed, str(spec.log_path), commit=exp.commit)
         flight = _Flight(exp_id=exp_id, n=n, seed=seed, slot=slot, started=time.monotonic())
+        if exp_id != 0 and self._probing() and not self.books.current_runs(exp)[:-1] and exp.parent_commit:
+            parent = self._started_from(exp)
+            flight.probe_against = (parent.id, self.ws.file_at(exp.parent_commit))
         with self._lock:
             self._flights[slot] = flight
             self._current = exp_id
@@ -1205,8 +1220,15 @@ class Engine:
             self.ledger.set_run_pid(flight.exp_id, flight.n, pid)
             crash_point("during_run", flight.exp_id)
 
+        def emit(event: Event) -> None:
+            if isinstance(event, LogLine | StepMetric | RunFinished):
+                event = replace(event, slot=flight.slot)
+            self._emit(event)
+
         try:
-            result = self._trainer.run(flight.slot, spec, self._emit, flight.stop, started)
+            result = self._probe(flight, spec, emit, started) if flight.probe_against else None
+            if result is None:
+                result = self._trainer.run(flight.slot, spec, emit, flight.stop, started)
         except TrainerLost as lost:
             self._inbox.put(_RunDone(flight.slot, lost=lost))
         except Exception as exc:
@@ -1215,6 +1237,53 @@ class Engine:
             )
         else:
             self._inbox.put(_RunDone(flight.slot, result=result))
+
+    def _probing(self) -> bool:
+        if self.config.probe is not None:
+            return self.config.probe and isinstance(self._trainer, LocalTrainers)
+        return isinstance(self._trainer, LocalTrainers) and not self.device.startswith("cuda")
+
+    def _probe(
+        self, flight: _Flight, spec: RunSpec, emit: EventSink, started: Callable[[int], None]
+    ) -> RunResult | None:
+        """(a slot's thread) A few seeded steps of the candidate and, once per parent, of its parent: the
+        run's result when that settles it (a crash, the same computation as the parent, stopped), else None:
+        train it."""
+        assert flight.probe_against is not None
+        parent_id, parent_text = flight.probe_against
+        containment, judge = self._containment(), self._judge_for_runs()
+
+        def probing(source: bytes | None, name: str) -> RunSpec:
+            folder = spec.scratch.with_name(f"{spec.scratch.name}-{name}")
+            log = spec.log_path.with_name(f"{spec.log_path.stem}.{name}.log")
+            return replace(spec, scratch=folder, log_path=log, train_source=source)
+
+        candidate = probe(
+            probing(spec.train_source, "probe"),
+            emit,
+            stop=flight.stop,
+            on_start=started,
+            containment=containment,
+            judge=judge,
+        )
+        if candidate.outcome == "interrupted" or candidate.settles:
+            crashed = candidate.outcome != "interrupted"
+            return _probe_result(
+                candidate,
+                "crash" if crashed else "interrupted",
+                f"in a probe of {candidate.steps} steps: {candidate.reason}" if crashed else candidate.reason,
+            )
+        if candidate.outcome != "ok":
+            return None
+        parent_spec = probing(parent_text.encode("utf-8"), "parent-probe")
+        parent = self._probes.get(
+            probe_key(parent_spec),
+            lambda: probe(parent_spec, None, stop=flight.stop, containment=containment, judge=judge),
+        )
+        same = same_computation(parent, candidate, parent_id)
+        if same is None:
+            return None
+        return _probe_result(candidate, "noop", same)
 
     def _spec(self, exp: Experiment, n: int, seed: int) -> RunSpec:
         assert exp.commit
@@ -1284,6 +1353,7 @@ class Engine:
                 summary=summary,
                 log_tail=result.log_tail,
                 judge_seconds=result.judge_seconds,
+                slot=flight.slot,
             )
         )
         return result
@@ -1381,6 +1451,16 @@ class Engine:
             with self._lock:
                 self._fatal = True
             self._emit(EngineError(message=message, detail=failed.log_tail, fatal=True))
+            self._emit(
+                Decided(
+                    exp_id=0,
+                    status=failed.outcome or "crash",
+                    val_bpb=None,
+                    best_bpb=None,
+                    margin=0.0,
+                    reason=message,
+                )
+            )
             return
         missing = [
             seed
@@ -1551,6 +1631,23 @@ class Engine:
                 f"{describe_budget(self.config.budget)}: results would not compare; run with the same budget "
                 f"({'--budget ' + stored if stored else 'no --budget'}) or in a new workspace"
             )
+
+
+def _probe_result(found: Probe, outcome: str, reason: str) -> RunResult:
+    """A probe that settles an experiment, as its run's result."""
+    return RunResult(
+        outcome=outcome,
+        val_bpb=None,
+        reason=reason,
+        seconds=found.seconds,
+        exit_code=None,
+        summary={"probe_steps": found.steps, "probe_seconds": round(found.seconds, 2)},
+        peak_memory_mb=None,
+        log_tail=found.log_tail,
+        log_path=found.log_path or Path("probe.log"),
+        truncated=False,
+        pid=None,
+    )
 
 
 def _python() -> str:

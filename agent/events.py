@@ -53,6 +53,8 @@ class LogLine(Event):
     exp_id: int
     text: str
     replace: bool = False
+    slot: int = 0
+    """The trainer slot of the run (seeds of one experiment may train at once in several)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +65,8 @@ class StepMetric(Event):
     step: int
     loss: float
     tokens_per_s: float
+    slot: int = 0
+    """The trainer slot of the run (seeds of one experiment may train at once in several)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +81,8 @@ class RunFinished(Event):
     summary: dict[str, Any] = field(default_factory=dict)
     log_tail: str = ""
     judge_seconds: float = 0.0
+    slot: int = 0
+    """The trainer slot of the run (seeds of one experiment may train at once in several)."""
     """The judge's wall time after it (load, causality probe, scoring)."""
 
 

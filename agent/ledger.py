@@ -31,6 +31,7 @@ STATUSES = (
     "interrupted",
     "rejected",
     "vetoed",
+    "noop",
     "pending",
     "running",
 )

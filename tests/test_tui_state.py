@@ -393,7 +393,7 @@ def test_the_progress_pane_states_the_gain_in_margins_and_each_kept_change() -> 
 
 
 def test_two_seeds_of_the_baseline_on_two_trainers_keep_apart() -> None:
-    """The baseline's seeds train at once on two trainers; their events name only the experiment."""
+    """The baseline's seeds train at once on two trainers: the events' slots keep them apart."""
     state = CockpitState(HeaderInfo(trainers=2))
     events: list = [
         RunStarted(exp_id=0, description="baseline", commit="c", seed=1, budget="", slot=0),
@@ -403,13 +403,14 @@ def test_two_seeds_of_the_baseline_on_two_trainers_keep_apart() -> None:
     for step in range(0, 100, 25):
         for seed, at in ((1, step + 25), (2, step)):
             loss = 3.0 - at / 100 + seed / 10
-            events.append(LogLine(exp_id=0, text=f"step {at:5d} | loss {loss:.4f} | tok/s 1000"))
-            events.append(StepMetric(exp_id=0, step=at, loss=loss, tokens_per_s=1000.0))
+            line = f"step {at:5d} | loss {loss:.4f} | tok/s 1000"
+            events.append(LogLine(exp_id=0, text=line, slot=seed - 1))
+            events.append(StepMetric(exp_id=0, step=at, loss=loss, tokens_per_s=1000.0, slot=seed - 1))
     state.apply_batch(events)
     first, second = state.slots[0].curve, state.slots[1].curve
     assert first.steps == [25, 50, 75, 100] and second.steps == [0, 25, 50, 75]
     assert [round(loss, 4) for loss in first.losses] == [round(3.1 - at / 100, 4) for at in first.steps]
     assert [round(loss, 4) for loss in second.losses] == [round(3.2 - at / 100, 4) for at in second.steps]
     assert [line.split("|")[0].split()[1] for line in list(state.slots[1].log)[1:]] == ["0", "25", "50", "75"]
-    state.apply_batch([RunFinished(exp_id=0, outcome="ok", val_bpb=2.5, seconds=60.0, summary={"seed": 2})])
+    state.apply_batch([RunFinished(exp_id=0, outcome="ok", val_bpb=2.5, seconds=60.0, slot=1)])
     assert state.slots[1].finished and not state.slots[0].finished

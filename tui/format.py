@@ -16,6 +16,7 @@ STATUS_STYLE: dict[str, tuple[str, str]] = {
     "interrupted": ("■", "grey62"),
     "rejected": ("⊘", "magenta"),
     "vetoed": ("⊘", "magenta"),
+    "noop": ("=", "grey62"),
     "pending": ("…", "grey62"),
     "review": ("?", "bold cyan"),
     "running": ("▶", "bold cyan"),

@@ -648,42 +648,14 @@ class CockpitState:
         return run
 
     def _slot_of(self, event: LogLine | StepMetric | RunFinished) -> int | None:
-        """The trainer slot running the event's experiment: the one that runs it still, else the last one."""
-        slot = getattr(event, "slot", None)
-        if isinstance(slot, int) and slot in self.slots:
-            return slot
+        """The trainer slot of the event's run: the engine's word when that slot runs the event's experiment,
+        else the one that runs it still, else the last one."""
+        if event.slot in self.slots and self.slots[event.slot].exp_id == event.exp_id:
+            return event.slot
         holding = sorted(s for s, run in self.slots.items() if run.exp_id == event.exp_id)
         running = [s for s in holding if not self.slots[s].finished]
-        if len(running) > 1 and (seed_slot := self._seed_slot(event, running)) is not None:
-            return seed_slot
         chosen = running or holding
         return chosen[0] if chosen else None
-
-    def _seed_slot(self, event: LogLine | StepMetric | RunFinished, running: list[int]) -> int | None:
-        """Which of several seeds of one experiment training at once (the baseline's, on several trainers)
-        an event belongs to, as far as it tells (its events name the experiment, not the seed or the slot).
-
-        A finished run names its seed in its summary. A progress line belongs to the run whose curve its
-        step continues: of those whose last step is below it, the one furthest along.
-        """
-        if isinstance(event, RunFinished):
-            seed = event.summary.get("seed") if event.summary else None
-            named = [s for s in running if seed is not None and str(self.slots[s].seed) == str(seed)]
-            return named[0] if named else None
-        if isinstance(event, StepMetric):
-            step: int | None = event.step
-        else:
-            match = PROGRESS_LINE.match(event.text.strip())
-            step = int(match.group(1)) if match else None
-        if step is None:
-            return None
-        behind = []
-        for slot in running:
-            steps = self.slots[slot].curve.steps
-            last = steps[-1] if steps else -1
-            if last < step:
-                behind.append((last, -slot))
-        return -max(behind)[1] if behind else None
 
     def _free_slot(self) -> int:
         """A slot for a run seen without its start: the first idle one, else the shown one."""
