@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 import ray.exceptions
 
@@ -60,6 +62,7 @@ from agent.runner import (
     RunResult,
     RunSpec,
     frozen_harness,
+    kill_stale_run,
     prepare_for_runs,
     read_regular,
     remove_tree,
@@ -90,6 +93,7 @@ _LOST = (
 )
 """Ray errors that mean the place a run ran went away (not the run's fault)."""
 _SUMMARIES = {"full": FULL_SUMMARY, "network": NETWORK_SUMMARY, "none": NONE_SUMMARY}
+_DRIVER = f"{socket.gethostname()}.{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ class _Job:
     harness: bytes
     harness_sha256: str
     token: str
-    """Unique per run: two drivers sharing a cluster never share a scratch folder."""
+    """Unique per run, and names the driver ("<random>@<host>.<pid>"): two drivers sharing a cluster never share
+    a scratch folder, and a node on the driver's machine can tell the runs of a driver killed with -9."""
     containment: str | None
     """The strongest containment level the run may get ("none", "network", "full"); None: what the node allows."""
 
@@ -219,7 +224,7 @@ class RayTrainers:
             train=train,
             harness=harness,
             harness_sha256=spec.harness_sha256 or hashlib.sha256(harness).hexdigest(),
-            token=uuid.uuid4().hex[:12],
+            token=f"{uuid.uuid4().hex[:12]}@{_DRIVER}",
             containment=self.containment_level,
         )
         retries = 0
@@ -558,6 +563,7 @@ def _run_here(
     where = f"node {node_id[:8]}" + (f", GPU {','.join(gpus)}" if gpus else "")
     emit(Info(message=f"[ray] #{spec.exp_id} trains on {where}; runs contained: {containment.level}"))
     hidden = _prepared(root, harness_dir, job.harness_sha256, cache, python, env, containment, emit)
+    sweep_orphans(root)
     name = f"{spec.scratch.name}-{job.token}"
     here = replace(
         spec,
@@ -584,6 +590,31 @@ def node_root() -> Path:
     (by harness, cache and environment), and each run's scratch folder and log (by a token of its own, removed
     after the run). Shared by the Ray nodes on one machine (tests start several): data is prepared once."""
     return paths.data_dir() / "ray-runs"
+
+
+def sweep_orphans(root: Path) -> list[str]:
+    """Kill and remove what runs of dead drivers on this machine left under `root` (a driver killed with -9 takes
+    its Ray instance and the runs' supervisors along, but not always the runs' folders, or a run that outlived
+    its worker); the names removed. Runs of drivers on other machines, or alive, are left alone."""
+    host = socket.gethostname()
+    removed = []
+    for folder in ("scratch", "logs"):
+        for entry in sorted((root / folder).glob("*@*")):
+            owner = entry.name.rsplit("@", 1)[1].removesuffix(".judge").removesuffix(".log")
+            owner_host, _, pid = owner.rpartition(".")
+            if owner_host != host or not pid.isdigit() or psutil.pid_exists(int(pid)):
+                continue
+            if entry.is_dir():
+                for proc in psutil.process_iter():
+                    with contextlib.suppress(psutil.Error, OSError):
+                        if Path(proc.cwd()).is_relative_to(entry):
+                            kill_stale_run(proc.pid, entry)
+                remove_tree(entry)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed.append(entry.name)
+    return removed
 
 
 def _containment(cap: str | None) -> Containment:
@@ -627,4 +658,4 @@ def _prepared(
         return hidden
 
 
-__all__ = ["LOCAL", "RayTrainers", "loopback_only", "node_root"]
+__all__ = ["LOCAL", "RayTrainers", "loopback_only", "node_root", "sweep_orphans"]

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -27,10 +28,13 @@ from engine_fakes import (
     FAKE_PREPARE,
     FAKE_TRAIN,
     MARGINAL,
+    ROOT,
     WORSE,
     Recorder,
     assert_consistent,
+    idea,
     make_workspace,
+    write_ideas,
 )
 
 ray = pytest.importorskip("ray")  # installed by scripts/setup.sh: skipped only where Ray truly is absent
@@ -41,6 +45,7 @@ from agent.config import EngineConfig  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.events import Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
 from agent.ideas import IdeaQueue, parse_ideas  # noqa: E402
+from agent.ledger import Ledger  # noqa: E402
 from agent.ray_trainers import RayTrainers, loopback_only, node_root  # noqa: E402
 from agent.runner import RunResult, RunSpec  # noqa: E402
 from agent.trainers import TrainerLost  # noqa: E402
@@ -325,3 +330,65 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
     kept = next(e for e in experiments if e.status == "keep")
     assert kept.val_bpb == pytest.approx(2.1, abs=0.001)
     assert any(isinstance(e, LogLine) and e.text.startswith("step ") for e in events.events)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_with_a_ray_run_in_flight_then_resume(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path)
+    slow = idea("a slow run", "CRASH = False", "CRASH = False\nimport time\ntime.sleep(8)")
+    ideas = write_ideas(tmp_path / "ideas.jsonl", [BETTER, slow])
+    args = ["run", "--headless", "--workspace", str(ws.path), "--ideas", str(ideas), "--seeds", "2"]
+    args += ["--trainers", "2", "--ray", "local"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTORESEARCH_CONTAINMENT": "none"}  # cwd seen from here
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    scratch = node_root() / "scratch"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("2-0-*")) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # the slow idea (#2) is training on the Ray node
+        assert list(scratch.glob("2-0-*")), "the slow run never started"
+        time.sleep(1.0)
+        driver.kill()
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    # The run went with the driver (and its Ray instance): nothing trains on in its folder.
+    deadline = time.monotonic() + 30
+    while _working_in(scratch) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _working_in(scratch) == []
+    ledger = Ledger(ws.ledger_path)
+    assert [r.outcome for r in ledger.runs(2)] == [None]  # killed while #2 trained
+    ledger.close()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, (resumed.stdout, resumed.stderr)
+    ledger = assert_consistent(ws)
+    experiments = ledger.experiments()
+    assert [e.description for e in experiments if e.status == "keep"] == [BETTER["description"]]
+    assert [e.status for e in experiments if e.description == "a slow run"][-1] == "discard"
+    assert ledger.queued() == [] and all(r.outcome for e in experiments for r in ledger.runs(e.id))
+    assert not list(scratch.glob("*")), "the killed run's folder was not swept"
+
+
+def _working_in(folder: Path) -> list[int]:
+    """Processes whose working directory is in `folder`."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if Path(proc.cwd()).is_relative_to(folder):
+                found.append(proc.pid)
+    return found
