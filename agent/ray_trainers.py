@@ -157,32 +157,38 @@ class RayTrainers:
             "logging_level": "WARNING",
             "configure_logging": False,
         }
+        self._own_token = False
+        self._closed = False
+        try:
+            where = self._start(address, quiet)
+            self._check_resources()
+        except BaseException:
+            self.close()
+            raise
+        self.description = f"{trainers} Ray trainer{'s' if trainers > 1 else ''} ({where})"
+        self._task = ray.remote(_train_on_node)
+
+    def _start(self, address: str, quiet: dict[str, Any]) -> str:
+        """Start or join Ray; where it runs, for the description."""
         if self.local:
-            if "RAY_AUTH_MODE" not in os.environ:  # a user's own choice stands
-                os.environ.setdefault("RAY_AUTH_TOKEN", _TOKEN)
+            # A user's own RAY_AUTH_MODE or token stands.
+            if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
+                os.environ["RAY_AUTH_TOKEN"] = _TOKEN
+                self._own_token = True
             with loopback_only(), _quiet_token_notice():
                 ray.init(
                     address="local",  # never join a cluster found on this machine (RAY_ADDRESS, `ray start`)
                     _node_ip_address=LOOPBACK,
-                    num_cpus=max(1, round(cpus_per_run * trainers)),
+                    num_cpus=max(1, round(self.cpus_per_run * self.slots)),
                     include_dashboard=False,
                     object_store_memory=OBJECT_STORE_MB * 2**20,
                     **quiet,
                 )
-            where = f"local, {LOOPBACK}"
-        else:
-            target = _cluster_address(address)
-            with loopback_only() if _is_loopback(target) else contextlib.nullcontext():
-                ray.init(address=target, **quiet)
-            where = f"at {target}"
-        try:
-            self._check_resources()
-        except Exception:
-            ray.shutdown()
-            raise
-        self.description = f"{trainers} Ray trainer{'s' if trainers > 1 else ''} ({where})"
-        self._task = ray.remote(_train_on_node)
-        self._closed = False
+            return f"local, {LOOPBACK}"
+        target = _cluster_address(address)
+        with loopback_only() if _is_loopback(target) else contextlib.nullcontext():
+            ray.init(address=target, **quiet)
+        return f"at {target}"
 
     def _check_resources(self) -> None:
         """Refuse a cluster on which no run could ever be placed (Ray would keep such a task pending forever)."""
@@ -328,6 +334,9 @@ class RayTrainers:
         if not self._closed:
             self._closed = True
             ray.shutdown()
+            if self._own_token:  # Ray set the mode for this token: a cluster joined later brings its own
+                os.environ.pop("RAY_AUTH_TOKEN", None)
+                os.environ.pop("RAY_AUTH_MODE", None)
 
 
 class _LostBeforeStart(Exception):

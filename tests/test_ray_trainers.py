@@ -271,6 +271,14 @@ def test_a_node_lost_mid_run_raises_trainer_lost(cluster: Cluster, workspace: Pa
                 psutil.Process(leftover).kill()
 
 
+def test_a_cluster_that_cannot_take_a_run_is_refused(cluster: Cluster) -> None:
+    with pytest.raises(
+        RuntimeError, match=r"no Ray node can take a run: each run needs trainer 1 \(the cluster has 0\)"
+    ):
+        RayTrainers(cluster.address, 1, "cuda", resources={"trainer": 1})
+    assert not ray.is_initialized()  # disconnected again: the next RayTrainers may start
+
+
 def _non_loopback(pids: set[int]) -> list[str]:
     """Sockets of `pids` that listen on, or talk to, anything but loopback."""
     bad = []
