@@ -21,7 +21,16 @@ from agent.config import EngineConfig
 from agent.decisions import NoiseFloor
 from agent.events import Decided, EngineError, EventSink, Info, ProposalRejected
 from agent.events import NoiseFloor as NoiseFloorEvent
-from agent.ledger import FAILED, Experiment, Ledger, RunRecord, proposal_from_json, proposal_to_json
+from agent.ledger import (
+    FAILED,
+    KEPT,
+    Experiment,
+    Ledger,
+    RunRecord,
+    Status,
+    proposal_from_json,
+    proposal_to_json,
+)
 from agent.proposals import Proposal
 from agent.runner import kill_stale_run
 from agent.workspace import TRAIN, Workspace
@@ -60,9 +69,7 @@ class Books:
 
     def experiment_at(self, commit: str | None) -> Experiment | None:
         """The kept (or baseline) experiment whose commit is `commit`."""
-        matches = [
-            e for e in self.ledger.experiments() if e.commit == commit and e.status in ("keep", "baseline")
-        ]
+        matches = [e for e in self.ledger.experiments() if e.commit == commit and e.status in KEPT]
         return matches[-1] if matches else None
 
     def current_runs(self, exp: Experiment) -> list[RunRecord]:
@@ -91,7 +98,7 @@ class Books:
             exp_id = self.ledger.next_id()
             self.ledger.create(
                 exp_id,
-                "rejected",
+                Status.REJECTED,
                 "decided",
                 parent_commit=self.best_commit(),
                 description=proposal.description,
@@ -108,14 +115,14 @@ class Books:
         else:
             self.ledger.update(
                 exp_id,
-                status="rejected",
+                status=Status.REJECTED,
                 phase="decided",
                 decided_by="engine",
                 reason=reason,
                 finished_at=time.time(),
             )
         self._emit(ProposalRejected(exp_id=exp_id, reason=reason, replies=proposal.replies))
-        self._decided(exp_id, "rejected", None, reason)
+        self._decided(exp_id, Status.REJECTED, None, reason)
         return exp_id
 
     def finish_unrun(self, exp_id: int, status: str, reason: str) -> None:
@@ -187,7 +194,7 @@ class Books:
         from agent.engine import crash_point  # the fault-injection points live with the scheduler
 
         previous_best = self.best()
-        if new_best is None and status == "keep":
+        if new_best is None and status == Status.KEEP:
             assert exp.commit
             new_best = (exp.id, exp.commit)
         with self.ledger.transaction() as conn:
@@ -230,7 +237,7 @@ class Books:
         """Make git match the ledger's decision on `exp_id` (idempotent)."""
         exp = self.ledger.get(exp_id)
         assert exp is not None
-        if exp.status not in ("keep", "baseline") and exp.commit and self.ws.is_commit(exp.commit):
+        if exp.status not in KEPT and exp.commit and self.ws.is_commit(exp.commit):
             self.ws.save_discarded(exp.id, exp.commit)
         best_commit = self.best_commit()
         if self.ws.head() != best_commit or self.ws.changed_tracked_files():
@@ -244,7 +251,7 @@ class Books:
             self.ledger.update(
                 exp_id,
                 conn,
-                status="interrupted",
+                status=Status.INTERRUPTED,
                 phase="deciding",
                 decided_by="engine",
                 reason=reason + ("; re-queued" if requeue else ""),
@@ -255,19 +262,19 @@ class Books:
         self.settle_git(exp_id)
         self.ledger.update(exp_id, phase="decided")
         self.ledger.write_results_tsv(self.ws.results_tsv)
-        self._decided(exp_id, "interrupted", None, reason)
+        self._decided(exp_id, Status.INTERRUPTED, None, reason)
 
     # ---- user decisions -------------------------------------------------------------------------------
 
     def override(self, status: str, exp_id: int | None, by: str) -> None:
-        if status not in ("keep", "discard"):
+        if status not in (Status.KEEP, Status.DISCARD):
             self._emit(EngineError(message=f"override must be keep or discard, not {status!r}"))
             return
         if exp_id is None:
             decided = [
                 e
                 for e in self.ledger.experiments()
-                if e.phase == "decided" and e.status in ("keep", "discard")
+                if e.phase == "decided" and e.status in (Status.KEEP, Status.DISCARD)
             ]
             if not decided:
                 self._emit(EngineError(message="there is no keep or discard decision to override"))
@@ -275,7 +282,7 @@ class Books:
             exp: Experiment | None = max(decided, key=lambda e: (e.finished_at or 0.0, e.id))
         else:
             exp = self.ledger.get(exp_id)
-        if exp is None or exp.status not in ("keep", "discard") or exp.phase != "decided":
+        if exp is None or exp.status not in (Status.KEEP, Status.DISCARD) or exp.phase != "decided":
             self._emit(
                 EngineError(message=f"experiment {exp_id} has no keep or discard decision to override")
             )
@@ -286,7 +293,7 @@ class Books:
         best = self.best()
         best_commit = self.best_commit()
         note = f"override by {by} (the engine said {exp.status}): {exp.reason}"
-        if status == "discard":
+        if status == Status.DISCARD:
             if exp.commit != best_commit:
                 self._emit(
                     EngineError(
@@ -297,7 +304,7 @@ class Books:
                 return
             parent = self.experiment_at(exp.parent_commit)
             new_best = (parent.id if parent else 0, exp.parent_commit or self.ws.initial_commit)
-            self.apply_decision(exp, "discard", note, by, new_best=new_best)
+            self.apply_decision(exp, Status.DISCARD, note, by, new_best=new_best)
         else:
             if exp.parent_commit != best_commit or exp.val_bpb is None:
                 self._emit(
@@ -307,7 +314,7 @@ class Books:
                     )
                 )
                 return
-            self.apply_decision(exp, "keep", note, by)
+            self.apply_decision(exp, Status.KEEP, note, by)
             with contextlib.suppress(Exception):
                 self.ws.repo.git.update_ref("-d", f"refs/autoresearch/discarded/{exp.id}")
 
@@ -363,7 +370,7 @@ class Books:
         for exp in self.ledger.experiments():
             if (
                 exp.phase == "decided"
-                and exp.status not in ("keep", "baseline")
+                and exp.status not in KEPT
                 and exp.commit
                 and exp.id not in refs
                 and self.ws.is_commit(exp.commit)
@@ -377,7 +384,7 @@ class Books:
         if exp.requeued_from is None:
             return True
         source = self.ledger.get(exp.requeued_from)
-        return not (source is not None and source.status == "interrupted")
+        return not (source is not None and source.status == Status.INTERRUPTED)
 
     def _interrupt_recovered(self, exp: Experiment, requeue: bool) -> None:
         reason = f"the engine stopped during phase {exp.phase}" + ("; re-queued" if requeue else "")
@@ -385,7 +392,7 @@ class Books:
             self.ledger.update(
                 exp.id,
                 conn,
-                status="interrupted",
+                status=Status.INTERRUPTED,
                 phase="decided",
                 decided_by="engine",
                 reason=reason,

@@ -57,7 +57,7 @@ from agent.events import (
     StateChanged,
     StepMetric,
 )
-from agent.ledger import FAILED, RAN, Experiment, Ledger, proposal_to_json
+from agent.ledger import FAILED, RAN, Experiment, Ledger, Status, proposal_to_json
 from agent.noop import Probe, ProbeCache, probe, probe_key, same_computation, static_noop
 from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
 from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_for_runs
@@ -834,7 +834,7 @@ class Engine:
         if any(item.proposal.key == key for item in self._ready):
             return True
         return any(
-            e.idea_key == key and (e.phase != "decided" or e.status != "interrupted")
+            e.idea_key == key and (e.phase != "decided" or e.status != Status.INTERRUPTED)
             for e in self.ledger.experiments()
         )
 
@@ -916,7 +916,7 @@ class Engine:
             self.ledger._insert(
                 conn,
                 exp_id,
-                "pending",
+                Status.PENDING,
                 "proposed",
                 parent_commit=parent,
                 base_commit=item.base_commit if item.base_commit not in (None, parent) else None,
@@ -948,7 +948,7 @@ class Engine:
             gate = self._review_gate
         if noop is not None:  # the same program: nothing to train, nothing to review
             self._consume_queue_item(item)
-            self._decide(exp_id, "noop", noop)
+            self._decide(exp_id, Status.NOOP, noop)
             return
         if gate:
             with self._lock:
@@ -987,7 +987,7 @@ class Engine:
                     review.exp_id, "the engine stopped while the proposal waited for review", requeue=True
                 )
             else:
-                self.books.finish_unrun(review.exp_id, "vetoed", "skipped by the user")
+                self.books.finish_unrun(review.exp_id, Status.VETOED, "skipped by the user")
         elif not gate:
             self._emit(Info(message=f"#{review.exp_id} approved: the review gate was turned off"))
             self._resolve_review(Approve())
@@ -1001,7 +1001,7 @@ class Engine:
             with self._lock:
                 self._veto_reason = reason
                 self._review = None
-            self.books.finish_unrun(exp_id, "vetoed", reason)
+            self.books.finish_unrun(exp_id, Status.VETOED, reason)
             return
         text = review.new_text
         if answer.edited is not None:
@@ -1082,7 +1082,7 @@ class Engine:
             return
         first = runs[0]
         if first.outcome != "ok" or first.val_bpb is None:
-            self._decide(exp_id, first.outcome or "crash", first.reason or "the run failed")
+            self._decide(exp_id, first.outcome or Status.CRASH, first.reason or "the run failed")
             return
         against = self._started_from(exp)
         best, margin = against.val_bpb, self.books.margin()
@@ -1096,11 +1096,11 @@ class Engine:
             second = runs[1]
             if second.outcome != "ok" or second.val_bpb is None:
                 self._decide(
-                    exp_id, "discard", f"{verdict.reason}; the confirmation run failed: {second.outcome}"
+                    exp_id, Status.DISCARD, f"{verdict.reason}; the confirmation run failed: {second.outcome}"
                 )
                 return
             verdict = judge_confirmed([first.val_bpb, second.val_bpb], best, margin)
-        if verdict.status == "keep" and exp.parent_commit != self.books.best_commit():
+        if verdict.status == Status.KEEP and exp.parent_commit != self.books.best_commit():
             self._merge_onto_best(exp, against, verdict.reason)
             return
         reason = verdict.reason
@@ -1134,7 +1134,7 @@ class Engine:
         if merged is None:
             self._decide(
                 exp.id,
-                "discard",
+                Status.DISCARD,
                 f"{won}, but its change conflicts with the new best #{best.id} (or is already in it)",
             )
             return
@@ -1385,7 +1385,7 @@ class Engine:
     def _run_interrupted(self, flight: _Flight) -> None:
         why = flight.why or "interrupted"
         if flight.exp_id == 0:
-            self.ledger.update(0, status="interrupted", phase="finished", reason="interrupted")
+            self.ledger.update(0, status=Status.INTERRUPTED, phase="finished", reason="interrupted")
             if why == "skip":
                 self._emit(Info(message="the baseline cannot be skipped; it will run again"))
             return
@@ -1422,7 +1422,7 @@ class Engine:
         if exp is None:
             exp = self.ledger.create(
                 0,
-                "pending",
+                Status.PENDING,
                 "committed",
                 parent_commit=None,
                 commit=self.ws.head(),
@@ -1454,7 +1454,7 @@ class Engine:
             self._emit(
                 Decided(
                     exp_id=0,
-                    status=failed.outcome or "crash",
+                    status=failed.outcome or Status.CRASH,
                     val_bpb=None,
                     best_bpb=None,
                     margin=0.0,
@@ -1483,7 +1483,7 @@ class Engine:
             self.ledger.update(
                 0,
                 conn,
-                status="baseline",
+                status=Status.BASELINE,
                 phase="decided",
                 val_bpb=noise.mean,
                 peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in ok) or None,
@@ -1504,7 +1504,7 @@ class Engine:
         self._emit(
             Decided(
                 exp_id=0,
-                status="baseline",
+                status=Status.BASELINE,
                 val_bpb=noise.mean,
                 best_bpb=noise.mean,
                 margin=noise.margin,

@@ -14,31 +14,40 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from agent.proposals import Edit, Proposal
 
-STATUSES = (
-    "baseline",
-    "keep",
-    "discard",
-    "crash",
-    "timeout",
-    "oom",
-    "nan",
-    "invalid",
-    "interrupted",
-    "rejected",
-    "vetoed",
-    "noop",
-    "pending",
-    "running",
-)
-FAILED = ("crash", "timeout", "oom", "nan", "invalid")
+
+class Status(StrEnum):
+    """An experiment's status (stored as its text; a member equals its text)."""
+
+    BASELINE = "baseline"
+    KEEP = "keep"
+    DISCARD = "discard"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    NAN = "nan"
+    INVALID = "invalid"
+    INTERRUPTED = "interrupted"
+    REJECTED = "rejected"
+    VETOED = "vetoed"
+    NOOP = "noop"
+    """Nothing to train: the same program as its parent (same syntax tree, or the same model after a probe)."""
+    PENDING = "pending"
+    RUNNING = "running"
+
+
+STATUSES = tuple(Status)
+FAILED = (Status.CRASH, Status.TIMEOUT, Status.OOM, Status.NAN, Status.INVALID)
 """Run outcomes that are also final statuses."""
-RAN = ("baseline", "keep", "discard", *FAILED)
+RAN = (Status.BASELINE, Status.KEEP, Status.DISCARD, *FAILED)
 """Final statuses of experiments that trained: the rows of results.tsv."""
+KEPT = (Status.BASELINE, Status.KEEP)
+"""Statuses of experiments that were (or are) a best: the branch's commits."""
 PHASES = ("proposed", "committed", "running", "finished", "deciding", "decided")
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
