@@ -817,7 +817,10 @@ def run_training(
             (outcome, reason), val_bpb = bad, None
         else:
             started = time.monotonic()
-            outcome, val_bpb, reason, verdict = _judge(spec, judge_dir, env, output, stop, containment, judge)
+            with judge.lock if judge is not None else contextlib.nullcontext():  # one model at a time
+                outcome, val_bpb, reason, verdict = _judge(
+                    spec, judge_dir, env, output, stop, containment, judge
+                )
             judge_seconds = time.monotonic() - started
             summary.update({k: verdict[k] for k in _JUDGED_FIELDS if k in verdict})
             summary["val_bpb"] = val_bpb if val_bpb is not None else f"invalid ({reason[:60]})"
@@ -1021,21 +1024,6 @@ class WarmJudge:
 
 
 def _judge(
-    spec: RunSpec,
-    judge_dir: Path,
-    env: dict[str, str],
-    output: _Output,
-    stop: threading.Event,
-    containment: Containment | None,
-    warm: WarmJudge | None = None,
-) -> tuple[str, float | None, str, dict[str, Any]]:
-    if warm is None:
-        return _judge_one(spec, judge_dir, env, output, stop, containment)
-    with warm.lock:
-        return _judge_one(spec, judge_dir, env, output, stop, containment, warm)
-
-
-def _judge_one(
     spec: RunSpec,
     judge_dir: Path,
     env: dict[str, str],

@@ -1034,6 +1034,23 @@ def count_parameters(program: Any) -> int:
     return total
 
 
+def _load_program(model_path: str | os.PathLike[str], result: dict[str, Any]) -> tuple[Any, int, int] | None:
+    """The exported program and its (batch, block_size) input, or None with result["reason"] saying why not;
+    sets result["block_size"]."""
+    try:
+        program = torch.export.load(str(model_path))
+    except Exception as exc:
+        result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+        return None
+    signature = _user_input_shape(program)
+    if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:
+        result["reason"] = "the exported model must take one int64 (batch, block_size) tensor of token ids"
+        return None
+    (batch, block_size), _ = signature
+    result["block_size"] = block_size
+    return program, batch, block_size
+
+
 def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score an exported model: the causality probe, val_bpb over the first EVAL_TOKENS validation targets,
     and self-checks of the run's claims. Returns the result the engine trusts (status ok or invalid + reason).
@@ -1055,17 +1072,10 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = prepare()
-    try:
-        program = torch.export.load(str(model_path))
-    except Exception as exc:
-        result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+    loaded = _load_program(model_path, result)
+    if loaded is None:
         return result
-    signature = _user_input_shape(program)
-    if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:
-        result["reason"] = "the exported model must take one int64 (batch, block_size) tensor of token ids"
-        return result
-    (batch, block_size), _ = signature
-    result["block_size"] = block_size
+    program, batch, block_size = loaded
     n_params = count_parameters(program)
     result["num_params"] = n_params
     claimed = claims.get("num_params")
@@ -1142,17 +1152,10 @@ def fingerprint(model_path: str | os.PathLike[str], claims: dict[str, Any]) -> d
     if done != steps:
         result["reason"] = f"the probe ended after {done} of {steps} steps: no fingerprint"
         return result
-    try:
-        program = torch.export.load(str(model_path))
-    except Exception as exc:
-        result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+    loaded = _load_program(model_path, result)
+    if loaded is None:
         return result
-    signature = _user_input_shape(program)
-    if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:
-        result["reason"] = "the exported model must take one int64 (batch, block_size) tensor of token ids"
-        return result
-    (batch, block_size), _ = signature
-    result["block_size"] = block_size
+    program, batch, block_size = loaded
     val = prepare().val
     tokens = np.resize(val, batch * block_size) if val.size else np.zeros(batch * block_size, dtype=np.uint16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
