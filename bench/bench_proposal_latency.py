@@ -180,7 +180,7 @@ def summarize(arm: Arm) -> str:
         if cpu:
             lines.append(
                 f"  CPU seconds of the model's process per valid proposal: median {statistics.median(cpu):.1f}, "
-                f"p90 {p90(cpu):.1f} (about twice the wall seconds of 2 threads on 2 idle cores)"
+                f"p90 {p90(cpu):.1f} (less sensitive to other load than wall seconds)"
             )
     if later:
         tries = [r["tries"] for r in later]
