@@ -494,6 +494,7 @@ class Engine:
                 self._emit(Info(message=f"training on {self._trainer.description}"))
                 self._started = time.monotonic()
                 self._loop()
+                self._emit(Info(message=self._session_summary()))
         except (WorkspaceError, PrepareError) as exc:
             self.error = (
                 str(exc) if isinstance(exc, WorkspaceError) else f"the data could not be prepared: {exc}"
@@ -512,6 +513,16 @@ class Engine:
                 self._warm_judge = None
             self._set_state("stopped")
             self._done.set()
+
+    def _session_summary(self) -> str:
+        snap = self.snapshot()
+        minutes = (time.monotonic() - self._started) / 60
+        words = f"this session: {self._decided_runs} experiment(s) decided in {minutes:.1f} min"
+        if snap.busy_share is not None:
+            words += f"; {snap.trainers} trainer(s) busy {snap.busy_share:.0%} of the time"
+        if snap.experiments_per_hour is not None:
+            words += f", {snap.experiments_per_hour:.1f} experiments/hour"
+        return words
 
     def _make_trainer(self) -> Trainer:
         if self.config.ray:
@@ -1258,13 +1269,12 @@ class Engine:
             log = spec.log_path.with_name(f"{spec.log_path.stem}.{name}.log")
             return replace(spec, scratch=folder, log_path=log, train_source=source)
 
-        candidate = probe(
-            probing(spec.train_source, "probe"),
-            emit,
-            stop=flight.stop,
-            on_start=started,
-            containment=containment,
-            judge=judge,
+        candidate_spec = probing(spec.train_source, "probe")
+        candidate = self._probes.get(  # cached: once kept, it is the next candidates' parent probe
+            probe_key(candidate_spec),
+            lambda: probe(
+                candidate_spec, emit, stop=flight.stop, on_start=started, containment=containment, judge=judge
+            ),
         )
         if candidate.outcome == "interrupted" or candidate.settles:
             crashed = candidate.outcome != "interrupted"
@@ -1278,7 +1288,9 @@ class Engine:
         parent_spec = probing(parent_text.encode("utf-8"), "parent-probe")
         parent = self._probes.get(
             probe_key(parent_spec),
-            lambda: probe(parent_spec, None, stop=flight.stop, containment=containment, judge=judge),
+            lambda: probe(
+                parent_spec, None, stop=flight.stop, on_start=started, containment=containment, judge=judge
+            ),
         )
         same = same_computation(parent, candidate, parent_id)
         if same is None:

@@ -237,6 +237,8 @@ def test_the_snapshot_counts_busy_trainers(ws: Workspace) -> None:
     assert snap.busy_share is not None and 0.2 < snap.busy_share <= 1.0
     assert snap.experiments_per_hour is not None and snap.experiments_per_hour > 0
     assert any(isinstance(e, Info) and e.message == "training on 2 local trainers" for e in events.events)
+    last = [e.message for e in events.of(Info)][-1]
+    assert last.startswith("this session: 2 experiment(s) decided in ") and "2 trainer(s) busy " in last
     assert [d.status for d in events.of(Decided)][-1] == "keep"
 
 
