@@ -6,7 +6,8 @@ and the judge's cost apart (the model's export inside the run, then the judge pr
     .venv/bin/python bench/bench_engine_overhead.py --fake -n 10               # the engine alone, no torch
 
 Each experiment is timed from the moment the engine asks for a proposal to its Decided event; the time of the
-train.py process(es) it ran (start to exit, as the runner measures it) and the judge's are subtracted. Prints one
+train.py process(es) it ran (start to exit, as the runner measures it) and the judge's are subtracted. With
+`--probe on` (the CPU default) the few-step probe of each candidate (and of each new best) counts as overhead. Prints one
 line per experiment and the medians: overhead at most 1 s, judge (export + load + score) at most 3 s for the
 default model on a 2-core CPU. Run it on a quiet machine for figures worth quoting.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -45,13 +47,15 @@ def judge(model_path, claims):
     return {"status": "ok", "reason": "", "val_bpb": json.load(open(model_path))["val_bpb"]}
 """
 FAKE_TRAIN = """from prepare import report
+LEARNING_RATE = 1.0
 print("step     1 | loss 2.0000 | lr 1e-3 | tok/s 1 | 0.0s")
-report(2.5)
+report(2.5 + abs(LEARNING_RATE - 1.0))
 """
 
 
-class CommentProposer:
-    """Proposes n harmless, distinct edits (a comment at the end of train.py): each applies on any best."""
+class NudgeProposer:
+    """Proposes n distinct real changes: LEARNING_RATE a little higher each time (a comment would be recorded as a
+    no-op and never run). Each applies on any best."""
 
     name = "bench"
     model_name = None
@@ -64,14 +68,11 @@ class CommentProposer:
         if self.k >= self.n:
             return None
         self.k += 1
-        lines = context.train_py.rstrip("\n").split("\n")
-        for width in range(1, len(lines) + 1):
-            search = "\n".join(lines[-width:])
-            if context.train_py.count(search) == 1:
-                break
-        return Proposal(
-            f"bench idea {self.k}", (Edit(search, f"{search}\n# bench idea {self.k}"),), proposer="bench"
-        )
+        match = re.search(r"^LEARNING_RATE = ([0-9.e+-]+)", context.train_py, re.MULTILINE)
+        assert match, "train.py has no LEARNING_RATE constant"
+        value = float(match.group(1)) * (1 + 0.001 * self.k)
+        edit = Edit(match.group(0), f"LEARNING_RATE = {value!r}")
+        return Proposal(f"bench idea {self.k}: LEARNING_RATE {value:.6g}", (edit,), proposer="bench")
 
 
 def main() -> int:
@@ -82,6 +83,12 @@ def main() -> int:
     parser.add_argument("--budget", default="10", help="AUTORESEARCH_BUDGET per run (default 10 s)")
     parser.add_argument("--fake", action="store_true", help="a no-op train.py: time the engine alone")
     parser.add_argument("--workspace", type=Path, help="where to make the workspace (default: a temp dir)")
+    parser.add_argument(
+        "--probe",
+        choices=("on", "off"),
+        default="on",
+        help="probe each candidate first (the CPU default; its seconds count as overhead) or not",
+    )
     args = parser.parse_args()
 
     events: list[Event] = []
@@ -94,8 +101,8 @@ def main() -> int:
             (source / "train.py").write_text(FAKE_TRAIN)
             (source / "prepare.py").write_text(FAKE_PREPARE)
         ws = Workspace.init(folder, tag="bench", source=source, program=Path(tmp) / "none.md")
-        config = EngineConfig(budget=args.budget, seeds=1, confirm_marginal=False)
-        engine = Engine(ws, CommentProposer(args.n), config, events.append)
+        config = EngineConfig(budget=args.budget, seeds=1, confirm_marginal=False, probe=args.probe == "on")
+        engine = Engine(ws, NudgeProposer(args.n), config, events.append)
         started = time.perf_counter()
         engine.run()
         elapsed = time.perf_counter() - started
@@ -129,6 +136,7 @@ def main() -> int:
             rows.append((event.exp_id, event.status, wall, child, wall - child, export_s, judge_s))
     print(
         f"engine overhead per experiment (budget {args.budget}{', fake train.py' if args.fake else ''}, "
+        f"probe {args.probe}, "
         f"{os.cpu_count()} CPUs)"
     )
     print(
