@@ -340,7 +340,9 @@ def measure_session(
     noops: list[int] = []
     for exp in counted:
         parent = by_commit.get(exp.parent_commit or "")
-        if exp.status in ("keep", "discard") and parent is not None:
+        if exp.status == "noop":  # caught by the engine (same syntax tree, or the same model after a probe)
+            noops.append(exp.id)
+        elif exp.status in ("keep", "discard") and parent is not None:
             mine, theirs = seed_run(exp), seed_run(parent)
             if mine is not None and theirs is not None and abs(mine - theirs) < NOOP_TOLERANCE:
                 noops.append(exp.id)
