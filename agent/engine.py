@@ -958,7 +958,6 @@ class Engine:
         with self._lock:
             gate = self._review_gate
         if noop is not None:  # the same program: nothing to train, nothing to review
-            self._consume_queue_item(item)
             self._decide(exp_id, Status.NOOP, noop)
             return
         if gate:
