@@ -1,7 +1,7 @@
 """Hostile proposals through the real engine, the real harness and the real containment.
 
 One engine session on a baselined workspace runs every case of CASES, each followed by an honest idea (a new
-comment: the same computation as the baseline). For each case: the run is not kept and its reason says why,
+logging interval: the same computation as the baseline, but not the same program, so it trains). For each case: the run is not kept and its reason says why,
 the loop goes on, the honest idea after it is judged exactly as the baseline was, the best and the baseline
 are unchanged, no process of it survives, and nothing outside its scratch folder changed.
 """
@@ -338,12 +338,12 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         engine.close()
         val_bin = next((tmp / "cache").glob("data/*/val.bin"))
         cases = _cases(ws.path, canary, val_bin, listener.getsockname()[1])
-        honest = "# Hyperparameters. The agent may edit anything in this file; prepare.py is frozen."
+        honest = "LOG_EVERY = 25  # steps"  # a comment would be recorded as a no-op and never train
         ideas: list[dict[str, object]] = []
         for i, case in enumerate(cases):
             edit = {"search": case.search, "replace": case.replace}
             ideas.append({"description": f"hostile: {case.name}", "edits": [edit]})
-            edit = {"search": honest, "replace": f"{honest}\n# note {i}"}
+            edit = {"search": honest, "replace": f"LOG_EVERY = {26 + i}  # steps"}
             ideas.append({"description": f"honest after {case.name}", "edits": [edit]})
         queue = IdeaQueue(parse_ideas("".join(json.dumps(i) + "\n" for i in ideas), Path("hostile.jsonl")))
         before = _fingerprint(ws.path, canary)

@@ -110,7 +110,11 @@ def test_a_file_that_may_read_its_globals_by_name_keeps_its_unused_constants() -
 # ---- the harness's probe mode and fingerprint -------------------------------------------------------------
 
 
-def test_a_probe_budget_samples_the_schedule_by_steps_and_only_ends_a_run_sooner() -> None:
+def test_a_probe_budget_samples_the_schedule_by_steps_and_only_ends_a_run_sooner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The clock starts now, as the runner's would (without it: when prepare was imported, maybe minutes ago).
+    monkeypatch.setenv("AUTORESEARCH_CLOCK_START", f"{time.time():.6f}")
     budget = prepare.Budget(prepare.BudgetSpec("time", 60.0), probe_steps=4)
     optimizer, other = object(), object()
     seen = []
