@@ -9,6 +9,8 @@ regenerated from the ledger. The scheduler (agent.engine) decides *when*; this m
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -34,6 +36,20 @@ from agent.ledger import (
 from agent.proposals import Proposal
 from agent.runner import kill_stale_run
 from agent.workspace import TRAIN, Workspace
+
+CRASH_ENV = "AUTORESEARCH_CRASH_AT"
+"""Fault injection for tests: `point` or `point:exp_id` makes the engine SIGKILL itself at that point."""
+CRASH_POINTS = ("after_propose", "after_commit", "during_run", "after_run", "during_decide", "after_decide")
+
+
+def crash_point(name: str, exp_id: int | None = None) -> None:
+    """Die by SIGKILL here if AUTORESEARCH_CRASH_AT names this point (and experiment)."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, target = spec.partition(":")
+    if point == name and (not target or (exp_id is not None and target == str(exp_id))):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -191,8 +207,6 @@ class Books:
 
         A keep makes `exp` the best; `new_best` (id, commit) names the best explicitly (a discard override).
         """
-        from agent.engine import crash_point  # the fault-injection points live with the scheduler
-
         previous_best = self.best()
         if new_best is None and status == Status.KEEP:
             assert exp.commit

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 
 from agent import paths
-from agent.books import Books, queue_reapply
+from agent.books import CRASH_POINTS, Books, crash_point, queue_reapply
 from agent.config import (
     EngineConfig,
     default_seeds,
@@ -64,24 +64,11 @@ from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_fo
 from agent.trainers import LocalTrainers, Trainer, TrainerLost
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
 
-CRASH_ENV = "AUTORESEARCH_CRASH_AT"
-"""Fault injection for tests: `point` or `point:exp_id` makes the engine SIGKILL itself at that point."""
-CRASH_POINTS = ("after_propose", "after_commit", "during_run", "after_run", "during_decide", "after_decide")
 PROPOSER_RETRY_S = (2.0, 60.0)
 """A proposer that fails (a local server down, slow or failing) is asked again after 2 s, then after twice
 as long each time, at most 60 s ..."""
 PROPOSER_PAUSE_AFTER_S = 300.0
 """... and once it has failed for this long the engine pauses and says why."""
-
-
-def crash_point(name: str, exp_id: int | None = None) -> None:
-    """Die by SIGKILL here if AUTORESEARCH_CRASH_AT names this point (and experiment)."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
-        return
-    point, _, target = spec.partition(":")
-    if point == name and (not target or (exp_id is not None and target == str(exp_id))):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
