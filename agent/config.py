@@ -80,8 +80,8 @@ class EngineConfig:
     None: on for local CPU runs, off on CUDA (each probe would pay torch.compile) and with Ray. The static
     check (same syntax tree) always runs."""
     overlap: bool | None = None
-    """Propose the next experiment while runs train; None: on where training has its own device (CUDA), and
-    on CPU as measured (see the README)."""
+    """Propose the next experiment while runs train; None: on with CUDA, off on CPU (a run beside the model
+    loses 30-37 % of its steps, a handicap under a wall budget: bench/bench_overlap.py, the README)."""
 
 
 def _parse(budget: str) -> tuple[str, float] | None:

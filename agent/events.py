@@ -81,9 +81,9 @@ class RunFinished(Event):
     summary: dict[str, Any] = field(default_factory=dict)
     log_tail: str = ""
     judge_seconds: float = 0.0
+    """The judge's wall time after it (load, causality probe, scoring)."""
     slot: int = 0
     """The trainer slot of the run (seeds of one experiment may train at once in several)."""
-    """The judge's wall time after it (load, causality probe, scoring)."""
 
 
 @dataclass(frozen=True, kw_only=True)
