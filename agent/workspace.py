@@ -278,13 +278,6 @@ class Workspace:
         names = self.repo.git.diff("--name-only", f"refs/heads/{self.branch}").splitlines()
         return [name for name in names if name and name != PROGRAM]
 
-    def commit_train(self, text: str, message: str) -> str:
-        """Write `text` as train.py and commit it (train.py only) on the branch; returns the commit."""
-        self.train_path.write_text(text, encoding="utf-8")
-        self.repo.index.add([TRAIN])
-        commit = self.repo.index.commit(message, author=ACTOR, committer=ACTOR, skip_hooks=True)
-        return commit.hexsha
-
     def commit_candidate(self, text: str, parent: str, message: str) -> str:
         """Commit `text` as train.py on top of `parent` without touching the branch or the working tree (a
         candidate trains from its commit while the workspace shows the best train.py); returns the commit."""

@@ -173,7 +173,8 @@ def test_git_hooks_and_fsmonitor_planted_in_a_workspace_never_run(tmp_path: Path
         (hooks / name).chmod(0o755)
     ws.repo.git.config("core.fsmonitor", str(hooks / "fsmonitor-watchman"))
     reopened = Workspace.open(ws.path)
-    commit = reopened.commit_train(FAKE_TRAIN + "# changed\n", "an experiment")
+    commit = reopened.commit_candidate(FAKE_TRAIN + "# changed\n", reopened.head(), "an experiment")
+    reopened.move_branch(commit)  # a keep
     reopened.move_branch(reopened.initial_commit)
     reopened.save_discarded(1, commit)
     reopened.changed_tracked_files()
