@@ -1633,19 +1633,9 @@ class Engine:
 
 def _probe_result(found: Probe, outcome: str, reason: str) -> RunResult:
     """A probe that settles an experiment, as its run's result."""
-    return RunResult(
-        outcome=outcome,
-        val_bpb=None,
-        reason=reason,
-        seconds=found.seconds,
-        exit_code=None,
-        summary={"probe_steps": found.steps, "probe_seconds": round(found.seconds, 2)},
-        peak_memory_mb=None,
-        log_tail=found.log_tail,
-        log_path=found.log_path or Path("probe.log"),
-        truncated=False,
-        pid=None,
-    )
+    summary = {"probe_steps": found.steps, "probe_seconds": round(found.seconds, 2)}
+    log_path = found.log_path or Path("probe.log")
+    return RunResult.without_judge(outcome, reason, found.seconds, log_path, found.log_tail, summary)
 
 
 def _python() -> str:

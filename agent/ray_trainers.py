@@ -385,19 +385,7 @@ class _StreamedLog:
 
 def _result(spec: RunSpec, outcome: str, reason: str, started: float, tail: str = "") -> RunResult:
     """A result the driver makes itself (the node's never came)."""
-    return RunResult(
-        outcome=outcome,
-        val_bpb=None,
-        reason=reason,
-        seconds=time.monotonic() - started,
-        exit_code=None,
-        summary={},
-        peak_memory_mb=None,
-        log_tail=tail,
-        log_path=spec.log_path,
-        truncated=False,
-        pid=None,
-    )
+    return RunResult.without_judge(outcome, reason, time.monotonic() - started, spec.log_path, tail)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -194,6 +194,32 @@ class RunResult:
     budget_spent: float | None = None
     """What the run spent of an enforced budget, by the runner's measure (wall or CPU seconds)."""
 
+    @classmethod
+    def without_judge(
+        cls,
+        outcome: str,
+        reason: str,
+        seconds: float,
+        log_path: Path,
+        log_tail: str = "",
+        summary: dict[str, Any] | None = None,
+    ) -> RunResult:
+        """A result made where no judged run of this machine's runner stands behind it (a probe that settled
+        the experiment, a remote run that never reported): no score, no exit code, no memory figure."""
+        return cls(
+            outcome=outcome,
+            val_bpb=None,
+            reason=reason,
+            seconds=seconds,
+            exit_code=None,
+            summary=summary or {},
+            peak_memory_mb=None,
+            log_tail=log_tail,
+            log_path=log_path,
+            truncated=False,
+            pid=None,
+        )
+
 
 def scrub_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The parts of `environ` a training run needs: no proxies, no tokens, keys or passwords."""
