@@ -288,7 +288,8 @@ class Engine:
         self._deferred: list[Command] = []
         """Model switches asked for while the proposer thinks: done once it has answered."""
         self._baseline_announced = False
-        self._last_detail = ""
+        self._said = ("idle", "")
+        """The state and detail last said (StateChanged), so that each is said once."""
         self._probes = ProbeCache()
         self._started = time.monotonic()
         self._busy_s = 0.0
@@ -433,10 +434,11 @@ class Engine:
             self._sink(event)
 
     def _set_state(self, state: str, detail: str = "") -> None:
+        """Say the engine's state (and what it is about), once per change."""
         with self._lock:
-            changed = self._state != state
+            said, self._said = self._said, (state, detail)
             self._state = state
-        if changed or detail:
+        if (state, detail) != said:
             self._emit(StateChanged(state=state, detail=detail))
 
     def _stop_flight(self, flight: _Flight, why: str) -> None:
@@ -611,23 +613,14 @@ class Engine:
             self._set_state("waiting_review")
         elif flights:
             newest = flights[-1]
-            detail = f"#{newest.exp_id} seed {newest.seed}"
-            self._set_state(
-                "baseline" if newest.exp_id == 0 else "running", detail if self._state_detail(detail) else ""
-            )
+            state = "baseline" if newest.exp_id == 0 else "running"
+            self._set_state(state, f"#{newest.exp_id} seed {newest.seed}")
         elif thinking is not None:
             self._set_state("proposing")
         elif self._paused():
             self._set_state("paused")
         else:
             self._set_state("idle")
-
-    def _state_detail(self, detail: str) -> bool:
-        """Whether `detail` is news (a run started since it was last said)."""
-        if self._last_detail == detail:
-            return False
-        self._last_detail = detail
-        return True
 
     def _handle(self, message: _Message) -> None:
         if isinstance(message, _RunDone):
@@ -1183,10 +1176,11 @@ class Engine:
         exp = self.ledger.get(exp_id)
         assert exp is not None and exp.commit and self._trainer is not None
         n = len(self.ledger.runs(exp_id))
+        first_on_commit = not self.books.current_runs(exp)
         spec = self._spec(exp, n, seed)
         self.ledger.start_run(exp_id, n, seed, str(spec.log_path), commit=exp.commit)
         flight = _Flight(exp_id=exp_id, n=n, seed=seed, slot=slot, started=time.monotonic())
-        if exp_id != 0 and self._probing() and not self.books.current_runs(exp)[:-1] and exp.parent_commit:
+        if exp_id != 0 and first_on_commit and exp.parent_commit and self._probing():
             parent = self._started_from(exp)
             flight.probe_against = (parent.id, self.ws.file_at(exp.parent_commit))
         with self._lock:
