@@ -27,6 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_engine_overhead import FAKE_PREPARE  # noqa: E402  (the same contract-following fake harness)
+
 from agent.config import EngineConfig  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.events import Decided, Event, RunFinished  # noqa: E402
@@ -37,16 +39,6 @@ from agent.workspace import Workspace  # noqa: E402
 
 TARGET = 0.9
 
-FAKE_PREPARE = """import json
-def report(val):
-    print("---")
-    print(f"val_bpb:          {val:.6f}")
-    print("training_seconds: 0.0")
-    json.dump({"val_bpb": round(val, 6)}, open("model.pt2", "w"))
-    json.dump({"export": "ok"}, open("claims.json", "w"))
-def judge(model_path, claims):
-    return {"status": "ok", "reason": "", "val_bpb": json.load(open(model_path))["val_bpb"]}
-"""
 FAKE_TRAIN = """import time
 from prepare import report
 SLEEP = {sleep}
