@@ -96,6 +96,8 @@ class EngineSnapshot:
     """How runs are contained here: 'full', 'network' or 'none' (see agent.containment), once probed."""
     trainers: int = 1
     """Trainer slots (runs that can train at once)."""
+    ray: str | None = None
+    """Where the runs train as Ray tasks ('local', 'auto', an address); None: on this machine."""
     in_flight: tuple[int, ...] = ()
     """The experiments training now, one per busy slot (slot order)."""
     busy_share: float | None = None
@@ -155,6 +157,14 @@ class SetProposer:
 
 
 @dataclass(frozen=True)
+class SetTrainers:
+    """Train on `trainers` slots, through Ray at `ray` (None: on this machine), once the runs in flight end."""
+
+    trainers: int
+    ray: str | None = None
+
+
+@dataclass(frozen=True)
 class _RunDone:
     """A slot's run ended: its result, or the trainer lost it, or the runner itself failed."""
 
@@ -176,7 +186,18 @@ class _Proposed:
     cancelled: bool = False
 
 
-Command = Wake | SetGate | Approve | Veto | Override | Reapply | ReloadProgram | UseModel | SetProposer
+Command = (
+    Wake
+    | SetGate
+    | Approve
+    | Veto
+    | Override
+    | Reapply
+    | ReloadProgram
+    | UseModel
+    | SetProposer
+    | SetTrainers
+)
 _Message = Command | _RunDone | _Proposed
 
 
@@ -293,6 +314,11 @@ class Engine:
         self._probes = ProbeCache()
         self._started = time.monotonic()
         self._busy_s = 0.0
+        self._slot_s = 0.0
+        """Slot-seconds of the trainer setups this session had before the current one (busy share's base)."""
+        self._slots_since = self._started
+        self._retrain: SetTrainers | None = None
+        """A change of trainers asked for: nothing new starts until the runs in flight end and it is made."""
         self._decided_runs = 0
 
     # ---- the command API (any thread) -----------------------------------------------------------------
@@ -390,6 +416,14 @@ class Engine:
         """Take the proposals from another proposer from the next one on (the cockpit's random search)."""
         self._inbox.put(SetProposer(proposer))
 
+    def set_trainers(self, trainers: int, ray: str | None = None) -> None:
+        """Train on `trainers` slots, as Ray tasks at `ray` ('local', 'auto', an ADDRESS) or on this machine
+        (None), from now on: nothing new starts until the runs in flight have ended, then the trainers are
+        replaced (a setup that cannot start is reported and the old one kept)."""
+        if not isinstance(trainers, int) or trainers < 1:
+            raise ValueError(f"trainers must be a whole number of at least 1, not {trainers!r}")
+        self._inbox.put(SetTrainers(trainers, (ray or "").strip() or None))
+
     def snapshot(self) -> EngineSnapshot:
         with self._lock:
             state, current, gate = self._state, self._current, self._review_gate
@@ -398,6 +432,7 @@ class Engine:
             now = time.monotonic()
             busy = self._busy_s + sum(now - f.started for f in flights)
             decided = self._decided_runs
+            slot_seconds = self._slot_s + self._slots * (now - self._slots_since)
         wall = max(now - self._started, 1e-9)
         best = self.books.best()
         noise = self.ledger.get_meta("noise")
@@ -419,8 +454,9 @@ class Engine:
             queued=len(self.ledger.queued()),
             containment=self._contained.level if self._contained else "",
             trainers=self._slots,
+            ray=self.config.ray,
             in_flight=in_flight,
-            busy_share=min(1.0, busy / (self._slots * wall)) if wall > 1.0 else None,
+            busy_share=min(1.0, busy / slot_seconds) if wall > 1.0 else None,
             experiments_per_hour=decided * 3600.0 / wall if decided else None,
         )
 
@@ -464,8 +500,11 @@ class Engine:
             return self._shutdown or self._fatal
 
     def _free_slots(self) -> list[int]:
+        """Slots that can take a run now: none while the trainers are being changed."""
         with self._lock:
             busy = set(self._flights)
+        if self._retrain is not None:
+            return []
         return [slot for slot in range(self._slots) if slot not in busy]
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -481,7 +520,7 @@ class Engine:
                 if self._trainer is None:
                     self._trainer = self._make_trainer()
                 self._emit(Info(message=f"training on {self._trainer.description}"))
-                self._started = time.monotonic()
+                self._started = self._slots_since = time.monotonic()
                 self._loop()
                 self._emit(Info(message=self._session_summary()))
         except (WorkspaceError, PrepareError) as exc:
@@ -520,6 +559,41 @@ class Engine:
             return RayTrainers(self.config.ray, self._slots, self.device)
         gpus = self._slots if self.device.startswith("cuda") else 0
         return LocalTrainers(self._slots, self._containment, self._judge_for_runs, gpus=gpus)
+
+    @staticmethod
+    def _trainers_words(setup: SetTrainers) -> str:
+        where = f"Ray at {setup.ray}" if setup.ray else "this machine"
+        return f"training on {setup.trainers} trainer(s) on {where}"
+
+    def _change_trainers(self, wanted: SetTrainers) -> None:
+        """Replace the trainers (no run is in flight): the old ones are closed, the new ones made; if they
+        cannot be, the error is said and the old setup is made again."""
+        self._retrain = None
+        if (wanted.trainers, wanted.ray) == (self._slots, self.config.ray) and self._trainer is not None:
+            self._emit(Info(message=f"already {self._trainers_words(wanted)}"))
+            return
+        before, slots = self.config, self._slots
+        if self._trainer is not None:
+            with contextlib.suppress(Exception):
+                self._trainer.close()
+            self._trainer = None
+        self._set_slots(wanted.trainers)
+        self.config = replace(self.config, trainers=wanted.trainers, ray=wanted.ray)
+        try:
+            self._trainer = self._make_trainer()
+        except Exception as exc:
+            self._emit(EngineError(message=f"cannot start {self._trainers_words(wanted)}: {exc}"))
+            self.config = before
+            self._set_slots(slots)
+            self._trainer = self._make_trainer()
+        self._emit(Info(message=f"training on {self._trainer.description}"))
+
+    def _set_slots(self, slots: int) -> None:
+        """Change the number of trainer slots, keeping the busy share's slot-seconds of the old ones."""
+        with self._lock:
+            now = time.monotonic()
+            self._slot_s += self._slots * (now - self._slots_since)
+            self._slots, self._slots_since = max(1, slots), now
 
     def _abandon(self) -> None:
         """The loop ended abnormally with work in flight: stop it; recover() records it next time."""
@@ -562,6 +636,8 @@ class Engine:
             self._show_state()
             return
         self._settle_review()
+        if self._retrain is not None and not self._flights:
+            self._change_trainers(self._retrain)
         self._start_waiting_runs()
         if not self._baseline_decided():
             self._advance_baseline()
@@ -650,6 +726,10 @@ class Engine:
         elif isinstance(message, ReloadProgram):
             self._program = self.ws.read_program()
             self._emit(Info(message="program.md reloaded"))
+        elif isinstance(message, SetTrainers):
+            self._retrain = message
+            if self._flights:
+                self._emit(Info(message=f"{self._trainers_words(message)} once the runs in flight end"))
         elif isinstance(message, UseModel | SetProposer):
             if self._thinking is not None:
                 self._deferred.append(message)

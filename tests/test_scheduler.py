@@ -14,7 +14,7 @@ from engine_fakes import Recorder, assert_consistent, cli, make_workspace, write
 
 from agent.config import EngineConfig
 from agent.engine import Engine
-from agent.events import Decided, Event, Info, RunFinished, RunStarted
+from agent.events import Decided, EngineError, Event, Info, RunFinished, RunStarted
 from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Ledger
 from agent.proposals import Proposal, ProposalContext
@@ -256,3 +256,63 @@ def test_shutdown_with_runs_waiting_for_a_slot_ends_at_once(ws: Workspace) -> No
     ledger = Ledger(ws.ledger_path)
     assert [r.outcome for r in ledger.runs(0)] == ["interrupted"]  # the waiting seeds never started
     assert len(events.of(RunStarted)) == 1
+
+
+def test_the_trainers_change_once_the_runs_in_flight_end(ws: Workspace) -> None:
+    """One slot, two baseline seeds: while seed 1 trains the user asks for two trainers; seed 2 waits for the
+    change (nothing new starts on the old setup), then the two ideas train at once on slots 0 and 1."""
+    events = Recorder()
+    config = EngineConfig(**{**FAST, "trainers": 1})
+    engine = Engine(ws, _queue(QUICK_WIN, _slow("a penalty off", "1.0", "-0.3")), config, events)  # type: ignore[arg-type]
+    asked: list[bool] = []
+
+    def ask(event: Event) -> None:
+        if isinstance(event, RunStarted) and not asked:
+            asked.append(True)
+            engine.set_trainers(2)
+
+    events.hooks.append(ask)
+    engine.run()
+    assert engine.error is None
+    infos = [e.message for e in events.of(Info)]
+    first, second = infos.index("training on 1 local trainer"), infos.index("training on 2 local trainers")
+    assert (
+        first < infos.index("training on 2 trainer(s) on this machine once the runs in flight end") < second
+    )
+    starts = [(e.exp_id, e.seed, e.slot) for e in events.of(RunStarted)]
+    assert starts[:2] == [(0, 1, 0), (0, 2, 0)]  # the second seed waited for the change, not for a slot 1
+    second_seed = next(i for i, e in enumerate(events.events) if isinstance(e, RunStarted) and e.seed == 2)
+    first_done = next(i for i, e in enumerate(events.events) if isinstance(e, RunFinished))
+    assert second_seed > first_done
+    assert _ran_together(events.events, 1, 2)
+    assert {slot for exp_id, _, slot in starts if exp_id in (1, 2)} == {0, 1}
+    snap = engine.snapshot()
+    assert snap.trainers == 2 and snap.ray is None
+    assert snap.busy_share is not None and 0.2 < snap.busy_share <= 1.0
+    assert_consistent(ws)
+
+
+def test_trainers_that_cannot_start_leave_the_old_ones(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.ray_trainers
+
+    def refuse(address: str, slots: int, device: str) -> None:
+        raise ConnectionError(f"no Ray cluster at {address}")
+
+    monkeypatch.setattr(agent.ray_trainers, "RayTrainers", refuse)
+    events = Recorder()
+    config = EngineConfig(**{**FAST, "trainers": 1})
+    engine = Engine(ws, _queue(QUICK_WIN), config, events)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 1"):
+        engine.set_trainers(0)
+    engine.set_trainers(3, " 10.0.0.9:6379 ")
+    engine.run()
+    assert engine.error is None
+    errors = [e.message for e in events.of(EngineError)]
+    assert errors == [
+        "cannot start training on 3 trainer(s) on Ray at 10.0.0.9:6379: no Ray cluster at 10.0.0.9:6379"
+    ]
+    assert [e.message for e in events.of(Info)].count("training on 1 local trainer") == 2
+    assert engine.snapshot().trainers == 1 and engine.snapshot().ray is None
+    assert [e.status for e in assert_consistent(ws).experiments()] == ["baseline", "keep"]

@@ -17,7 +17,8 @@ from tui_helpers import async_test, wait_until
 from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMetric
 from tui.app import CockpitApp, create_app
 from tui.demo import demo_header, recorded_session
-from tui.screens import HelpScreen, ModelChoice, ModelPickerScreen, QuitScreen, ReviewScreen
+from tui.screens import HelpScreen, ModelChoice, ModelPickerScreen, QuitScreen, ReviewScreen, TrainersScreen
+from tui.screens.dialogs import parse_trainers
 from tui.widgets.live import ansi_strips
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,10 +258,64 @@ async def test_every_command_is_in_the_palette() -> None:
             "Force discard",
             "Re-apply experiment",
             "Switch model",
+            "Trainers and Ray",
             "Edit program.md",
             "Help",
         ):
             assert title in titles
+
+
+class _TrainersEngine:
+    """Records the cockpit's set_trainers commands."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str | None]] = []
+
+    def set_trainers(self, trainers: int, ray: str | None = None) -> None:
+        self.calls.append((trainers, ray))
+
+
+@async_test
+async def test_the_trainers_dialog_sends_the_new_setup() -> None:
+    app = make_app()
+    engine = _TrainersEngine()
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.engine = engine  # type: ignore[assignment]
+        await pilot.pause()
+
+        async def fill(count: str, ray: str) -> None:
+            app.action_trainers()
+            await wait_until(
+                pilot,
+                lambda: isinstance(app.screen, TrainersScreen) and bool(app.screen.query("#trainers-ray")),
+                10,
+                "the trainers dialog",
+            )
+            for field, value in (("#trainers-count", count), ("#trainers-ray", ray)):
+                app.screen.query_one(field).value = value  # type: ignore[attr-defined]
+            app.screen.query_one("#trainers-ray").focus()
+            await pilot.press("enter")
+            await pilot.pause()
+
+        await fill("two", "")  # refused, said, the dialog stays
+        assert isinstance(app.screen, TrainersScreen) and engine.calls == []
+        assert any("whole number" in n.message for n in app._notifications)
+        await pilot.press("escape")
+        await fill("4", " Local ")
+        await fill("1", "")  # the setup it has: nothing sent
+        assert engine.calls == [(4, "local")] and not isinstance(app.screen, TrainersScreen)
+        assert any("4 trainer(s) on Ray at local" in n.message for n in app._notifications)
+        app.engine = None  # nothing to shut down
+
+
+def test_the_trainers_dialog_reads_its_fields() -> None:
+    assert parse_trainers(" 3 ", "") == (3, None)
+    assert parse_trainers("2", "AUTO") == (2, "auto")
+    assert parse_trainers("8", "10.0.0.9:6379") == (8, "10.0.0.9:6379")
+    assert parse_trainers("1", "off") == (1, None)
+    for count, ray in (("0", ""), ("65", ""), ("1.5", ""), ("2", "a b")):
+        with pytest.raises(ValueError):
+            parse_trainers(count, ray)
 
 
 @async_test

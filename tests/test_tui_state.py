@@ -354,6 +354,38 @@ def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are()
     assert "trainer busy 91%" in header_text(state.header, 3, 0.1, width=200).plain
 
 
+def test_fewer_trainers_drop_the_slots_gone_once_their_runs_have_ended() -> None:
+    from dataclasses import replace
+
+    from agent.engine import EngineSnapshot
+
+    state = CockpitState()
+    state.apply_batch(two_runs_in_flight(state))
+    state.select_trainer(1)
+    one = EngineSnapshot(
+        state="running",
+        workspace=Path("/w"),
+        branch="b",
+        model=None,
+        device="cpu",
+        budget="60 s",
+        n_experiments=3,
+        baseline_bpb=2.5,
+        best_bpb=2.4,
+        best_exp_id=1,
+        margin=0.01,
+        review_gate=False,
+        trainers=1,
+        ray="local",
+    )
+    state.apply_snapshot(one)  # #8 still trains on slot 1: it keeps its row until it ends
+    assert state.n_trainers == 2 and state.selected_slot is None and state.header.ray == "local"
+    state.apply_batch([RunFinished(exp_id=8, outcome="ok", val_bpb=2.55, seconds=60.0)])
+    state.apply_snapshot(replace(one, ray=None))
+    assert state.n_trainers == 1 and list(state.slots) == [0] and state.shown_slot == 0
+    assert state.run.exp_id == 7 and state.header.ray is None
+
+
 def test_the_progress_pane_states_the_gain_in_margins_and_each_kept_change() -> None:
     from tui.demo import recorded_session
     from tui.widgets.progress import gains_text

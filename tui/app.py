@@ -32,6 +32,7 @@ from tui.screens import (
     ProposalEditorScreen,
     QuitScreen,
     ReviewScreen,
+    TrainersScreen,
     WelcomeScreen,
 )
 from tui.screens.models import discover_choices
@@ -593,6 +594,20 @@ class CockpitApp(App[int]):
             self._render_header()
             self.notify(f"Switching to {name} before the next proposal.")
 
+    def action_trainers(self) -> None:
+        header = self.state.header
+        self.push_screen(TrainersScreen(header.trainers, header.ray), self._trainers_chosen)
+
+    def _trainers_chosen(self, chosen: tuple[int, str | None] | None) -> None:
+        if chosen is None:
+            return
+        trainers, ray = chosen
+        if (trainers, ray) == (self.state.header.trainers, self.state.header.ray):
+            return
+        if self._command("set_trainers", trainers, ray):
+            where = f"Ray at {ray}" if ray else "this machine"
+            self.notify(f"{trainers} trainer(s) on {where} once the runs in flight have ended.")
+
     def action_edit_program(self) -> None:
         if self.workspace_path is None:
             self.notify("No workspace is open yet.", severity="warning")
@@ -794,6 +809,7 @@ class CockpitApp(App[int]):
             ("Force discard", "Override the last decision: discard it", self.action_force_discard),
             ("Re-apply experiment", "Queue the selected discarded experiment again", self.action_reapply),
             ("Switch model", "Pick another local model", self.action_switch_model),
+            ("Trainers and Ray", "How many runs train at once, and where (Ray)", self.action_trainers),
             ("Edit program.md", "Edit the research instructions in place", self.action_edit_program),
             ("Help", "Keys and what quitting does", self.action_help),
         ]

@@ -106,6 +106,8 @@ class HeaderInfo:
     """'full', 'network' or 'none' once the engine has probed it; '' before."""
     trainers: int = 1
     """Trainer slots the engine runs (how many runs can train at once)."""
+    ray: str | None = None
+    """Where the runs train as Ray tasks ('local', 'auto', an address); None: on this machine."""
     busy_share: float | None = None
     """Share of the trainers' time spent training since the engine started (None until it says)."""
     experiments_per_hour: float | None = None
@@ -413,6 +415,15 @@ class CockpitState:
         trainers = getattr(snapshot, "trainers", None)
         if isinstance(trainers, int) and trainers >= 1:
             header.trainers = trainers
+            # Fewer trainers than before: the slots gone keep nothing once their runs have ended.
+            for slot in [s for s, run in self.slots.items() if s >= trainers and run.finished]:
+                del self.slots[slot]
+            if self.selected_slot is not None and self.selected_slot >= trainers:
+                self.selected_slot = None
+            if self.newest_slot not in self.slots:
+                self.newest_slot = max(self.slots, default=0)
+        ray = getattr(snapshot, "ray", None)
+        header.ray = ray if isinstance(ray, str) and ray else None
         if hasattr(snapshot, "review_gate"):
             header.review_gate = bool(snapshot.review_gate)
         if header.state == "paused":

@@ -1,6 +1,6 @@
-"""The cockpit's screens: main, welcome, review, editors, model picker, help and quit."""
+"""The cockpit's screens: main, welcome, review, editors, model picker, trainers, help and quit."""
 
-from tui.screens.dialogs import QuitScreen, VetoScreen, WelcomeScreen
+from tui.screens.dialogs import QuitScreen, TrainersScreen, VetoScreen, WelcomeScreen
 from tui.screens.editors import ProgramEditorScreen, ProposalEditorScreen
 from tui.screens.help import HelpScreen
 from tui.screens.main import MainScreen
@@ -16,6 +16,7 @@ __all__ = [
     "ProposalEditorScreen",
     "QuitScreen",
     "ReviewScreen",
+    "TrainersScreen",
     "VetoScreen",
     "WelcomeScreen",
 ]

@@ -1,4 +1,4 @@
-"""Small dialogs: the first-run welcome, the veto reason, and the quit confirmation."""
+"""Small dialogs: the first-run welcome, the veto reason, the trainers, and the quit confirmation."""
 
 from __future__ import annotations
 
@@ -85,6 +85,67 @@ class VetoScreen(ModalScreen[str | None]):
             self.dismiss(reason)
         else:
             self.notify("Give a reason: it is what the model learns from.", severity="warning")
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+MAX_TRAINERS = 64
+"""The most trainer slots the dialog accepts (a typo guard; the engine itself takes any number)."""
+
+
+def parse_trainers(count: str, ray: str) -> tuple[int, str | None]:
+    """The dialog's two fields as (trainers, ray): a whole number from 1 to MAX_TRAINERS, and Ray's address
+    ('local', 'auto', HOST:PORT) or None for this machine. Raises ValueError saying what is wrong."""
+    try:
+        trainers = int(count.strip())
+    except ValueError:
+        raise ValueError(f"trainers must be a whole number, not {count.strip()!r}") from None
+    if not 1 <= trainers <= MAX_TRAINERS:
+        raise ValueError(f"trainers must be between 1 and {MAX_TRAINERS}, not {trainers}")
+    where = ray.strip()
+    if where.lower() in ("", "none", "off", "no"):
+        return trainers, None
+    if any(c.isspace() for c in where):
+        raise ValueError(f"Ray's address has no spaces: {where!r} (local, auto or HOST:PORT)")
+    return trainers, where.lower() if where.lower() in ("local", "auto") else where
+
+
+class TrainersScreen(ModalScreen[tuple[int, str | None] | None]):
+    """How many runs train at once, and where: this machine, a local Ray instance or a Ray cluster."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, trainers: int, ray: str | None) -> None:
+        super().__init__()
+        self._trainers, self._ray = trainers, ray
+
+    def compose(self) -> ComposeResult:
+        now = f"Ray at {self._ray}" if self._ray else "this machine"
+        with Vertical(id="trainers-dialog", classes="dialog"):
+            yield Static("Trainers", classes="dialog-title")
+            yield Static(
+                f"Now: {self._trainers} trainer(s) on {now}. The change is made once the runs in flight "
+                "have ended; nothing new starts before."
+            )
+            yield Static("How many runs train at once (on CUDA, one per GPU):")
+            yield Input(str(self._trainers), id="trainers-count")
+            yield Static(
+                "Ray: empty for this machine; local (a Ray instance here), auto or HOST:PORT of a cluster:"
+            )
+            yield Input(self._ray or "", placeholder="empty: this machine", id="trainers-ray")
+        yield CockpitFooter()
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        count, ray = self.query_one("#trainers-count", Input), self.query_one("#trainers-ray", Input)
+        if event.input is count:
+            ray.focus()
+            return
+        try:
+            self.dismiss(parse_trainers(count.value, ray.value))
+        except ValueError as exc:
+            self.notify(str(exc), severity="warning", markup=False)
 
     def action_cancel(self) -> None:
         self.dismiss(None)
