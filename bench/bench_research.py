@@ -30,8 +30,8 @@ line per session, one colour per arm), and printed as tables.
 Resumable: each session's results are saved in DIR/sessions/ARM/I/session.json when it ends, and a rerun with
 the same settings skips those; a session killed half-way is resumed by the engine's own recovery (its ledger
 and git say where it was), with the proposer seeded afresh so that it does not replay its first proposals; a
-false-keep rerun killed half-way resumes the same way. A rerun with a different N, budget, seed or source is
-refused (results would not compare); more sessions or more arms extend the results.
+false-keep rerun killed half-way resumes the same way. A rerun with a different N, budget, seed, source or
+program is refused (results would not compare); more sessions or more arms extend the results.
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ class Settings:
     """K baseline runs per session (None: the engine's default)."""
     source: Path | None = None
     """A folder shaped like nanogpt/ to make the workspaces from (None: the shipped one)."""
+    program: Path | None = None
+    """The program.md of every session (None: the profile's); an ablation changes the human's instructions."""
     engine: Mapping[str, Any] = field(default_factory=dict)
     """Further EngineConfig fields (tests: a short deadline)."""
 
@@ -147,7 +149,7 @@ class Settings:
             "seed": self.seed,
             "baseline_seeds": self.baseline_seeds,
             "source": str(self.source.resolve()) if self.source else None,
-        }
+        } | ({"program": str(self.program.resolve())} if self.program else {})
 
     def config(self, **fields: Any) -> EngineConfig:
         values: dict[str, Any] = {"budget": self.budget, "seeds": self.baseline_seeds, **self.engine}
@@ -273,7 +275,9 @@ def run_session(arm: Arm, index: int, settings: Settings, out: Path) -> dict[str
         ws = Workspace.open(path)
         print(f"{label} resuming the session in {path}", flush=True)
     else:
-        ws = Workspace.init(_fresh(path), tag=f"bench{index}", source=settings.source)
+        ws = Workspace.init(
+            _fresh(path), tag=f"bench{index}", source=settings.source, program=settings.program
+        )
         print(f"{label} a new session in {path}", flush=True)
     done = _ledger_experiments(ws)
     left = settings.experiments - len(_counted(done))
@@ -705,8 +709,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--source", type=Path, help="a folder shaped like nanogpt/ (default: the shipped one)"
     )
+    parser.add_argument(
+        "--program",
+        type=Path,
+        help="the program.md of every session (default: the shipped one); for ablations",
+    )
     args = parser.parse_args(argv)
     try:
+        if args.program is not None and not args.program.is_file():
+            raise BenchError(f"--program {args.program}: no such file")
         if args.sessions < 1 or args.experiments < 1:
             raise BenchError("-R and -N must be at least 1")
         if args.seeds is not None and args.seeds < 1:
@@ -716,7 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not names or len(set(names)) != len(names):
             raise BenchError(f"--arms {args.arms!r}: name each arm once")
         arms = [arm_named(name) for name in names]
-        settings = Settings(args.experiments, budget, args.seed, args.seeds, args.source)
+        settings = Settings(args.experiments, budget, args.seed, args.seeds, args.source, args.program)
         report = run_benchmark(arms, args.sessions, settings, args.out)
     except KeyboardInterrupt:
         return 130

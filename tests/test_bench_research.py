@@ -76,10 +76,20 @@ def _fake_value(train_py: str, seed: int) -> float:
 
 def test_arithmetic_on_a_scripted_arm_and_random_search(tmp_path: Path) -> None:
     source = make_source(tmp_path / "source")
-    settings = bench.Settings(6, None, seed=SEED, baseline_seeds=2, source=source)
+    program = tmp_path / "ablation.md"
+    program.write_text("# Goal\n\nLower val_bpb (an ablation's instructions).\n", encoding="utf-8")
+    settings = bench.Settings(6, None, seed=SEED, baseline_seeds=2, source=source, program=program)
     arms = [bench.Arm("scripted", _scripted), bench.arm_named("random")]
     out = tmp_path / "out"
     report = bench.run_benchmark(arms, 2, settings, out)
+    assert report["settings"]["program"] == str(program.resolve())
+    for arm in (
+        "scripted",
+        "random",
+    ):  # every session (and every false-keep rerun) had the ablation's program
+        assert {p.read_text() for p in (out / "sessions" / arm).rglob("ws/program.md")} == {
+            program.read_text()
+        }
 
     scripted = report["arms"]["scripted"]
     for session, rate_value in zip(scripted["sessions"], (2.1, 2.3), strict=True):
@@ -239,3 +249,7 @@ def test_a_killed_benchmark_resumes_where_it_was(tmp_path: Path) -> None:
     other = _cli(*args[:-2], "-N", "4", "--out", str(out))
     assert other.returncode == 2
     assert "other settings (experiments 3 -> 4)" in other.stderr
+    program = tmp_path / "other.md"
+    program.write_text("# Goal\n", encoding="utf-8")
+    other = _cli(*args, "--program", str(program))
+    assert other.returncode == 2 and f"program None -> '{program.resolve()}'" in other.stderr
