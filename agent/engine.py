@@ -60,7 +60,7 @@ from agent.events import (
 from agent.ledger import FAILED, RAN, Experiment, Ledger, Status, proposal_to_json
 from agent.noop import Probe, ProbeCache, probe, probe_key, same_computation, static_noop
 from agent.proposals import HistoryRow, LastKeep, Proposal, ProposalContext, ProposalFailed, Proposer
-from agent.random_search import constant_moves, next_step
+from agent.random_search import constant_moves
 from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_for_runs
 from agent.trainers import LocalTrainers, Trainer, TrainerLost
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
@@ -795,9 +795,8 @@ class Engine:
         last = tried[-1] if tried else None
         if last is None or last.status != Status.KEEP or last.commit != best_commit or not last.parent_commit:
             return None
-        kept = self.ws.file_at(last.commit)
-        moves = constant_moves(self.ws.file_at(last.parent_commit), kept)
-        return LastKeep(last.id, last.description, moves, next_step(kept, moves)) if moves else None
+        moves = constant_moves(self.ws.file_at(last.parent_commit), self.ws.file_at(last.commit))
+        return LastKeep(last.id, last.description, moves) if moves else None
 
     def _want_proposal(self) -> bool:
         with self._lock:

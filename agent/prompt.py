@@ -47,8 +47,8 @@ Do not repeat it. Reply with a corrected JSON object for one idea; copy each "se
 
 DIRECTION = "Suggested direction (from program.md): {direction}\n"
 AFTER_KEEP = (
-    "The last experiment, #{exp_id} ({description}), was kept: it {moves}, {values} train.py has now. "
-    "Suggested direction: move {which} further the same way{example}.\n"
+    "The last experiment, #{exp_id} ({description}), was kept: it moved {moves}. "
+    "Suggested direction: move one of them further the same way{example}.\n"
 )
 DIRECTION_AFTER_DUPLICATE = "Try a different direction instead: {direction}"
 
@@ -199,30 +199,45 @@ def pick_direction(directions: Sequence[str], turn: int, avoid: str | None = Non
     return choices[turn % len(choices)] if choices else None
 
 
+def further(before: str, after: str) -> str | None:
+    """The value one more step of a move goes to: the same ratio again, a whole number kept whole (and at
+    least 1); None when the move has no ratio (from or to zero, a change of sign) or it is not a number."""
+    try:
+        old, new = ast.literal_eval(before), ast.literal_eval(after)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not all(type(v) in (int, float) for v in (old, new)) or old == 0 or new == 0 or (old > 0) != (new > 0):
+        return None
+    step = new * (new / old)
+    if type(old) is int and type(new) is int:
+        whole = round(step)
+        if whole == new:
+            whole = new + (1 if new > old else -1)
+        return str(whole) if whole >= 1 else None
+    return f"{step:.3g}"
+
+
 def suggest_after_keep(last_keep: LastKeep | None) -> str | None:
-    """The request's suggestion right after a keep that moved constants: go on the same way (with a value to
-    try, when there is one that keeps the shapes valid), else None. Only the values train.py has now are
-    named: a small model shown the old ones copies them into its search text."""
+    """The request's suggestion right after a keep that moved constants: go on the same way (with a value
+    to try for the first constant that has one), else None."""
     if last_keep is None or not last_keep.moves:
         return None
 
     def said(move: KeptMove) -> str:
-        return f"{'raised' if _number(move.after) > _number(move.before) else 'lowered'} {move.name} to {move.after}"
+        return f"{move.name} {move.before} -> {move.after}"
 
     moves = [said(m) for m in last_keep.moves]
     words = moves[0] if len(moves) == 1 else ", ".join(moves[:-1]) + " and " + moves[-1]
+    example = next(
+        (f"{m.name} = {value}" for m in last_keep.moves if (value := further(m.before, m.after)) is not None),
+        None,
+    )
     return AFTER_KEEP.format(
         exp_id=last_keep.exp_id,
         description=_one_line(last_keep.description, 50),
         moves=words,
-        values="the value" if len(moves) == 1 else "the values",
-        which="it" if len(moves) == 1 else "one of them",
-        example=f" (e.g. {last_keep.example})" if last_keep.example else "",
+        example=f" (e.g. {example})" if example else "",
     )
-
-
-def _number(text: str) -> float:
-    return float(ast.literal_eval(text))
 
 
 def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:

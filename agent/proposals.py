@@ -65,8 +65,6 @@ class LastKeep:
     exp_id: int
     description: str
     moves: tuple[KeptMove, ...]
-    example: str | None = None
-    """One more step of one of the moves that keeps the shapes valid, as `NAME = value`; None if none does."""
 
 
 @dataclass(frozen=True)

@@ -209,43 +209,6 @@ def constant_moves(before: str, after: str) -> tuple[KeptMove, ...]:
     )
 
 
-def further(before: str, after: str) -> float | None:
-    """Where one more step of a move goes: the same ratio again; None when the move has no ratio (from or to
-    zero, a change of sign) or either value is not a number."""
-    try:
-        old, new = ast.literal_eval(before), ast.literal_eval(after)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
-    if not all(type(v) in (int, float) for v in (old, new)) or old == 0 or new == 0 or (old > 0) != (new > 0):
-        return None
-    return float(new * (new / old))
-
-
-def next_step(train_py: str, moves: tuple[KeptMove, ...]) -> str | None:
-    """`NAME = value` one more step along the first move that has one within the shape constraints (a whole
-    number stays whole and at least 1: the whole number nearest the same ratio again, or the nearest on the
-    way there that keeps the width divisible by the heads); None when no move has one."""
-    try:
-        block = read_block(train_py)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return None
-    for move in moves:
-        target = further(move.before, move.after)
-        if target is None:
-            continue
-        new = ast.literal_eval(move.after)
-        if type(new) is float or type(ast.literal_eval(move.before)) is float:
-            return f"{move.name} = {target:.3g}"
-        goal = round(target)
-        if goal == new:
-            goal = new + (1 if target > new else -1)
-        way = 1 if goal > new else -1
-        for value in range(goal, new, -way):  # from the goal back towards the current value
-            if value >= 1 and not constraint_problems(block.values_with({move.name: value})):
-                return f"{move.name} = {value}"
-    return None
-
-
 # ---- kinds: how each constant moves ---------------------------------------------------------------------
 
 

@@ -188,17 +188,14 @@ def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
 
 
 def test_right_after_a_keep_the_model_is_pointed_further_the_same_way() -> None:
-    kept = LastKeep(1, "a smaller batch", (KeptMove("BATCH_SIZE", "16", "8"),), "BATCH_SIZE = 4")
+    kept = LastKeep(1, "a smaller batch", (KeptMove("BATCH_SIZE", "16", "8"),))
     with ScriptedServer(replies=[GOOD_REPLY]) as server:
         proposer = make_proposer(f"{server.url}#local", seed=5)
         ctx = dataclasses.replace(context(program_md=PROGRAM_WITH_IDEAS), last_keep=kept)
         proposal = proposer.propose(ctx, Recorder(), threading.Event())
     assert proposal is not None
     request = server.bodies[0]["messages"][-1]["content"]
-    assert (
-        "was kept: it lowered BATCH_SIZE to 8, the value train.py has now. Suggested direction: move it"
-        in request
-    )
+    assert "was kept: it moved BATCH_SIZE 16 -> 8. Suggested direction: move one of them further" in request
     assert "(e.g. BATCH_SIZE = 4)" in request and "(from program.md)" not in request
 
 

@@ -343,8 +343,6 @@ def test_the_proposal_after_a_keep_is_told_which_constants_it_moved(ws: Workspac
     # After the baseline: nothing kept yet; after #1: its move; after #2 (a discard): nothing to go on with.
     assert proposer.seen[:3] == [
         None,
-        LastKeep(
-            1, "lower the learning rate", (KeptMove("LEARNING_RATE", "1.0", "0.6"),), "LEARNING_RATE = 0.36"
-        ),
+        LastKeep(1, "lower the learning rate", (KeptMove("LEARNING_RATE", "1.0", "0.6"),)),
         None,
     ]
