@@ -59,8 +59,7 @@ from agent.events import (
 )
 from agent.ledger import FAILED, RAN, Experiment, Ledger, Status, proposal_to_json
 from agent.noop import Probe, ProbeCache, probe, probe_key, same_computation, static_noop
-from agent.proposals import HistoryRow, LastKeep, Proposal, ProposalContext, ProposalFailed, Proposer
-from agent.random_search import constant_moves
+from agent.proposals import HistoryRow, Proposal, ProposalContext, ProposalFailed, Proposer
 from agent.runner import PrepareError, RunResult, RunSpec, WarmJudge, prepare_for_runs
 from agent.trainers import LocalTrainers, Trainer, TrainerLost
 from agent.workspace import HARNESS, TRAIN, Workspace, WorkspaceError
@@ -774,29 +773,16 @@ class Engine:
         tried = {
             e.train_hash for e in experiments if e.train_hash and (e.status in RAN or e.phase != "decided")
         }
-        best_commit = self.books.best_commit()
         return ProposalContext(
             program_md=self._program,
-            train_py=self.ws.file_at(best_commit),
+            train_py=self.ws.file_at(self.books.best_commit()),
             history=history,
             best_bpb=best.val_bpb if best else None,
             noise_margin=noise["margin"] if noise else None,
             budget=describe_budget(self.config.budget, self.device),
             tried_hashes=frozenset(tried),
             veto_reason=veto,
-            last_keep=self._last_keep(experiments, best_commit),
         )
-
-    def _last_keep(self, experiments: list[Experiment], best_commit: str) -> LastKeep | None:
-        """The newest experiment tried, when it is the best and was kept over its parent by moving constants."""
-        tried = [
-            e for e in experiments if e.phase == "decided" and (e.status in RAN or e.status == Status.NOOP)
-        ]
-        last = tried[-1] if tried else None
-        if last is None or last.status != Status.KEEP or last.commit != best_commit or not last.parent_commit:
-            return None
-        moves = constant_moves(self.ws.file_at(last.parent_commit), self.ws.file_at(last.commit))
-        return LastKeep(last.id, last.description, moves) if moves else None
 
     def _want_proposal(self) -> bool:
         with self._lock:

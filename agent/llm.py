@@ -36,7 +36,6 @@ from agent.prompt import (
     idea_directions,
     pick_direction,
     render_chatml,
-    suggest_after_keep,
 )
 from agent.proposals import Proposal, ProposalContext, ProposalFailed
 from agent.reply import REPLY_GRAMMAR, DuplicateIdea, ReplyError, check_reply, close_open_string
@@ -627,18 +626,13 @@ class LlamaProposer:
             backend = self._ensure_backend(emit)
             model = self.model_name
             reserve = 2 * self.max_tokens + _FOLLOWUP_RESERVE + 64
-            # The human's idea directions in turn, one per experiment (so a restart goes on where it was);
-            # right after a keep that moved constants, going on the same way instead.
+            # The human's idea directions in turn, one per experiment (so a restart goes on where it was).
             directions = idea_directions(context.program_md)
             turn = len(context.history)
             direction = pick_direction(directions, turn)
             try:
                 prompt = build_prompt(
-                    context,
-                    backend.n_ctx - reserve,
-                    backend.count_tokens,
-                    direction=direction,
-                    after_keep=suggest_after_keep(context.last_keep),
+                    context, backend.n_ctx - reserve, backend.count_tokens, direction=direction
                 )
             except PromptTooLong as exc:
                 raise ProposalFailed(str(exc), (), model=model) from None

@@ -13,7 +13,7 @@ import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.proposals import HistoryRow, KeptMove, LastKeep, ProposalContext
+from agent.proposals import HistoryRow, ProposalContext
 
 Message = dict[str, str]
 """A chat message: {"role": "system" | "user" | "assistant", "content": ...}."""
@@ -46,10 +46,6 @@ Your previous reply was rejected: {error}
 Do not repeat it. Reply with a corrected JSON object for one idea; copy each "search" exactly from train.py."""
 
 DIRECTION = "Suggested direction (from program.md): {direction}\n"
-AFTER_KEEP = (
-    "The last experiment, #{exp_id} ({description}), was kept: it moved {moves}. "
-    "Suggested direction: move one of them further the same way{example}.\n"
-)
 DIRECTION_AFTER_DUPLICATE = "Try a different direction instead: {direction}"
 
 HISTORY_ROWS = 20
@@ -79,7 +75,7 @@ class Prompt:
     history_shown: int
     history_total: int
     direction: str | None = None
-    """The suggestion in the request, if any: going on after a keep, else an idea direction of program.md."""
+    """The idea direction suggested in the request, if any."""
 
 
 def _fmt_bpb(value: float | None) -> str:
@@ -199,47 +195,6 @@ def pick_direction(directions: Sequence[str], turn: int, avoid: str | None = Non
     return choices[turn % len(choices)] if choices else None
 
 
-def further(before: str, after: str) -> str | None:
-    """The value one more step of a move goes to: the same ratio again, a whole number kept whole (and at
-    least 1); None when the move has no ratio (from or to zero, a change of sign) or it is not a number."""
-    try:
-        old, new = ast.literal_eval(before), ast.literal_eval(after)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
-    if not all(type(v) in (int, float) for v in (old, new)) or old == 0 or new == 0 or (old > 0) != (new > 0):
-        return None
-    step = new * (new / old)
-    if type(old) is int and type(new) is int:
-        whole = round(step)
-        if whole == new:
-            whole = new + (1 if new > old else -1)
-        return str(whole) if whole >= 1 else None
-    return f"{step:.3g}"
-
-
-def suggest_after_keep(last_keep: LastKeep | None) -> str | None:
-    """The request's suggestion right after a keep that moved constants: go on the same way (with a value
-    to try for the first constant that has one), else None."""
-    if last_keep is None or not last_keep.moves:
-        return None
-
-    def said(move: KeptMove) -> str:
-        return f"{move.name} {move.before} -> {move.after}"
-
-    moves = [said(m) for m in last_keep.moves]
-    words = moves[0] if len(moves) == 1 else ", ".join(moves[:-1]) + " and " + moves[-1]
-    example = next(
-        (f"{m.name} = {value}" for m in last_keep.moves if (value := further(m.before, m.after)) is not None),
-        None,
-    )
-    return AFTER_KEEP.format(
-        exp_id=last_keep.exp_id,
-        description=_one_line(last_keep.description, 50),
-        moves=words,
-        example=f" (e.g. {example})" if example else "",
-    )
-
-
 def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
     for row in reversed(history):
         if row.crash_tail.strip():
@@ -249,21 +204,15 @@ def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
 
 
 def dynamic_text(
-    context: ProposalContext,
-    crash_lines: int = CRASH_TAIL_LINES,
-    direction: str | None = None,
-    after_keep: str | None = None,
+    context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES, direction: str | None = None
 ) -> str:
-    """The part after the history: the last crash, a veto, a suggestion (going on after a keep, else a
-    direction of program.md), and the request."""
+    """The part after the history: the last crash, a veto, a direction, and the request."""
     parts = []
     if crash_lines > 0:
         parts.append(_crash_tail(context.history, crash_lines))
     if context.veto_reason:
         parts.append(f"The user vetoed the previous proposal: {context.veto_reason.strip()}\n")
-    if after_keep:
-        parts.append(after_keep)
-    elif direction:
+    if direction:
         parts.append(DIRECTION.format(direction=direction))
     parts.append("Propose the next experiment: one new idea, as the JSON object only.")
     return "".join(parts)
@@ -275,12 +224,10 @@ def build_prompt(
     count_tokens: TokenCounter = estimate_tokens,
     max_history: int = HISTORY_ROWS,
     direction: str | None = None,
-    after_keep: str | None = None,
 ) -> Prompt:
     """System and user messages that fit in `budget_tokens`; the history is trimmed first, then the crash tail.
 
-    `direction`, one of `idea_directions(program_md)`, is suggested in the request, unless `after_keep` (what
-    to try after a keep, `suggest_after_keep`) is given: that is suggested instead.
+    `direction`, one of `idea_directions(program_md)`, is suggested in the request.
 
     Raises PromptTooLong if the rules, program.md and train.py alone do not fit.
     """
@@ -295,7 +242,7 @@ def build_prompt(
         if shown:
             omitted = f" ({start} older not shown)" if start else ""
             table = f"# Experiments so far, oldest first{omitted}\n\n{history_table(shown)}\n\n"
-        dynamic = dynamic_text(context, crash_lines, direction, after_keep)
+        dynamic = dynamic_text(context, crash_lines, direction)
         total = base + count_tokens(table) + count_tokens(dynamic)
         if total <= budget_tokens:
             break
@@ -318,7 +265,7 @@ def build_prompt(
         tokens=total,
         history_shown=len(shown),
         history_total=len(history),
-        direction=after_keep or direction,
+        direction=direction,
     )
 
 

@@ -50,24 +50,6 @@ class HistoryRow:
 
 
 @dataclass(frozen=True)
-class KeptMove:
-    """A constant that a keep moved: its name and its value as written before and after."""
-
-    name: str
-    before: str
-    after: str
-
-
-@dataclass(frozen=True)
-class LastKeep:
-    """The newest experiment decided, when it was a keep that moved constants: a direction to follow up."""
-
-    exp_id: int
-    description: str
-    moves: tuple[KeptMove, ...]
-
-
-@dataclass(frozen=True)
 class ProposalContext:
     """Everything a proposer may look at to propose the next experiment."""
 
@@ -84,8 +66,6 @@ class ProposalContext:
     """SHA-256 of every train.py already tried: a proposal producing one of these is a duplicate."""
     veto_reason: str | None = None
     """Why the user vetoed the previous proposal, to be passed back to the model."""
-    last_keep: LastKeep | None = None
-    """The newest decision when it was a keep that moved constants of train.py (None otherwise)."""
 
 
 class ProposalFailed(Exception):

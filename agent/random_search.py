@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from agent.edits import EditError, apply_edit, apply_edits, file_hash
 from agent.events import EventSink, Info
-from agent.proposals import Edit, KeptMove, Proposal, ProposalContext
+from agent.proposals import Edit, Proposal, ProposalContext
 
 MODEL_NAME = "random search"
 """How the random search is named where a model's name would be (header, model picker, ledger)."""
@@ -189,24 +189,6 @@ def read_block(source: str) -> Block:
         text = lines[node.lineno - 1].encode("utf-8")[node.col_offset : node.end_col_offset].decode("utf-8")
         constants.append(Constant(name, value, text, node.lineno, spans))
     return Block(tuple(constants), _block_values(statements, {}), statements)
-
-
-def constant_moves(before: str, after: str) -> tuple[KeptMove, ...]:
-    """The numeric constants of the block (numbers, not switches or tuples) whose value differs between two
-    train.py texts, in the order of `after`; none when either does not parse."""
-    try:
-        old = {c.name: c for c in read_block(before).constants}
-        new = read_block(after).constants
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return ()
-    return tuple(
-        KeptMove(c.name, old[c.name].text, c.text)
-        for c in new
-        if c.name in old
-        and type(c.value) in (int, float)
-        and type(old[c.name].value) in (int, float)
-        and c.value != old[c.name].value
-    )
 
 
 # ---- kinds: how each constant moves ---------------------------------------------------------------------

@@ -29,7 +29,7 @@ from agent.llm import (
 )
 from agent.models import DEFAULT_MODEL, ModelError
 from agent.prompt import build_prompt
-from agent.proposals import Edit, HistoryRow, KeptMove, LastKeep, Proposal, ProposalContext, ProposalFailed
+from agent.proposals import Edit, HistoryRow, Proposal, ProposalContext, ProposalFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
@@ -185,18 +185,6 @@ def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
     assert "Batch size" not in retry_tail.split("instead:")[1]
     temperatures = [request["temperature"] for request in server.bodies]
     assert temperatures[1] == pytest.approx(temperatures[0] + 0.3) == proposal.temperature
-
-
-def test_right_after_a_keep_the_model_is_pointed_further_the_same_way() -> None:
-    kept = LastKeep(1, "a smaller batch", (KeptMove("BATCH_SIZE", "16", "8"),))
-    with ScriptedServer(replies=[GOOD_REPLY]) as server:
-        proposer = make_proposer(f"{server.url}#local", seed=5)
-        ctx = dataclasses.replace(context(program_md=PROGRAM_WITH_IDEAS), last_keep=kept)
-        proposal = proposer.propose(ctx, Recorder(), threading.Event())
-    assert proposal is not None
-    request = server.bodies[0]["messages"][-1]["content"]
-    assert "was kept: it moved BATCH_SIZE 16 -> 8. Suggested direction: move one of them further" in request
-    assert "(e.g. BATCH_SIZE = 4)" in request and "(from program.md)" not in request
 
 
 def test_prompt_lookup_drafts_what_followed_the_last_ngram_most_recently() -> None:

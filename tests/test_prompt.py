@@ -16,16 +16,13 @@ from agent.prompt import (
     build_prompt,
     estimate_tokens,
     followup,
-    further,
     history_start,
     idea_directions,
     pick_direction,
     render_chatml,
     split_train_py,
-    suggest_after_keep,
 )
-from agent.proposals import HistoryRow, KeptMove, LastKeep, ProposalContext
-from agent.random_search import constant_moves
+from agent.proposals import HistoryRow, ProposalContext
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (ROOT / "nanogpt" / "train.py").read_text()
@@ -279,45 +276,3 @@ def test_a_discard_rereads_one_history_row_and_the_request() -> None:
     tail = changed_tail(before, user_text(dataclasses.replace(ctx, history=(*ctx.history, row))))
     assert tail.startswith("| 8 | 2.7000 | discard | a new idea |")
     assert estimate_tokens(tail) < 80
-
-
-def test_after_a_keep_the_request_suggests_going_on_the_same_way() -> None:
-    kept = apply_edits(SHIPPED, [("N_LAYER = 2", "N_LAYER = 1"), ("N_EMBD = 128", "N_EMBD = 64")])
-    moves = constant_moves(SHIPPED, kept)
-    assert moves == (KeptMove("N_LAYER", "2", "1"), KeptMove("N_EMBD", "128", "64"))
-    text = suggest_after_keep(LastKeep(4, "trade N_LAYER against N_EMBD", moves))
-    assert text == (
-        "The last experiment, #4 (trade N_LAYER against N_EMBD), was kept: it moved N_LAYER 2 -> 1 and "
-        "N_EMBD 128 -> 64. Suggested direction: move one of them further the same way (e.g. N_EMBD = 32).\n"
-    )
-    prompt = build_prompt(context(), 100_000, direction="Batch size: smaller.", after_keep=text)
-    request = prompt.messages[-1]["content"]
-    assert request.endswith(text + "Propose the next experiment: one new idea, as the JSON object only.")
-    assert "Suggested direction (from program.md)" not in request and prompt.direction == text
-    assert suggest_after_keep(None) is None and suggest_after_keep(LastKeep(4, "code", ())) is None
-
-
-def test_going_further_repeats_the_ratio_and_keeps_whole_numbers_whole() -> None:
-    assert further("128", "64") == "32" and further("64", "128") == "256"
-    assert further("2e-3", "4e-3") == "0.008" and further("0.1", "0.05") == "0.025"
-    assert further("2", "3") == "4"  # 4.5 rounds to 4 (the same ratio again)
-    assert further("3", "2") == "1" and further("2", "1") is None  # no layer count below 1
-    assert further("4", "5") == "6"  # 6.25: a whole step at least
-    assert further("0", "1") is None and further("1", "-1") is None and further("(0.9, 0.95)", "1") is None
-    assert further("True", "False") is None
-
-
-def test_only_numbers_the_block_moved_count_as_moves() -> None:
-    assert constant_moves(SHIPPED, SHIPPED) == ()
-    betas = apply_edits(SHIPPED, [("BETAS = (0.9, 0.95)", "BETAS = (0.8, 0.95)")])
-    assert constant_moves(SHIPPED, betas) == ()  # a tuple: no direction to go on in
-    rate = apply_edits(SHIPPED, [("LEARNING_RATE = 2e-3", "LEARNING_RATE = 0.002")])
-    assert constant_moves(SHIPPED, rate) == ()  # the same value written differently
-    assert constant_moves(SHIPPED, "def broken(:\n") == ()
-
-
-def apply_edits(text: str, pairs: list[tuple[str, str]]) -> str:
-    for old, new in pairs:
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    return text

@@ -17,7 +17,7 @@ from agent.engine import Engine
 from agent.events import Decided, EngineError, Event, Info, RunFinished, RunStarted
 from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Ledger
-from agent.proposals import KeptMove, LastKeep, Proposal, ProposalContext
+from agent.proposals import Proposal, ProposalContext
 from agent.workspace import Workspace
 
 TRAIN = '''"""Fake train.py for the scheduler: the constants decide val_bpb, SLEEP how long a run takes."""
@@ -316,33 +316,3 @@ def test_trainers_that_cannot_start_leave_the_old_ones(
     assert [e.message for e in events.of(Info)].count("training on 1 local trainer") == 2
     assert engine.snapshot().trainers == 1 and engine.snapshot().ray is None
     assert [e.status for e in assert_consistent(ws).experiments()] == ["baseline", "keep"]
-
-
-class _Contexts:
-    """An idea queue that keeps what each proposal was shown of the last keep."""
-
-    name = "ideas"
-
-    def __init__(self, queue: IdeaQueue) -> None:
-        self.queue = queue
-        self.seen: list[LastKeep | None] = []
-
-    def propose(self, context: ProposalContext, emit: object, cancel: threading.Event) -> Proposal | None:
-        self.seen.append(context.last_keep)
-        return self.queue.propose(context, emit, cancel)  # type: ignore[arg-type]
-
-
-def test_the_proposal_after_a_keep_is_told_which_constants_it_moved(ws: Workspace) -> None:
-    slower = {"description": "slower", "edits": [{"search": "SLEEP = 0.2", "replace": "SLEEP = 0.3"}]}
-    proposer = _Contexts(_queue(QUICK_WIN, slower, QUICK_WIN))
-    config = EngineConfig(**{**FAST, "trainers": 1, "overlap": False})
-    engine = Engine(ws, proposer, config, Recorder())  # type: ignore[arg-type]
-    engine.run()
-    assert engine.error is None
-    assert [e.status for e in assert_consistent(ws).experiments()] == ["baseline", "keep", "discard"]
-    # After the baseline: nothing kept yet; after #1: its move; after #2 (a discard): nothing to go on with.
-    assert proposer.seen[:3] == [
-        None,
-        LastKeep(1, "lower the learning rate", (KeptMove("LEARNING_RATE", "1.0", "0.6"),)),
-        None,
-    ]
