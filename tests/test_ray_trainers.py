@@ -43,7 +43,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from agent.config import EngineConfig  # noqa: E402
 from agent.engine import Engine  # noqa: E402
-from agent.events import Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
+from agent.events import Decided, Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
 from agent.ideas import IdeaQueue, parse_ideas  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.ray_trainers import RayTrainers, loopback_only, node_root  # noqa: E402
@@ -338,6 +338,30 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
     kept = next(e for e in experiments if e.status == "keep")
     assert kept.val_bpb == pytest.approx(2.1, abs=0.001)
     assert any(isinstance(e, LogLine) and e.text.startswith("step ") for e in events.events)
+
+
+def test_an_engine_switches_from_this_machine_to_local_ray_mid_session(tmp_path: Path) -> None:
+    """As the cockpit's 'Trainers and Ray' does: the baseline trains here, the experiments as Ray tasks."""
+    ws = make_workspace(tmp_path)
+    ideas = IdeaQueue(parse_ideas("".join(json.dumps(i) + "\n" for i in (BETTER, WORSE)), Path("i")))
+    events = Recorder()
+    engine = Engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=1), events)
+    events.hooks.append(
+        lambda e: engine.set_trainers(2, "local") if isinstance(e, Decided) and e.exp_id == 0 else None
+    )
+    engine.run()
+    assert engine.error is None
+    infos = [e.message for e in events.of(Info)]
+    here, there = (
+        infos.index("training on 1 local trainer"),
+        infos.index("training on 2 Ray trainers (local, 127.0.0.1)"),
+    )
+    assert here < there
+    on_ray = {int(m.split("#")[1].split()[0]) for m in infos[there:] if m.startswith("[ray] #")}
+    assert on_ray == {1, 2} and not any(m.startswith("[ray] #0") for m in infos)
+    assert engine.snapshot().trainers == 2 and engine.snapshot().ray == "local"
+    ledger = assert_consistent(ws)
+    assert [e.status for e in ledger.experiments()] == ["baseline", "keep", "discard"]
 
 
 @pytest.mark.slow
