@@ -126,7 +126,8 @@ class TrainersScreen(ModalScreen[tuple[int, str | None] | None]):
             yield Static("Trainers", classes="dialog-title")
             yield Static(
                 f"Now: {self._trainers} trainer(s) on {now}. The change is made once the runs in flight "
-                "have ended; nothing new starts before."
+                "have ended; nothing new starts before.",
+                markup=False,  # an address such as [::1]:6379 is not markup
             )
             yield Static("How many runs train at once (on CUDA, one per GPU):")
             yield Input(str(self._trainers), id="trainers-count")
