@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -320,14 +322,11 @@ def test_one_trainer_writes_every_run_to_the_view_in_turn() -> None:
     assert len(update.log.lines) == 12
 
 
-def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are() -> None:
+def engine_snapshot(**fields: object) -> Any:
+    """An engine's snapshot of a running session with three experiments, `fields` changed."""
     from agent.engine import EngineSnapshot
-    from tui.widgets.header import header_text
 
-    state = CockpitState()
-    plain = header_text(state.header, 0, None, width=200).plain
-    assert "trainer" not in plain and "exp/h" not in plain  # one trainer, nothing measured: as before
-    snapshot = EngineSnapshot(
+    base = EngineSnapshot(
         state="running",
         workspace=Path("/w"),
         branch="b",
@@ -340,11 +339,17 @@ def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are()
         best_exp_id=1,
         margin=0.01,
         review_gate=False,
-        trainers=4,
-        in_flight=(5, 6),
-        busy_share=0.913,
-        experiments_per_hour=11.42,
     )
+    return replace(base, **fields)
+
+
+def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are() -> None:
+    from tui.widgets.header import header_text
+
+    state = CockpitState()
+    plain = header_text(state.header, 0, None, width=200).plain
+    assert "trainer" not in plain and "exp/h" not in plain  # one trainer, nothing measured: as before
+    snapshot = engine_snapshot(trainers=4, in_flight=(5, 6), busy_share=0.913, experiments_per_hour=11.42)
     state.apply_snapshot(snapshot)
     assert state.n_trainers == 4 and len(state.trainer_rows()) == 4
     assert [r.exp_id for r in state.trainer_rows()] == [None] * 4
@@ -355,29 +360,10 @@ def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are()
 
 
 def test_fewer_trainers_drop_the_slots_gone_once_their_runs_have_ended() -> None:
-    from dataclasses import replace
-
-    from agent.engine import EngineSnapshot
-
     state = CockpitState()
     state.apply_batch(two_runs_in_flight(state))
     state.select_trainer(1)
-    one = EngineSnapshot(
-        state="running",
-        workspace=Path("/w"),
-        branch="b",
-        model=None,
-        device="cpu",
-        budget="60 s",
-        n_experiments=3,
-        baseline_bpb=2.5,
-        best_bpb=2.4,
-        best_exp_id=1,
-        margin=0.01,
-        review_gate=False,
-        trainers=1,
-        ray="local",
-    )
+    one = engine_snapshot(trainers=1, ray="local")
     state.apply_snapshot(one)  # #8 still trains on slot 1: it keeps its row until it ends
     assert state.n_trainers == 2 and state.selected_slot is None and state.header.ray == "local"
     state.apply_batch([RunFinished(exp_id=8, outcome="ok", val_bpb=2.55, seconds=60.0)])
