@@ -92,7 +92,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seconds", type=float, default=30.0, help="wall budget of each run")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="budget of each run (wall s; CPU s with --cpu)"
+    )
     parser.add_argument("--cpu", action="store_true", help="a CPU-seconds budget of --seconds instead")
     parser.add_argument("--threads", default="0,1,2", help="model threads per setting (0: the run alone)")
     parser.add_argument("--model", default=None, help="the local model (default: the embedded default)")
