@@ -46,7 +46,7 @@ from agent.engine import Engine  # noqa: E402
 from agent.events import Decided, Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
 from agent.ideas import IdeaQueue, parse_ideas  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
-from agent.ray_trainers import RayTrainers, loopback_only, node_root  # noqa: E402
+from agent.ray_trainers import CANCEL_WAIT_S, RayTrainers, loopback_only, node_root  # noqa: E402
 from agent.runner import RunResult, RunSpec  # noqa: E402
 from agent.trainers import TrainerLost  # noqa: E402
 
@@ -209,14 +209,19 @@ def test_stop_interrupts_the_remote_run(
     try:
         sink = Arrivals()
         stop = threading.Event()
-        sink.hooks.append(
-            lambda e: stop.set() if isinstance(e, LogLine) and e.text.startswith("gpu ") else None
-        )
-        started = time.monotonic()
+        stopped_at: list[float] = []
+
+        def stop_once_it_trains(event: Event) -> None:
+            if isinstance(event, LogLine) and event.text.startswith("gpu ") and not stop.is_set():
+                stopped_at.append(time.monotonic())
+                stop.set()
+
+        sink.hooks.append(stop_once_it_trains)
         result = trainers.run(0, _spec(workspace, 9, _train(sleep=120.0)), sink, stop, None)
         assert stop.is_set()
         assert (result.outcome, result.val_bpb, result.reason) == ("interrupted", None, "stopped by the user")
-        assert time.monotonic() - started < 60
+        # Honoured at once, not after the run's 120 s (the machine is shared: the start is not what is timed).
+        assert time.monotonic() - stopped_at[0] < CANCEL_WAIT_S + 15
         assert "gpu None pid" in result.log_path.read_text()  # the lines streamed before the stop
         # The runner on the node killed the run and removed its folder (it does so only after the kill).
         monkeypatch.setenv("AUTORESEARCH_HOME", str(cluster_home))  # where the nodes keep their folders
