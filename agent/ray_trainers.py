@@ -284,7 +284,11 @@ class RayTrainers:
             if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_WAIT_S:
                 return log.interrupted(spec, started)
             ready, _ = ray.wait([stream], timeout=0.2)
-            if not ready:
+            if not ready or not (stream.next_ready() or stream.is_finished()):
+                # ray.wait may call a stream ready whose next item is not (a cancelled task the node has not
+                # ended yet): next() would then block until the task ends, past CANCEL_WAIT_S.
+                if ready:
+                    time.sleep(0.2)
                 continue
             try:
                 item = ray.get(next(stream))

@@ -220,8 +220,9 @@ def test_stop_interrupts_the_remote_run(
         result = trainers.run(0, _spec(workspace, 9, _train(sleep=120.0)), sink, stop, None)
         assert stop.is_set()
         assert (result.outcome, result.val_bpb, result.reason) == ("interrupted", None, "stopped by the user")
-        # Honoured at once, not after the run's 120 s (the machine is shared: the start is not what is timed).
-        assert time.monotonic() - stopped_at[0] < CANCEL_WAIT_S + 15
+        # Honoured within CANCEL_WAIT_S, not at the run's 60 s deadline (in the full suite the driver once waited
+        # in next() for the node to end the task: 60 s); the start is not timed, the machine is shared.
+        assert time.monotonic() - stopped_at[0] < CANCEL_WAIT_S + 10
         assert "gpu None pid" in result.log_path.read_text()  # the lines streamed before the stop
         # The runner on the node killed the run and removed its folder (it does so only after the kill).
         monkeypatch.setenv("AUTORESEARCH_HOME", str(cluster_home))  # where the nodes keep their folders
