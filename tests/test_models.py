@@ -21,6 +21,7 @@ from agent.models import (
     EmbeddedModel,
     ModelError,
     assemble,
+    check_decode,
     discover_models,
     is_assembled,
     print_models,
@@ -338,3 +339,17 @@ def test_the_real_embedded_model_assembles_once(capsys: pytest.CaptureFixture[st
     info = validate(models.assembled_path(DEFAULT_MODEL))
     assert info.quantisation == "Q4_K_M" and info.architecture == "qwen2" and info.chat_template
     models.assembled_path(DEFAULT_MODEL).unlink()
+
+
+@needs_smollm
+def test_check_decode_says_whether_llama_cpp_writes_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert SMOLLM is not None
+    assert check_decode(SMOLLM) is None  # this build writes with a real model (an AMX build crashed here)
+    truncated = tmp_path / "half.gguf"
+    truncated.write_bytes(SMOLLM.read_bytes()[: 1 << 20])
+    problem = check_decode(truncated)
+    assert problem is not None and problem.startswith("llama.cpp failed (exit 1) decoding with half.gguf: ")
+    monkeypatch.setattr(models, "_DECODE_CHECK", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    assert check_decode(SMOLLM) == f"llama.cpp crashed (SIGSEGV) decoding with {SMOLLM.name}"
