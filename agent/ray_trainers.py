@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -274,32 +275,21 @@ class RayTrainers:
         retries: int,
     ) -> RunResult:
         """Relay the task's events until its result comes; cancel it when `stop` is set."""
-        cancelled_at: float | None = None
         began = False
         while True:
-            if stop.is_set() and cancelled_at is None:
-                cancelled_at = time.monotonic()
-                with contextlib.suppress(Exception):
-                    ray.cancel(stream)
-            if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_WAIT_S:
-                return log.interrupted(spec, started)
+            if stop.is_set():
+                return self._cancel(stream, spec, log, started)
             ready, _ = ray.wait([stream], timeout=0.2)
             if not ready or not (stream.next_ready() or stream.is_finished()):
-                # ray.wait may call a stream ready whose next item is not (a cancelled task the node has not
-                # ended yet): next() would then block until the task ends, past CANCEL_WAIT_S.
-                if ready:
+                if ready:  # ready to ray.wait, yet its next item is not: next() would block until it is
                     time.sleep(0.2)
                 continue
             try:
                 item = ray.get(next(stream))
             except StopIteration:
-                if cancelled_at is not None:
-                    return log.interrupted(spec, started)
                 log.write(spec.log_path)
                 raise TrainerLost("the Ray task ended without a result", retries) from None
             except ray.exceptions.TaskCancelledError:
-                if cancelled_at is not None:
-                    return log.interrupted(spec, started)
                 log.write(spec.log_path)
                 raise TrainerLost("the Ray task was cancelled from outside", retries) from None
             except ray.exceptions.OutOfMemoryError as exc:
@@ -332,6 +322,21 @@ class RayTrainers:
                 spec.log_path.parent.mkdir(parents=True, exist_ok=True)
                 spec.log_path.write_bytes(log_bytes)
                 return replace(result, log_path=spec.log_path, pid=None)
+
+    def _cancel(self, stream: Any, spec: RunSpec, log: _StreamedLog, started: float) -> RunResult:
+        """Cancel the run's task and wait until it has ended (the node kills the run, then removes its folder),
+        at most CANCEL_WAIT_S; the run is "interrupted" either way. The stream is not read once cancelled: Ray
+        calls a cancelled stream finished while its task still runs, and then `next()`, `next_ready()` and
+        `is_finished()` wait for the task's end (seen: until the run's own deadline, when the cancel did not
+        reach the task)."""
+        cancelled_at = time.monotonic()
+        with contextlib.suppress(Exception):
+            ray.cancel(stream)
+        while time.monotonic() - cancelled_at < CANCEL_WAIT_S:
+            ended, _ = ray.wait([stream.completed()], timeout=0.2, fetch_local=False)
+            if ended:
+                break
+        return log.interrupted(spec, started)
 
     def close(self) -> None:
         """Shut down the Ray instance started here ("local"), or disconnect from the cluster."""
@@ -512,6 +517,7 @@ class _Relay:
 
 def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
     """The Ray task: run `job` on this node, yielding ("events", [Event]) batches, then ("done", RunResult, log)."""
+    _let_ray_cancel()
     context = ray.get_runtime_context()
     node_id = context.get_node_id()
     gpus = context.get_accelerator_ids().get("GPU", [])
@@ -542,6 +548,15 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
         # Cancelled (Ray raises KeyboardInterrupt here) or the driver went away: the runner kills the run.
         stop.set()
         worker.join(CANCEL_WAIT_S)
+
+
+def _let_ray_cancel() -> None:
+    """Ray cancels a running task with `_thread.interrupt_main()`, which does nothing in a process where SIGINT
+    is not Python's (ignored, as a worker inherits it from a driver started in the background by a script: a
+    stop then waited for the run's own deadline). Give the worker Python's SIGINT handler back."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run_here(

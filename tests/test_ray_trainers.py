@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -101,6 +102,15 @@ def _exp(event: Event) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def cluster_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The AUTORESEARCH_HOME of the cluster's nodes (a node's environment is the one it was started with)."""
@@ -109,9 +119,11 @@ def cluster_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(cluster_home: Path) -> Iterator[Cluster]:
-    """Two Ray nodes on this machine, 2 CPUs and 2 fake GPUs each, bound to 127.0.0.1."""
+    """Two Ray nodes on this machine, 2 CPUs and 2 fake GPUs each, bound to 127.0.0.1; started with SIGINT
+    ignored, as the nodes of a driver run in the background by a script are (`nohup autoresearch run ... &`):
+    Ray's cancel is a SIGINT in the task's worker, and a stop must reach the run even there."""
     home = cluster_home
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, _sigint_ignored():
         patch.setenv("AUTORESEARCH_HOME", str(home))
         patch.setenv("AUTORESEARCH_CACHE", str(home / "cache"))
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -229,11 +241,10 @@ def test_stop_interrupts_the_remote_run(
         while scratch.is_dir() and any(scratch.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert scratch.is_dir() and not any(scratch.iterdir())
-        # Honoured within CANCEL_WAIT_S of the stop (the start is not timed: the machine is shared). Alone it
-        # takes ~1 s; in three fresh-clone runs of the whole suite it took 60 s, the run's deadline, for a
-        # cause not found yet: said as a known failure, not hidden, until it is.
-        if took >= CANCEL_WAIT_S + 10:
-            pytest.xfail(f"known bug: the stop returned {took:.0f} s after it was asked (alone: ~1 s)")
+        # The node honoured the cancel (~1 s; the start is not timed: the machine is shared). Had the cancel not
+        # reached the task (SIGINT ignored in its worker), the driver would give up waiting after CANCEL_WAIT_S
+        # and the node would kill the run only at its 60 s deadline.
+        assert took < CANCEL_WAIT_S, f"the stop returned {took:.0f} s after it was asked"
     finally:
         trainers.close()
 
