@@ -559,6 +559,21 @@ def _drop_capabilities() -> tuple[str, ...] | None:
     return (setpriv, "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--")
 
 
+@lru_cache(maxsize=1)
+def _dies_with_its_parent() -> tuple[str, ...]:
+    """`setpriv --pdeathsig KILL --`: the process is killed when the thread that started it ends (a Ray worker
+    lost with its node, an engine killed with -9) instead of training on unsupervised; () where setpriv is
+    missing or too old to set it."""
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        return ()
+    try:
+        usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (setpriv, "--pdeathsig", "KILL", "--") if "--pdeathsig" in usage else ()
+
+
 def _tree_size(folder: Path, limit_entries: int = 100_000) -> int:
     """Bytes in `folder` (not following links); counts entries past `limit_entries` as 1 MiB each."""
     total, seen, stack = 0, 0, [folder]
@@ -626,10 +641,10 @@ def _supervise(
 ) -> _Ended:
     """Run `argv` in its own session; stream its output; kill its group at the deadline, on `stop`, over the
     memory cap or over the scratch cap; tell it when its budget is spent and kill it if it does not end soon
-    after; nothing of it outlives this call."""
+    after; nothing of it outlives this call, nor the calling thread."""
     started = time.monotonic()
     proc = subprocess.Popen(
-        argv,
+        [*_dies_with_its_parent(), *argv],
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,

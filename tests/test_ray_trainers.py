@@ -284,11 +284,23 @@ def test_a_node_lost_mid_run_raises_trainer_lost(cluster: Cluster, workspace: Pa
         assert isinstance(lost, TrainerLost), outcome
         assert lost.system_retries == 0 and "went away" in lost.reason
         assert "gpu 0 pid" in (workspace.parent / "runs" / "5" / "run.log").read_text()
+        # The run went with its node's worker (as it would with a machine really lost), not at its deadline.
+        deadline = time.monotonic() + 15
+        while _alive(pid[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid[0]), "the run trains on without its node"
     finally:
         trainers.close()
-        for leftover in pid:  # its supervisor died with the node; a machine really lost takes the run along
+        for leftover in pid:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(leftover).kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_cluster_that_cannot_take_a_run_is_refused(cluster: Cluster) -> None:

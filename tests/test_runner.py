@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -369,6 +372,65 @@ def test_no_network(tmp_path: Path) -> None:
 def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
     assert not kill_stale_run(os.getpid(), tmp_path)  # not working under the scratch root: left alone
     assert psutil.pid_exists(os.getpid())
+
+
+_ENGINE = """
+import sys, threading
+from pathlib import Path
+from agent.containment import probe
+from agent.runner import RunSpec, run_training
+tmp = Path(sys.argv[1])
+spec = RunSpec(workspace=tmp / "ws", scratch=tmp / "scratch" / "7-0", exp_id=7, seed=1,
+               log_path=tmp / "runs" / "7" / "run.log", deadline_s=120.0, python=sys.executable)
+containment = probe() if sys.argv[2] == "full" else None
+slot = threading.Thread(target=run_training, args=(spec, lambda event: None), kwargs={"containment": containment})
+slot.start()
+slot.join()
+"""
+
+
+@pytest.mark.parametrize("level", ["none", "full"])
+def test_a_run_dies_with_the_engine_that_started_it(tmp_path: Path, level: str) -> None:
+    """kill -9 of the engine (or of a Ray worker, with its node) takes its runs along at once: a run in its own
+    session would otherwise train on, unsupervised, until its deadline."""
+    if level == "full" and (found := probe()).level != "full":
+        pytest.skip(f"no full containment here: {found.detail}")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "train.py").write_text("import time\ntime.sleep(120)\n")
+    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with subprocess.Popen([sys.executable, "-c", _ENGINE, str(tmp_path), level], cwd=root, env=env) as engine:
+        scratch = tmp_path / "scratch"
+        try:
+            deadline = time.monotonic() + 60
+            while not _working_in(scratch) and time.monotonic() < deadline:
+                assert engine.poll() is None, "the engine ended before its run started"
+                time.sleep(0.1)
+            assert _working_in(scratch), "the run never started"
+            time.sleep(1.0)  # into train.py
+            engine.kill()
+        finally:
+            engine.kill()
+    deadline = time.monotonic() + 10
+    while _working_in(scratch) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = _working_in(scratch)
+    for pid in survivors:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()
+    assert survivors == []
+
+
+def _working_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is in `folder`."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()).is_relative_to(folder):
+                found.append(proc.pid)
+    return found
 
 
 def _warm_judge(tmp_path: Path, containment: Containment | None = None) -> WarmJudge:
