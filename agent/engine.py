@@ -1294,6 +1294,8 @@ class Engine:
         def emit(event: Event) -> None:
             if isinstance(event, LogLine | StepMetric | RunFinished):
                 event = replace(event, slot=flight.slot)
+                if flight.pgid is None and not isinstance(event, RunFinished):
+                    crash_point("during_run", flight.exp_id)  # a remote run has no pid here: its first line
             self._emit(event)
 
         try:
