@@ -372,6 +372,23 @@ def test_no_network(tmp_path: Path) -> None:
 def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
     assert not kill_stale_run(os.getpid(), tmp_path)  # not working under the scratch root: left alone
     assert psutil.pid_exists(os.getpid())
+    # A run a killed engine left behind (where it could not die with it: no setpriv): its group is killed.
+    scratch = tmp_path / "7-0"
+    scratch.mkdir()
+    argv = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)",
+    ]
+    with subprocess.Popen(argv, cwd=scratch, start_new_session=True) as stale:
+        deadline = time.monotonic() + 30
+        while len(group_members(stale.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        members = group_members(stale.pid)
+        assert len(members) == 2
+        assert kill_stale_run(stale.pid, tmp_path)
+        assert stale.wait(timeout=10) < 0  # by a signal (TERM, then KILL)
+    assert _working_in(scratch) == []
 
 
 _ENGINE = """
