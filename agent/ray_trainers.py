@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import threading
@@ -517,7 +516,6 @@ class _Relay:
 
 def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
     """The Ray task: run `job` on this node, yielding ("events", [Event]) batches, then ("done", RunResult, log)."""
-    _let_ray_cancel()
     context = ray.get_runtime_context()
     node_id = context.get_node_id()
     gpus = context.get_accelerator_ids().get("GPU", [])
@@ -536,6 +534,11 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
     try:
         while worker.is_alive():
             worker.join(EVENT_BATCH_S)
+            if context.is_canceled():
+                # Ray's cancel raises KeyboardInterrupt here with `_thread.interrupt_main()`, which does nothing
+                # in a worker whose SIGINT is ignored (inherited from a driver started in the background by a
+                # script): seen, the stop then waited for the run's own deadline.
+                return
             if events := relay.take():
                 yield ("events", events)
         if events := relay.take():
@@ -545,18 +548,9 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
         result, log = outcome["done"]
         yield ("done", result, log)
     finally:
-        # Cancelled (Ray raises KeyboardInterrupt here) or the driver went away: the runner kills the run.
+        # Cancelled (a KeyboardInterrupt here, or seen above) or the driver went away: the runner kills the run.
         stop.set()
         worker.join(CANCEL_WAIT_S)
-
-
-def _let_ray_cancel() -> None:
-    """Ray cancels a running task with `_thread.interrupt_main()`, which does nothing in a process where SIGINT
-    is not Python's (ignored, as a worker inherits it from a driver started in the background by a script: a
-    stop then waited for the run's own deadline). Give the worker Python's SIGINT handler back."""
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main and signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run_here(

@@ -121,15 +121,17 @@ def cluster_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(cluster_home: Path) -> Iterator[Cluster]:
     """Two Ray nodes on this machine, 2 CPUs and 2 fake GPUs each, bound to 127.0.0.1; started with SIGINT
     ignored, as the nodes of a driver run in the background by a script are (`nohup autoresearch run ... &`):
-    Ray's cancel is a SIGINT in the task's worker, and a stop must reach the run even there."""
+    Ray's cancel raises KeyboardInterrupt in the task's worker as a SIGINT would, and a stop must reach the run
+    even where that does nothing."""
     home = cluster_home
-    with pytest.MonkeyPatch.context() as patch, _sigint_ignored():
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("AUTORESEARCH_HOME", str(home))
         patch.setenv("AUTORESEARCH_CACHE", str(home / "cache"))
         patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
         patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
         node: dict[str, Any] = {"node_ip_address": LOOPBACK, "num_cpus": 2, "num_gpus": 2}
-        with loopback_only():  # what RayTrainers("local") does: see its docstring
+        # Loopback only: what RayTrainers("local") does (see its docstring).
+        with loopback_only(), _sigint_ignored():
             made = Cluster(
                 initialize_head=True,
                 head_node_args={
