@@ -23,7 +23,7 @@ quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >
 
 echo "==> torch (CPU wheel; a bare 'torch' would pull a multi-GB CUDA build)"
 "$venv/bin/python" -c "import torch" 2>/dev/null || quiet "${pip[@]}" -q "torch==2.13.0"
-echo "==> llama-cpp-python (compiled once per machine: about 13 minutes on 2 cores)"
+echo "==> llama-cpp-python (compiled once per machine: 3 to 13 minutes on 2 cores)"
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 # Built for this CPU, without ggml's AMX kernels: on Sapphire Rapids machines (AMX_INT8) they crash the first
 # decode with a segfault in ggml_backend_amx_mul_mat (llama.cpp #20824; seen here). pip's own wheel cache is

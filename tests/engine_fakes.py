@@ -6,6 +6,7 @@ val_bpb = 2 + |LEARNING_RATE - 0.5| + a tiny seed-dependent wobble, so an idea's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import psutil
 
 from agent.events import Event
 from agent.ledger import Ledger, read_results_tsv
@@ -174,3 +177,21 @@ def assert_consistent(ws: Workspace) -> Ledger:
     assert ws.harness_problems() == []
     assert not [r for e in experiments for r in ledger.runs(e.id) if r.outcome is None]
     return ledger
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie is dead: killed, not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def working_in(folder: Path) -> list[int]:
+    """Live processes whose working directory is in `folder`."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()).is_relative_to(folder):
+                found.append(proc.pid)
+    return found

@@ -32,9 +32,11 @@ from engine_fakes import (
     ROOT,
     WORSE,
     Recorder,
+    alive,
     assert_consistent,
     idea,
     make_workspace,
+    working_in,
     write_ideas,
 )
 
@@ -288,21 +290,14 @@ def test_a_node_lost_mid_run_raises_trainer_lost(cluster: Cluster, workspace: Pa
         assert "gpu 0 pid" in (workspace.parent / "runs" / "5" / "run.log").read_text()
         # The run went with its node's worker (as it would with a machine really lost), not at its deadline.
         deadline = time.monotonic() + 15
-        while _alive(pid[0]) and time.monotonic() < deadline:
+        while alive(pid[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(pid[0]), "the run trains on without its node"
+        assert not alive(pid[0]), "the run trains on without its node"
     finally:
         trainers.close()
         for leftover in pid:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(leftover).kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_cluster_that_cannot_take_a_run_is_refused(cluster: Cluster) -> None:
@@ -341,12 +336,9 @@ def test_local_ray_binds_only_loopback_and_shuts_down(cluster: Cluster, workspac
     finally:
         trainers.close()
     deadline = time.monotonic() + 30
-    while [p for p in started if psutil.pid_exists(p)] and time.monotonic() < deadline:
+    while [p for p in started if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
-    alive = [
-        p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-    ]
-    assert alive == [], "close() left the local instance's processes running"
+    assert [p for p in started if alive(p)] == [], "close() left the local instance's processes running"
 
 
 def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: Path) -> None:
@@ -424,9 +416,9 @@ def test_kill_9_of_the_driver_with_a_ray_run_in_flight_then_resume(tmp_path: Pat
     assert driver.returncode == -signal.SIGKILL, driver.stderr.read() if driver.stderr else None
     # The run went with the driver (and its Ray instance): nothing trains on in its folder.
     deadline = time.monotonic() + 30
-    while _working_in(scratch) and time.monotonic() < deadline:
+    while working_in(scratch) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _working_in(scratch) == []
+    assert working_in(scratch) == []
     ledger = Ledger(ws.ledger_path)
     assert [r.outcome for r in ledger.runs(2)] == [None]  # killed while #2 trained
     ledger.close()
@@ -445,13 +437,3 @@ def test_kill_9_of_the_driver_with_a_ray_run_in_flight_then_resume(tmp_path: Pat
     assert [e.status for e in experiments if e.description == "a slow run"][-1] == "discard"
     assert ledger.queued() == [] and all(r.outcome for e in experiments for r in ledger.runs(e.id))
     assert not list(scratch.glob("*")), "the killed run's folder was not swept"
-
-
-def _working_in(folder: Path) -> list[int]:
-    """Processes whose working directory is in `folder`."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if Path(proc.cwd()).is_relative_to(folder):
-                found.append(proc.pid)
-    return found

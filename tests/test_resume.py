@@ -6,9 +6,18 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from engine_fakes import BETTER, CRASHES, WORSE, assert_consistent, cli, idea, make_workspace, write_ideas
+from engine_fakes import (
+    BETTER,
+    CRASHES,
+    WORSE,
+    alive,
+    assert_consistent,
+    cli,
+    idea,
+    make_workspace,
+    write_ideas,
+)
 
 from agent.ledger import Ledger, read_results_tsv
 from agent.workspace import Workspace
@@ -79,20 +88,13 @@ def test_a_run_dies_with_its_killed_engine_and_the_restart_records_it(tmp_path: 
     [run] = ledger.runs(1)
     assert run.pid is not None and run.outcome is None
     deadline = time.monotonic() + 10
-    while _alive(run.pid) and time.monotonic() < deadline:
+    while alive(run.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(run.pid), "the run trains on without its engine"  # what the restart would kill
+    assert not alive(run.pid), "the run trains on without its engine"  # what the restart would kill
     flag.unlink()
     _run(ws, ideas)
     ledger = assert_consistent(ws)
     assert [e.status for e in ledger.experiments()] == ["baseline", "interrupted", "keep"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_second_engine_on_the_same_workspace_is_refused(tmp_path: Path) -> None:

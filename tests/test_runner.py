@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_fakes import FAKE_PREPARE
+from engine_fakes import FAKE_PREPARE, working_in
 
 from agent.containment import Containment, probe
 from agent.events import Event, LogLine, StepMetric
@@ -388,7 +388,7 @@ def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
         assert len(members) == 2
         assert kill_stale_run(stale.pid, tmp_path)
         assert stale.wait(timeout=10) < 0  # by a signal (TERM, then KILL)
-    assert _working_in(scratch) == []
+    assert working_in(scratch) == []
 
 
 _ENGINE = """
@@ -422,32 +422,21 @@ def test_a_run_dies_with_the_engine_that_started_it(tmp_path: Path, level: str) 
         scratch = tmp_path / "scratch"
         try:
             deadline = time.monotonic() + 60
-            while not _working_in(scratch) and time.monotonic() < deadline:
+            while not working_in(scratch) and time.monotonic() < deadline:
                 assert engine.poll() is None, "the engine ended before its run started"
                 time.sleep(0.1)
-            assert _working_in(scratch), "the run never started"
+            assert working_in(scratch), "the run never started"
             time.sleep(1.0)  # into train.py
-            engine.kill()
         finally:
             engine.kill()
     deadline = time.monotonic() + 10
-    while _working_in(scratch) and time.monotonic() < deadline:
+    while working_in(scratch) and time.monotonic() < deadline:
         time.sleep(0.1)
-    survivors = _working_in(scratch)
+    survivors = working_in(scratch)
     for pid in survivors:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
     assert survivors == []
-
-
-def _working_in(folder: Path) -> list[int]:
-    """Live processes whose working directory is in `folder`."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()).is_relative_to(folder):
-                found.append(proc.pid)
-    return found
 
 
 def _warm_judge(tmp_path: Path, containment: Containment | None = None) -> WarmJudge:
