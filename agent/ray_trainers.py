@@ -279,9 +279,7 @@ class RayTrainers:
             if stop.is_set():
                 return self._cancel(stream, spec, log, started)
             ready, _ = ray.wait([stream], timeout=0.2)
-            if not ready or not (stream.next_ready() or stream.is_finished()):
-                if ready:  # ready to ray.wait, yet its next item is not: next() would block until it is
-                    time.sleep(0.2)
+            if not ready:
                 continue
             try:
                 item = ray.get(next(stream))
