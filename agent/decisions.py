@@ -29,6 +29,16 @@ class NoiseFloor:
     measured: bool
     """False when the margin is the configured default (a single baseline run)."""
 
+    def as_dict(self) -> dict[str, object]:
+        """What the ledger keeps of it (meta "noise")."""
+        return {
+            "values": list(self.values),
+            "std": self.std,
+            "spread": self.spread,
+            "margin": self.margin,
+            "measured": self.measured,
+        }
+
     def describe(self) -> str:
         if not self.measured:
             return f"margin {self.margin:.4f} bpb (default: one baseline run, noise not measured)"
@@ -58,7 +68,7 @@ class Verdict:
     reason: str
 
 
-def judge(val_bpb: float, best_bpb: float, margin: float, confirm_marginal: bool = True) -> Verdict:
+def verdict(val_bpb: float, best_bpb: float, margin: float, confirm_marginal: bool = True) -> Verdict:
     """The verdict on one run of a candidate against the best kept val_bpb."""
     gain = best_bpb - val_bpb
     words = f"val_bpb {val_bpb:.6f} vs best {best_bpb:.6f} (gain {gain:+.6f}, margin {margin:.6f})"
@@ -73,7 +83,7 @@ def judge(val_bpb: float, best_bpb: float, margin: float, confirm_marginal: bool
     return Verdict("discard", f"{words}: not better")
 
 
-def judge_confirmed(values: Sequence[float], best_bpb: float, margin: float) -> Verdict:
+def verdict_confirmed(values: Sequence[float], best_bpb: float, margin: float) -> Verdict:
     """The verdict on a marginal win after its confirmation run: the mean must still beat best - margin."""
     mean = statistics.fmean(values)
     shown = ", ".join(f"{v:.6f}" for v in values)

@@ -11,7 +11,22 @@ from agent.proposals import Edit
 
 
 class EditError(ValueError):
-    """An edit that cannot be applied; the message says why, in words a model can act on."""
+    """An edit that cannot be applied; the message says why, in words a model can act on.
+
+    `kind` says what went wrong, for code (never parse the message): "empty" (no SEARCH text), "unchanged"
+    (REPLACE equals SEARCH), "ambiguous" (SEARCH matches several places), "not_found", "path" (an edit of
+    another file than train.py), "no_edits", "no_change" (the edits together change nothing), "syntax" (the
+    result does not parse). `index` is the failing edit's position (0-based) and `search` its SEARCH text, where
+    one edit is to blame.
+    """
+
+    def __init__(self, message: str, *, kind: str = "", index: int | None = None, search: str | None = None):
+        super().__init__(message)
+        self.kind, self.index, self.search = kind, index, search
+
+
+NOT_FOUND = "the SEARCH text was not found in train.py; it must be copied exactly."
+"""What a "not_found" EditError says first; a hint of the closest lines follows (`reply.dry_run` gives more)."""
 
 
 def file_hash(text: str) -> str:
@@ -94,16 +109,19 @@ def _reindent(lines: list[str], shift: str) -> list[str]:
 def apply_edit(source: str, edit: Edit) -> str:
     """Apply one edit, or raise EditError saying what was wrong."""
     if not edit.search.strip():
-        raise EditError("the SEARCH text is empty: copy the exact lines of train.py to replace")
+        raise EditError("the SEARCH text is empty: copy the exact lines of train.py to replace", kind="empty")
     if edit.search == edit.replace:
-        raise EditError("the REPLACE text is identical to the SEARCH text: the edit changes nothing")
+        raise EditError(
+            "the REPLACE text is identical to the SEARCH text: the edit changes nothing", kind="unchanged"
+        )
     count = source.count(edit.search)
     if count == 1:
         return source.replace(edit.search, edit.replace, 1)
     if count > 1:
         raise EditError(
             f"the SEARCH text occurs {count} times in train.py: include more surrounding lines "
-            "so that it matches exactly one place"
+            "so that it matches exactly one place",
+            kind="ambiguous",
         )
     source_lines = source.split("\n")
     search_lines = edit.search.strip("\n").split("\n")
@@ -111,12 +129,12 @@ def apply_edit(source: str, edit: Edit) -> str:
     if len(matches) > 1:
         raise EditError(
             f"the SEARCH text matches {len(matches)} places in train.py (ignoring indentation): "
-            "include more surrounding lines"
+            "include more surrounding lines",
+            kind="ambiguous",
         )
     if not matches:
         raise EditError(
-            "the SEARCH text was not found in train.py; it must be copied exactly. "
-            f"The closest lines are:\n{_closest(source_lines, search_lines)}"
+            f"{NOT_FOUND} The closest lines are:\n{_closest(source_lines, search_lines)}", kind="not_found"
         )
     start, shift = matches[0]
     replace_lines = edit.replace.strip("\n").split("\n") if edit.replace.strip("\n") else []
@@ -131,20 +149,23 @@ def check_python(text: str, name: str = "train.py") -> None:
     try:
         ast.parse(text, filename=name)
     except SyntaxError as exc:
-        raise EditError(f"the edited {name} does not parse: {exc.msg} at line {exc.lineno}") from None
+        raise EditError(
+            f"the edited {name} does not parse: {exc.msg} at line {exc.lineno}", kind="syntax"
+        ) from None
 
 
 def apply_edits(source: str, edits: Sequence[Edit]) -> str:
     """Dry-run a list of edits on a copy of `source`: the new text, or EditError naming the failing edit."""
     if not edits:
-        raise EditError("the proposal has no edits")
+        raise EditError("the proposal has no edits", kind="no_edits")
     text = source
     for number, edit in enumerate(edits, start=1):
         try:
             text = apply_edit(text, edit)
         except EditError as exc:
-            raise EditError(f"edit {number} of {len(edits)}: {exc}") from None
+            message = f"edit {number} of {len(edits)}: {exc}"
+            raise EditError(message, kind=exc.kind, index=number - 1, search=edit.search) from None
     if text == source:
-        raise EditError("the edits together change nothing")
+        raise EditError("the edits together change nothing", kind="no_change")
     check_python(text)
     return text

@@ -6,6 +6,8 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -23,11 +25,24 @@ class Event:
 EventSink = Callable[[Event], None]
 
 
+class EngineState(StrEnum):
+    """What the engine is doing (a member equals its text)."""
+
+    IDLE = "idle"
+    BASELINE = "baseline"
+    """Measuring the noise: the unmodified train.py over several seeds."""
+    PROPOSING = "proposing"
+    WAITING_REVIEW = "waiting_review"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StateChanged(Event):
-    """The engine's state: idle, baseline, proposing, waiting_review, running, paused, stopped."""
+    """The engine's state changed (and what it is about: '#3 seed 1')."""
 
-    state: str
+    state: EngineState
     detail: str = ""
 
 
@@ -87,8 +102,8 @@ class RunFinished(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class NoiseFloor(Event):
-    """The measured spread of the baseline over seeds, and the margin a candidate must beat."""
+class NoiseMeasured(Event):
+    """The baseline measured the noise: its spread over seeds, and the margin a candidate must beat."""
 
     values: tuple[float, ...]
     spread: float
@@ -144,11 +159,15 @@ class ProposerWaiting(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class ReviewRequested(Event):
-    """The review gate holds proposal `exp_id` until approve, edit or veto."""
+    """The review gate holds proposal `exp_id` until approve, edit or veto: both texts, to show and to edit."""
 
     exp_id: int
     description: str
     diff: str
+    base_text: str = ""
+    """The best train.py the proposal applies to."""
+    candidate_text: str = ""
+    """train.py with the proposal applied."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +214,51 @@ class Info(Event):
     """A plain informational message."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What a UI shows in its header; cheap to take, from any thread."""
+
+    state: EngineState
+    workspace: Path
+    branch: str
+    model: str | None
+    device: str
+    budget: str
+    n_experiments: int
+    baseline_bpb: float | None
+    best_bpb: float | None
+    best_exp_id: int | None
+    margin: float | None
+    review_gate: bool
+    current_exp_id: int | None = None
+    """The experiment being proposed, reviewed or run."""
+    proposer: str = ""
+    queued: int = 0
+    """Proposals waiting to be re-run (reapplied or interrupted)."""
+    containment: str = ""
+    """How runs are contained: 'full', 'network' or 'none' (see agent.sandbox.containment); '' until known."""
+    trainers: int = 1
+    """Trainer slots (runs that can train at once)."""
+    ray: str | None = None
+    """Where the runs train as Ray tasks ('local', 'auto', an address); None: on this machine."""
+    in_flight: tuple[int, ...] = ()
+    """The experiments training now, one per busy slot (slot order)."""
+    busy_share: float | None = None
+    """Seconds the trainers spent training / (trainers x wall seconds) since the engine started."""
+    experiments_per_hour: float | None = None
+    """Experiments decided per hour of this session (rejected proposals not counted)."""
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    """The first non-blank line of a message (a reason, an error), for a one-line summary of it."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:limit]
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-blank line of a log tail or a traceback, where its error is, cut as `first_line` cuts."""
+    return first_line(next((line for line in reversed(text.splitlines()) if line.strip()), ""), limit)
 
 
 def to_dict(event: Event) -> dict[str, Any]:

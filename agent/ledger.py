@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,21 @@ RAN = (Status.BASELINE, Status.KEEP, Status.DISCARD, *FAILED)
 """Final statuses of experiments that trained: the rows of results.tsv."""
 KEPT = (Status.BASELINE, Status.KEEP)
 """Statuses of experiments that were (or are) a best: the branch's commits."""
-PHASES = ("proposed", "committed", "running", "finished", "deciding", "decided")
+
+
+class Phase(StrEnum):
+    """Where an experiment is between proposal and decision (a member equals its stored text)."""
+
+    PROPOSED = "proposed"
+    COMMITTED = "committed"
+    RUNNING = "running"
+    FINISHED = "finished"
+    DECIDING = "deciding"
+    """The decision is written, git not yet moved to match it: `Books.recover` finishes it."""
+    DECIDED = "decided"
+
+
+PHASES = tuple(Phase)
 TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription"
 
 _SCHEMA = """
@@ -152,7 +166,7 @@ class Experiment:
     temperature: float | None
     seed: int | None
     """The proposer's sampling seed (training seeds are in `seeds`)."""
-    phase: str = "decided"
+    phase: str = Phase.DECIDED
     train_hash: str | None = None
     idea_key: str | None = None
     requeued_from: int | None = None
@@ -200,9 +214,14 @@ class QueuedProposal:
     reason: str
 
 
+_UNSTORED = ("train_py", "base_hash")
+"""What a proposal carries to the engine but the ledger does not keep (the commit holds the text)."""
+
+
 def proposal_to_json(proposal: Proposal) -> str:
     """A proposal as JSON text, for the ledger."""
-    return json.dumps(asdict(proposal), ensure_ascii=False)
+    data = {k: v for k, v in asdict(proposal).items() if k not in _UNSTORED}
+    return json.dumps(data, ensure_ascii=False)
 
 
 def proposal_from_json(text: str) -> Proposal:
@@ -273,12 +292,12 @@ class Ledger:
     def create(self, exp_id: int, status: str, phase: str, **values: Any) -> Experiment:
         """Insert a new experiment (its own transaction) and return it."""
         with self.transaction() as conn:
-            self._insert(conn, exp_id, status, phase, **values)
+            self.insert(conn, exp_id, status, phase, **values)
         result = self.get(exp_id)
         assert result is not None
         return result
 
-    def _insert(self, conn: sqlite3.Connection, exp_id: int, status: str, phase: str, **values: Any) -> None:
+    def insert(self, conn: sqlite3.Connection, exp_id: int, status: str, phase: str, **values: Any) -> None:
         values = {"id": exp_id, "status": status, "phase": phase, "created_at": time.time(), **values}
         if "seeds" in values:
             values["seeds"] = json.dumps(list(values["seeds"]))
@@ -313,7 +332,24 @@ class Ledger:
 
     def unfinished(self) -> list[Experiment]:
         """Experiments a kill left between proposal and decision."""
-        return [e for e in self.experiments() if e.phase != "decided"]
+        return [e for e in self.experiments() if e.phase != Phase.DECIDED]
+
+    def twin(self, digest: str) -> Experiment | None:
+        """An experiment with this train.py (SHA-256) that ran, or is in flight."""
+        for e in self.experiments():
+            if e.train_hash == digest and (e.status in RAN or (e.phase != Phase.DECIDED and e.commit)):
+                return e
+        return None
+
+    def idea_tried(self, key: str) -> bool:
+        """Whether the idea `key` (an ideas-file entry) is queued, in flight, or was tried (an interrupted
+        try does not count: it runs again)."""
+        if any(q.proposal.key == key for q in self.queued()):
+            return True
+        return any(
+            e.idea_key == key and (e.phase != Phase.DECIDED or e.status != Status.INTERRUPTED)
+            for e in self.experiments()
+        )
 
     # ---- runs -----------------------------------------------------------------------------------------
 
@@ -388,6 +424,22 @@ class Ledger:
         with self.transaction() as own:
             own.execute(sql, args)
 
+    def queue_reapply(self, exp_id: int) -> str:
+        """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
+        exp = self.get(exp_id)
+        if exp is None or exp_id == 0:
+            raise ValueError(f"there is no experiment #{exp_id} to reapply")
+        if exp.phase != Phase.DECIDED:
+            raise ValueError(f"#{exp_id} is still in flight")
+        original = proposal_from_json(exp.proposal)
+        if not original.edits:
+            raise ValueError(f"#{exp_id} ({exp.status}) has no change to reapply")
+        description = f"reapply #{exp_id}: {exp.description}"
+        self.enqueue(
+            replace(original, description=description, proposer="reapply", key=None), exp_id, "reapply"
+        )
+        return f"#{exp_id} queued again: {exp.description}"
+
     def queued(self) -> list[QueuedProposal]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM queue ORDER BY qid").fetchall()
@@ -436,7 +488,7 @@ class Ledger:
 
     def results_rows(self) -> list[tuple[str, str, str, str, str]]:
         """The rows of results.tsv: every decided experiment that trained, in order."""
-        return [results_row(e) for e in self.experiments() if e.phase == "decided" and e.status in RAN]
+        return [results_row(e) for e in self.experiments() if e.phase == Phase.DECIDED and e.status in RAN]
 
     def write_results_tsv(self, path: Path) -> None:
         """Regenerate `path` from the ledger (atomically)."""

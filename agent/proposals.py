@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.events import EventSink
 
@@ -36,6 +36,11 @@ class Proposal:
     """Every raw model reply that led to this proposal (failed tries included)."""
     key: str | None = None
     """A stable identity of the idea in its source (an ideas-file entry), so a resumed run does not repeat it."""
+    train_py: str | None = field(default=None, compare=False, repr=False)
+    """train.py with the edits applied, where the proposer made it (its dry run) ..."""
+    base_hash: str | None = field(default=None, compare=False, repr=False)
+    """... on the train.py with this SHA-256 (`context.train_py`): the engine takes the text as it is while the
+    best is still that file, and applies the edits again only when the best has moved. Neither is stored."""
 
 
 @dataclass(frozen=True)
@@ -86,3 +91,25 @@ class Proposer(Protocol):
     def propose(
         self, context: ProposalContext, emit: EventSink, cancel: threading.Event
     ) -> Proposal | None: ...
+
+
+@runtime_checkable
+class SwitchableProposer(Protocol):
+    """A proposer whose model can be switched between proposals (the local model, a local server)."""
+
+    name: str
+
+    @property
+    def model_name(self) -> str | None:
+        """The model in use, or the one the next proposal loads."""
+        ...
+
+    def use_model(self, name: str, emit: EventSink) -> None:
+        """Switch to model `name` (ModelError keeps the current one)."""
+        ...
+
+
+def model_name(proposer: Proposer) -> str | None:
+    """The model a proposer proposes with, where it names one."""
+    name = getattr(proposer, "model_name", None)  # optional: a model-less proposer need not say None
+    return name if isinstance(name, str) else None

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.decisions import judge, judge_confirmed, noise_floor
+from agent.decisions import noise_floor, verdict, verdict_confirmed
 
 
 def test_single_run_uses_the_default_margin() -> None:
@@ -38,29 +38,29 @@ def test_no_values_is_an_error() -> None:
 
 
 def test_clear_win_is_kept() -> None:
-    verdict = judge(2.40, best_bpb=2.50, margin=0.01)
-    assert verdict.status == "keep"
-    assert "margin" in verdict.reason
+    found = verdict(2.40, best_bpb=2.50, margin=0.01)
+    assert found.status == "keep"
+    assert "margin" in found.reason
 
 
 def test_marginal_win_needs_confirmation() -> None:
-    assert judge(2.485, best_bpb=2.50, margin=0.01).status == "confirm"
-    assert judge(2.485, best_bpb=2.50, margin=0.01, confirm_marginal=False).status == "keep"
+    assert verdict(2.485, best_bpb=2.50, margin=0.01).status == "confirm"
+    assert verdict(2.485, best_bpb=2.50, margin=0.01, confirm_marginal=False).status == "keep"
 
 
 def test_inside_the_noise_is_discarded() -> None:
-    verdict = judge(2.495, best_bpb=2.50, margin=0.01)
-    assert verdict.status == "discard" and "noise" in verdict.reason
+    found = verdict(2.495, best_bpb=2.50, margin=0.01)
+    assert found.status == "discard" and "noise" in found.reason
 
 
 def test_worse_is_discarded() -> None:
-    verdict = judge(2.6, best_bpb=2.50, margin=0.01)
-    assert verdict.status == "discard" and "not better" in verdict.reason
+    found = verdict(2.6, best_bpb=2.50, margin=0.01)
+    assert found.status == "discard" and "not better" in found.reason
 
 
 def test_confirmation_keeps_only_if_the_mean_beats_best_minus_margin() -> None:
-    assert judge_confirmed([2.485, 2.487], best_bpb=2.50, margin=0.01).status == "keep"
-    assert judge_confirmed([2.485, 2.50], best_bpb=2.50, margin=0.01).status == "discard"
+    assert verdict_confirmed([2.485, 2.487], best_bpb=2.50, margin=0.01).status == "keep"
+    assert verdict_confirmed([2.485, 2.50], best_bpb=2.50, margin=0.01).status == "discard"
 
 
 @given(
@@ -69,10 +69,10 @@ def test_confirmation_keeps_only_if_the_mean_beats_best_minus_margin() -> None:
     margin=st.floats(min_value=1e-4, max_value=0.5),
 )
 def test_a_keep_always_beats_best_by_more_than_the_margin(val: float, best: float, margin: float) -> None:
-    verdict = judge(val, best, margin)
-    if verdict.status == "keep":
+    found = verdict(val, best, margin)
+    if found.status == "keep":
         assert best - val >= 2 * margin
-    if verdict.status == "confirm":
+    if found.status == "confirm":
         assert margin < best - val < 2 * margin
     if best - val <= margin:
-        assert verdict.status == "discard"
+        assert found.status == "discard"
