@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent import containment
-from agent.containment import SETUP_FAILED, Containment, contain, probe
+from agent.sandbox import containment
+from agent.sandbox.containment import SETUP_FAILED, Containment, contain, probe
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = Containment("full", containment.FULL_SUMMARY, "")
@@ -395,7 +395,7 @@ def test_sigterm_of_the_group_reaches_every_process(scratch: Path, marker: str) 
 UNPRIVILEGED = r"""
 import subprocess, sys
 from pathlib import Path
-from agent.containment import contain, probe
+from agent.sandbox.containment import contain, probe
 found = probe()
 print(found.level, found.detail)
 if found.level == "full":

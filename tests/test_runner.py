@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import subprocess
@@ -15,19 +14,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_fakes import FAKE_PREPARE, working_in
+from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, working_in, write_harness
 
-from agent.containment import Containment, probe
+from agent.budget import Budget
 from agent.events import Event, LogLine, StepMetric
-from agent.runner import (
-    RunResult,
-    RunSpec,
-    WarmJudge,
-    group_members,
-    kill_stale_run,
-    run_training,
-    scrub_environment,
-)
+from agent.sandbox.containment import Containment, probe
+from agent.sandbox.judging import WarmJudge
+from agent.sandbox.process import group_members, kill_stale_run, scrub_environment
+from agent.sandbox.runner import run_training
+from agent.sandbox.spec import RunResult, RunSpec
+
+LONG = Budget.parse("600")
+"""A budget no test run reaches: its deadline, or the test's stop, ends it first."""
 
 
 def _run(
@@ -44,7 +42,7 @@ def _run(
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
     (workspace / "train.py").write_text(textwrap.dedent(script))
-    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(workspace)
     spec = RunSpec(
         workspace=workspace,
         scratch=tmp_path / "scratch" / "7-0",
@@ -53,7 +51,7 @@ def _run(
         log_path=tmp_path / "runs" / "7" / "run.log",
         deadline_s=deadline,
         python=sys.executable,
-        **limits,  # type: ignore[arg-type]
+        **{"budget": LONG, **limits},  # type: ignore[arg-type]
     )
     sink = events.append if events is not None else (lambda e: None)
     return run_training(spec, sink, stop=stop, containment=containment, judge=judge)
@@ -88,6 +86,18 @@ def test_ok_run(tmp_path: Path) -> None:
     metrics = [e for e in events if isinstance(e, StepMetric)]
     assert [(m.exp_id, m.step, m.loss, m.tokens_per_s) for m in metrics] == [(7, 1, 2.5, 100.0)]
     _assert_no_survivors(result)
+
+
+def test_a_run_gets_what_train_py_imports_and_never_the_metric(tmp_path: Path) -> None:
+    script = """
+        import os
+        from prepare import report
+        print("in the run's folder:", " ".join(sorted(os.listdir("."))))
+        report(2.5)
+    """
+    result = _run(tmp_path, script)
+    assert result.outcome == "ok", result.reason
+    assert "in the run's folder: corpus.py prepare.py train.py" in result.log_path.read_text()
 
 
 @pytest.mark.parametrize(
@@ -290,7 +300,7 @@ def test_stop_kills_the_run_now(tmp_path: Path) -> None:
             stop.set()
 
     spec_events: list[Event] = []
-    (tmp_path / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(tmp_path)
     (tmp_path / "train.py").write_text("import time\nprint('started', flush=True)\ntime.sleep(1e9)\n")
     spec = RunSpec(
         workspace=tmp_path,
@@ -299,6 +309,7 @@ def test_stop_kills_the_run_now(tmp_path: Path) -> None:
         seed=1,
         log_path=tmp_path / "run.log",
         deadline_s=120,
+        budget=LONG,
         python=sys.executable,
     )
     result = run_training(spec, lambda e: (spec_events.append(e), sink(e)), stop=stop)
@@ -340,8 +351,8 @@ def test_environment_is_scrubbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_budget_reaches_the_run(tmp_path: Path) -> None:
     script = "import os\nprint('BUDGET', os.environ.get('AUTORESEARCH_BUDGET'))\n"
-    _run(tmp_path, script, budget="7s")
-    assert "BUDGET 7s" in (tmp_path / "runs" / "7" / "run.log").read_text()
+    _run(tmp_path, script, budget=Budget.parse("7s"))
+    assert "BUDGET 7\n" in (tmp_path / "runs" / "7" / "run.log").read_text()
 
 
 def test_no_network(tmp_path: Path) -> None:
@@ -394,11 +405,14 @@ def test_kill_stale_run_only_kills_our_run(tmp_path: Path) -> None:
 _ENGINE = """
 import sys, threading
 from pathlib import Path
-from agent.containment import probe
-from agent.runner import RunSpec, run_training
+from agent.sandbox.containment import probe
+from agent.budget import Budget
+from agent.sandbox.runner import run_training
+from agent.sandbox.spec import RunSpec
 tmp = Path(sys.argv[1])
 spec = RunSpec(workspace=tmp / "ws", scratch=tmp / "scratch" / "7-0", exp_id=7, seed=1,
-               log_path=tmp / "runs" / "7" / "run.log", deadline_s=120.0, python=sys.executable)
+               log_path=tmp / "runs" / "7" / "run.log", deadline_s=120.0, budget=Budget.parse("600"),
+               python=sys.executable)
 containment = probe() if sys.argv[2] == "full" else None
 slot = threading.Thread(target=run_training, args=(spec, lambda event: None), kwargs={"containment": containment})
 slot.start()
@@ -415,7 +429,7 @@ def test_a_run_dies_with_the_engine_that_started_it(tmp_path: Path, level: str) 
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (workspace / "train.py").write_text("import time\ntime.sleep(120)\n")
-    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(workspace)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     with subprocess.Popen([sys.executable, "-c", _ENGINE, str(tmp_path), level], cwd=root, env=env) as engine:
@@ -442,7 +456,7 @@ def test_a_run_dies_with_the_engine_that_started_it(tmp_path: Path, level: str) 
 def _warm_judge(tmp_path: Path, containment: Containment | None = None) -> WarmJudge:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
-    (workspace / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(workspace)
     return WarmJudge(
         workspace, tmp_path / "scratch" / "judge", python=sys.executable, env={}, containment=containment
     )
@@ -533,30 +547,40 @@ def test_a_stop_during_start_up_does_not_kill_the_run(tmp_path: Path) -> None:
         from prepare import report
         report(2.5)
     """
-    result = _run(tmp_path, script, budget_limit=("time", 0.3), handover_s=10.0)
+    result = _run(tmp_path, script, budget=Budget.parse("0.3"), handover_s=10.0)
     assert (result.outcome, result.val_bpb) == ("ok", 2.5), result.reason
     assert result.budget_spent is not None and result.budget_spent >= 0.3
 
 
+@pytest.mark.parametrize("forged", ["prepare.py", "corpus.py", "metric.py"])
 @pytest.mark.parametrize("warm", [False, True], ids=["one-shot", "warm"])
-def test_the_judge_imports_only_the_frozen_harness(tmp_path: Path, warm: bool) -> None:
-    # A run without full containment could rewrite the workspace's prepare.py with a kinder judge: the judge
-    # checks the recorded SHA-256 before it imports anything.
-    frozen = hashlib.sha256(FAKE_PREPARE.encode()).hexdigest()
-    forged = FAKE_PREPARE + "\ndef judge(model_path, claims):\n    return {'status': 'ok', 'val_bpb': 0.1}\n"
+def test_the_judge_imports_only_the_frozen_harness(tmp_path: Path, warm: bool, forged: str) -> None:
+    # A run without full containment could rewrite a file of the workspace's harness (the metric with a kinder
+    # judge, or the prepare.py it imports): the judge checks every recorded SHA-256 before it imports anything.
+    kinder = "\ndef judge(model_path, claims):\n    return {'status': 'ok', 'val_bpb': 0.1}\n"
     script = f"""
         import pathlib
         from prepare import report
         report(2.5)
-        pathlib.Path({str(tmp_path / "ws" / "prepare.py")!r}).write_text({forged!r})
+        forged = pathlib.Path({str(tmp_path / "ws" / forged)!r})
+        forged.write_text(forged.read_text() + {kinder!r})
     """
     judge = _warm_judge(tmp_path) if warm else None
     if judge is not None:
-        judge.harness_sha256 = frozen
+        judge.harness_hashes = FAKE_HARNESS_SHA256
     try:
-        result = _run(tmp_path, script, judge=judge, harness_sha256=frozen)
+        result = _run(tmp_path, script, judge=judge, harness_hashes=FAKE_HARNESS_SHA256)
     finally:
         if judge is not None:
             judge.close()
     assert result.outcome == "invalid" and "not the frozen harness" in result.reason, result.reason
+    assert forged in result.reason and result.val_bpb is None
+
+
+def test_the_judge_refuses_a_harness_file_whose_hash_was_never_recorded(tmp_path: Path) -> None:
+    # A workspace made before metric.py existed did not record it: its metric is never imported.
+    recorded = {name: FAKE_HARNESS_SHA256[name] for name in ("prepare.py", "corpus.py")}
+    result = _run(tmp_path, OK_SCRIPT, harness_hashes=recorded)
+    assert result.outcome == "invalid" and "metric.py" in result.reason and "never frozen" in result.reason
     assert result.val_bpb is None
+    assert (tmp_path / "ws" / "metric.py").read_text() == FAKE_METRIC  # there all along: only unrecorded

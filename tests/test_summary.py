@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from agent.runner import classify, judged
-from agent.summary import find_fail, parse_progress, parse_summary, summary_bpb
+from agent.sandbox.judging import judged
+from agent.sandbox.runner import classify
+from agent.sandbox.summary import find_fail, parse_progress, parse_summary, summary_bpb
 
 SUMMARY = """\
 step    42 | loss 2.3456 | lr 4.00e-03 | tok/s 18234 | 12.3s
@@ -84,16 +85,17 @@ def test_a_clean_exit_goes_to_the_judge() -> None:
 
 
 def test_the_judges_number_is_the_result() -> None:
-    assert judged(_result()) == ("ok", 2.712345, "")
+    found = judged(_result())
+    assert (found.outcome, found.val_bpb, found.reason) == ("ok", 2.712345, "")
 
 
 def test_the_judges_refusal_is_invalid_with_its_reason() -> None:
-    outcome, bpb, reason = judged(_result(None, "invalid"))
-    assert outcome == "invalid" and bpb is None and "non-causal: leaks" in reason
+    found = judged(_result(None, "invalid"))
+    assert found.outcome == "invalid" and found.val_bpb is None and "non-causal: leaks" in found.reason
 
 
 def test_a_non_finite_judged_value_is_nan() -> None:
-    assert judged(_result(float("nan")))[0] == "nan"
+    assert judged(_result(float("nan"))).outcome == "nan"
 
 
 def test_classify_fail_line_is_nan() -> None:

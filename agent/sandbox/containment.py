@@ -46,6 +46,17 @@ class Containment:
     detail: str
     """Why not full, if not; else ""."""
 
+    @property
+    def full(self) -> bool:
+        """Runs get the namespaces (and so the init that reports signals as 128 + N and forwards SIGUSR1)."""
+        return self.level == "full"
+
+    def capped(self, cap: str | None) -> Containment:
+        """This containment, or `cap` ("none", "network", "full") where that is weaker."""
+        if cap is None or LEVELS.index(cap) >= LEVELS.index(self.level):
+            return self
+        return Containment(cap, _SUMMARIES[cap], f"capped at {cap}")
+
 
 FULL_SUMMARY = "namespaces: read-only filesystem, private /tmp, own PIDs, no network"
 NETWORK_SUMMARY = "network namespace only: no network; filesystem and processes shared with the host"

@@ -1,12 +1,14 @@
 """The judge: scores a run's exported model in a clean process that never imports train.py.
 
-The runner starts it as `python -I judge.py score HARNESS MODEL CLAIMS OUT` in a folder the run never saw:
-HARNESS is the workspace's frozen prepare.py (its SHA-256 checked, copied by the engine), imported here by
-path; its `judge(model, claims)` computes the result, which is written to OUT. `python -I` keeps this file's
-folder, the working directory, PYTHONPATH and user site-packages off `sys.path`, so nothing a run left behind
-can be imported. `prepare HARNESS OUT` runs the harness's `prepare_for_runs()` once before contained runs
-(the data cache, and which files training must not read). `serve HARNESS` is the warm judge
-(`agent.runner.WarmJudge`): torch and the harness imported once, a forked child per model.
+The runner starts it as `python -I judge.py score HARNESS MODEL CLAIMS OUT` in a folder the run never saw.
+HARNESS is a folder holding the workspace's frozen harness, copied there by the engine with each file's SHA-256
+checked: prepare.py and corpus.py (what train.py imports) and metric.py (what only the judge imports). Each is
+imported here by path, as module `corpus`, `prepare` (it imports corpus), then `metric` (it imports prepare), whose
+`judge(model, claims)` computes the result, written to OUT. `python -I` keeps this file's folder, the working
+directory, PYTHONPATH and user site-packages off `sys.path`, so nothing a run left behind can be imported.
+`prepare HARNESS OUT` runs the metric's `prepare_for_runs()` once before contained runs (the data cache, and
+which files training must not read). `serve HARNESS` is the warm judge (`agent.sandbox.judging.WarmJudge`):
+torch and the harness imported once, a forked child per model.
 
 Standard library only: the harness brings torch. Runs as a script, so it imports nothing of `agent`.
 """
@@ -22,16 +24,22 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+HARNESS = ("corpus", "prepare", "metric")
+"""The frozen harness's modules (agent.sandbox.spec.HARNESS_FILES), in import order: prepare imports corpus,
+metric imports prepare."""
 
-def load_harness(path: Path) -> ModuleType:
-    """Import the frozen harness from `path` as module `prepare`."""
-    spec = importlib.util.spec_from_file_location("prepare", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import the harness {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare"] = module
-    spec.loader.exec_module(module)
-    return module
+
+def load_harness(folder: Path) -> ModuleType:
+    """Import the frozen harness from `folder` (each module by its file's path, never from `sys.path`); the
+    metric, whose `judge` scores."""
+    for name in HARNESS:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import the harness's {name}.py from {folder}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # `from prepare import ...` in metric.py (and corpus in prepare) finds it
+        spec.loader.exec_module(module)
+    return sys.modules[HARNESS[-1]]
 
 
 def write_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -40,15 +48,14 @@ def write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def score(harness: ModuleType, model: Path, claims_path: Path, out: Path) -> int:
-    """Score one exported model with the harness's judge; the result goes to `out`."""
+def score(metric: ModuleType, model: Path, claims_path: Path, out: Path) -> int:
+    """Score one exported model with the metric's judge; the result goes to `out`."""
     claims = json.loads(claims_path.read_text(encoding="utf-8")) if claims_path.is_file() else {}
-    if not hasattr(harness, "judge"):
-        result = {"status": "invalid", "reason": "this workspace's prepare.py has no judge (too old)"}
-    else:
-        result = dict(harness.judge(str(model), claims if isinstance(claims, dict) else {}))
+    result = dict(metric.judge(str(model), claims if isinstance(claims, dict) else {}))
     write_atomic(out, result)
-    if result.get("status") == "probe":  # a probe's model (agent/noop.py): a fingerprint, never a score
+    if (
+        result.get("status") == "probe"
+    ):  # a probe's model (agent/sandbox/probe.py): a fingerprint, never a score
         print(f"judge: probe fingerprint {result.get('fingerprint')} {result.get('reason') or ''}".rstrip())
         return 0
     print(
@@ -57,21 +64,21 @@ def score(harness: ModuleType, model: Path, claims_path: Path, out: Path) -> int
     return 0
 
 
-def serve(harness_path: Path) -> int:
+def serve(harness: Path) -> int:
     """The warm judge: import the harness (and torch) once, then for each request line on stdin
     (`{"model", "claims", "out"}`) fork a fresh child that scores it, and answer `{"exit": code}` on stdout.
     Everything else anyone prints goes to stderr. Ends when stdin closes (the engine is gone)."""
     protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
-    harness = load_harness(harness_path)
+    metric = load_harness(harness)
     if "torch" in sys.modules:
-        _warm(harness_path.parent)
+        _warm(harness)
     for line in sys.stdin:
         request = json.loads(line)
         child = os.fork()
         if child == 0:
             try:
-                code = score(harness, Path(request["model"]), Path(request["claims"]), Path(request["out"]))
+                code = score(metric, Path(request["model"]), Path(request["claims"]), Path(request["out"]))
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -99,17 +106,18 @@ def _warm(folder: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "prepare":
-        harness = load_harness(Path(argv[1]))
-        prepared = harness.prepare_for_runs() if hasattr(harness, "prepare_for_runs") else {}
+        metric = load_harness(Path(argv[1]))
+        prepared = metric.prepare_for_runs() if hasattr(metric, "prepare_for_runs") else {}
         write_atomic(Path(argv[2]), {"hidden": [str(p) for p in prepared.get("hidden", [])]})
         return 0
     if len(argv) == 5 and argv[0] == "score":
-        harness_path, model, claims_path, out = (Path(a) for a in argv[1:])
-        return score(load_harness(harness_path), model, claims_path, out)
+        harness, model, claims_path, out = (Path(a) for a in argv[1:])
+        return score(load_harness(harness), model, claims_path, out)
     if len(argv) == 2 and argv[0] == "serve":
         return serve(Path(argv[1]))
     print(
-        "usage: judge.py prepare HARNESS OUT | score HARNESS MODEL CLAIMS OUT | serve HARNESS",
+        "usage: judge.py prepare HARNESS OUT | score HARNESS MODEL CLAIMS OUT | serve HARNESS "
+        "(HARNESS: the folder holding the frozen prepare.py, corpus.py and metric.py)",
         file=sys.stderr,
     )
     return 2

@@ -1,0 +1,214 @@
+"""One machine's place for runs: it turns the engine's `RunRequest` into a contained, judged run here.
+
+What it knows is this machine's: how far runs can be contained (probed once), the data prepared for runs and
+the files they must not read (once, at the first run: a machine that never trains never prepares), the warm
+judge, memory limits from this machine's RAM, the deadline from the budget and this device, the frozen
+harness's hashes, and the probes that settle a crash or a no-op in seconds. The local trainers keep one for their
+slots; a Ray node builds the same for the runs it is sent (`agent.trainers.ray`).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+
+from agent import paths
+from agent.config import EngineConfig, detect_device
+from agent.events import EngineError, EventSink
+from agent.sandbox.containment import Containment
+from agent.sandbox.containment import probe as probe_containment
+from agent.sandbox.judging import WarmJudge, prepare_for_runs
+from agent.sandbox.probe import ProbeCache, settle_by_probe
+from agent.sandbox.runner import run_training
+from agent.sandbox.spec import RunRequest, RunResult, RunSpec
+
+Prepare = Callable[["Sandbox"], tuple[Path, ...]]
+"""How a sandbox prepares the data for runs and learns the files they must not read (a Ray node's is shared by
+its workers, behind a file lock)."""
+
+
+class Sandbox:
+    """Runs on this machine, from a harness folder: each request trained in `scratch_root`, contained, judged."""
+
+    def __init__(
+        self,
+        *,
+        harness: Path,
+        harness_hashes: Mapping[str, str] | None,
+        scratch_root: Path,
+        config: EngineConfig,
+        env: Mapping[str, str],
+        emit: EventSink,
+        python: str | None = None,
+        containment_cap: str | None = None,
+        warm_judge: bool | None = None,
+        log_root: Path | None = None,
+        prepare: Prepare | None = None,
+        warn_partial: bool = True,
+    ) -> None:
+        """`harness`: the folder with the frozen harness (prepare.py, corpus.py, metric.py), whose SHA-256s recorded at init
+        are `harness_hashes` (by file name; None: unchecked); `env`: the profile's environment for runs; `emit`:
+        for what the sandbox itself says (partial containment, preparing the data). `containment_cap` weakens the
+        containment probed here; `log_root` keeps logs there instead of at each request's `log_path` (a Ray node
+        ships them back)."""
+        self.harness, self.harness_hashes = harness, harness_hashes
+        self.scratch_root = scratch_root
+        self.config = config
+        self.device = detect_device()
+        self.cuda = self.device.startswith("cuda")
+        self.cache = paths.cache_dir()
+        self.env = {"AUTORESEARCH_CACHE": str(self.cache), **env}
+        self.python = python or config.python or sys.executable
+        self.log_root = log_root
+        self.emit = emit
+        self._cap = containment_cap
+        self._warn_partial = warn_partial
+        self._warm = config.warm_judge if warm_judge is None else warm_judge
+        self._prepare = prepare or _prepare_here
+        self._lock = threading.RLock()  # preparing the data asks for the containment
+        self._containment: Containment | None = None
+        self._hidden: tuple[Path, ...] | None = None
+        self._judge: WarmJudge | None = None
+        self.probes = ProbeCache()
+        self.can_probe = config.probe if config.probe is not None else not self.cuda
+        """Whether a candidate's first run is probed here first (off on CUDA: each probe would pay
+        torch.compile)."""
+
+    @property
+    def containment(self) -> Containment:
+        """How runs are contained here (probed once); says so once when it is less than full."""
+        with self._lock:
+            if self._containment is None:
+                self._containment = probe_containment().capped(self._cap)
+                if self._containment.level != "full" and self._warn_partial:
+                    self.emit(
+                        EngineError(
+                            message=f"runs are contained only partly: {self._containment.summary}",
+                            detail=self._containment.detail
+                            or "Linux mount, PID and network namespaces (root or unprivileged user namespaces) "
+                            "contain a run fully; see the README's threat model",
+                        )
+                    )
+            return self._containment
+
+    def hidden(self) -> tuple[Path, ...]:
+        """The files training must not read, from preparing the data for runs (once, at the first run)."""
+        with self._lock:
+            if self._hidden is None:
+                self._hidden = self._prepare(self)
+            return self._hidden
+
+    def judge(self) -> WarmJudge | None:
+        """The warm judge (started on first use), or None to start a judge per run."""
+        containment = self.containment
+        with self._lock:
+            if self._judge is None and self._warm:
+                self._judge = WarmJudge(
+                    self.harness,
+                    self.scratch_root / "judge",
+                    python=self.python,
+                    env=self.env,
+                    containment=containment,
+                    readable=(self.cache,),
+                    harness_hashes=self.harness_hashes,
+                )
+            return self._judge
+
+    def deadline(self, request: RunRequest) -> float:
+        """Seconds from a run's start to its kill: training (an estimated budget allows for what the baseline
+        measured, times `compute_budget_factor`), then start-up and evaluation, then grace."""
+        config = self.config
+        if config.deadline_s is not None:
+            return config.deadline_s
+        seconds, estimated = request.budget.estimate_seconds()
+        if estimated:
+            seconds = max(seconds, request.observed_training_s or 0.0) * config.compute_budget_factor
+        eval_s = config.eval_s if config.eval_s is not None else (240.0 if self.cuda else 60.0)
+        return seconds + eval_s + config.grace_s
+
+    def limits(self) -> tuple[int, int | None]:
+        """Resident memory (MB) and address space (MB, None: unlimited) of a run, from this machine's RAM."""
+        total_mb = psutil.virtual_memory().total // 2**20
+        memory = self.config.memory_mb or int(total_mb * 0.8)
+        if self.config.address_space_mb is not None:
+            return memory, self.config.address_space_mb or None
+        return memory, None if self.cuda else int(total_mb * 2)
+
+    def spec(self, request: RunRequest, tag: str = "", env: Mapping[str, str] | None = None) -> RunSpec:
+        """The recipe of `request` on this machine; `tag` sets its folder apart (a Ray run's token)."""
+        name = f"{request.exp_id}-{request.n}" + (f"-{tag}" if tag else "")
+        log_path = self.log_root / f"{name}.log" if self.log_root is not None else request.log_path
+        memory, address = self.limits()
+        return RunSpec(
+            workspace=self.harness,
+            scratch=self.scratch_root / name,
+            exp_id=request.exp_id,
+            seed=request.seed,
+            log_path=log_path,
+            deadline_s=self.deadline(request),
+            budget=request.budget,
+            handover_s=self.config.handover_s or (60.0 if self.cuda else 10.0),
+            memory_mb=memory,
+            address_space_mb=address,
+            hidden=self.hidden(),
+            readable=(self.cache,),
+            harness_hashes=self.harness_hashes,
+            log_cap_bytes=self.config.log_cap_bytes,
+            network=self.config.network,
+            python=self.python,
+            env={**self.env, **(env or {})},
+            device_memory_from_summary=self.cuda,
+            train_source=request.train_source.encode("utf-8"),
+        )
+
+    def run(
+        self,
+        request: RunRequest,
+        emit: EventSink,
+        stop: threading.Event,
+        on_start: Callable[[int], None] | None = None,
+        *,
+        tag: str = "",
+        env: Mapping[str, str] | None = None,
+    ) -> RunResult:
+        """Train `request` here (probed first when it asks and this machine probes) and have it judged."""
+        spec = self.spec(request, tag, env)
+        containment, judge = self.containment, self.judge()
+        if request.probe_against is not None and self.can_probe:
+            settled = settle_by_probe(
+                spec,
+                request.probe_against,
+                self.probes,
+                emit,
+                stop=stop,
+                on_start=on_start,
+                containment=containment,
+                judge=judge,
+            )
+            if settled is not None:
+                return settled
+        return run_training(spec, emit, stop=stop, on_start=on_start, containment=containment, judge=judge)
+
+    def close(self) -> None:
+        """Stop the warm judge."""
+        with self._lock:
+            judge, self._judge = self._judge, None
+        if judge is not None:
+            judge.close()
+
+
+def _prepare_here(sandbox: Sandbox) -> tuple[Path, ...]:
+    """Build the data cache with the frozen harness, outside any run, once per sandbox."""
+    return prepare_for_runs(
+        sandbox.harness,
+        sandbox.scratch_root,
+        python=sandbox.python,
+        env=sandbox.env,
+        containment=sandbox.containment,
+        emit=sandbox.emit,
+        harness_hashes=sandbox.harness_hashes,
+    )
