@@ -26,7 +26,6 @@ import pytest
 from engine_fakes import (
     BETTER,
     CRASHES,
-    FAKE_PREPARE,
     FAKE_TRAIN,
     MARGINAL,
     ROOT,
@@ -37,6 +36,7 @@ from engine_fakes import (
     idea,
     make_workspace,
     working_in,
+    write_harness,
     write_ideas,
 )
 
@@ -44,14 +44,17 @@ ray = pytest.importorskip("ray")  # installed by scripts/setup.sh: skipped only 
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from agent.budget import Budget  # noqa: E402
+from agent.commands import SetTrainers  # noqa: E402
 from agent.config import EngineConfig  # noqa: E402
-from agent.engine import Engine  # noqa: E402
 from agent.events import Decided, Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
-from agent.ideas import IdeaQueue, parse_ideas  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
-from agent.ray_trainers import CANCEL_WAIT_S, RayTrainers, loopback_only, node_root  # noqa: E402
-from agent.runner import RunResult, RunSpec  # noqa: E402
-from agent.trainers import TrainerLost  # noqa: E402
+from agent.researcher.ideas import IdeaQueue, parse_ideas  # noqa: E402
+from agent.sandbox.spec import RunRequest, RunResult  # noqa: E402
+from agent.session import open_engine  # noqa: E402
+from agent.trainers.base import TrainerLost  # noqa: E402
+from agent.trainers.ray import CANCEL_WAIT_S, RayTrainers, node_root  # noqa: E402
+from agent.trainers.ray_internals import loopback_only  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 _FAST_FAILURE_DETECTION = {
@@ -155,25 +158,23 @@ def workspace(tmp_path: Path) -> Path:
     folder = tmp_path / "ws"
     folder.mkdir()
     (folder / "train.py").write_text(FAKE_TRAIN)
-    (folder / "prepare.py").write_text(FAKE_PREPARE)
+    write_harness(folder)
     return folder
 
 
-def _spec(workspace: Path, exp_id: int, train: bytes, seed: int = 1, deadline: float = 60.0) -> RunSpec:
-    return RunSpec(
-        workspace=workspace,
-        scratch=workspace.parent / "scratch" / f"{exp_id}-0",
-        exp_id=exp_id,
-        seed=seed,
-        log_path=workspace.parent / "runs" / str(exp_id) / "run.log",
-        deadline_s=deadline,
-        python=sys.executable,
-        train_source=train,
-    )
+def _request(workspace: Path, exp_id: int, train: bytes, seed: int = 1) -> RunRequest:
+    log_path = workspace.parent / "runs" / str(exp_id) / "run.log"
+    return RunRequest(exp_id, 0, seed, train.decode(), Budget.parse("600"), log_path)
+
+
+def _ray(address: str, trainers: int, device: str, workspace: Path, **options: Any) -> RayTrainers:
+    """Ray trainers for the test workspace's harness; each run's deadline is 60 s."""
+    config = EngineConfig(deadline_s=60.0, python=sys.executable)
+    return RayTrainers(address, trainers, device, harness=workspace, config=config, **options)
 
 
 def test_parallel_runs_on_two_nodes_stream_and_score(cluster: Cluster, workspace: Path) -> None:
-    trainers = RayTrainers(cluster.address, 4, "cuda")
+    trainers = _ray(cluster.address, 4, "cuda", workspace)
     try:
         assert trainers.description.startswith("4 Ray trainers (at ") and LOOPBACK in trainers.description
         sink = Arrivals()
@@ -182,8 +183,8 @@ def test_parallel_runs_on_two_nodes_stream_and_score(cluster: Cluster, workspace
         returned: dict[int, float] = {}
 
         def one(exp_id: int) -> None:
-            spec = _spec(workspace, exp_id, _train(rates[exp_id], sleep=6.0), seed=exp_id)
-            results[exp_id] = trainers.run(exp_id - 1, spec, sink, threading.Event(), None)
+            request = _request(workspace, exp_id, _train(rates[exp_id], sleep=6.0), seed=exp_id)
+            results[exp_id] = trainers.run(exp_id - 1, request, sink, threading.Event(), None)
             returned[exp_id] = time.monotonic()
 
         threads = [threading.Thread(target=one, args=(exp_id,)) for exp_id in rates]
@@ -221,7 +222,7 @@ def test_parallel_runs_on_two_nodes_stream_and_score(cluster: Cluster, workspace
 def test_stop_interrupts_the_remote_run(
     cluster: Cluster, cluster_home: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trainers = RayTrainers(cluster.address, 1, "cpu")
+    trainers = _ray(cluster.address, 1, "cpu", workspace)
     try:
         sink = Arrivals()
         stop = threading.Event()
@@ -233,7 +234,7 @@ def test_stop_interrupts_the_remote_run(
                 stop.set()
 
         sink.hooks.append(stop_once_it_trains)
-        result = trainers.run(0, _spec(workspace, 9, _train(sleep=120.0)), sink, stop, None)
+        result = trainers.run(0, _request(workspace, 9, _train(sleep=120.0)), sink, stop, None)
         assert stop.is_set()
         assert (result.outcome, result.val_bpb, result.reason) == ("interrupted", None, "stopped by the user")
         took = time.monotonic() - stopped_at[0]
@@ -256,7 +257,7 @@ def test_stop_interrupts_the_remote_run(
 def test_a_node_lost_mid_run_raises_trainer_lost(cluster: Cluster, workspace: Path) -> None:
     with loopback_only():
         victim = cluster.add_node(node_ip_address=LOOPBACK, num_cpus=1, num_gpus=1, resources={"victim": 1})
-    trainers = RayTrainers(cluster.address, 1, "cuda", resources={"victim": 1}, containment_level="none")
+    trainers = _ray(cluster.address, 1, "cuda", workspace, resources={"victim": 1}, containment_level="none")
     pid: list[int] = []
     try:
         sink = Arrivals()
@@ -273,7 +274,7 @@ def test_a_node_lost_mid_run_raises_trainer_lost(cluster: Cluster, workspace: Pa
         def train() -> None:
             try:
                 outcome["result"] = trainers.run(
-                    0, _spec(workspace, 5, _train(sleep=60.0)), sink, threading.Event(), None
+                    0, _request(workspace, 5, _train(sleep=60.0)), sink, threading.Event(), None
                 )
             except TrainerLost as exc:
                 outcome["lost"] = exc
@@ -304,7 +305,7 @@ def test_a_cluster_that_cannot_take_a_run_is_refused(cluster: Cluster) -> None:
     with pytest.raises(
         RuntimeError, match=r"no Ray node can take a run: each run needs trainer 1 \(the cluster has 0\)"
     ):
-        RayTrainers(cluster.address, 1, "cuda", resources={"trainer": 1})
+        _ray(cluster.address, 1, "cuda", Path("."), resources={"trainer": 1})
     assert not ray.is_initialized()  # disconnected again: the next RayTrainers may start
 
 
@@ -322,11 +323,11 @@ def _non_loopback(pids: set[int]) -> list[str]:
 
 def test_local_ray_binds_only_loopback_and_shuts_down(cluster: Cluster, workspace: Path) -> None:
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    trainers = RayTrainers("local", 2, "cpu")
+    trainers = _ray("local", 2, "cpu", workspace)
     try:
         assert trainers.description == "2 Ray trainers (local, 127.0.0.1)"
         assert os.environ.get("RAY_AUTH_MODE") == "token"  # every client of the instance needs its token
-        result = trainers.run(0, _spec(workspace, 3, _train(0.6)), Arrivals(), threading.Event(), None)
+        result = trainers.run(0, _request(workspace, 3, _train(0.6)), Arrivals(), threading.Event(), None)
         assert (result.outcome, result.val_bpb) == ("ok", _expected(0.6, 1))
         ours = {p.pid for p in psutil.Process().children(recursive=True)}
         started = ours - before
@@ -347,7 +348,7 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
         parse_ideas("".join(json.dumps(i) + "\n" for i in (BETTER, WORSE, CRASHES, MARGINAL)), Path("i"))
     )
     events = Recorder()
-    engine = Engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=2, ray="local"), events)
+    engine = open_engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=2, ray="local"), events)
     engine.run()
     assert engine.error is None
     assert any(e.message == "training on 2 Ray trainers (local, 127.0.0.1)" for e in events.of(Info))
@@ -364,6 +365,11 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
     kept = next(e for e in experiments if e.status == "keep")
     assert kept.val_bpb == pytest.approx(2.1, abs=0.001)
     assert any(isinstance(e, LogLine) and e.text.startswith("step ") for e in events.events)
+    # The node keeps the whole frozen harness the driver shipped, hash checked, under one folder per harness.
+    [shipped] = (node_root() / "harness").iterdir()
+    assert {p.name: p.read_text() for p in shipped.iterdir()} == {
+        name: (ws.path / name).read_text() for name in ("prepare.py", "corpus.py", "metric.py")
+    }
 
 
 def test_an_engine_switches_from_this_machine_to_local_ray_mid_session(tmp_path: Path) -> None:
@@ -371,9 +377,9 @@ def test_an_engine_switches_from_this_machine_to_local_ray_mid_session(tmp_path:
     ws = make_workspace(tmp_path)
     ideas = IdeaQueue(parse_ideas("".join(json.dumps(i) + "\n" for i in (BETTER, WORSE)), Path("i")))
     events = Recorder()
-    engine = Engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=1), events)
+    engine = open_engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=1), events)
     events.hooks.append(
-        lambda e: engine.set_trainers(2, "local") if isinstance(e, Decided) and e.exp_id == 0 else None
+        lambda e: engine.send(SetTrainers(2, "local")) if isinstance(e, Decided) and e.exp_id == 0 else None
     )
     engine.run()
     assert engine.error is None

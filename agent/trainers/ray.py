@@ -1,13 +1,15 @@
-"""Trainers on a Ray cluster: each run is a Ray task that runs the same sandboxed runner on the node it lands on.
+"""Trainers on a Ray cluster: each run is a Ray task that builds the same `Sandbox` on the node it lands on.
 
-`RayTrainers(address, trainers, device)` implements `agent.trainers.Trainer`. `address` is "local" (a Ray instance
-started in this process, every server bound to 127.0.0.1, dashboard and usage stats off), or Ray's own "auto" or a
-cluster ADDRESS. Each run ships the candidate's train.py and the workspace's frozen prepare.py (hash checked on
-the driver) with the task; on the node they are written to a node-local folder, the data is prepared once per
-node and harness (`agent.runner.prepare_for_runs`, behind a file lock), containment is probed there, and
-`agent.runner.run_training` trains and judges as on this machine. Log lines, step metrics and the node's info
-lines stream back to the driver while the run trains (a Ray streaming generator, batched, bounded); the driver
-writes the run's log at `spec.log_path` and gets the RunResult. Ledger and git never leave the driver.
+`RayTrainers(address, trainers, device, harness=..., ...)` implements `agent.trainers.base.Trainer`. `address`
+is "local" (a Ray instance started in this process, every server bound to 127.0.0.1, dashboard and usage stats
+off), or Ray's own "auto" or a cluster ADDRESS. Each run ships the engine's `RunRequest` (the candidate's
+train.py among it), the workspace's frozen harness (prepare.py, corpus.py, metric.py; hashes checked on the driver)
+and the run settings with the task; on the node the harness is written to a node-local folder and a `Sandbox`
+made of that node's facts (its containment, memory, device; the data prepared once per node and harness,
+behind a file lock) trains and judges as on this machine. Log lines, step metrics and the node's info lines
+stream back to the driver while the run trains (a Ray streaming generator, batched, bounded); the driver
+writes the run's log at the request's `log_path` and gets the RunResult. Ledger and git never leave the
+driver, and the driver prepares no data.
 
 Failures: the user's code crashing is an outcome of the run (the runner's), never retried. A worker or node lost
 before the run started is retried here (`max_retries`, counted); lost once it had started, `run` raises
@@ -16,7 +18,7 @@ off: a retried streaming task replays into the same stream (items deduplicated b
 runs' logs and results. `stop` cancels the task: Ray raises KeyboardInterrupt in it, which sets the runner's stop
 event on the node (the run's process group is killed there), and `run` returns outcome "interrupted".
 
-This is the only module that imports `ray`.
+This module and `ray_internals` (Ray's private parts) are the only ones that import `ray`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import ipaddress
 import json
-import logging
 import os
-import secrets
 import shutil
 import socket
 import sys
@@ -45,33 +44,25 @@ import ray
 import ray.exceptions
 
 from agent import paths
-from agent.containment import (
-    FULL_SUMMARY,
-    LEVELS,
-    NETWORK_SUMMARY,
-    NONE_SUMMARY,
-    Containment,
-    probe,
+from agent.config import EngineConfig
+from agent.events import Event, EventSink, Info, LogLine, first_line
+from agent.sandbox.containment import LEVELS
+from agent.sandbox.handover import HarnessChanged, frozen_harness, read_regular
+from agent.sandbox.judging import prepare_for_runs
+from agent.sandbox.process import kill_stale_run, remove_tree
+from agent.sandbox.sandbox import Sandbox
+from agent.sandbox.spec import Outcome, PrepareError, RunRequest, RunResult
+from agent.trainers.base import TrainerLost
+from agent.trainers.ray_internals import (
+    LOOPBACK,
+    TOKEN,
+    cluster_address,
+    is_loopback,
+    loopback_only,
+    quiet_token_notice,
 )
-from agent.events import Event, EventSink, Info, LogLine
-from agent.runner import (
-    HARNESS_FILE,
-    MAX_SOURCE_BYTES,
-    HarnessChanged,
-    PrepareError,
-    RunResult,
-    RunSpec,
-    frozen_harness,
-    kill_stale_run,
-    prepare_for_runs,
-    read_regular,
-    remove_tree,
-    run_training,
-)
-from agent.trainers import TrainerLost
 
 LOCAL = "local"
-LOOPBACK = "127.0.0.1"
 OBJECT_STORE_MB = 200
 """Object store of a local instance: runs ship a few MB at most (sources, log batches, the log)."""
 EVENT_BATCH_S = 0.25
@@ -92,7 +83,6 @@ _LOST = (
     ray.exceptions.TaskUnschedulableError,
 )
 """Ray errors that mean the place a run ran went away (not the run's fault)."""
-_SUMMARIES = {"full": FULL_SUMMARY, "network": NETWORK_SUMMARY, "none": NONE_SUMMARY}
 _DRIVER = f"{socket.gethostname()}.{os.getpid()}"
 
 
@@ -100,11 +90,16 @@ _DRIVER = f"{socket.gethostname()}.{os.getpid()}"
 class _Job:
     """What a run's task carries to its node."""
 
-    spec: RunSpec
-    """The driver's spec: its paths are the driver's; the node makes its own."""
-    train: bytes
-    harness: bytes
-    harness_sha256: str
+    request: RunRequest
+    """The engine's request: its log path is the driver's; the node keeps its own log and ships it back."""
+    config: EngineConfig
+    """The run settings (limits, deadline policy); the node applies them to its own machine."""
+    env: Mapping[str, str]
+    """The profile's environment for runs."""
+    harness: Mapping[str, bytes]
+    """The frozen harness's files by name, as read (and hash checked) on the driver."""
+    harness_hashes: Mapping[str, str]
+    """Each file's SHA-256, by name: the node's judge checks them again."""
     token: str
     """Unique per run, and names the driver ("<random>@<host>.<pid>"): two drivers sharing a cluster never share
     a scratch folder, and a node on the driver's machine can tell the runs of a driver killed with -9."""
@@ -121,6 +116,10 @@ class RayTrainers:
         trainers: int,
         device: str,
         *,
+        harness: Path,
+        harness_hashes: Mapping[str, str] | None = None,
+        config: EngineConfig | None = None,
+        env: Mapping[str, str] | None = None,
         containment_level: str | None = None,
         cpus_per_run: float | None = None,
         resources: Mapping[str, float] | None = None,
@@ -128,10 +127,13 @@ class RayTrainers:
     ) -> None:
         """Start (address "local") or join (Ray's "auto" or an ADDRESS) a Ray cluster for `trainers` runs at once.
 
-        `containment_level` caps the containment a node gives a run; `cpus_per_run`: the CPUs a run asks for
-        (on "local" CPU: this machine's cores shared among the trainers; otherwise 1); `resources`: custom Ray
-        resources each run also asks for (e.g. {"trainer": 1}: only nodes started with that resource train);
-        `max_retries`: how often a run lost before it started is submitted again.
+        `harness`: the workspace folder whose frozen harness (prepare.py, corpus.py, metric.py, each file's SHA-256
+        recorded at init in `harness_hashes`; None: unchecked) each run ships; `config`: the run settings a node
+        applies; `env`: the profile's environment for runs. `containment_level` caps the containment a node gives
+        a run; `cpus_per_run`: the CPUs a run asks for (on "local" CPU: this machine's cores shared among the
+        trainers; otherwise 1); `resources`: custom Ray resources each run also asks for (e.g. {"trainer": 1}:
+        only nodes started with that resource train); `max_retries`: how often a run lost before it started is
+        submitted again.
         """
         if trainers < 1:
             raise ValueError("at least one trainer")
@@ -143,6 +145,11 @@ class RayTrainers:
             raise RuntimeError("Ray is already initialised in this process: one RayTrainers at a time")
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # no usage report from this process or what Ray starts
         self.slots = trainers
+        self.can_probe = False  # each probe would be a task of its own: not worth it for the few seconds
+        self.containment = containment_level or ""
+        self.harness, self.harness_hashes = harness, harness_hashes
+        self.config = config or EngineConfig()
+        self.env = dict(env or {})
         self.device = device
         self.gpu = device.startswith("cuda")
         self.local = address == LOCAL
@@ -173,9 +180,9 @@ class RayTrainers:
         if self.local:
             # A user's own RAY_AUTH_MODE or token stands.
             if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
-                os.environ["RAY_AUTH_TOKEN"] = _TOKEN
+                os.environ["RAY_AUTH_TOKEN"] = TOKEN
                 self._own_token = True
-            with loopback_only(), _quiet_token_notice():
+            with loopback_only(), quiet_token_notice():
                 ray.init(
                     address="local",  # never join a cluster found on this machine (RAY_ADDRESS, `ray start`)
                     _node_ip_address=LOOPBACK,
@@ -185,8 +192,8 @@ class RayTrainers:
                     **quiet,
                 )
             return f"local, {LOOPBACK}"
-        target = _cluster_address(address)
-        with loopback_only() if _is_loopback(target) else contextlib.nullcontext():
+        target = cluster_address(address)
+        with loopback_only() if is_loopback(target) else contextlib.nullcontext():
             ray.init(address=target, **quiet)
         return f"at {target}"
 
@@ -207,48 +214,47 @@ class RayTrainers:
     def run(
         self,
         slot: int,
-        spec: RunSpec,
+        request: RunRequest,
         emit: EventSink,
         stop: threading.Event,
         on_start: Callable[[int], None] | None,
     ) -> RunResult:
-        """Train `spec` as a Ray task and return its result; see `agent.trainers.Trainer.run`. A remote run has
-        no local process: `on_start` is not called."""
+        """Train `request` as a Ray task and return its result; see `agent.trainers.base.Trainer.run`. A remote
+        run has no local process: `on_start` is not called."""
         del slot, on_start  # Ray places runs; the run's pid is the node's
         started = time.monotonic()
+        log_path = request.log_path
         try:
-            harness = frozen_harness(spec.workspace, spec.harness_sha256)
+            harness = frozen_harness(self.harness, self.harness_hashes)
         except HarnessChanged as exc:
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            spec.log_path.write_text(f"not run: {exc}\n", encoding="utf-8")
-            return _result(spec, "invalid", f"not judged: {exc}", started)
-        train = spec.train_source
-        if train is None:
-            train = read_regular(spec.workspace / spec.script, MAX_SOURCE_BYTES)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(f"not run: {exc}\n", encoding="utf-8")
+            return _result(log_path, Outcome.INVALID, f"not judged: {exc}", started)
+        hashes = self.harness_hashes or {
+            name: hashlib.sha256(data).hexdigest() for name, data in harness.items()
+        }
         job = _Job(
-            spec=spec,
-            train=train,
+            request=request,
+            config=self.config,
+            env=self.env,
             harness=harness,
-            harness_sha256=spec.harness_sha256 or hashlib.sha256(harness).hexdigest(),
+            harness_hashes=hashes,
             token=f"{uuid.uuid4().hex[:12]}@{_DRIVER}",
             containment=self.containment_level,
         )
         retries = 0
         while True:
-            log = _StreamedLog(spec.log_cap_bytes)
+            log = _StreamedLog(self.config.log_cap_bytes)
             stream = self._submit(job)
             try:
-                return self._follow(stream, spec, emit, stop, log, started, retries)
+                return self._follow(stream, log_path, emit, stop, log, started, retries)
             except _LostBeforeStart as lost:
                 if retries >= self.max_retries:
-                    log.write(spec.log_path)
+                    log.write(log_path)
                     raise TrainerLost(lost.reason, retries) from lost.__cause__
                 retries += 1
-                emit(
-                    Info(
-                        message=f"#{spec.exp_id}: {lost.reason}; submitted again ({retries}/{self.max_retries})"
-                    )
-                )
+                where = f"#{request.exp_id}: {lost.reason}"
+                emit(Info(message=f"{where}; submitted again ({retries}/{self.max_retries})"))
 
     def _submit(self, job: _Job) -> Any:
         options: dict[str, Any] = {
@@ -266,7 +272,7 @@ class RayTrainers:
     def _follow(
         self,
         stream: Any,
-        spec: RunSpec,
+        log_path: Path,
         emit: EventSink,
         stop: threading.Event,
         log: _StreamedLog,
@@ -277,33 +283,34 @@ class RayTrainers:
         began = False
         while True:
             if stop.is_set():
-                return self._cancel(stream, spec, log, started)
+                return self._cancel(stream, log_path, log, started)
             ready, _ = ray.wait([stream], timeout=0.2)
             if not ready:
                 continue
             try:
                 item = ray.get(next(stream))
             except StopIteration:
-                log.write(spec.log_path)
+                log.write(log_path)
                 raise TrainerLost("the Ray task ended without a result", retries) from None
             except ray.exceptions.TaskCancelledError:
-                log.write(spec.log_path)
+                log.write(log_path)
                 raise TrainerLost("the Ray task was cancelled from outside", retries) from None
             except ray.exceptions.OutOfMemoryError as exc:
                 # Ray's memory monitor killed the worker: the node ran short of memory while this run trained.
-                log.write(spec.log_path)
-                return _result(spec, "oom", f"killed by Ray's memory monitor: {_first_line(exc)}", started)
+                log.write(log_path)
+                why = f"killed by Ray's memory monitor: {first_line(str(exc))}"
+                return _result(log_path, Outcome.OOM, why, started)
             except _LOST as exc:
-                reason = f"the Ray worker or node went away: {type(exc).__name__}: {_first_line(exc)}"
+                reason = f"the Ray worker or node went away: {type(exc).__name__}: {first_line(str(exc))}"
                 if began:
-                    log.write(spec.log_path)
+                    log.write(log_path)
                     raise TrainerLost(reason, retries) from exc
                 raise _LostBeforeStart(reason) from exc
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause
                 if isinstance(cause, _LOST):
                     reason = f"the Ray worker or node went away: {type(cause).__name__}"
-                    log.write(spec.log_path)
+                    log.write(log_path)
                     raise TrainerLost(reason, retries) from exc
                 if isinstance(cause, PrepareError):
                     raise PrepareError(f"on a Ray node: {cause}") from exc
@@ -316,11 +323,11 @@ class RayTrainers:
                     emit(event)
             elif kind == "done":
                 result, log_bytes = item[1], item[2]
-                spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-                spec.log_path.write_bytes(log_bytes)
-                return replace(result, log_path=spec.log_path, pid=None)
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log_path.write_bytes(log_bytes)
+                return replace(result, log_path=log_path, pid=None)
 
-    def _cancel(self, stream: Any, spec: RunSpec, log: _StreamedLog, started: float) -> RunResult:
+    def _cancel(self, stream: Any, log_path: Path, log: _StreamedLog, started: float) -> RunResult:
         """Cancel the run's task and wait until it has ended (the node kills the run, then removes its folder),
         at most CANCEL_WAIT_S; the run is "interrupted" either way. The stream is not read once cancelled: Ray
         calls a cancelled stream finished while its task still runs, and then `next()`, `next_ready()` and
@@ -333,7 +340,13 @@ class RayTrainers:
             ended, _ = ray.wait([stream.completed()], timeout=0.2, fetch_local=False)
             if ended:
                 break
-        return log.interrupted(spec, started)
+        return log.interrupted(log_path, started)
+
+    def reap(self, pid: int) -> bool:
+        """A Ray run has no process on the driver (a node sweeps what dead drivers left: `sweep_orphans`); a
+        local run of an earlier session died with its engine (`setpriv --pdeathsig`)."""
+        del pid
+        return False
 
     def close(self) -> None:
         """Shut down the Ray instance started here ("local"), or disconnect from the cluster."""
@@ -384,103 +397,14 @@ class _StreamedLog:
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.lines[-lines:])[-8192:]
 
-    def interrupted(self, spec: RunSpec, started: float) -> RunResult:
-        self.write(spec.log_path)
-        return _result(spec, "interrupted", "stopped by the user", started, self.tail())
+    def interrupted(self, log_path: Path, started: float) -> RunResult:
+        self.write(log_path)
+        return _result(log_path, Outcome.INTERRUPTED, "stopped by the user", started, self.tail())
 
 
-def _result(spec: RunSpec, outcome: str, reason: str, started: float, tail: str = "") -> RunResult:
+def _result(log_path: Path, outcome: Outcome, reason: str, started: float, tail: str = "") -> RunResult:
     """A result the driver makes itself (the node's never came)."""
-    return RunResult.without_judge(outcome, reason, time.monotonic() - started, spec.log_path, tail)
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:300]
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _cluster_address(address: str) -> str:
-    """host:port of the cluster `address` names ("auto": the one Ray finds on this machine), a loopback host
-    kept as it is (Ray alone would swap it for this machine's routable address)."""
-    from ray._private import services  # Ray's own reading of "auto"; see loopback_only
-
-    with loopback_only():
-        found = services.canonicalize_bootstrap_address(address)
-    if found is None:
-        raise RuntimeError(f"no Ray cluster found at {address!r} (start one with `ray start --head`)")
-    return str(found)
-
-
-_TOKEN = secrets.token_hex(32)
-
-
-"""The token a local instance requires of every client (Ray turns token authentication on for a new local
-instance): one random token per process, in the environment its processes inherit (Ray alone would generate
-one and save it in ~/.ray/auth_token)."""
-
-
-@contextlib.contextmanager
-def _quiet_token_notice() -> Iterator[None]:
-    """Ray logs a warning that token authentication is on: it is, by design, and the cockpit's screen is not
-    the place to say so."""
-    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = notice.level
-    notice.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        notice.setLevel(level)
-
-
-_DEAD_PROXY = f"http://{LOOPBACK}:9"
-"""A closed loopback port (discard): where Ray's own HTTP requests go instead of the network."""
-
-
-@contextlib.contextmanager
-def loopback_only() -> Iterator[None]:
-    """While Ray starts (or joins a cluster at a loopback address): Ray on 127.0.0.1 only, in this process and in
-    the processes it starts (they inherit the environment set here; this process's is restored afterwards).
-
-    Two Ray behaviours need it (2.60; tests/test_ray_trainers.py checks every socket is loopback):
-    - `_node_ip_address="127.0.0.1"` (or an address 127.0.0.1:PORT) alone is not enough on Linux: Ray replaces a
-      loopback address with the machine's routable one ("remotely reachable"), then listens and connects there.
-      It keeps the loopback address only where multi-node clusters are off (its Windows/macOS default), which
-      RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 says: read when `ray` is imported (in this process the constant is set
-      for the time being) and by the processes Ray starts.
-    - The head's dashboard process (started even with the dashboard off, for its usage-stats module) asks cloud
-      metadata servers (169.254.169.254, metadata.google.internal: a DNS query) which cloud it runs on, usage
-      stats off or not. Its HTTP proxy is pointed at a closed loopback port, loopback itself exempt: the requests
-      fail on this machine. Training runs never see the proxy (the runner drops *PROXY* variables).
-    """
-    from ray._private import ray_constants  # the Ray internal this module touches, here only
-
-    overrides = {ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        overrides[name] = _DEAD_PROXY
-    for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy"):
-        overrides[name] = f"{LOOPBACK},localhost,::1"
-    saved_env = {name: os.environ.get(name) for name in overrides}
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ.update(overrides)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return RunResult.without_judge(outcome, reason, time.monotonic() - started, log_path, tail)
 
 
 # ---- on the node -----------------------------------------------------------------------------------------
@@ -517,7 +441,7 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
     context = ray.get_runtime_context()
     node_id = context.get_node_id()
     gpus = context.get_accelerator_ids().get("GPU", [])
-    relay = _Relay(job.spec.exp_id)
+    relay = _Relay(job.request.exp_id)
     stop = threading.Event()
     outcome: dict[str, Any] = {}
 
@@ -527,7 +451,7 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
         except BaseException as exc:  # handed to the task's thread, which raises it to the driver
             outcome["error"] = exc
 
-    worker = threading.Thread(target=work, name=f"run-{job.spec.exp_id}", daemon=True)
+    worker = threading.Thread(target=work, name=f"run-{job.request.exp_id}", daemon=True)
     worker.start()
     try:
         while worker.is_alive():
@@ -554,43 +478,52 @@ def _train_on_node(job: _Job) -> Iterator[tuple[Any, ...]]:
 def _run_here(
     job: _Job, node_id: str, gpus: list[str], emit: EventSink, stop: threading.Event
 ) -> tuple[RunResult, bytes]:
-    """Write the sources into this node's folder, prepare the data once, run and judge; the result and the log."""
-    spec = job.spec
+    """Write the harness into this node's folder and train the request in a sandbox of this node's own; the
+    result and the log."""
+    request = job.request
     root = node_root()
-    harness_dir = root / "harness" / job.harness_sha256
-    if not (harness_dir / HARNESS_FILE).is_file():
-        harness_dir.mkdir(parents=True, exist_ok=True)
-        staged = harness_dir / f".{HARNESS_FILE}.{job.token}"
-        staged.write_bytes(job.harness)
-        staged.replace(harness_dir / HARNESS_FILE)
-    containment = _containment(job.containment)
-    cache = paths.cache_dir()
-    env = {k: v for k, v in spec.env.items() if k != "CUDA_VISIBLE_DEVICES"}  # Ray assigns this run's GPU
-    env["AUTORESEARCH_CACHE"] = str(cache)
-    python = spec.python if shutil.which(spec.python) else sys.executable
-    where = f"node {node_id[:8]}" + (f", GPU {','.join(gpus)}" if gpus else "")
-    emit(Info(message=f"[ray] #{spec.exp_id} trains on {where}; runs contained: {containment.level}"))
-    hidden = _prepared(root, harness_dir, job.harness_sha256, cache, python, env, containment, emit)
-    sweep_orphans(root)
-    name = f"{spec.scratch.name}-{job.token}"
-    here = replace(
-        spec,
-        workspace=harness_dir,
-        scratch=root / "scratch" / name,
-        log_path=root / "logs" / f"{name}.log",
-        hidden=hidden,
-        readable=(cache,),
+    harness_dir = root / "harness" / _harness_key(job.harness_hashes)
+    for name, data in job.harness.items():
+        if not (harness_dir / name).is_file():
+            harness_dir.mkdir(parents=True, exist_ok=True)
+            staged = harness_dir / f".{name}.{job.token}"
+            staged.write_bytes(data)
+            staged.replace(harness_dir / name)
+    python = job.config.python if job.config.python and shutil.which(job.config.python) else sys.executable
+    sandbox = Sandbox(
+        harness=harness_dir,
+        harness_hashes=job.harness_hashes,
+        scratch_root=root / "scratch",
+        config=job.config,
+        env={k: v for k, v in job.env.items() if k != "CUDA_VISIBLE_DEVICES"},  # Ray assigns this run's GPU
+        emit=emit,
         python=python,
-        env=env,
-        train_source=job.train,
+        containment_cap=job.containment,
+        warm_judge=False,
+        log_root=root / "logs",
+        prepare=lambda here: _prepared(root, here),
+        warn_partial=False,
     )
+    where = f"node {node_id[:8]}" + (f", GPU {','.join(gpus)}" if gpus else "")
+    level = sandbox.containment.level
+    emit(Info(message=f"[ray] #{request.exp_id} trains on {where}; runs contained: {level}"))
+    sandbox.hidden()  # prepared before this node's orphans are swept: the lock orders the workers
+    sweep_orphans(root)
+    log_path = sandbox.spec(request, job.token).log_path
     try:
-        result = run_training(here, emit, stop=stop, containment=containment, judge=None)
-        log = read_regular(here.log_path, spec.log_cap_bytes + 2**20)
+        result = sandbox.run(request, emit, stop, tag=job.token)
+        log = read_regular(log_path, job.config.log_cap_bytes + 2**20)
     finally:
         with contextlib.suppress(OSError):
-            here.log_path.unlink()
+            log_path.unlink()
+        sandbox.close()
     return result, log
+
+
+def _harness_key(hashes: Mapping[str, str]) -> str:
+    """One SHA-256 for a whole harness, from its files' names and hashes: the name of its copy on a node."""
+    lines = "".join(f"{name} {digest}\n" for name, digest in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def node_root() -> Path:
@@ -625,29 +558,13 @@ def sweep_orphans(root: Path) -> list[str]:
     return removed
 
 
-def _containment(cap: str | None) -> Containment:
-    """What this node allows (probed once per worker process), no more than `cap`."""
-    found = probe()
-    if cap is None or LEVELS.index(cap) >= LEVELS.index(found.level):
-        return found
-    return Containment(cap, _SUMMARIES[cap], f"capped at {cap} by the driver")
-
-
-def _prepared(
-    root: Path,
-    harness_dir: Path,
-    sha: str,
-    cache: Path,
-    python: str,
-    env: dict[str, str],
-    containment: Containment,
-    emit: EventSink,
-) -> tuple[Path, ...]:
-    """The files runs must not read, from preparing the data on this node once per harness and cache (a file
-    lock: every worker of the node waits for the first)."""
+def _prepared(root: Path, sandbox: Sandbox) -> tuple[Path, ...]:
+    """The files runs must not read, from preparing the data on this node once per harness, cache and
+    environment (a file lock: every worker of the node waits for the first)."""
     folder = root / "prepared"
     folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{sha}\0{cache}\0{sorted(env.items())}".encode()).hexdigest()[:24]
+    identity = f"{_harness_key(sandbox.harness_hashes or {})}\0{sandbox.cache}\0{sorted(sandbox.env.items())}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
     marker = folder / f"{key}.json"
     with (folder / f"{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -656,7 +573,13 @@ def _prepared(
         scratch = root / f"prepare-{key}"
         try:
             hidden = prepare_for_runs(
-                harness_dir, scratch, python=python, env=env, containment=containment, emit=emit
+                sandbox.harness,
+                scratch,
+                python=sandbox.python,
+                env=sandbox.env,
+                containment=sandbox.containment,
+                emit=sandbox.emit,
+                harness_hashes=sandbox.harness_hashes,
             )
         finally:
             remove_tree(scratch)
