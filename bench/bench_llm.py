@@ -28,10 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import models  # noqa: E402
-from agent.edits import apply_edits, file_hash  # noqa: E402
-from agent.llm import GenerationStats, LlamaProposer  # noqa: E402
+from agent.edits import file_hash  # noqa: E402
 from agent.proposals import HistoryRow, ProposalContext, ProposalFailed  # noqa: E402
+from agent.researcher import models  # noqa: E402
+from agent.researcher.backend import GenerationStats  # noqa: E402
+from agent.researcher.proposer import ModelProposer  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ def base_context(train_py: str, program_md: str) -> ProposalContext:
 
 
 def propose(
-    proposer: LlamaProposer, context: ProposalContext, model: str, kind: str
+    proposer: ModelProposer, context: ProposalContext, model: str, kind: str
 ) -> tuple[Row, str | None]:
     """One timed proposal, and the train.py it would give (None if there was no valid proposal)."""
     started = time.perf_counter()
@@ -102,7 +103,7 @@ def propose(
         proposal = proposer.propose(context, lambda event: None, threading.Event())
         valid, description = proposal is not None, proposal.description if proposal else "(cancelled)"
         if proposal is not None:
-            new_text = apply_edits(context.train_py, proposal.edits)
+            new_text = proposal.train_py  # what the proposer's dry run made of context.train_py
     except ProposalFailed as exc:
         valid, description = False, f"rejected: {exc.reason}"
     row = Row(model, kind, time.perf_counter() - started, valid, list(proposer.last_stats), description)
@@ -120,7 +121,7 @@ def bench_model(key: str, train_py: str, program_md: str, proposals: int, thread
     rows: list[Row] = []
     context = base_context(train_py, program_md)
     load_started = time.perf_counter()
-    proposer = LlamaProposer(str(path), seed=1, threads=threads)
+    proposer = ModelProposer(str(path), seed=1, threads=threads)
     proposer.load(lambda event: None)
     print(f"{key}: loaded in {time.perf_counter() - load_started:.1f} s; first proposal ...", flush=True)
     row, candidate = propose(proposer, context, key, "first")
@@ -154,7 +155,7 @@ def bench_model(key: str, train_py: str, program_md: str, proposals: int, thread
         rows.append(row)
     proposer.close()
     print(f"{key}: restart with the prompt cache on disk ...", flush=True)
-    restarted = LlamaProposer(str(path), seed=2, threads=threads)
+    restarted = ModelProposer(str(path), seed=2, threads=threads)
     restarted.load(lambda event: None)
     rows.append(propose(restarted, context, key, "restart")[0])
     restarted.close()

@@ -44,8 +44,12 @@ BASELINE_BPB = 2.7123
 def worker(model: str, seed: int, threads: int | None) -> int:
     """Play one session, a proposal per 'propose' line on stdin; one JSON line per proposal on stdout."""
     from agent.edits import apply_edits, file_hash
-    from agent.llm import LlamaProposer
     from agent.proposals import HistoryRow, ProposalContext, ProposalFailed
+
+    try:
+        from agent.researcher.proposer import ModelProposer
+    except ImportError:  # an arm from before agent/researcher/: the same proposer, in agent/llm.py
+        from agent.llm import LlamaProposer as ModelProposer  # type: ignore[import-not-found,no-redef]
 
     train_py = (ROOT / "nanogpt" / "train.py").read_text()
     context = ProposalContext(
@@ -58,7 +62,7 @@ def worker(model: str, seed: int, threads: int | None) -> int:
         tried_hashes=frozenset({file_hash(train_py)}),
     )
     started = time.perf_counter()
-    proposer = LlamaProposer(model, seed=seed, threads=threads)
+    proposer = ModelProposer(model, seed=seed, threads=threads)
     proposer.load(lambda event: None)
     print(json.dumps({"loaded": time.perf_counter() - started}), flush=True)
     for line in sys.stdin:
@@ -222,7 +226,7 @@ def main() -> int:
         sys.path.insert(0, os.environ.get("PYTHONPATH", str(ROOT)))
         return worker(args.model, args.seed, args.threads)
     sys.path.insert(0, str(ROOT))
-    from agent import models
+    from agent.researcher import models
 
     embedded = models.find_embedded(args.model)
     model = str(models.assemble(embedded)) if embedded else args.model

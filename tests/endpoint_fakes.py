@@ -1,5 +1,6 @@
-"""A scripted local server for the error paths of agent.endpoint: dialect refusals, 500s, timeouts, garbage, a
-server that dies mid-stream. The happy path is also tested on the real llama_cpp.server (test_endpoint_server).
+"""A scripted local server for the error paths of agent.researcher.endpoint: dialect refusals, 500s, timeouts,
+garbage, a server that dies mid-stream. The happy path is also tested on the real llama_cpp.server
+(test_endpoint_server).
 """
 
 from __future__ import annotations

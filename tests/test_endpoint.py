@@ -13,7 +13,9 @@ import pytest
 from endpoint_fakes import GOOD_REPLY, ScriptedServer
 
 from agent import cli as cli_module
-from agent.endpoint import (
+from agent.proposals import HistoryRow, ProposalContext, ProposalFailed
+from agent.researcher.backend import GenerationCancelled
+from agent.researcher.endpoint import (
     DIALECTS,
     SERVER_SCHEMA,
     EndpointError,
@@ -25,11 +27,10 @@ from agent.endpoint import (
     probe,
     remembered_endpoints,
 )
-from agent.llm import GenerationCancelled, make_proposer
-from agent.models import endpoint_entries, print_models
-from agent.prompt import PromptTooLong
-from agent.proposals import HistoryRow, ProposalContext, ProposalFailed
-from agent.reply import MAX_EDIT_TEXT, REPLY_SCHEMA
+from agent.researcher.models import endpoint_entries
+from agent.researcher.prompt import PromptTooLong
+from agent.researcher.proposer import make_proposer
+from agent.researcher.reply import MAX_EDIT_TEXT, REPLY_SCHEMA
 
 MESSAGES = ({"role": "user", "content": "Propose one change."},)
 FAKE_TRAIN_LINE = "LEARNING_RATE = 1.0\n"
@@ -257,13 +258,13 @@ def test_models_url_probes_and_shows_the_dialect(capsys: pytest.CaptureFixture[s
     assert entry.name == f"{server.url}#smol" and entry.dialect == "llama-cpp-python"
     assert "llama-cpp-python" in entry.where
     # ... and `models` with no URL shows it as remembered.
-    assert print_models([]) == 0
+    assert cli_module.main(["models"]) == 0
     assert "(remembered)" in capsys.readouterr().out
 
 
 def test_models_url_on_a_dead_server_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
-    assert print_models([url]) == 1
+    assert cli_module.main(["models", url]) == 1
     out = capsys.readouterr().out
     assert "Unusable endpoints:" in out and "nothing is listening" in out
 

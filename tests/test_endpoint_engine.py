@@ -12,7 +12,8 @@ import pytest
 from endpoint_fakes import ScriptedServer
 from engine_fakes import Recorder, assert_consistent, make_workspace
 
-from agent import engine as engine_module
+from agent import thinking
+from agent.commands import Resume, Shutdown, Skip, UseModel
 from agent.config import EngineConfig
 from agent.engine import Engine
 from agent.events import (
@@ -24,8 +25,9 @@ from agent.events import (
     ProposerWaiting,
     StateChanged,
 )
-from agent.llm import make_proposer
 from agent.printer import format_event
+from agent.researcher.proposer import make_proposer
+from agent.session import open_engine
 from agent.workspace import Workspace
 from tui.state import CockpitState
 
@@ -40,7 +42,7 @@ def ws(tmp_path: Path) -> Workspace:
 def _engine(ws: Workspace, url: str, **config: object) -> tuple[Engine, Recorder]:
     recorder = Recorder()
     proposer = make_proposer(f"{url}#tiny-model", seed=1)
-    engine = Engine(ws, proposer, EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
+    engine = open_engine(ws, proposer, EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
     return engine, recorder
 
 
@@ -53,7 +55,7 @@ def _run(engine: Engine) -> threading.Thread:
 def test_a_failing_server_is_waited_for_longer_each_time_then_used(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (0.05, 0.15))
+    monkeypatch.setattr(thinking, "RETRY_S", (0.05, 0.15))
     with ScriptedServer(script=["503", "500", "die", "garbage"]) as server:
         engine, events = _engine(ws, server.url, max_experiments=1)
         engine.run()
@@ -74,8 +76,8 @@ def test_a_failing_server_is_waited_for_longer_each_time_then_used(
 def test_a_server_down_for_minutes_pauses_the_engine_which_resumes_when_it_is_back(
     ws: Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (0.05, 0.1))
-    monkeypatch.setattr(engine_module, "PROPOSER_PAUSE_AFTER_S", 0.4)
+    monkeypatch.setattr(thinking, "RETRY_S", (0.05, 0.1))
+    monkeypatch.setattr(thinking, "PAUSE_AFTER_S", 0.4)
     server = ScriptedServer()
     port = server.port
     server.close()  # nothing listens on the port any more
@@ -90,12 +92,12 @@ def test_a_server_down_for_minutes_pauses_the_engine_which_resumes_when_it_is_ba
         assert len(events.of(ProposerWaiting)) >= 3
         # The server comes back on the same port; resuming goes on from there.
         with ScriptedServer(port=port) as back:
-            engine.resume()
+            engine.send(Resume())
             events.wait_for(lambda e: isinstance(e, Decided) and e.exp_id == 1, timeout=30)
             thread.join(30)
             assert back.dialects() == ["openai"]
     finally:
-        engine.shutdown()
+        engine.send(Shutdown())
         thread.join(30)
     assert not thread.is_alive() and engine.error is None
     assert_consistent(ws)
@@ -103,14 +105,14 @@ def test_a_server_down_for_minutes_pauses_the_engine_which_resumes_when_it_is_ba
 
 
 def test_shutdown_during_the_wait_ends_it_at_once(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C (headless) and quit (cockpit) call shutdown(): a 60 s back-off must not hold them."""
-    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (60.0, 60.0))
+    """Ctrl-C (headless) and quit (cockpit) send Shutdown: a 60 s back-off must not hold them."""
+    monkeypatch.setattr(thinking, "RETRY_S", (60.0, 60.0))
     with ScriptedServer(script=["503"]) as server:
         engine, events = _engine(ws, server.url)
         thread = _run(engine)
         events.wait_for(lambda e: isinstance(e, ProposerWaiting), timeout=30)
         asked = time.monotonic()
-        engine.shutdown()
+        engine.send(Shutdown())
         thread.join(10)
         assert time.monotonic() - asked < 2
     assert not thread.is_alive() and engine.error is None
@@ -120,13 +122,13 @@ def test_shutdown_during_the_wait_ends_it_at_once(ws: Workspace, monkeypatch: py
 
 def test_a_model_switch_ends_the_wait(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the server is down the user switches model: the switch is not held up by the back-off."""
-    monkeypatch.setattr(engine_module, "PROPOSER_RETRY_S", (60.0, 60.0))
+    monkeypatch.setattr(thinking, "RETRY_S", (60.0, 60.0))
     with ScriptedServer(script=["503"]) as down, ScriptedServer(models=("other",)) as other:
         engine, events = _engine(ws, down.url, max_experiments=1)
         thread = _run(engine)
         events.wait_for(lambda e: isinstance(e, ProposerWaiting), timeout=30)
         asked = time.monotonic()
-        engine.use_model(f"{other.url}#other")
+        engine.send(UseModel(f"{other.url}#other"))
         events.wait_for(lambda e: isinstance(e, Decided) and e.exp_id == 1, timeout=30)
         assert time.monotonic() - asked < 10
         thread.join(30)
@@ -160,7 +162,7 @@ def test_skip_while_the_server_streams_asks_again_instead_of_ending(ws: Workspac
         def skip_once(event: object) -> None:
             if isinstance(event, ProposalToken) and not skipped:
                 skipped.append(True)
-                engine.skip()
+                engine.send(Skip())
 
         events.hooks.append(skip_once)
         engine.run()

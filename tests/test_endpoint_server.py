@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import models
 from agent.edits import apply_edits, check_python
-from agent.endpoint import SERVER_SCHEMA, EndpointModel, find_dialect, list_models, probe
-from agent.llm import LlamaProposer
-from agent.prompt import build_prompt
 from agent.proposals import HistoryRow, ProposalContext
+from agent.researcher import models
+from agent.researcher.endpoint import SERVER_SCHEMA, EndpointModel, find_dialect, list_models, probe
+from agent.researcher.prompt import build_prompt
+from agent.researcher.proposer import ModelProposer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
@@ -134,7 +134,9 @@ def test_a_real_reply_streams_in_pieces_and_keeps_to_the_schema(smol_server: str
     assert len(pieces) > 5 and "".join(pieces) == done.text
     assert done.text.lstrip().startswith('{"reasoning"')  # the schema's first key: the grammar holds
     if done.stats.finish_reason == "stop":
-        data = json.loads(done.text)
+        # The server's schema grammar (llama-cpp-python 0.3.36: its `char` rule is [^"\\]) keeps the reply to
+        # the schema's shape, not to strict JSON: a raw newline may stand inside a string.
+        data = json.loads(done.text, strict=False)
         assert set(data) == set(SERVER_SCHEMA["required"])
 
 
@@ -196,7 +198,7 @@ def qwen_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_the_embedded_model_makes_a_real_proposal_through_the_server(qwen_server: str) -> None:
     train = (ROOT / "nanogpt" / "train.py").read_text()
     program = (ROOT / "program.md").read_text()
-    proposer = LlamaProposer(qwen_server, seed=0)
+    proposer = ModelProposer(qwen_server, seed=0)
     proposal = proposer.propose(context(train, program), lambda e: None, threading.Event())
     assert proposal is not None
     new = apply_edits(train, proposal.edits)

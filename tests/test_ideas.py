@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.ideas import IdeaFileError, IdeaQueue, load_ideas, parse_ideas
 from agent.proposals import Edit, ProposalContext
+from agent.researcher.ideas import IdeaFileError, IdeaQueue, load_ideas, parse_ideas
 
 GOOD = '{"description": "halve lr", "edits": [{"search": "LR = 1", "replace": "LR = 0.5"}]}'
 

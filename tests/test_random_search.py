@@ -15,14 +15,14 @@ from engine_fakes import BETTER, FAKE_TRAIN, Recorder, assert_consistent, cli, m
 from tui_helpers import async_test, wait_until
 
 from agent import cli as cli_module
+from agent.commands import Command, SetProposer, UseModel
 from agent.config import EngineConfig
 from agent.edits import apply_edits, file_hash
-from agent.engine import Engine
 from agent.events import Event, Info, ModelLoaded, ProposalStarted
-from agent.ideas import IdeaQueue
 from agent.ledger import RAN
 from agent.proposals import Proposal, ProposalContext
-from agent.random_search import (
+from agent.researcher.ideas import IdeaQueue
+from agent.researcher.random_search import (
     BETAS,
     HEADS,
     RATE,
@@ -32,6 +32,7 @@ from agent.random_search import (
     constraint_problems,
     read_block,
 )
+from agent.session import open_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = (ROOT / "nanogpt" / "train.py").read_text()
@@ -161,6 +162,7 @@ def sequence(seed: int | None, text: str, count: int) -> list[Proposal]:
 def check_proposal(old: str, proposal: Proposal, width: str) -> dict[str, tuple[object, object]]:
     """Everything a proposal must be; returns its moves."""
     new = apply_edits(old, proposal.edits)  # applies as the engine applies it, and parses
+    assert proposal.train_py == new and proposal.base_hash == file_hash(old)  # what its dry run made, on what
     moves = named_moves(proposal.description)
     assert 1 <= len(moves) <= 2
     before, after = constants(old), constants(new)
@@ -279,6 +281,13 @@ def test_the_constraints() -> None:
     assert constraint_problems({"N_EMBD": 96, "HEAD_SIZE": 7, "N_HEAD": 6}) == []  # a head size is no count
 
 
+def test_a_width_written_as_an_expression_is_held_to_the_constraints() -> None:
+    block = read_block("N_HEAD = 4\nN_EMBD = 2**7\nN_KV_HEAD = N_HEAD // 2\n")
+    assert [c.name for c in block.constants] == ["N_HEAD"]  # an expression is not moved itself ...
+    assert block.values == {"N_HEAD": 4, "N_EMBD": 128, "N_KV_HEAD": 2}  # ... but its value counts
+    assert constraint_problems(block.values_with({"N_HEAD": 3})) == ["width 128 is not divisible by 3 heads"]
+
+
 def test_nothing_to_move_and_nothing_left_end_the_search_with_a_word() -> None:
     events: list[Event] = []
     assert propose(RandomSearch(1), context('"""Logs only."""\nLOG_EVERY = 10\nNAME = "x"\n'), events) is None
@@ -307,7 +316,7 @@ def test_three_random_proposals_through_the_engine(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     events = Recorder()
     config = EngineConfig(seeds=2, deadline_s=60.0, max_experiments=3)
-    engine = Engine(ws, RandomSearch(seed=7), config, events)
+    engine = open_engine(ws, RandomSearch(seed=7), config, events)
     engine.run()
     assert engine.error is None
     ledger = assert_consistent(ws)
@@ -327,8 +336,9 @@ def test_three_random_proposals_through_the_engine(tmp_path: Path) -> None:
 def test_the_engine_swaps_in_random_search_between_proposals(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     events = Recorder()
-    engine = Engine(ws, IdeaQueue([]), EngineConfig(seeds=2, deadline_s=60.0, max_experiments=1), events)
-    engine.set_proposer(RandomSearch(seed=1))  # handled at the first safe point, before the first proposal
+    engine = open_engine(ws, IdeaQueue([]), EngineConfig(seeds=2, deadline_s=60.0, max_experiments=1), events)
+    # Handled at the first safe point, before the first proposal.
+    engine.send(SetProposer(RandomSearch(seed=1)))
     engine.run()
     assert engine.error is None
     assert [e.name for e in events.of(ModelLoaded)] == ["random search"]
@@ -380,13 +390,10 @@ class _SwitchingEngine:
     def __init__(self) -> None:
         self.proposer = IdeaQueue([])
         self.proposer.model_name = "model-b"
-        self.calls: list[tuple[str, object]] = []
+        self.calls: list[Command] = []
 
-    def set_proposer(self, proposer: object) -> None:
-        self.calls.append(("set_proposer", proposer))
-
-    def use_model(self, name: str) -> None:
-        self.calls.append(("use_model", name))
+    def send(self, command: Command) -> None:
+        self.calls.append(command)
 
 
 @async_test
@@ -415,9 +422,10 @@ async def test_the_model_picker_swaps_random_search_in_and_back_out() -> None:
             await pilot.pause()
 
         await pick("down", "enter")
-        ((command, searcher),) = engine.calls
-        assert command == "set_proposer" and isinstance(searcher, RandomSearch) and searcher.seed == 9
+        (command,) = engine.calls
+        assert isinstance(command, SetProposer) and isinstance(command.proposer, RandomSearch)
+        assert command.proposer.seed == 9
         app.state.header.model = "random search"  # as the engine's ModelLoaded answer sets it
         await pick("up", "enter")  # back to a model: the kept proposer returns, then switches to model-a
-        assert engine.calls[1:] == [("set_proposer", engine.proposer), ("use_model", "model-a")]
+        assert engine.calls[1:] == [SetProposer(engine.proposer), UseModel("model-a")]
         app.engine = None  # nothing to shut down

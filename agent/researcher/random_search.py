@@ -1,13 +1,14 @@
 """Random search, a Proposer that needs no model: it moves one or two constants of train.py at random.
 
-It reads the constants block (the top-level `NAME = literal` assignments before the first class or def) with
-`ast`, picks one or two constants it knows how to move, draws a new value for each from a range that suits its
-kind (log-scale within a factor of 4 for rates, decays and fractions, integer steps or doublings for sizes, a
-flip for booleans, a log-scale move of 1 - beta for Adam's betas; logging and infrastructure constants stay
-put), draws again while a shape constraint that held before breaks (N_EMBD % N_HEAD == 0, an even head size
-for rotary embeddings, N_HEAD % N_KV_HEAD == 0), and proposes the change as ordinary search/replace edits of
-the assignment lines, trailing comments kept. It is the control arm against which a model's ideas are
-measured, and a mode of its own: a proposal takes milliseconds, and a seed makes the sequence reproducible.
+It reads the constants block (the top-level `NAME = literal` assignments before the first class or def, read
+by `agent.trainpy`), picks one or two constants it knows how to move, draws a new value for each from a range
+that suits its kind (log-scale within a factor of 4 for rates, decays and fractions, integer steps or
+doublings for sizes, a flip for booleans, a log-scale move of 1 - beta for Adam's betas; logging and
+infrastructure constants stay put), draws again while a shape constraint that held before breaks
+(N_EMBD % N_HEAD == 0, an even head size for rotary embeddings, N_HEAD % N_KV_HEAD == 0), and proposes the
+change as ordinary search/replace edits of the assignment lines, trailing comments kept. It is the control arm
+against which a model's ideas are measured, and a mode of its own: a proposal takes milliseconds, and a seed
+makes the sequence reproducible.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from agent.edits import EditError, apply_edit, apply_edits, file_hash
 from agent.events import EventSink, Info
 from agent.proposals import Edit, Proposal, ProposalContext
+from agent.trainpy import block_assignments, evaluate
 
 MODEL_NAME = "random search"
 """How the random search is named where a model's name would be (header, model picker, ledger)."""
@@ -78,7 +80,8 @@ class Block:
         return _block_values(self.statements, changed)
 
 
-def _literal(node: ast.expr) -> Value | None:
+def _written_value(node: ast.expr) -> Value | None:
+    """The value as written, where it is one a constant may be moved from (an expression is left alone)."""
     try:
         value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -88,55 +91,6 @@ def _literal(node: ast.expr) -> Value | None:
     if isinstance(value, tuple) and value and all(type(v) in (int, float) for v in value):
         return value
     return None
-
-
-_OPERATORS: dict[type[ast.operator], Callable[[float, float], float]] = {
-    ast.Add: lambda a, b: a + b,
-    ast.Sub: lambda a, b: a - b,
-    ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b,
-    ast.FloorDiv: lambda a, b: a // b,
-    ast.Mod: lambda a, b: a % b,
-}
-
-
-def _evaluate(node: ast.expr, env: dict[str, object]) -> object:
-    """A block expression over numbers and earlier names; KeyError, ValueError or ArithmeticError if unsure."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-        return node.value
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.Tuple):
-        return tuple(_evaluate(e, env) for e in node.elts)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
-        operand = _evaluate(node.operand, env)
-        if isinstance(operand, int | float):
-            return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        left, right = _evaluate(node.left, env), _evaluate(node.right, env)
-        if isinstance(left, int | float) and isinstance(right, int | float):
-            return _OPERATORS[type(node.op)](left, right)
-    raise ValueError("not a simple expression")
-
-
-def _assignment(node: ast.stmt) -> tuple[str, ast.expr] | None:
-    """(name, value) of `NAME = value` or `NAME: T = value` with one plain target, else None."""
-    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-        return node.targets[0].id, node.value
-    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-        return node.target.id, node.value
-    return None
-
-
-def _block_statements(tree: ast.Module) -> tuple[tuple[str, ast.expr], ...]:
-    """The plain assignments at the top level before the first class or def."""
-    found: list[tuple[str, ast.expr]] = []
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-            break
-        if (assigned := _assignment(node)) is not None:
-            found.append(assigned)
-    return tuple(found)
 
 
 def _block_values(
@@ -149,8 +103,8 @@ def _block_values(
             values[name] = changed[name]
             continue
         try:
-            values[name] = _evaluate(node, values)
-        except (KeyError, ValueError, TypeError, ArithmeticError):
+            values[name] = evaluate(node, values)
+        except ValueError:
             values.pop(name, None)
     return values
 
@@ -172,10 +126,10 @@ def read_block(source: str) -> Block:
     tree = ast.parse(source)
     lines = source.split("\n")
     bindings = _bindings(tree)
-    statements = _block_statements(tree)
+    statements = block_assignments(tree)
     constants: list[Constant] = []
     for name, node in statements:
-        value = _literal(node)
+        value = _written_value(node)
         if (
             value is None
             or not name.isupper()
@@ -500,7 +454,7 @@ class RandomSearch:
                 return None
             drawn = _draw(rng, context.train_py, block, candidates, check, context.tried_hashes)
             if drawn is not None:
-                description, edits, reasoning = drawn
+                description, edits, reasoning, train_py = drawn
                 return Proposal(
                     description=description,
                     edits=edits,
@@ -508,6 +462,8 @@ class RandomSearch:
                     proposer=self.name,
                     model=MODEL_NAME,
                     seed=draw_seed,
+                    train_py=train_py,
+                    base_hash=file_hash(context.train_py),
                 )
         emit(Info(message=f"random search: no untried change within the constraints in {MAX_DRAWS} draws"))
         return None
@@ -520,9 +476,9 @@ def _draw(
     candidates: list[tuple[Constant, Kind]],
     check: bool,
     tried: frozenset[str],
-) -> tuple[str, tuple[Edit, ...], str] | None:
-    """One draw: (description, edits, reasoning), or None if it changed nothing, broke a constraint or gave
-    a train.py tried before."""
+) -> tuple[str, tuple[Edit, ...], str, str] | None:
+    """One draw: (description, edits, reasoning, the new train.py), or None if it changed nothing, broke a
+    constraint or gave a train.py tried before."""
     count = rng.choice((1, 2)) if len(candidates) > 1 else 1
     moves = []
     for index in sorted(rng.sample(range(len(candidates)), count)):
@@ -550,4 +506,4 @@ def _draw(
     reasoning = "Random search moved " + "; ".join(
         f"{m.constant.name} ({m.kind.name}) from {m.constant.text} to {m.shown}" for m in moves
     )
-    return description, edits, reasoning + "."
+    return description, edits, reasoning + ".", new_source

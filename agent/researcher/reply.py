@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from agent.edits import EditError, apply_edits, file_hash
+from agent.edits import NOT_FOUND, EditError, apply_edits, file_hash
 from agent.proposals import Edit
 
 MAX_REASONING = 160
@@ -226,20 +225,22 @@ def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ())
     try:
         new_text = apply_edits(source, reply.edits)
     except EditError as exc:
-        failed = re.match(r"edit (\d+) of", str(exc))
-        if not failed or "was not found" not in str(exc):
+        if exc.kind != "not_found" or exc.index is None or exc.search is None:
             raise
         # The closest-line hint of apply_edits is one window as long as the search text; a paraphrase of a
         # multi-line statement (or a search without its trailing comment) needs the real lines around it.
-        head = str(exc).split(" The closest lines are:")[0]
-        search = reply.edits[int(failed.group(1)) - 1].search
+        head = f"edit {exc.index + 1} of {len(reply.edits)}: {NOT_FOUND}"
+        search = exc.search
         hint = ""
         if "'" in search and search.replace("'", '"') in source:
             # A model that avoids escaping writes 'cuda' for "cuda": say how to write the real text.
             hint = ' train.py has double quotes there: inside a JSON string write each as \\".'
         raise EditError(
             f"{head} Your SEARCH text was {_quoted(search)}, but train.py does not contain it.{hint} "
-            f"The nearest lines of train.py are:\n```python\n{surrounding(source, search)}\n```"
+            f"The nearest lines of train.py are:\n```python\n{surrounding(source, search)}\n```",
+            kind=exc.kind,
+            index=exc.index,
+            search=search,
         ) from None
     if file_hash(new_text) in tried_hashes:
         raise DuplicateIdea(

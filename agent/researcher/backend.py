@@ -1,7 +1,7 @@
-"""What a researcher backend is: the protocol the proposer drives and the completion it gets back.
+"""What a researcher backend is: the protocol the proposer drives, the completion it gets back, its errors.
 
-The in-process llama.cpp model (`agent.llm.LocalModel`) and a local server (`agent.endpoint.EndpointModel`)
-both implement it; neither imports the other.
+The in-process llama.cpp model (`local.LocalModel`) and a local server (`endpoint.EndpointModel`) both
+implement it; neither imports the other, and the proposer needs nothing else of either.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.prompt import Message
+from agent.researcher.prompt import Message
+
+
+class ModelError(ValueError):
+    """A model that cannot be found, assembled or loaded; the message says which and why."""
 
 
 class GenerationCancelled(Exception):
@@ -79,5 +83,8 @@ class Backend(Protocol):
 
     def remember(self) -> None:
         """A proposal succeeded: a good moment to persist the prompt cache."""
+
+    def set_threads(self, threads: int) -> None:
+        """Use this many CPU threads from now on (fewer while a training run shares the CPU)."""
 
     def close(self) -> None: ...

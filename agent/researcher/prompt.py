@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.proposals import HistoryRow, ProposalContext
+from agent.trainpy import first_definition
 
 Message = dict[str, str]
 """A chat message: {"role": "system" | "user" | "assistant", "content": ...}."""
@@ -25,8 +26,8 @@ You are a machine-learning researcher. You improve a small GPT training script, 
 time: each run trains for a fixed budget and is scored by val_bpb (validation bits per byte, lower is better).
 
 Rules:
-- Edit only train.py. prepare.py (data, tokenizer, budget, evaluation) is frozen. Use only torch and the \
-standard library: no new packages.
+- Edit only train.py. prepare.py and corpus.py (data, tokenizer, budget) and metric.py (the score) are frozen. \
+Use only torch and the standard library: no new packages.
 - One idea per proposal. Keep it small and simple.
 - Do not repeat an experiment from the history table.
 
@@ -112,9 +113,7 @@ def split_train_py(train_py: str) -> tuple[str, str] | None:
         tree = ast.parse(train_py)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    first = next(
-        (n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)), None
-    )
+    first = first_definition(tree)
     if first is None:
         return None
     lines = train_py.split("\n")
