@@ -1,9 +1,10 @@
-"""The engine's bookkeeping: ledger and git transitions, decisions and recovery, with no threads.
+"""The engine's bookkeeping: every ledger and git transition of a workspace, named, with no threads.
 
 Every state change is written to the ledger before git is moved to match it, so `recover()` can put a killed
 engine's workspace back in a consistent state: the branch at the best kept commit, every discarded commit
 under refs/autoresearch/discarded/<id>, interrupted experiments recorded as such (and re-queued), results.tsv
-regenerated from the ledger. The scheduler (agent.engine) decides *when*; this module records *what*.
+regenerated from the ledger. Each transition has a crash point (`CRASH_POINTS`) where the kill -9 tests stop
+the engine. The scheduler (agent.engine) decides *when*; this module records *what*, and is the only writer.
 """
 
 from __future__ import annotations
@@ -12,34 +13,46 @@ import contextlib
 import os
 import signal
 import statistics
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from agent.config import EngineConfig
+from agent.budget import Budget
+from agent.candidate import merge3
 from agent.decisions import NoiseFloor
-from agent.events import Decided, EngineError, EventSink, Info, ProposalRejected
-from agent.events import NoiseFloor as NoiseFloorEvent
+from agent.edits import file_hash, unified_diff
+from agent.events import Decided, EngineError, EventSink, Info, NoiseMeasured, ProposalRejected, RunFinished
 from agent.ledger import (
     FAILED,
     KEPT,
+    RAN,
     Experiment,
     Ledger,
+    Phase,
     RunRecord,
     Status,
     proposal_from_json,
     proposal_to_json,
 )
-from agent.proposals import Proposal
-from agent.runner import kill_stale_run
-from agent.workspace import TRAIN, Workspace
+from agent.proposals import HistoryRow, Proposal, ProposalContext
+from agent.sandbox.spec import Outcome, RunResult
+from agent.workspace import TRAIN, Workspace, WorkspaceError
 
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
 """Fault injection for tests: `point` or `point:exp_id` makes the engine SIGKILL itself at that point."""
-CRASH_POINTS = ("after_propose", "after_commit", "during_run", "after_run", "during_decide", "after_decide")
+CRASH_POINTS = (
+    "after_propose",
+    "after_review_edit",
+    "after_commit",
+    "during_run",
+    "after_run",
+    "after_merge",
+    "during_decide",
+    "after_decide",
+    "during_baseline",
+    "after_baseline",
+)
+"""Every transition's point (the baseline's decision has its own two: it is recorded by another path)."""
 
 
 def crash_point(name: str, exp_id: int | None = None) -> None:
@@ -54,17 +67,22 @@ def crash_point(name: str, exp_id: int | None = None) -> None:
 
 @dataclass
 class Recovered:
-    """What `Books.recover` found: lines for the user, and experiments whose runs all ended (decide them)."""
+    """What `Books.recover` found: lines for the user, experiments whose runs all ended (decide them), and
+    the process ids of runs a killed engine left (the trainers kill them, if they still are those runs)."""
 
     notes: list[str] = field(default_factory=list)
     resume: list[int] = field(default_factory=list)
+    stale: list[tuple[int, int]] = field(default_factory=list)
+    """(experiment id, pid) of each run that was training when the engine died."""
 
 
 class Books:
     """The ledger and git of one workspace, moved together."""
 
-    def __init__(self, ws: Workspace, ledger: Ledger, config: EngineConfig, emit: EventSink) -> None:
-        self.ws, self.ledger, self.config, self._emit = ws, ledger, config, emit
+    def __init__(self, ws: Workspace, ledger: Ledger, emit: EventSink, default_margin: float) -> None:
+        self.ws, self.ledger, self._emit = ws, ledger, emit
+        self.default_margin = default_margin
+        """The margin (bpb) until the baseline has measured the noise."""
 
     # ---- reading --------------------------------------------------------------------------------------
 
@@ -81,7 +99,7 @@ class Books:
 
     def margin(self) -> float:
         noise = self.ledger.get_meta("noise")
-        return float(noise["margin"]) if noise else self.config.default_margin
+        return float(noise["margin"]) if noise else self.default_margin
 
     def experiment_at(self, commit: str | None) -> Experiment | None:
         """The kept (or baseline) experiment whose commit is `commit`."""
@@ -92,17 +110,98 @@ class Books:
         """The runs of `exp` on its current commit (a change merged onto a newer best trains again)."""
         return [r for r in self.ledger.runs(exp.id) if r.commit_sha in (None, exp.commit)]
 
-    def merge(self, ancestor: str, theirs: str, ours: str) -> str | None:
-        """`theirs`'s change from `ancestor` applied to `ours` by a 3-way merge; None on a conflict or when
-        it changes nothing."""
-        with tempfile.TemporaryDirectory() as tmp:
-            files = []
-            for name, text in (("ours", ours), ("base", ancestor), ("theirs", theirs)):
-                path = Path(tmp) / name
-                path.write_text(text, encoding="utf-8")
-                files.append(str(path))
-            proc = subprocess.run(["git", "merge-file", "-p", "-q", *files], capture_output=True, text=True)
-        return proc.stdout if proc.returncode == 0 and proc.stdout != ours else None
+    def started_from(self, exp: Experiment) -> Experiment:
+        """The kept experiment (or baseline) `exp` was applied to: what it is judged against."""
+        parent = self.experiment_at(exp.parent_commit)
+        if parent is not None and parent.val_bpb is not None:
+            return parent
+        best = self.best()
+        assert best is not None
+        return best
+
+    def made_on(
+        self, source_exp_id: int | None, base_commit: str | None, parent: str
+    ) -> tuple[str | None, str | None]:
+        """The train.py a change was made on, where that is not the best `parent`, and the text it gave there
+        when that is known: a re-applied experiment's parent and commit, or the older best a proposal was
+        made against (None, None: made on the best)."""
+        if source_exp_id is not None:
+            source = self.ledger.get(source_exp_id)
+            if source is None or not (
+                self.ws.is_commit(source.commit) and self.ws.is_commit(source.parent_commit)
+            ):
+                return None, None
+            assert source.commit and source.parent_commit
+            return self.ws.file_at(source.parent_commit), self.ws.file_at(source.commit)
+        if base_commit not in (None, parent) and self.ws.is_commit(base_commit):
+            assert base_commit
+            return self.ws.file_at(base_commit), None
+        return None, None
+
+    def proposal_context(self, program_md: str, budget: str, veto_reason: str | None) -> ProposalContext:
+        """What a proposer may look at: the program, the best train.py, the decided history, the margin and
+        every train.py already tried (or in flight)."""
+        experiments = self.ledger.experiments()
+        history = tuple(
+            HistoryRow(
+                exp_id=e.id,
+                description=e.description,
+                status=e.status,
+                val_bpb=e.val_bpb,
+                crash_tail="\n".join(e.log_tail.splitlines()[-15:]) if e.status in FAILED else "",
+            )
+            for e in experiments
+            if e.phase == Phase.DECIDED
+        )
+        tried = {
+            e.train_hash
+            for e in experiments
+            if e.train_hash and (e.status in RAN or e.phase != Phase.DECIDED)
+        }
+        noise = self.ledger.get_meta("noise")
+        return ProposalContext(
+            program_md=program_md,
+            train_py=self.ws.file_at(self.best_commit()),
+            history=history,
+            best_bpb=self.best_bpb(),
+            noise_margin=noise["margin"] if noise else None,
+            budget=budget,
+            tried_hashes=frozenset(tried),
+            veto_reason=veto_reason,
+        )
+
+    def baseline_decided(self) -> bool:
+        exp = self.ledger.get(0)
+        return exp is not None and exp.phase == Phase.DECIDED
+
+    # ---- the budget -----------------------------------------------------------------------------------
+
+    def settled_budget(self, requested: Budget | None, device: str) -> tuple[Budget, str]:
+        """The budget this session's runs get: every run of a workspace uses the one its baseline was measured
+        with (results must compare). WorkspaceError when `requested` is another; with a word for the user
+        when the baseline's was taken."""
+        stored = self._stored_budget(device)
+        if stored is None or not self.baseline_decided():
+            return requested or Budget.default(device), ""
+        if requested is None:
+            return stored, f"budget {stored}, as the baseline was measured"
+        if requested != stored:
+            raise WorkspaceError(
+                f"the baseline of {self.ws.path} was measured with budget {stored}, not {requested}: results "
+                f"would not compare; run with the same budget (--budget {stored.text}) or in a new workspace"
+            )
+        return stored, ""
+
+    def _stored_budget(self, device: str) -> Budget | None:
+        stored = self.ledger.get_meta("budget", "unset")
+        if stored == "unset":
+            return None
+        return Budget.default(device) if stored is None else Budget.parse(stored)  # None: the old default
+
+    def record_budget(self, budget: Budget) -> None:
+        """The budget the baseline is (or will be) measured with; fixed once the baseline is decided."""
+        if not self.baseline_decided():
+            self.ledger.set_meta("budget", budget.text)
 
     # ---- proposals that never ran ---------------------------------------------------------------------
 
@@ -115,7 +214,7 @@ class Books:
             self.ledger.create(
                 exp_id,
                 Status.REJECTED,
-                "decided",
+                Phase.DECIDED,
                 parent_commit=self.best_commit(),
                 description=proposal.description,
                 proposal=proposal_to_json(proposal),
@@ -132,7 +231,7 @@ class Books:
             self.ledger.update(
                 exp_id,
                 status=Status.REJECTED,
-                phase="decided",
+                phase=Phase.DECIDED,
                 decided_by="engine",
                 reason=reason,
                 finished_at=time.time(),
@@ -142,10 +241,20 @@ class Books:
         return exp_id
 
     def finish_unrun(self, exp_id: int, status: str, reason: str) -> None:
+        """An experiment the user dropped before it ran (vetoed, skipped)."""
         self.ledger.update(
-            exp_id, status=status, phase="decided", decided_by="user", reason=reason, finished_at=time.time()
+            exp_id,
+            status=status,
+            phase=Phase.DECIDED,
+            decided_by="user",
+            reason=reason,
+            finished_at=time.time(),
         )
         self._decided(exp_id, status, None, reason, by="user")
+
+    def dequeue(self, qid: int) -> None:
+        """A queued proposal taken off the re-run queue without becoming an experiment (it did not apply)."""
+        self.ledger.dequeue(qid)
 
     def _decided(
         self, exp_id: int, status: str, val_bpb: float | None, reason: str, by: str = "engine"
@@ -162,27 +271,275 @@ class Books:
             )
         )
 
-    # ---- decisions ------------------------------------------------------------------------------------
+    # ---- an experiment, from proposal to its runs -----------------------------------------------------
 
-    def record_noise(self, noise: NoiseFloor) -> None:
-        self.ledger.set_meta(
-            "noise",
-            {
-                "values": list(noise.values),
-                "std": noise.std,
-                "spread": noise.spread,
-                "margin": noise.margin,
-                "measured": noise.measured,
-            },
+    def record_proposed(
+        self,
+        exp_id: int,
+        proposal: Proposal,
+        text: str,
+        parent: str,
+        *,
+        base_commit: str | None,
+        proposer: str,
+        qid: int | None = None,
+        source_exp_id: int | None = None,
+    ) -> str:
+        """A new experiment: `proposal`, whose train.py is `text`, on the best `parent` (made on `base_commit`
+        where that differs); taken off the re-run queue if it came from there. Returns its diff."""
+        base_text = self.ws.file_at(parent)
+        diff = unified_diff(base_text, text)
+        with self.ledger.transaction() as conn:
+            self.ledger.insert(
+                conn,
+                exp_id,
+                Status.PENDING,
+                Phase.PROPOSED,
+                parent_commit=parent,
+                base_commit=base_commit if base_commit not in (None, parent) else None,
+                description=proposal.description,
+                proposal=proposal_to_json(proposal),
+                diff=diff,
+                proposer=proposal.proposer or proposer,
+                model=proposal.model,
+                temperature=proposal.temperature,
+                seed=proposal.seed,
+                train_hash=file_hash(text),
+                idea_key=proposal.key,
+                requeued_from=source_exp_id,
+            )
+            if qid is not None:
+                self.ledger.dequeue(qid, conn)
+        crash_point("after_propose", exp_id)
+        return diff
+
+    def record_review_edit(self, exp_id: int, proposal: Proposal, text: str, base_text: str) -> str:
+        """The user's edit of a proposal under review: `proposal` (by the user) gives `text`. Its diff."""
+        diff = unified_diff(base_text, text)
+        self.ledger.update(
+            exp_id,
+            description=proposal.description,
+            proposal=proposal_to_json(proposal),
+            diff=diff,
+            proposer=proposal.proposer,
+            train_hash=file_hash(text),
         )
-        self._emit(NoiseFloorEvent(values=noise.values, spread=noise.spread, margin=noise.margin))
+        crash_point("after_review_edit", exp_id)
+        return diff
+
+    def record_rebased(self, exp_id: int, text: str, parent: str, made_on: str) -> None:
+        """A proposal that waited for review while a keep landed: its change, `text`, now on the new best
+        `parent` (it was made on `made_on`)."""
+        self.ledger.update(
+            exp_id,
+            parent_commit=parent,
+            base_commit=made_on,
+            diff=unified_diff(self.ws.file_at(parent), text),
+            train_hash=file_hash(text),
+        )
+
+    def commit_candidate(
+        self, exp_id: int, proposal: Proposal, text: str, parent: str, proposer: str
+    ) -> bool:
+        """Commit the candidate beside the branch (phase committed). False, and the proposal rejected, when the
+        frozen harness changed on disk (it is restored first)."""
+        if problems := self.ws.harness_problems():
+            self.ws.restore_harness()
+            reason = (
+                f"the frozen harness changed ({', '.join(problems)}); restored it and refused the proposal"
+            )
+            self.record_rejected(proposal, reason, proposer, exp_id)
+            return False
+        message = f"{proposal.description}\n\nexperiment #{exp_id} by {proposal.proposer or proposer}"
+        if proposal.model:
+            message += f" ({proposal.model})"
+        commit = self.ws.commit_candidate(text, parent, message)
+        crash_point("after_commit", exp_id)
+        self.ledger.update(exp_id, commit=commit, phase=Phase.COMMITTED)
+        return True
+
+    def merge_onto_best(self, exp: Experiment) -> Experiment | None:
+        """`exp` won against the best it started from, but another keep landed meanwhile: its change merged
+        onto the new best and committed there, to be confirmed by a run (the commit it trained is kept under
+        refs/autoresearch/merged/<id>). None when the change conflicts with the new best or is in it."""
+        assert exp.commit and exp.parent_commit
+        best, best_commit = self.best(), self.best_commit()
+        assert best is not None
+        ours = self.ws.file_at(best_commit)
+        merged = merge3(self.ws.file_at(exp.parent_commit), self.ws.file_at(exp.commit), ours)
+        if merged is None:
+            return None
+        self.ws.keep_ref(f"refs/autoresearch/merged/{exp.id}", exp.commit)
+        message = f"{exp.description}\n\nexperiment #{exp.id}, merged onto #{best.id}"
+        commit = self.ws.commit_candidate(merged, best_commit, message)
+        self.ledger.update(
+            exp.id,
+            base_commit=exp.base_commit or exp.parent_commit,
+            parent_commit=best_commit,
+            commit=commit,
+            diff=unified_diff(ours, merged),
+            train_hash=file_hash(merged),
+        )
+        crash_point("after_merge", exp.id)
+        return self.ledger.get(exp.id)
+
+    def start_run(self, exp_id: int, n: int, seed: int, log_path: str, commit: str) -> None:
+        """Run `n` of an experiment starts (phase running), before anything is started."""
+        self.ledger.start_run(exp_id, n, seed, log_path, commit=commit)
+
+    def run_started(self, exp_id: int, n: int, pid: int) -> None:
+        """The run's process exists here (a restarted engine kills it, should this one be killed)."""
+        self.ledger.set_run_pid(exp_id, n, pid)
+        crash_point("during_run", exp_id)
+
+    def finish_run(self, exp_id: int, n: int, result: RunResult, slot: int = 0) -> RunResult:
+        """How run `n` (in trainer `slot`) ended, once checked (`check_after_run`); the checked result."""
+        result = self.check_after_run(result)
+        summary = result.summary
+        self.ledger.finish_run(
+            exp_id,
+            n,
+            outcome=result.outcome,
+            val_bpb=result.val_bpb,
+            reason=result.reason,
+            seconds=result.seconds,
+            peak_memory_mb=result.peak_memory_mb,
+            training_seconds=_number(summary.get("training_seconds")),
+            total_seconds=_number(summary.get("total_seconds")) or result.seconds,
+            log_tail=result.log_tail,
+            summary=summary,
+        )
+        crash_point("after_run", exp_id)
+        self._emit(
+            RunFinished(
+                exp_id=exp_id,
+                outcome=result.outcome,
+                val_bpb=result.val_bpb,
+                seconds=result.seconds,
+                summary=summary,
+                log_tail=result.log_tail,
+                judge_seconds=result.judge_seconds,
+                slot=slot,
+            )
+        )
+        return result
+
+    def lose_run(self, exp_id: int, n: int, reason: str, system_retries: int = 0) -> None:
+        """The trainer lost run `n` (its node or worker went away) or the runner failed: interrupted."""
+        self.ledger.finish_run(
+            exp_id, n, outcome=Outcome.INTERRUPTED, reason=reason, system_retries=system_retries
+        )
+        self._emit(
+            RunFinished(
+                exp_id=exp_id, outcome=Outcome.INTERRUPTED, val_bpb=None, seconds=0.0, log_tail=reason
+            )
+        )
+
+    def check_after_run(self, result: RunResult) -> RunResult:
+        """A run that changed the harness or train.py is invalid, whatever it printed; the files are restored."""
+        changed = set(self.ws.changed_tracked_files()) | set(self.ws.harness_problems())
+        if not changed:
+            return result
+        self.ws.move_branch(self.best_commit())
+        if self.ws.harness_problems():
+            self.ws.restore_harness()
+        if result.outcome == Outcome.INTERRUPTED:
+            return result
+        reason = f"the run modified {', '.join(sorted(changed))} (restored): its result cannot be trusted"
+        return replace(result, outcome=Outcome.INVALID, val_bpb=None, reason=reason)
+
+    # ---- the baseline ---------------------------------------------------------------------------------
+
+    def baseline(self) -> Experiment:
+        """Experiment 0, the unmodified train.py at the branch's head (made on first use)."""
+        exp = self.ledger.get(0)
+        if exp is not None:
+            return exp
+        head = self.ws.head()
+        return self.ledger.create(
+            0,
+            Status.PENDING,
+            Phase.COMMITTED,
+            parent_commit=None,
+            commit=head,
+            description="baseline",
+            proposer="baseline",
+            train_hash=file_hash(self.ws.file_at(head)),
+        )
+
+    def baseline_run_interrupted(self) -> None:
+        """A baseline run was stopped: its seed runs again (the baseline is never skipped)."""
+        self.ledger.update(0, status=Status.INTERRUPTED, phase=Phase.FINISHED, reason="interrupted")
+
+    def baseline_failed(self, failed: RunRecord, message: str) -> None:
+        """The unmodified train.py does not run: nothing can be compared with it."""
+        self.ledger.update(
+            0, status=failed.outcome, phase=Phase.FINISHED, reason=message, log_tail=failed.log_tail
+        )
+        self._emit(
+            Decided(
+                exp_id=0,
+                status=failed.outcome or Status.CRASH,
+                val_bpb=None,
+                best_bpb=None,
+                margin=0.0,
+                reason=message,
+            )
+        )
+
+    def record_baseline(self, runs: list[RunRecord], noise: NoiseFloor) -> None:
+        """The baseline's decision from its ok runs: the noise floor, the first best. Intent first (ledger,
+        phase deciding), then git, then phase decided, as every decision (`apply_decision`)."""
+        exp = self.baseline()
+        assert exp.commit
+        self.ledger.set_meta("noise", noise.as_dict())
+        self._emit(NoiseMeasured(values=noise.values, spread=noise.spread, margin=noise.margin))
+        reason = f"baseline mean of {len(noise.values)} seed(s); {noise.describe()}"
+        with self.ledger.transaction() as conn:
+            self.ledger.update(
+                0,
+                conn,
+                status=Status.BASELINE,
+                phase=Phase.DECIDING,
+                val_bpb=noise.mean,
+                peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in runs) or None,
+                training_seconds=_mean([r.training_seconds for r in runs]),
+                total_seconds=_mean([r.total_seconds for r in runs]),
+                log_tail=runs[-1].log_tail,
+                decided_by="engine",
+                reason=reason,
+                finished_at=time.time(),
+            )
+            self.ledger.set_meta("best_exp_id", 0, conn)
+            self.ledger.set_meta("best_commit", exp.commit, conn)
+            self.ledger.set_meta("baseline_bpb", noise.mean, conn)
+            self.ledger.set_meta(
+                "baseline_training_seconds", max((r.training_seconds or 0.0) for r in runs), conn
+            )
+        crash_point("during_baseline", 0)
+        self.settle_git(0)
+        self.ledger.update(0, phase=Phase.DECIDED)
+        crash_point("after_baseline", 0)
+        self.ledger.write_results_tsv(self.ws.results_tsv)
+        self._emit(
+            Decided(
+                exp_id=0,
+                status=Status.BASELINE,
+                val_bpb=noise.mean,
+                best_bpb=noise.mean,
+                margin=noise.margin,
+                reason=reason,
+            )
+        )
+
+    # ---- decisions ------------------------------------------------------------------------------------
 
     def decide(self, exp_id: int, status: str, reason: str) -> None:
         """Record the verdict on a finished experiment (from the runs of its current commit), then git."""
         exp = self.ledger.get(exp_id)
         assert exp is not None
         runs = [r for r in self.current_runs(exp) if r.outcome is not None]
-        ok = [r for r in runs if r.outcome == "ok" and r.val_bpb is not None]
+        ok = [r for r in runs if r.outcome == Outcome.OK and r.val_bpb is not None]
         values: dict[str, Any] = dict(
             val_bpb=statistics.fmean(r.val_bpb for r in ok if r.val_bpb is not None) if ok else None,
             peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in runs) or None if runs else None,
@@ -216,7 +573,7 @@ class Books:
                 exp.id,
                 conn,
                 status=status,
-                phase="deciding",
+                phase=Phase.DECIDING,
                 decided_by=by,
                 reason=reason,
                 finished_at=time.time(),
@@ -229,7 +586,7 @@ class Books:
                 self.ledger.record_override(conn, exp.id, exp.status, status, by)
         crash_point("during_decide", exp.id)
         self.settle_git(exp.id)
-        self.ledger.update(exp.id, phase="decided")
+        self.ledger.update(exp.id, phase=Phase.DECIDED)
         crash_point("after_decide", exp.id)
         self.ledger.write_results_tsv(self.ws.results_tsv)
         decided = self.ledger.get(exp.id)
@@ -266,7 +623,7 @@ class Books:
                 exp_id,
                 conn,
                 status=Status.INTERRUPTED,
-                phase="deciding",
+                phase=Phase.DECIDING,
                 decided_by="engine",
                 reason=reason + ("; re-queued" if requeue else ""),
                 finished_at=time.time(),
@@ -274,7 +631,7 @@ class Books:
             if requeue and exp.proposal and exp.id != 0:
                 self.ledger.enqueue(proposal_from_json(exp.proposal), exp.id, "interrupted", conn)
         self.settle_git(exp_id)
-        self.ledger.update(exp_id, phase="decided")
+        self.ledger.update(exp_id, phase=Phase.DECIDED)
         self.ledger.write_results_tsv(self.ws.results_tsv)
         self._decided(exp_id, Status.INTERRUPTED, None, reason)
 
@@ -288,7 +645,7 @@ class Books:
             decided = [
                 e
                 for e in self.ledger.experiments()
-                if e.phase == "decided" and e.status in (Status.KEEP, Status.DISCARD)
+                if e.phase == Phase.DECIDED and e.status in (Status.KEEP, Status.DISCARD)
             ]
             if not decided:
                 self._emit(EngineError(message="there is no keep or discard decision to override"))
@@ -296,7 +653,7 @@ class Books:
             exp: Experiment | None = max(decided, key=lambda e: (e.finished_at or 0.0, e.id))
         else:
             exp = self.ledger.get(exp_id)
-        if exp is None or exp.status not in (Status.KEEP, Status.DISCARD) or exp.phase != "decided":
+        if exp is None or exp.status not in (Status.KEEP, Status.DISCARD) or exp.phase != Phase.DECIDED:
             self._emit(
                 EngineError(message=f"experiment {exp_id} has no keep or discard decision to override")
             )
@@ -330,7 +687,11 @@ class Books:
                 return
             self.apply_decision(exp, Status.KEEP, note, by)
             with contextlib.suppress(Exception):
-                self.ws.repo.git.update_ref("-d", f"refs/autoresearch/discarded/{exp.id}")
+                self.ws.drop_ref(f"refs/autoresearch/discarded/{exp.id}")
+
+    def reapply(self, exp_id: int) -> str:
+        """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
+        return self.ledger.queue_reapply(exp_id)
 
     # ---- recovery -------------------------------------------------------------------------------------
 
@@ -344,22 +705,26 @@ class Books:
         for exp in in_flight:
             for run in self.ledger.runs(exp.id):
                 if run.outcome is None:
-                    if run.pid and kill_stale_run(run.pid, self.ws.state_dir / "scratch"):
-                        notes.append(f"killed the orphaned run of #{exp.id} (pid {run.pid})")
+                    if run.pid:
+                        found.stale.append((exp.id, run.pid))
                     self.ledger.finish_run(
-                        exp.id, run.n, outcome="interrupted", reason="the engine was killed"
+                        exp.id, run.n, outcome=Outcome.INTERRUPTED, reason="the engine was killed"
                     )
             if exp.id == 0:
-                continue  # the baseline reruns its missing seeds
+                if exp.phase == Phase.DECIDING:  # the baseline's decision was written, git not yet moved
+                    self.settle_git(0)
+                    self.ledger.update(0, phase=Phase.DECIDED)
+                    notes.append("finished recording the baseline's decision")
+                continue  # else the baseline reruns its missing seeds
             runs = self.ledger.runs(exp.id)
-            if exp.phase == "deciding":
+            if exp.phase == Phase.DECIDING:
                 self.settle_git(exp.id)
-                self.ledger.update(exp.id, phase="decided")
+                self.ledger.update(exp.id, phase=Phase.DECIDED)
                 notes.append(f"finished recording the decision on #{exp.id} ({exp.status})")
             elif (
-                exp.phase in ("running", "finished")
+                exp.phase in (Phase.RUNNING, Phase.FINISHED)
                 and runs
-                and all(r.outcome != "interrupted" for r in runs)
+                and all(r.outcome != Outcome.INTERRUPTED for r in runs)
             ):
                 found.resume.append(exp.id)
                 notes.append(f"#{exp.id} finished running before the engine stopped; deciding it now")
@@ -383,7 +748,7 @@ class Books:
         refs = self.ws.discarded_refs()
         for exp in self.ledger.experiments():
             if (
-                exp.phase == "decided"
+                exp.phase == Phase.DECIDED
                 and exp.status not in KEPT
                 and exp.commit
                 and exp.id not in refs
@@ -407,7 +772,7 @@ class Books:
                 exp.id,
                 conn,
                 status=Status.INTERRUPTED,
-                phase="decided",
+                phase=Phase.DECIDED,
                 decided_by="engine",
                 reason=reason,
                 finished_at=time.time(),
@@ -418,23 +783,11 @@ class Books:
             self.ws.save_discarded(exp.id, exp.commit)
 
 
-def queue_reapply(ledger: Ledger, exp_id: int) -> str:
-    """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
-    exp = ledger.get(exp_id)
-    if exp is None or exp_id == 0:
-        raise ValueError(f"there is no experiment #{exp_id} to reapply")
-    if exp.phase != "decided":
-        raise ValueError(f"#{exp_id} is still in flight")
-    original = proposal_from_json(exp.proposal)
-    if not original.edits:
-        raise ValueError(f"#{exp_id} ({exp.status}) has no change to reapply")
-    proposal = replace(
-        original, description=f"reapply #{exp_id}: {exp.description}", proposer="reapply", key=None
-    )
-    ledger.enqueue(proposal, exp_id, "reapply")
-    return f"#{exp_id} queued again: {exp.description}"
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values there are (None where none is)."""
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None

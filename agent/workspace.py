@@ -1,4 +1,5 @@
-"""A research workspace: a git repo with train.py, the frozen prepare.py and program.md, on its own branch.
+"""A research workspace: a git repo with train.py, the frozen harness (prepare.py, corpus.py, metric.py) and program.md, on
+its own branch.
 
 A workspace starts from a profile: `cpu` (nanogpt/train.py, a tiny byte-level model) or `gpu`
 (nanogpt/profiles/gpu/: a GPT sized for one GPU and a 5-minute budget, on a BPE vocabulary).
@@ -25,10 +26,13 @@ from gitdb import IStream
 
 from agent import paths
 from agent.edits import file_hash
+from agent.sandbox.spec import HARNESS_FILES
 
 TRAIN = "train.py"
-HARNESS = ("prepare.py",)
-"""Frozen files: their SHA-256 is recorded at init and checked before every commit and after every run."""
+HARNESS = HARNESS_FILES
+"""Frozen files, by reader: prepare.py and corpus.py (what train.py imports) and metric.py (what only the judge
+imports). Their SHA-256 is recorded at init and checked before every commit, after every run and before a judge
+imports them."""
 PROGRAM = "program.md"
 STATE_DIR = ".autoresearch"
 DISCARDED_PREFIX = "refs/autoresearch/discarded/"
@@ -38,8 +42,8 @@ _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PLACEHOLDER_PROGRAM = """# program.md
 
 Research instructions for the agent. Goal: lower val_bpb of train.py within the fixed training budget.
-Only train.py may change; prepare.py (data, tokenizer, metric) is frozen. Prefer simple changes;
-a small gain that adds a lot of complexity is not worth keeping.
+Only train.py may change; prepare.py and corpus.py (data, tokenizer, budget) and metric.py (the score) are
+frozen. Prefer simple changes; a small gain that adds a lot of complexity is not worth keeping.
 """
 
 
@@ -61,7 +65,7 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile("cpu", "", "2 layers x 128, bytes, a compute budget: sized for a laptop CPU"),
+    "cpu": Profile("cpu", "", "2 layers x 128, bytes, 60 wall seconds a run: sized for a laptop CPU"),
     "gpu": Profile(
         "gpu",
         "profiles/gpu",
@@ -269,9 +273,14 @@ class Workspace:
                 problems.append(name)
         return problems
 
+    @property
+    def frozen_files(self) -> tuple[str, ...]:
+        """The harness files this workspace froze at init (HARNESS, or fewer in one made before a file joined it)."""
+        return tuple(self.meta["harness"])
+
     def restore_harness(self) -> None:
         """Put the frozen files back as committed."""
-        self.repo.git.checkout(self.initial_commit, "--", *HARNESS)
+        self.repo.git.checkout(self.initial_commit, "--", *self.frozen_files)
 
     def changed_tracked_files(self) -> list[str]:
         """Tracked files whose working copy differs from the branch head, program.md aside (the user's)."""
@@ -301,11 +310,46 @@ class Workspace:
         """Point the branch at `commit` and make train.py and the harness match it (program.md untouched)."""
         self.repo.git.update_ref(f"refs/heads/{self.branch}", commit)
         self.repo.git.symbolic_ref("HEAD", f"refs/heads/{self.branch}")
-        self.repo.git.checkout(commit, "--", TRAIN, *HARNESS)
+        self.repo.git.checkout(commit, "--", TRAIN, *self.frozen_files)
 
     def save_discarded(self, exp_id: int, commit: str) -> None:
         """Keep a discarded commit reachable under refs/autoresearch/discarded/<id>."""
         self.repo.git.update_ref(f"{DISCARDED_PREFIX}{exp_id}", commit)
+
+    def keep_ref(self, ref: str, commit: str) -> None:
+        """Keep `commit` reachable under `ref` (refs/autoresearch/...)."""
+        self.repo.git.update_ref(ref, commit)
+
+    def drop_ref(self, ref: str) -> None:
+        self.repo.git.update_ref("-d", ref)
+
+    def check_harness(self) -> None:
+        """WorkspaceError when the workspace's frozen harness cannot take part in today's runs, which a judge
+        scores with the frozen metric.py: one made before runs were judged outside the run has a prepare.py that
+        cannot hand a model over; one made before the harness was split in two has no frozen metric.py."""
+        if set(HARNESS) <= set(self.frozen_files):
+            return
+        try:
+            prepare = (self.path / HARNESS[0]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            prepare = ""  # recovery puts the committed harness back; the judge's file is missing either way
+        if prepare and "def judge(" not in prepare:
+            raise WorkspaceError(
+                f"{self.path} was made before runs were scored by a separate judge: its frozen prepare.py "
+                "cannot hand a model over, so no run could be scored. Start a new workspace with "
+                "`autoresearch init NEW_FOLDER`; this one stays readable with `autoresearch log`."
+            )
+        missing = ", ".join(name for name in HARNESS if name not in self.frozen_files)
+        raise WorkspaceError(
+            f"{self.path} was made before the frozen harness was split by reader (prepare.py and corpus.py for "
+            f"the run, metric.py for the judge): it has no frozen {missing}, so no run could be scored. "
+            "Start a new workspace with `autoresearch init NEW_FOLDER`; this one stays readable with "
+            "`autoresearch log`."
+        )
+
+    def harness_hashes(self) -> dict[str, str]:
+        """The frozen files' SHA-256 by name, as recorded at init: the only harness a judge may import."""
+        return {str(name): str(digest) for name, digest in self.meta["harness"].items()}
 
     def discarded_refs(self) -> dict[int, str]:
         """Experiment id -> commit of every saved discarded commit."""

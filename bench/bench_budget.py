@@ -27,25 +27,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent import paths  # noqa: E402
-from agent.containment import probe  # noqa: E402
-from agent.runner import RunSpec, prepare_for_runs, run_training  # noqa: E402
+from agent.budget import CPU_FLOPS_PER_S, Budget  # noqa: E402
+from agent.sandbox.containment import probe  # noqa: E402
+from agent.sandbox.judging import prepare_for_runs  # noqa: E402
+from agent.sandbox.runner import run_training  # noqa: E402
+from agent.sandbox.spec import RunSpec  # noqa: E402
 
-CPU_FLOPS_PER_S = 2.9e12 / 60.0
 
-
-def budgets(seconds: float) -> dict[str, tuple[str, tuple[str, float] | None]]:
-    """mode -> (AUTORESEARCH_BUDGET, what the runner enforces)."""
+def budgets(seconds: float) -> dict[str, Budget]:
+    """mode -> the budget of about `seconds` wall seconds (the runner enforces time and cpu from outside)."""
     cores = os.cpu_count() or 1
     return {
-        "time": (f"{seconds:g}", ("time", seconds)),
-        "cpu": (f"{seconds * cores:g}cpu", ("cpu", seconds * cores)),
-        "compute": (f"{seconds * CPU_FLOPS_PER_S:.4e}flops", None),
+        "time": Budget.parse(f"{seconds:g}"),
+        "cpu": Budget.parse(f"{seconds * cores:g}cpu"),
+        "flops": Budget.parse(f"{seconds * CPU_FLOPS_PER_S:.4e}flops"),
     }
 
 
-def one_run(
-    work: Path, train: str, budget: str, limit: tuple[str, float] | None, seed: int, hidden: tuple[Path, ...]
-) -> dict[str, object]:
+def one_run(work: Path, train: str, budget: Budget, seed: int, hidden: tuple[Path, ...]) -> dict[str, object]:
     (work / "train.py").write_text(train)
     spec = RunSpec(
         workspace=work,
@@ -55,7 +54,6 @@ def one_run(
         log_path=work / "run.log",
         deadline_s=600,
         budget=budget,
-        budget_limit=limit,
         handover_s=30,
         hidden=hidden,
         python=sys.executable,
@@ -83,7 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--seconds", type=float, default=30.0, help="nominal budget in wall seconds")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--modes", default="time,cpu,compute")
+    parser.add_argument("--modes", default="time,cpu,flops")
     parser.add_argument("--out", type=Path, default=Path("bench_budget.json"))
     args = parser.parse_args()
     done: dict[str, dict[str, object]] = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -92,7 +90,12 @@ def main() -> int:
     assert blind != shipped
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        shutil.copy(ROOT / "nanogpt" / "prepare.py", work / "prepare.py")
+        for name in (
+            "prepare.py",
+            "corpus.py",
+            "metric.py",
+        ):  # the frozen harness: the run's part and the judge's
+            shutil.copy(ROOT / "nanogpt" / name, work / name)
         hidden = prepare_for_runs(
             work,
             work / "scratch",
@@ -112,11 +115,11 @@ def main() -> int:
             key = f"{mode}/{scenario}/{seed}/{args.seconds:g}"
             if key in done:
                 continue
-            budget, limit = budgets(args.seconds)[mode]
+            budget = budgets(args.seconds)[mode]
             competitor = hog() if scenario == "loaded" else None
             try:
                 started = time.monotonic()
-                done[key] = one_run(work, train, budget, limit, seed, hidden)
+                done[key] = one_run(work, train, budget, seed, hidden)
                 done[key]["elapsed_s"] = round(time.monotonic() - started, 2)
             finally:
                 if competitor is not None:

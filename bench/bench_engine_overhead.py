@@ -27,25 +27,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import paths  # noqa: E402
+from agent.budget import Budget  # noqa: E402
 from agent.config import EngineConfig  # noqa: E402
-from agent.engine import Engine  # noqa: E402
 from agent.events import Decided, Event, ProposalReady, ProposalStarted, RunFinished  # noqa: E402
 from agent.proposals import Edit, Proposal, ProposalContext  # noqa: E402
+from agent.session import open_engine  # noqa: E402
 from agent.workspace import Workspace  # noqa: E402
 
 TARGET_S = 1.0
 JUDGE_TARGET_S = 3.0
 
-FAKE_PREPARE = """import json
+FAKE_HARNESS = {
+    "prepare.py": """import json
 def report(val):
     print("---")
     print(f"val_bpb:          {val:.6f}")
     print("training_seconds: 0.0")
     json.dump({"val_bpb": round(val, 6)}, open("model.pt2", "w"))
     json.dump({"export": "ok"}, open("claims.json", "w"))
+""",
+    "corpus.py": '"""No data."""\n',
+    "metric.py": """import json
 def judge(model_path, claims):
     return {"status": "ok", "reason": "", "val_bpb": json.load(open(model_path))["val_bpb"]}
-"""
+""",
+}
+"""A frozen harness that follows docs/contracts.md in milliseconds: the run reports its val_bpb, the judge reads
+it back."""
 FAKE_TRAIN = """from prepare import report
 LEARNING_RATE = 1.0
 print("step     1 | loss 2.0000 | lr 1e-3 | tok/s 1 | 0.0s")
@@ -99,10 +107,13 @@ def main() -> int:
             source = Path(tmp) / "fake"
             source.mkdir()
             (source / "train.py").write_text(FAKE_TRAIN)
-            (source / "prepare.py").write_text(FAKE_PREPARE)
+            for name, text in FAKE_HARNESS.items():
+                (source / name).write_text(text)
         ws = Workspace.init(folder, tag="bench", source=source, program=Path(tmp) / "none.md")
-        config = EngineConfig(budget=args.budget, seeds=1, confirm_marginal=False, probe=args.probe == "on")
-        engine = Engine(ws, NudgeProposer(args.n), config, events.append)
+        config = EngineConfig(
+            budget=Budget.parse(args.budget), seeds=1, confirm_marginal=False, probe=args.probe == "on"
+        )
+        engine = open_engine(ws, NudgeProposer(args.n), config, events.append)
         started = time.perf_counter()
         engine.run()
         elapsed = time.perf_counter() - started

@@ -6,7 +6,7 @@ would, with tokens/s, MFU against the device's bf16 peak and val_bpb.
     .venv/bin/python bench/bench_gpu_profile.py --smoke        # anywhere: the model cut down, 8 s each (a script check)
 
 Each run copies nanogpt/prepare.py and nanogpt/profiles/gpu/train.py (with the experiment's edit) into a fresh
-folder, trains with the profile's environment (AUTORESEARCH_VOCAB=8192) and the budget, then has agent/judge.py
+folder, trains with the profile's environment (AUTORESEARCH_VOCAB=8192) and the budget, then has agent/sandbox/judge.py
 score the exported model in its own process. tok/s is the steady rate (the median of the progress lines after
 the first), and MFU is measured at that rate: 6 x parameters per token (the harness's count), and with attention
 too (+ 12 x layers x context x width, nanoGPT's estimate). "run MFU" is the harness's, over the whole budget,
@@ -68,14 +68,23 @@ def train_and_judge(
             raise SystemExit(f"{name}: {old!r} is not in {TRAIN} exactly once")
         source = source.replace(old, new)
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        work = Path(tmp)
-        shutil.copy(ROOT / "nanogpt" / "prepare.py", work / "prepare.py")
+        work, harness = Path(tmp) / "run", Path(tmp) / "harness"
+        work.mkdir()
+        harness.mkdir()
+        for file in ("prepare.py", "corpus.py"):  # all of the harness train.py imports
+            shutil.copy(ROOT / "nanogpt" / file, work / file)
+        for file in (
+            "prepare.py",
+            "corpus.py",
+            "metric.py",
+        ):  # the judge's frozen copy, apart from the run's folder
+            shutil.copy(ROOT / "nanogpt" / file, harness / file)
         (work / "train.py").write_text(source)
         started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "train.py"],
             cwd=work,
-            env=dict(env, AUTORESEARCH_RESULT_FILE=str(work / "result.json")),
+            env=env,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -97,8 +106,8 @@ def train_and_judge(
         if (work / "model.pt2").exists():  # the run exported its model: the judge scores it apart
             started = time.perf_counter()
             judged = subprocess.run(
-                [sys.executable, "-I", str(ROOT / "agent" / "judge.py"), "score"]
-                + [str(work / f) for f in ("prepare.py", "model.pt2", "claims.json", "judged.json")],
+                [sys.executable, "-I", str(ROOT / "agent" / "sandbox" / "judge.py"), "score", str(harness)]
+                + [str(work / f) for f in ("model.pt2", "claims.json", "judged.json")],
                 cwd=tmp,
                 env=env,
                 capture_output=True,

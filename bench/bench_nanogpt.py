@@ -30,25 +30,50 @@ VARIANTS = {
 
 
 def train(budget: str, seed: int = 1, replace: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
-    """Run a copy of train.py once; the harness's result plus the summary's throughput figures."""
+    """Run a copy of train.py once and have the judge score its model (uncontained); the run's claims, the
+    judge's result and the summary's throughput figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        shutil.copy(ROOT / "nanogpt" / "prepare.py", work)
+        work, harness = Path(tmp) / "run", Path(tmp) / "harness"
+        work.mkdir()
+        harness.mkdir()
+        for name in ("prepare.py", "corpus.py"):  # all of the harness train.py imports
+            shutil.copy(ROOT / "nanogpt" / name, work)
+        for name in (
+            "prepare.py",
+            "corpus.py",
+            "metric.py",
+        ):  # the judge's frozen copy, apart from the run's folder
+            shutil.copy(ROOT / "nanogpt" / name, harness)
         source = (ROOT / "nanogpt" / "train.py").read_text()
         for old, new in (replace or {}).items():
             source = source.replace(old, new)
         (work / "train.py").write_text(source)
         env = dict(
-            os.environ,
-            AUTORESEARCH_BUDGET=budget,
-            AUTORESEARCH_SEED=str(seed),
-            AUTORESEARCH_RESULT_FILE=str(work / "result.json"),
-            OMP_WAIT_POLICY="PASSIVE",
+            os.environ, AUTORESEARCH_BUDGET=budget, AUTORESEARCH_SEED=str(seed), OMP_WAIT_POLICY="PASSIVE"
         )
         proc = subprocess.run([sys.executable, "train.py"], cwd=work, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"train.py failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        result = json.loads((work / "result.json").read_text())
+        files = [str(work / name) for name in ("model.pt2", "claims.json", "result.json")]
+        judged = subprocess.run(
+            [
+                sys.executable,
+                "-I",
+                str(ROOT / "agent" / "sandbox" / "judge.py"),
+                "score",
+                str(harness),
+                *files,
+            ],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if judged.returncode != 0:
+            raise SystemExit(f"the judge failed:\n{judged.stdout[-2000:]}\n{judged.stderr[-2000:]}")
+        result = json.loads((work / "claims.json").read_text()) | json.loads(
+            (work / "result.json").read_text()
+        )
         summary = dict(
             line.split(":", 1) for line in proc.stdout.split("\n---\n")[-1].splitlines() if ":" in line
         )

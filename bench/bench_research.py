@@ -52,7 +52,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.config import EngineConfig, check_budget  # noqa: E402
+from agent.budget import Budget  # noqa: E402
+from agent.commands import Shutdown  # noqa: E402
+from agent.config import EngineConfig  # noqa: E402
 from agent.engine import Engine  # noqa: E402
 from agent.events import (  # noqa: E402
     Decided,
@@ -66,6 +68,7 @@ from agent.events import (  # noqa: E402
 )
 from agent.ledger import FAILED, Experiment, Ledger  # noqa: E402
 from agent.proposals import Proposal, ProposalContext, Proposer  # noqa: E402
+from agent.session import open_engine  # noqa: E402
 from agent.workspace import (  # noqa: E402
     HARNESS,
     PROGRAM,
@@ -106,16 +109,16 @@ class Arm:
 def arm_named(name: str) -> Arm:
     """`random`, `default` or a registry model's name, as the CLI would build it (ModelError if unknown)."""
     if name == RANDOM:
-        from agent.random_search import RandomSearch
+        from agent.researcher.random_search import RandomSearch
 
         return Arm(name, RandomSearch)
-    from agent.models import resolve_model
+    from agent.researcher.models import resolve_model
 
     model = None if name == DEFAULT else name
     resolve_model(model)  # an unknown model fails now, not after an hour of other arms
 
     def make(seed: int) -> Proposer:
-        from agent.llm import make_proposer
+        from agent.researcher.proposer import make_proposer
 
         return make_proposer(model, seed)
 
@@ -152,7 +155,8 @@ class Settings:
         } | ({"program": str(self.program.resolve())} if self.program else {})
 
     def config(self, **fields: Any) -> EngineConfig:
-        values: dict[str, Any] = {"budget": self.budget, "seeds": self.baseline_seeds, **self.engine}
+        budget = Budget.parse(self.budget) if self.budget else None
+        values: dict[str, Any] = {"budget": budget, "seeds": self.baseline_seeds, **self.engine}
         return EngineConfig(**{**values, **fields})
 
 
@@ -237,7 +241,7 @@ def drive(engine: Engine) -> None:
         print(
             "bench: stopping (the run in flight is recorded as interrupted; rerun to resume)", file=sys.stderr
         )
-        engine.shutdown()
+        engine.send(Shutdown())
         engine.join()
         raise
     finally:
@@ -287,7 +291,7 @@ def run_session(arm: Arm, index: int, settings: Settings, out: Path) -> dict[str
     load = getattr(proposer, "load", None)
     if callable(load):
         load(log)  # a model is loaded once per session, before it: not a proposal's seconds
-    engine = Engine(ws, proposer, settings.config(max_experiments=max(0, left)), log)
+    engine = open_engine(ws, proposer, settings.config(max_experiments=max(0, left)), log)
     log.mark("Start")
     try:
         drive(engine)
@@ -450,7 +454,7 @@ def check_keep(
         flush=True,
     )
     config = settings.config(seeds=len(RERUN_SEEDS), base_seed=RERUN_SEEDS[0], max_experiments=0)
-    engine = Engine(rerun, _NoProposals(), config, EventLog(path / "events.jsonl", label, echo=False))
+    engine = open_engine(rerun, _NoProposals(), config, EventLog(path / "events.jsonl", label, echo=False))
     drive(engine)
     values = _rerun_values(rerun)
     if engine.error or len(values) < len(RERUN_SEEDS):
@@ -722,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError("-R and -N must be at least 1")
         if args.seeds is not None and args.seeds < 1:
             raise BenchError("--seeds must be at least 1")
-        budget = check_budget(args.budget) if args.budget else None
+        budget = Budget.parse(args.budget).text if args.budget else None
         names = [n.strip() for n in args.arms.split(",") if n.strip()]
         if not names or len(set(names)) != len(names):
             raise BenchError(f"--arms {args.arms!r}: name each arm once")

@@ -5,7 +5,7 @@ train.py of fixed duration (it sleeps D seconds): how close N trainers come to N
     .venv/bin/python bench/bench_trainers.py --via trainers           # RayTrainers alone, fed by N threads
     .venv/bin/python bench/bench_trainers.py --trainers 1 2 --sleep 1 --per-trainer 2     # a quick check
 
-`--via engine` runs `Engine(..., EngineConfig(trainers=N, ray="local"))` with a proposer of instant, harmless
+`--via engine` runs `open_engine(..., EngineConfig(trainers=N, ray="local"))` with a proposer of instant, harmless
 edits (each run is a real run: scratch folder, containment, a judge process); the clock runs from the baseline's
 decision to the last experiment's. `--via trainers` calls `RayTrainers.run` from N threads, the clock from the
 first submission to the last result. Neither counts Ray's start. Busy share: seconds the trainers spent training
@@ -27,14 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_engine_overhead import FAKE_PREPARE  # noqa: E402  (the same contract-following fake harness)
+from bench_engine_overhead import FAKE_HARNESS  # noqa: E402  (the same contract-following fake harness)
 
+from agent.budget import Budget  # noqa: E402
 from agent.config import EngineConfig  # noqa: E402
-from agent.engine import Engine  # noqa: E402
 from agent.events import Decided, Event, RunFinished  # noqa: E402
 from agent.proposals import Edit, Proposal, ProposalContext  # noqa: E402
-from agent.ray_trainers import RayTrainers  # noqa: E402
-from agent.runner import RunSpec  # noqa: E402
+from agent.sandbox.spec import RunRequest  # noqa: E402
+from agent.session import open_engine  # noqa: E402
+from agent.trainers.ray import RayTrainers  # noqa: E402
 from agent.workspace import Workspace  # noqa: E402
 
 TARGET = 0.9
@@ -76,7 +77,8 @@ class PrintProposer:
 def _source(folder: Path, sleep: float) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.py").write_text(FAKE_TRAIN.format(sleep=sleep))
-    (folder / "prepare.py").write_text(FAKE_PREPARE)
+    for name, text in FAKE_HARNESS.items():
+        (folder / name).write_text(text)
     return folder
 
 
@@ -86,7 +88,7 @@ def via_engine(trainers: int, experiments: int, sleep: float, tmp: Path) -> tupl
     ws = Workspace.init(tmp / "ws", tag="bench", source=source, program=tmp / "none.md")
     events: list[Event] = []
     config = EngineConfig(seeds=1, confirm_marginal=False, trainers=trainers, ray="local", overlap=True)
-    engine = Engine(ws, PrintProposer(experiments), config, events.append)
+    engine = open_engine(ws, PrintProposer(experiments), config, events.append)
     engine.run()
     engine.close()
     if engine.error:
@@ -101,7 +103,9 @@ def via_engine(trainers: int, experiments: int, sleep: float, tmp: Path) -> tupl
 def via_trainers(trainers: int, experiments: int, sleep: float, tmp: Path) -> tuple[int, float, float]:
     """(runs finished, wall seconds, seconds the runs trained) calling RayTrainers.run from N threads."""
     workspace = _source(tmp / "ws", sleep)
-    pool = RayTrainers("local", trainers, "cpu")
+    config = EngineConfig(deadline_s=sleep + 60, python=sys.executable)
+    pool = RayTrainers("local", trainers, "cpu", harness=workspace, config=config)
+    train = (workspace / "train.py").read_text()
     todo: queue.Queue[int] = queue.Queue()
     for exp_id in range(1, experiments + 1):
         todo.put(exp_id)
@@ -114,16 +118,9 @@ def via_trainers(trainers: int, experiments: int, sleep: float, tmp: Path) -> tu
                 exp_id = todo.get_nowait()
             except queue.Empty:
                 return
-            spec = RunSpec(
-                workspace=workspace,
-                scratch=tmp / "scratch" / f"{exp_id}-0",
-                exp_id=exp_id,
-                seed=1,
-                log_path=tmp / "runs" / str(exp_id) / "run.log",
-                deadline_s=sleep + 60,
-                python=sys.executable,
-            )
-            result = pool.run(index, spec, lambda event: None, threading.Event(), None)
+            log_path = tmp / "runs" / str(exp_id) / "run.log"
+            request = RunRequest(exp_id, 0, 1, train, Budget.parse(f"{sleep + 30:g}"), log_path)
+            result = pool.run(index, request, lambda event: None, threading.Event(), None)
             if result.outcome != "ok":
                 failed.append(f"#{exp_id}: {result.outcome} {result.reason}")
             trained.append(result.seconds)

@@ -1,12 +1,14 @@
 """A fake harness that follows docs/contracts.md in milliseconds, for engine, runner and resume tests.
 
 val_bpb = 2 + |LEARNING_RATE - 0.5| + a tiny seed-dependent wobble, so an idea's effect is known exactly. Its
-"model" is that number, and its judge reads it back: the real judge's defences are tested on the real harness.
+"model" is that number, and its judge (in FAKE_METRIC, as the real one is in metric.py) reads it back: the real
+judge's defences are tested on the real harness.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +25,7 @@ from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FAKE_PREPARE = '''"""Fake frozen harness: prints the summary block, hands over a "model" (its val_bpb) and judges it."""
+FAKE_PREPARE = '''"""Fake frozen harness, what train.py imports: prints the summary block, hands over a "model" (its val_bpb)."""
 import json
 import os
 
@@ -42,12 +44,21 @@ def report(val_bpb, steps=3, printed=None):
     with open("claims.json", "w") as fh:
         json.dump({"export": "ok", "training_seconds": 0.1, "train_flops": 1.0, "num_steps": steps,
                    "seed": seed}, fh)
+'''
+
+FAKE_METRIC = '''"""Fake frozen metric, what only the judge imports: reads the "model" (its val_bpb) back."""
+import json
+
+import prepare  # noqa: F401  (only the judge's frozen copy can be found: the real metric.py imports it too)
 
 
 def judge(model_path, claims):
     with open(model_path) as fh:
         model = json.load(fh)
     return {"status": "ok", "reason": "", "val_bpb": model["val_bpb"], "eval_tokens": 1, "eval_bytes": 1}
+'''
+
+FAKE_CORPUS = '''"""Fake frozen corpus: the fake harness reads no data."""
 '''
 
 FAKE_TRAIN = '''"""Fake train.py: the constants decide val_bpb."""
@@ -69,16 +80,60 @@ report(2.0 + abs(LEARNING_RATE - 0.5) + EXTRA + WOBBLE * (seed % 3))
 '''
 
 
-def make_source(folder: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE) -> Path:
+SLOW_TRAIN = '''"""Fake train.py for the scheduler: the constants decide val_bpb, SLEEP how long a run takes."""
+import os
+import time
+
+from prepare import report
+
+seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
+
+LEARNING_RATE = 1.0
+
+# ---
+
+EXTRA = 0.0
+
+# ---
+
+SLEEP = 0.2
+
+time.sleep(SLEEP)
+print("step     0 | loss 2.5000 | lr 1.00e+00 | tok/s 1000 | 0.0s", flush=True)
+report(2.0 + abs(LEARNING_RATE - 0.5) + EXTRA)
+'''
+"""For the scheduler: no wobble (every baseline seed scores 2.5, so the margin is the minimum, 0.002), and the
+constants lines apart, so that changes to two of them merge cleanly."""
+
+
+FAKE_HARNESS_SHA256 = {
+    name: hashlib.sha256(text.encode()).hexdigest()
+    for name, text in (("prepare.py", FAKE_PREPARE), ("corpus.py", FAKE_CORPUS), ("metric.py", FAKE_METRIC))
+}
+"""The fake harness's files' SHA-256, by name, as a workspace records them at init."""
+
+
+def write_harness(folder: Path, prepare: str = FAKE_PREPARE, metric: str = FAKE_METRIC) -> None:
+    """Write the fake frozen harness (prepare.py, corpus.py, metric.py) into `folder`."""
+    (folder / "prepare.py").write_text(prepare)
+    (folder / "corpus.py").write_text(FAKE_CORPUS)
+    (folder / "metric.py").write_text(metric)
+
+
+def make_source(
+    folder: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE, metric: str = FAKE_METRIC
+) -> Path:
     """A folder shaped like nanogpt/ holding the fake harness."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.py").write_text(train)
-    (folder / "prepare.py").write_text(prepare)
+    write_harness(folder, prepare, metric)
     return folder
 
 
-def make_workspace(tmp: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE) -> Workspace:
-    source = make_source(tmp / "source", train, prepare)
+def make_workspace(
+    tmp: Path, train: str = FAKE_TRAIN, prepare: str = FAKE_PREPARE, metric: str = FAKE_METRIC
+) -> Workspace:
+    source = make_source(tmp / "source", train, prepare, metric)
     return Workspace.init(tmp / "ws", tag="test", source=source, program=tmp / "no-program.md")
 
 

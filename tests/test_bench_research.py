@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from engine_fakes import CRASHES, assert_consistent, idea, make_source
 
-from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Ledger
+from agent.researcher.ideas import IdeaQueue, parse_ideas
 from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,15 +18,9 @@ from engine_fakes import BETTER, CRASHES, WORSE, assert_consistent, cli, make_wo
 
 from agent import cli as cli_module
 from agent import paths
-from agent.containment import probe
+from agent.budget import Budget
 from agent.ledger import Ledger
-
-
-@pytest.fixture(autouse=True)
-def _budget_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """main() exports --budget; make sure it does not leak out of an in-process test."""
-    monkeypatch.setenv("AUTORESEARCH_BUDGET", "unused")
-    monkeypatch.delenv("AUTORESEARCH_BUDGET")
+from agent.sandbox.containment import probe
 
 
 def _one_line_error(proc: Any) -> str:
@@ -64,6 +58,8 @@ def test_init_then_init_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert sorted(p.name for p in folder.iterdir()) == [
         ".autoresearch",
         ".git",
+        "corpus.py",
+        "metric.py",
         "prepare.py",
         "program.md",
         "train.py",
@@ -92,7 +88,7 @@ def test_bad_budget_and_bad_flags() -> None:
 def test_run_without_a_model_proposer_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "agent.llm", None)  # import fails
+    monkeypatch.setitem(sys.modules, "agent.researcher.proposer", None)  # import fails
     assert cli_module.main(["run", "--headless", "--workspace", str(tmp_path / "ws")]) == 2
     err = capsys.readouterr().err
     assert "the local-model proposer is not available" in err and "--ideas" in err
@@ -148,7 +144,7 @@ def test_json_events(tmp_path: Path) -> None:
         "LogLine",
         "StepMetric",
         "RunFinished",
-        "NoiseFloor",
+        "NoiseMeasured",
         "Decided",
         "StateChanged",
     } <= kinds
@@ -162,7 +158,7 @@ def test_no_command_opens_the_cockpit(monkeypatch: pytest.MonkeyPatch, tmp_path:
     class FakeApp:
         @staticmethod
         def run_app(
-            workspace: Path, budget: str | None, model: str | None, seed: int | None, **scheduling: Any
+            workspace: Path, budget: Budget | None, model: str | None, seed: int | None, **scheduling: Any
         ) -> int:
             calls.append(
                 {"workspace": workspace, "budget": budget, "model": model, "seed": seed, **scheduling}
@@ -177,7 +173,7 @@ def test_no_command_opens_the_cockpit(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert cli_module.main(["run", "--trainers", "3", "--overlap", "off"]) == 0
     one = {"trainers": 1, "ray": None}
     assert calls == [
-        {"workspace": tmp_path, "budget": "30", "model": "tiny", "seed": None, **one},
+        {"workspace": tmp_path, "budget": Budget.parse("30"), "model": "tiny", "seed": None, **one},
         {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": None, **one},
         {"workspace": paths.default_workspace(), "budget": None, "model": None, "seed": 4, **one},
         {
@@ -200,20 +196,21 @@ def test_no_command_opens_the_cockpit(monkeypatch: pytest.MonkeyPatch, tmp_path:
         },
     ]
     assert cli_module.main(["--trainers", "0"]) == 2 and len(calls) == 5  # refused before the cockpit
+    monkeypatch.setenv("AUTORESEARCH_BUDGET", "45cpu")  # the budget where no --budget is given
+    assert cli_module.main([]) == 0 and cli_module.main(["--budget", "20"]) == 0
+    assert [call["budget"] for call in calls[5:]] == [Budget.parse("45cpu"), Budget.parse("20")]
+    monkeypatch.setenv("AUTORESEARCH_BUDGET", "soon")
+    assert cli_module.main([]) == 2 and len(calls) == 7  # refused, said in one line, like --budget soon
 
 
-def test_models_is_delegated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    seen: list[list[Path]] = []
-
-    class FakeModels:
-        @staticmethod
-        def print_models(extra: list[Path]) -> int:
-            seen.append(extra)
-            return 0
-
-    monkeypatch.setitem(sys.modules, "agent.models", FakeModels)
-    assert cli_module.main(["models", str(tmp_path / "a.gguf")]) == 0
-    assert seen == [[tmp_path / "a.gguf"]]
+def test_models_lists_the_models_and_the_files_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_module.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("NAME ") and "qwen2.5-coder-1.5b *" in out
+    assert cli_module.main(["models", str(tmp_path / "a.gguf")]) == 1  # a given file that is not there
+    assert f"a: {tmp_path / 'a.gguf'}: no such file" in capsys.readouterr().out
 
 
 def test_options_after_the_subcommand_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -453,7 +450,7 @@ def test_seed_is_the_proposers_and_seeds_the_baselines() -> None:
 def test_seed_reaches_the_model_proposer(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import agent.llm
+    import agent.researcher.proposer
 
     asked: list[tuple[str | None, int | None]] = []
 
@@ -461,7 +458,7 @@ def test_seed_reaches_the_model_proposer(
         asked.append((model, seed))
         raise cli_module.CliError("stopped before the engine")
 
-    monkeypatch.setattr(agent.llm, "make_proposer", make_proposer)
+    monkeypatch.setattr(agent.researcher.proposer, "make_proposer", make_proposer)
     workspace = ["--workspace", str(tmp_path / "ws")]
     assert cli_module.main(["run", "--headless", *workspace, "--seed", "7", "--model", "tiny"]) == 2
     assert cli_module.main(["run", "--headless", *workspace]) == 2
@@ -491,10 +488,6 @@ def test_every_command_accepts_budget_as_the_readme_says() -> None:
         assert changes(baseline, [*baseline, "--budget", "60"]) == {"budget": "60"}, command
 
 
-def test_the_models_module_does_not_abbreviate_either(capsys: pytest.CaptureFixture[str]) -> None:
-    from agent import models
-
-    with pytest.raises(SystemExit) as exit_info:
-        models.main(["assemble", "--forc"])  # once read as --force: a rebuild of the model
-    assert exit_info.value.code == 2
-    assert "unrecognized arguments: --forc" in capsys.readouterr().err
+def test_the_models_options_are_not_abbreviated_either() -> None:
+    # Once read as --force: a rebuild of the model (test_no_option_is_abbreviated tries every prefix).
+    assert "unrecognized arguments: --forc" in refused(["models", "--assemble", "--forc"])

@@ -11,6 +11,7 @@ import pytest
 from engine_fakes import (
     BETTER,
     CRASHES,
+    FAKE_METRIC,
     FAKE_TRAIN,
     FLUKE,
     MARGINAL,
@@ -23,6 +24,21 @@ from engine_fakes import (
 )
 
 from agent import paths
+from agent.budget import Budget
+from agent.commands import (
+    Approve,
+    Override,
+    Pause,
+    Reapply,
+    ReloadProgram,
+    Resume,
+    SetGate,
+    Shutdown,
+    Skip,
+    StopRun,
+    UseModel,
+    Veto,
+)
 from agent.config import EngineConfig
 from agent.edits import file_hash
 from agent.engine import Engine
@@ -30,18 +46,20 @@ from agent.events import (
     Decided,
     EngineError,
     Event,
+    Info,
     LogLine,
-    NoiseFloor,
+    NoiseMeasured,
     ProposalRejected,
     ReviewRequested,
     RunFinished,
     RunStarted,
     StateChanged,
 )
-from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Ledger, read_results_tsv
 from agent.proposals import Edit, Proposal, ProposalContext, ProposalFailed
-from agent.workspace import Workspace
+from agent.researcher.ideas import IdeaQueue, parse_ideas
+from agent.session import open_engine
+from agent.workspace import Workspace, WorkspaceError
 
 FAST = {"seeds": 2, "deadline_s": 60.0}
 
@@ -54,7 +72,7 @@ def _queue(*ideas: dict[str, object]) -> IdeaQueue:
 
 def _engine(ws: Workspace, *ideas: dict[str, object], **config: object) -> tuple[Engine, Recorder]:
     recorder = Recorder()
-    engine = Engine(ws, _queue(*ideas), EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(*ideas), EngineConfig(**{**FAST, **config}), recorder)  # type: ignore[arg-type]
     return engine, recorder
 
 
@@ -99,7 +117,7 @@ def test_full_loop_better_worse_crash(ws: Workspace) -> None:
         (crash.commit[:7], "0.000000", "0.0", "crash", "an idea that crashes"),
     ]
     # events: the noise floor, one decision per experiment, the end
-    [noise] = events.of(NoiseFloor)
+    [noise] = events.of(NoiseMeasured)
     assert noise.values == (2.5001, 2.5002) and noise.margin == 0.002
     assert [(d.exp_id, d.status) for d in events.of(Decided)] == [
         (0, "baseline"),
@@ -139,39 +157,41 @@ def test_single_seed_baseline_uses_the_default_margin(ws: Workspace) -> None:
     engine, events = _engine(ws, BETTER, seeds=1, default_margin=0.5)
     engine.run()
     ledger = assert_consistent(ws)
-    assert events.of(NoiseFloor)[0].margin == 0.5
+    assert events.of(NoiseMeasured)[0].margin == 0.5
     assert _statuses(ledger) == ["baseline", "discard"]  # a 0.4 gain is inside a 0.5 margin
 
 
-def test_editing_the_harness_is_refused(ws: Workspace) -> None:
-    tamper = idea("make the metric kinder", "def report(", "def report_(", file="prepare.py")
-    before = file_hash((ws.path / "prepare.py").read_text())
+@pytest.mark.parametrize(("frozen", "search"), [("prepare.py", "def report("), ("metric.py", "def judge(")])
+def test_editing_the_harness_is_refused(ws: Workspace, frozen: str, search: str) -> None:
+    tamper = idea("make the metric kinder", search, search.replace("(", "_("), file=frozen)
+    before = file_hash((ws.path / frozen).read_text())
     engine, events = _engine(ws, tamper)
     engine.run()
     ledger = assert_consistent(ws)
     exp = ledger.get(1)
     assert exp is not None and exp.status == "rejected" and exp.commit is None
-    assert "prepare.py" in exp.reason and "frozen harness" in exp.reason
-    assert file_hash((ws.path / "prepare.py").read_text()) == before
+    assert frozen in exp.reason and "frozen harness" in exp.reason
+    assert file_hash((ws.path / frozen).read_text()) == before
     assert events.of(ProposalRejected)[0].exp_id == 1
 
 
 def test_a_run_that_rewrites_the_harness_changes_only_its_own_copy(ws: Workspace) -> None:
     forged_judge = "\ndef judge(m, c):\n    return {'status': 'ok', 'val_bpb': 0.1}\n"
     encoded = base64.b64encode(forged_judge.encode()).decode()
-    tamper = idea(
+    forge = f"base64.b64decode('{encoded}').decode()"
+    tamper = idea(  # its prepare.py, and a metric.py of its own beside it: the judge imports neither
         "rewrite the harness at run time",
         "if CRASH:",
-        f"import base64\nopen('prepare.py', 'a').write(base64.b64decode('{encoded}').decode())\nif CRASH:",
+        f"import base64\nopen('prepare.py', 'a').write({forge})\nopen('metric.py', 'w').write({forge})\nif CRASH:",
     )
-    before = file_hash((ws.path / "prepare.py").read_text())
+    before = {name: file_hash((ws.path / name).read_text()) for name in ("prepare.py", "metric.py")}
     engine, _ = _engine(ws, tamper)
     engine.run()
     ledger = assert_consistent(ws)
     exp = ledger.get(1)
     # the judge imported the workspace's frozen copy: the honest number, not the forged one
     assert exp is not None and exp.status == "discard" and exp.val_bpb == pytest.approx(2.5001)
-    assert file_hash((ws.path / "prepare.py").read_text()) == before
+    assert {name: file_hash((ws.path / name).read_text()) for name in before} == before
 
 
 def test_an_edit_that_does_not_apply_is_rejected(ws: Workspace) -> None:
@@ -228,22 +248,40 @@ def test_a_broken_baseline_stops_the_engine(tmp_path: Path) -> None:
 
 
 def test_the_budget_must_match_the_baseline(ws: Workspace) -> None:
-    engine, _ = _engine(ws, budget="5")
+    engine, _ = _engine(ws, budget=Budget.parse("5"))
     engine.run()
     engine.close()
-    other, _ = _engine(ws, budget="7")
-    other.run()
-    assert other.error is not None and "budget" in other.error
-    same, events = _engine(ws)  # no budget given: the baseline's
+    with pytest.raises(
+        WorkspaceError, match="measured with budget 5 s, not 7 s"
+    ):  # settled before it is built
+        _engine(ws, budget=Budget.parse("7"))
+    same, events = _engine(ws)  # no budget given: the baseline's, said
     same.run()
-    assert same.error is None and same.config.budget == "5"
+    assert same.error is None and same.budget == Budget.parse("5")
+    assert any(
+        isinstance(e, Info) and e.message == "budget 5 s, as the baseline was measured" for e in events.events
+    )
+
+
+def test_data_that_cannot_be_prepared_ends_the_session_with_the_reason(tmp_path: Path) -> None:
+    """Preparing the data happens in the trainer, at its first run (a Ray driver prepares nothing): when it fails,
+    nothing can train, and the engine stops with the harness's own words instead of retrying for ever."""
+    broken = FAKE_METRIC + "\n\ndef prepare_for_runs():\n    raise RuntimeError('the corpus is gone')\n"
+    ws = make_workspace(tmp_path, metric=broken)
+    engine, events = _engine(ws, BETTER)
+    engine.run()
+    assert engine.error is not None and engine.error.startswith("the data could not be prepared: ")
+    assert "the corpus is gone" in engine.error
+    assert [e.message for e in events.of(EngineError) if e.fatal] == [engine.error]
+    [run] = Ledger(ws.ledger_path).runs(0)
+    assert run.outcome == "interrupted" and "the corpus is gone" in run.reason  # recorded, nothing trained
 
 
 def test_a_broken_display_does_not_stop_the_engine(ws: Workspace) -> None:
     def sink(event: Event) -> None:
         raise RuntimeError("the UI fell over")
 
-    engine = Engine(ws, _queue(BETTER), EngineConfig(**FAST), sink)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(BETTER), EngineConfig(**FAST), sink)  # type: ignore[arg-type]
     engine.run()
     assert engine.error is None
     assert _statuses(assert_consistent(ws)) == ["baseline", "keep"]
@@ -268,17 +306,17 @@ class Recording:
 def test_review_gate_approve_veto_edit(ws: Workspace) -> None:
     recorder = Recorder()
     proposer = Recording(_queue(BETTER, WORSE, CRASHES))
-    engine = Engine(ws, proposer, EngineConfig(review_gate=True, **FAST), recorder)  # type: ignore[arg-type]
+    engine = open_engine(ws, proposer, EngineConfig(review_gate=True, **FAST), recorder)  # type: ignore[arg-type]
     edited = Proposal("edited: lr 0.7", (Edit("LEARNING_RATE = 0.6", "LEARNING_RATE = 0.7"),))
 
     def review(event: Event) -> None:
         if isinstance(event, ReviewRequested):
             if event.exp_id == 1:
-                engine.approve()
+                engine.send(Approve())
             elif event.exp_id == 2:
-                engine.veto("no penalties, please")
+                engine.send(Veto("no penalties, please"))
             else:
-                engine.approve(edited)
+                engine.send(Approve(edited))
 
     recorder.hooks.append(review)
     engine.run()
@@ -294,14 +332,16 @@ def test_review_gate_approve_veto_edit(ws: Workspace) -> None:
 
 def test_pause_takes_effect_after_the_run_and_resume_goes_on(ws: Workspace) -> None:
     engine, events = _engine(ws, BETTER, WORSE)
-    events.hooks.append(lambda e: engine.pause() if isinstance(e, RunStarted) and e.exp_id == 1 else None)
+    events.hooks.append(
+        lambda e: engine.send(Pause()) if isinstance(e, RunStarted) and e.exp_id == 1 else None
+    )
     engine.start()
     events.wait_for(lambda e: isinstance(e, StateChanged) and e.state == "paused")
     decided = [d.exp_id for d in events.of(Decided)]
     assert decided == [0, 1]  # the run in flight finished and was decided
     assert not [r for r in events.of(RunStarted) if r.exp_id == 2]
     assert engine.snapshot().state == "paused"
-    engine.resume()
+    engine.send(Resume())
     engine.join(60)
     assert engine.finished
     assert _statuses(assert_consistent(ws)) == ["baseline", "keep", "discard"]
@@ -310,13 +350,13 @@ def test_pause_takes_effect_after_the_run_and_resume_goes_on(ws: Workspace) -> N
 def test_stop_run_kills_records_and_pauses(ws: Workspace) -> None:
     engine, events = _engine(ws, SLOW, BETTER)
     events.hooks.append(
-        lambda e: engine.stop_run() if isinstance(e, LogLine) and e.text == "sleeping" else None
+        lambda e: engine.send(StopRun()) if isinstance(e, LogLine) and e.text == "sleeping" else None
     )
     engine.start()
     events.wait_for(lambda e: isinstance(e, StateChanged) and e.state == "paused")
     [finished] = [r for r in events.of(RunFinished) if r.exp_id == 1]
     assert finished.outcome == "interrupted" and finished.seconds < 30
-    engine.shutdown()
+    engine.send(Shutdown())
     engine.join(60)
     assert engine.finished
     ledger = assert_consistent(ws)
@@ -328,7 +368,9 @@ def test_stop_run_kills_records_and_pauses(ws: Workspace) -> None:
 
 def test_skip_drops_the_run_and_goes_on(ws: Workspace) -> None:
     engine, events = _engine(ws, SLOW, BETTER)
-    events.hooks.append(lambda e: engine.skip() if isinstance(e, LogLine) and e.text == "sleeping" else None)
+    events.hooks.append(
+        lambda e: engine.send(Skip()) if isinstance(e, LogLine) and e.text == "sleeping" else None
+    )
     engine.start()
     engine.join(60)
     assert engine.finished
@@ -349,7 +391,7 @@ def test_shutdown_during_a_run_requeues_it(ws: Workspace, tmp_path: Path) -> Non
     )
     engine, events = _engine(ws, slow_once)
     events.hooks.append(
-        lambda e: engine.shutdown() if isinstance(e, LogLine) and e.text == "sleeping" else None
+        lambda e: engine.send(Shutdown()) if isinstance(e, LogLine) and e.text == "sleeping" else None
     )
     engine.run()
     ledger = assert_consistent(ws)
@@ -376,7 +418,7 @@ def test_override_keep_then_discard(ws: Workspace) -> None:
     assert better is not None and worse is not None and worse.status == "discard"
 
     forced, events = _engine(ws)
-    forced.override("keep")  # the last decision: #2
+    forced.send(Override("keep"))  # the last decision: #2
     forced.run()
     ledger = assert_consistent(ws)
     exp = ledger.get(2)
@@ -388,8 +430,8 @@ def test_override_keep_then_discard(ws: Workspace) -> None:
     assert decided.exp_id == 2 and decided.status == "keep"
 
     undo, events = _engine(ws)
-    undo.override("discard", 1)  # not the current best: refused
-    undo.override("discard", 2)
+    undo.send(Override("discard", 1))  # not the current best: refused
+    undo.send(Override("discard", 2))
     undo.run()
     assert any("not the current best" in e.message for e in events.of(EngineError))
     ledger = assert_consistent(ws)
@@ -406,7 +448,7 @@ def test_reapply_runs_a_discarded_change_again(ws: Workspace) -> None:
     engine.run()
     engine.close()
     again, _ = _engine(ws)
-    again.reapply(1)
+    again.send(Reapply(1))
     again.run()
     ledger = assert_consistent(ws)
     exp = ledger.get(3)
@@ -420,7 +462,7 @@ def test_reload_program_and_snapshot(ws: Workspace) -> None:
     (ws.path / "program.md").write_text("# new instructions\n")
     recorder = Recorder()
     proposer = Recording(_queue(BETTER))
-    engine = Engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    engine = open_engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
     snap = engine.snapshot()
     assert (snap.state, snap.branch, snap.n_experiments, snap.best_bpb) == (
         "idle",
@@ -429,8 +471,8 @@ def test_reload_program_and_snapshot(ws: Workspace) -> None:
         None,
     )
     assert snap.device.startswith(("cpu", "cuda")) and snap.review_gate is False
-    engine.reload_program()
-    engine.set_review_gate(False)
+    engine.send(ReloadProgram())
+    engine.send(SetGate(False))
     engine.run()
     assert proposer.contexts[0].program_md == "# new instructions\n"
     assert proposer.contexts[0].best_bpb == pytest.approx(2.50015)
@@ -462,13 +504,15 @@ def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
     worse = _real_idea(text, "LEARNING_RATE", "a learning rate far too small", "1e-5")
     crash = _real_idea(text, "N_HEAD", "heads that do not divide the width", str(heads - 1))
     ws = Workspace.init(tmp_path / "ws", tag="real")
-    engine, events = _engine(ws, better, worse, crash, budget="1e11flops", deadline_s=None, seeds=1)
+    engine, events = _engine(
+        ws, better, worse, crash, budget=Budget.parse("1e11flops"), deadline_s=None, seeds=1
+    )
     engine.run()
     assert engine.error is None, engine.error
     ledger = assert_consistent(ws)
     assert _statuses(ledger) == ["baseline", "keep", "discard", "crash"]
     baseline, kept, discarded, crashed = ledger.experiments()
-    assert len(ledger.runs(0)) == 1 and events.of(NoiseFloor)[0].margin == EngineConfig().default_margin
+    assert len(ledger.runs(0)) == 1 and events.of(NoiseMeasured)[0].margin == EngineConfig().default_margin
     assert kept.val_bpb is not None and baseline.val_bpb is not None and kept.val_bpb < baseline.val_bpb
     assert ws.head() == kept.commit
     assert set(ws.discarded_refs()) == {2, 3}
@@ -478,7 +522,7 @@ def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
 
 def test_turning_the_review_gate_off_releases_the_waiting_proposal(ws: Workspace) -> None:
     engine, events = _engine(ws, BETTER, review_gate=True)
-    events.hooks.append(lambda e: engine.set_review_gate(False) if isinstance(e, ReviewRequested) else None)
+    events.hooks.append(lambda e: engine.send(SetGate(False)) if isinstance(e, ReviewRequested) else None)
     engine.run()
     assert _statuses(assert_consistent(ws)) == ["baseline", "keep"]
     assert engine.snapshot().review_gate is False
@@ -489,10 +533,10 @@ def test_an_override_sent_during_review_waits_for_the_review(ws: Workspace) -> N
 
     def review(event: Event) -> None:
         if isinstance(event, ReviewRequested) and event.exp_id == 1:
-            engine.approve()
+            engine.send(Approve())
         elif isinstance(event, ReviewRequested) and event.exp_id == 2:
-            engine.override("keep", 1)  # would move the branch under the proposal; it must wait
-            engine.veto("not now")
+            engine.send(Override("keep", 1))  # would move the branch under the proposal; it must wait
+            engine.send(Veto("not now"))
 
     events.hooks.append(review)
     engine.run()
@@ -518,15 +562,15 @@ class Switchable(Recording):
 def test_use_model_between_proposals(ws: Workspace) -> None:
     recorder = Recorder()
     proposer = Switchable(_queue(BETTER))
-    engine = Engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
-    engine.use_model("missing")
-    engine.use_model("big")
+    engine = open_engine(ws, proposer, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    engine.send(UseModel("missing"))
+    engine.send(UseModel("big"))
     engine.run()
     assert proposer.model_name == "big" and engine.snapshot().model == "big"
     assert any("cannot switch to model missing" in e.message for e in recorder.of(EngineError))
 
     plain, events = _engine(ws)
-    plain.use_model("big")
+    plain.send(UseModel("big"))
     plain.run()
     assert any("has no model to switch" in e.message for e in events.of(EngineError))
 
@@ -552,9 +596,11 @@ class Thinking:
 def test_skip_while_proposing_drops_the_proposal(ws: Workspace) -> None:
     recorder = Recorder()
     thinking = Thinking()
-    engine = Engine(ws, thinking, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
+    engine = open_engine(ws, thinking, EngineConfig(**FAST), recorder)  # type: ignore[arg-type]
     recorder.hooks.append(
-        lambda e: engine.skip() if type(e).__name__ == "ProposalStarted" and thinking.calls == 0 else None
+        lambda e: (
+            engine.send(Skip()) if type(e).__name__ == "ProposalStarted" and thinking.calls == 0 else None
+        )
     )
     engine.run()
     assert thinking.cancelled and thinking.calls == 2
@@ -573,7 +619,9 @@ def test_no_ops_are_recorded_without_a_run_on_the_real_nanogpt(tmp_path: Path) -
     heads = int(re.search(r"^N_HEAD = (\d+)", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
     crash = _real_idea(text, "N_HEAD", "heads that do not divide the width", str(heads - 1))
     ws = Workspace.init(tmp_path / "ws", tag="noop")
-    engine, events = _engine(ws, comment, logging, crash, budget="1e11flops", deadline_s=None, seeds=1)
+    engine, events = _engine(
+        ws, comment, logging, crash, budget=Budget.parse("1e11flops"), deadline_s=None, seeds=1
+    )
     engine.run()
     assert engine.error is None, engine.error
     ledger = assert_consistent(ws)

@@ -8,6 +8,7 @@ are unchanged, no process of it survives, and nothing outside its scratch folder
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -21,18 +22,19 @@ import psutil
 import pytest
 from engine_fakes import Recorder
 
+from agent.budget import Budget
 from agent.config import EngineConfig
-from agent.containment import probe
-from agent.engine import Engine
 from agent.events import Decided, Event
-from agent.ideas import IdeaQueue, parse_ideas
 from agent.ledger import Experiment, Ledger
+from agent.researcher.ideas import IdeaQueue, parse_ideas
+from agent.sandbox.containment import probe
+from agent.session import open_engine
 from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "autoresearch-hostile-daemon"
 """In the command line of every process a hostile case starts, to find survivors."""
-BUDGET = "3e10flops"
+BUDGET = Budget.parse("3e10flops")
 """A few steps of the default model: a fixed step count, so equal code gives an equal number."""
 END = "    summary = evaluate_and_report(model, data, budget, BLOCK_SIZE, device, seed, step)"
 START = "    device, seed = setup()"
@@ -75,6 +77,13 @@ def _cases(ws: Path, canary: Path, val_bin: Path, port: int) -> list[Case]:
         return f"import os\ntry:\n    {what}\n    open({escaped!r}, 'a').write({what!r})\nexcept Exception:\n    pass"
 
     engine_pid = os.getpid()
+    # The judge's code in the run's own process: its folder holds no metric.py, so it writes one there, imports it
+    # and patches it. That changes nothing: the judge is another process, started from the frozen files.
+    code = base64.b64encode((ROOT / "nanogpt" / "metric.py").read_bytes()).decode()
+    metric = (
+        f"import base64, importlib\nopen('metric.py', 'wb').write(base64.b64decode({code!r}))\n"
+        "importlib.invalidate_caches()\nimport metric as harness"
+    )
     return [
         case(
             "forged-summary",
@@ -103,22 +112,21 @@ def _cases(ws: Path, canary: Path, val_bin: Path, port: int) -> list[Case]:
         case(
             "patched-evaluate",
             START,
-            "import prepare as harness\nharness.evaluate_bpb = lambda *a, **k: (0.5, 131072, 131072)\n"
-            "harness.EVAL_TOKENS = 1",
+            f"{metric}\nharness.evaluate_bpb = lambda *a, **k: (0.5, 131072, 131072)\nharness.EVAL_TOKENS = 1",
             ("discard",),
             honest=True,
         ),
         case(
             "patched-causality-probe",
             START,
-            "import prepare as harness\nharness.check_causal = lambda *a, **k: None",
+            f"{metric}\nharness.check_causal = lambda *a, **k: None",
             ("discard",),
             honest=True,
         ),
         case(
             "non-causal-with-patched-probe",
             START,
-            "import prepare as harness, torch.nn.functional as F0\n"
+            f"{metric}\nimport torch.nn.functional as F0\n"
             "harness.check_causal = lambda *a, **k: None\n"
             "_sdpa = F0.scaled_dot_product_attention\n"
             "F0.scaled_dot_product_attention = lambda q, k, v, is_causal=False, **kw: _sdpa(q, k, v, **kw)",
@@ -287,7 +295,12 @@ class Session:
 def _fingerprint(ws: Path, canary: Path) -> dict[str, str]:
     """Everything outside the scratch folders that a run must not change."""
     files = {}
-    for path in [ws / "program.md", ws / "prepare.py", ws / ".autoresearch" / "workspace.json"]:
+    for path in [
+        ws / "program.md",
+        ws / "prepare.py",
+        ws / "metric.py",
+        ws / ".autoresearch" / "workspace.json",
+    ]:
         files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     files["hooks"] = ",".join(
         sorted(p.name for p in (ws / ".git" / "hooks").iterdir() if p.suffix != ".sample")
@@ -320,7 +333,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         env.setenv("OMP_WAIT_POLICY", "PASSIVE")
         source = tmp / "source"
         source.mkdir()
-        for name in ("train.py", "prepare.py"):
+        for name in ("train.py", "prepare.py", "corpus.py", "metric.py"):
             shutil.copy(ROOT / "nanogpt" / name, source / name)
         ws = Workspace.init(tmp / "ws", tag="hostile", source=source, program=ROOT / "program.md")
         survivors: list[str] = []
@@ -332,7 +345,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
         recorder = Recorder()
         recorder.hooks.append(after_each)
         config = EngineConfig(budget=BUDGET, seeds=1, deadline_s=120.0, probe=False)  # the runs themselves
-        engine = Engine(ws, IdeaQueue([]), config, recorder)
+        engine = open_engine(ws, IdeaQueue([]), config, recorder)
         engine.run()  # the baseline first: it prepares the data, so the cases know where the split lives
         assert engine.error is None, engine.error
         engine.close()
@@ -347,7 +360,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
             ideas.append({"description": f"honest after {case.name}", "edits": [edit]})
         queue = IdeaQueue(parse_ideas("".join(json.dumps(i) + "\n" for i in ideas), Path("hostile.jsonl")))
         before = _fingerprint(ws.path, canary)
-        engine = Engine(ws, queue, config, recorder)
+        engine = open_engine(ws, queue, config, recorder)
         engine.run()
         listener.close()
         assert engine.error is None, engine.error

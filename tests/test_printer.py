@@ -39,7 +39,7 @@ def test_decision_line() -> None:
 
 
 def test_noise_and_errors() -> None:
-    noise = format_event(ev.NoiseFloor(values=(2.5, 2.52), spread=0.02, margin=0.028))
+    noise = format_event(ev.NoiseMeasured(values=(2.5, 2.52), spread=0.02, margin=0.028))
     assert noise == "noise floor: baseline 2.500000, 2.520000 (spread 0.020000); margin 0.028000 bpb"
     assert format_event(ev.EngineError(message="boom", fatal=True)) == "FATAL: boom"
     assert format_event(ev.EngineError(message="meh")) == "error: meh"

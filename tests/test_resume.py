@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,6 +14,8 @@ import pytest
 from engine_fakes import (
     BETTER,
     CRASHES,
+    ROOT,
+    SLOW_TRAIN,
     WORSE,
     alive,
     assert_consistent,
@@ -105,3 +111,79 @@ def test_a_second_engine_on_the_same_workspace_is_refused(tmp_path: Path) -> Non
     assert proc.returncode == 2
     assert "another engine" in proc.stderr and "Traceback" not in proc.stderr
     assert ws.engine_running() is False
+
+
+_DRIVER = """
+import json, sys
+from pathlib import Path
+from agent.commands import Approve
+from agent.config import EngineConfig
+from agent.events import ReviewRequested
+from agent.proposals import Edit, Proposal
+from agent.researcher.ideas import IdeaQueue
+from agent.session import open_engine
+from agent.workspace import Workspace
+
+ws, ideas = Workspace.open(Path(sys.argv[1])), IdeaQueue.from_file(Path(sys.argv[2]))
+engine = None
+
+
+def sink(event):
+    if isinstance(event, ReviewRequested):  # every proposal approved as the user edited it
+        edited = Proposal("edited: lr 0.7", (Edit("LEARNING_RATE = 1.0", "LEARNING_RATE = 0.7"),))
+        engine.send(Approve(edited))
+
+
+engine = open_engine(ws, ideas, EngineConfig(**json.loads(sys.argv[3])), sink)
+engine.run()
+"""
+
+
+def _drive(ws: Workspace, ideas: Path, config: dict[str, object], crash_at: str) -> None:
+    """An engine with `config` (what the command line cannot set: the review gate), killed at `crash_at`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "AUTORESEARCH_CRASH_AT": crash_at}
+    argv = [sys.executable, "-c", _DRIVER, str(ws.path), str(ideas), json.dumps(config)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_kill_after_a_review_edit_then_resume(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path)
+    ideas = write_ideas(tmp_path / "ideas.jsonl", [BETTER])
+    _drive(ws, ideas, {"seeds": 2, "review_gate": True}, "after_review_edit:1")
+    edited = Ledger(ws.ledger_path).get(1)
+    assert edited is not None and edited.description == "edited: lr 0.7" and edited.phase == "proposed"
+    proc = cli(
+        "run", "--headless", "--workspace", str(ws.path), "--ideas", str(ideas), "--max-experiments", "1"
+    )
+    assert proc.returncode == 0, proc.stderr
+    ledger = assert_consistent(ws)
+    lost, rerun = ledger.get(1), ledger.get(2)
+    assert lost is not None and lost.status == "interrupted" and "re-queued" in lost.reason
+    assert rerun is not None and rerun.requeued_from == 1 and rerun.status == "keep"
+    assert rerun.description == "edited: lr 0.7" and "+LEARNING_RATE = 0.7" in rerun.diff  # the user's edit
+
+
+@pytest.mark.parametrize("point", ["after_merge:2", "during_baseline:0", "after_baseline:0"])
+def test_kill_at_the_new_transitions_then_resume(tmp_path: Path, point: str) -> None:
+    """The merge of a late win onto a newer best, and the baseline's decision (now intent-first, as every
+    decision): killed right there, a restart finishes what was written and loses nothing."""
+    ws = make_workspace(tmp_path, train=SLOW_TRAIN)
+    search = "LEARNING_RATE = 1.0\n\n# ---\n\nEXTRA = 0.0\n\n# ---\n\nSLEEP = 0.2"
+    late = idea(
+        "a penalty off, slowly", search, search.replace("EXTRA = 0.0", "EXTRA = -0.3").replace("0.2", "2.0")
+    )
+    ideas = write_ideas(tmp_path / "ideas.jsonl", [BETTER, late])
+    _drive(ws, ideas, {"seeds": 2, "trainers": 2, "deadline_s": 60.0}, point)
+    if point == "after_merge:2":
+        merged = Ledger(ws.ledger_path).get(2)
+        assert merged is not None and merged.base_commit is not None  # merged onto #1, not yet confirmed
+    proc = cli("run", "--headless", "--workspace", str(ws.path), "--ideas", str(ideas), "--trainers", "2")
+    assert proc.returncode == 0, proc.stderr
+    ledger = assert_consistent(ws)
+    assert [e.status for e in ledger.experiments()] == ["baseline", "keep", "keep"]
+    assert ledger.get_meta("noise")["margin"] == 0.002 and len(ledger.runs(0)) == 2
+    if point == "after_merge:2":
+        second = ledger.get(2)
+        assert second is not None and second.val_bpb == pytest.approx(1.8)  # 2.1 - 0.3, confirmed once merged
+        assert ws.repo.git.rev_parse("refs/autoresearch/merged/2") == ledger.runs(2)[0].commit_sha

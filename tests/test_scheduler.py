@@ -10,39 +10,21 @@ import threading
 from pathlib import Path
 
 import pytest
-from engine_fakes import Recorder, assert_consistent, cli, make_workspace, write_ideas
+from engine_fakes import SLOW_TRAIN, Recorder, assert_consistent, cli, make_workspace, write_ideas
 
+from agent.commands import (
+    SetTrainers,
+    Shutdown,
+)
 from agent.config import EngineConfig
 from agent.engine import Engine
-from agent.events import Decided, EngineError, Event, Info, RunFinished, RunStarted
-from agent.ideas import IdeaQueue, parse_ideas
+from agent.events import Decided, EngineError, Event, EventSink, Info, RunFinished, RunStarted
 from agent.ledger import Ledger
 from agent.proposals import Proposal, ProposalContext
+from agent.researcher.ideas import IdeaQueue, parse_ideas
+from agent.session import open_engine, trainer_factory
+from agent.trainers.base import Trainer
 from agent.workspace import Workspace
-
-TRAIN = '''"""Fake train.py for the scheduler: the constants decide val_bpb, SLEEP how long a run takes."""
-import os
-import time
-
-from prepare import report
-
-seed = int(os.environ.get("AUTORESEARCH_SEED", "1"))
-
-LEARNING_RATE = 1.0
-
-# ---
-
-EXTRA = 0.0
-
-# ---
-
-SLEEP = 0.2
-
-time.sleep(SLEEP)
-print("step     0 | loss 2.5000 | lr 1.00e+00 | tok/s 1000 | 0.0s", flush=True)
-report(2.0 + abs(LEARNING_RATE - 0.5) + EXTRA)
-'''
-"""No wobble: every baseline seed scores 2.5, so the margin is the minimum, 0.002."""
 
 FAST = {"seeds": 2, "deadline_s": 60.0, "trainers": 2}
 QUICK_WIN = {
@@ -64,7 +46,7 @@ def _queue(*ideas: dict[str, object]) -> IdeaQueue:
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
-    return make_workspace(tmp_path, train=TRAIN)
+    return make_workspace(tmp_path, train=SLOW_TRAIN)
 
 
 def _ran_together(events: list[Event], first: int, second: int) -> bool:
@@ -93,7 +75,7 @@ def test_a_win_that_lands_after_another_keep_is_merged_and_confirmed(
     ws: Workspace, slow: dict[str, object], status: str, val_bpb: float, reason: str
 ) -> None:
     events = Recorder()
-    engine = Engine(ws, _queue(QUICK_WIN, slow), EngineConfig(**FAST), events)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(QUICK_WIN, slow), EngineConfig(**FAST), events)  # type: ignore[arg-type]
     engine.run()
     assert engine.error is None
     ledger = assert_consistent(ws)
@@ -121,7 +103,7 @@ def test_a_win_that_lands_after_another_keep_is_merged_and_confirmed(
 
 def test_the_baseline_seeds_train_in_parallel(ws: Workspace) -> None:
     events = Recorder()
-    engine = Engine(ws, _queue(), EngineConfig(**FAST), events)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(), EngineConfig(**FAST), events)  # type: ignore[arg-type]
     engine.run()
     starts = [e for e in events.of(RunStarted) if e.exp_id == 0]
     assert sorted(e.seed for e in starts) == [1, 2] and {e.slot for e in starts} == {0, 1}
@@ -155,7 +137,7 @@ def test_the_next_proposal_is_made_while_a_run_trains(ws: Workspace, overlap: bo
     proposer = _Watching(_queue(*slow_then_win))
     events = Recorder()
     config = EngineConfig(**{**FAST, "trainers": 1, "overlap": overlap})
-    engine = Engine(ws, proposer, config, events)  # type: ignore[arg-type]
+    engine = open_engine(ws, proposer, config, events)  # type: ignore[arg-type]
     proposer.engine = engine
     engine.run()
     assert engine.error is None
@@ -177,7 +159,7 @@ def test_a_proposal_made_before_a_keep_is_applied_to_the_new_best(ws: Workspace)
     ]
     events = Recorder()
     config = EngineConfig(**{**FAST, "trainers": 1, "overlap": True})
-    engine = Engine(ws, _queue(*ideas), config, events)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(*ideas), config, events)  # type: ignore[arg-type]
     engine.run()
     ledger = assert_consistent(ws)
     _, first, second = ledger.experiments()
@@ -187,7 +169,7 @@ def test_a_proposal_made_before_a_keep_is_applied_to_the_new_best(ws: Workspace)
 
 
 def test_kill_9_with_two_runs_in_flight_then_resume(tmp_path: Path) -> None:
-    ws = make_workspace(tmp_path, train=TRAIN)
+    ws = make_workspace(tmp_path, train=SLOW_TRAIN)
     ideas = write_ideas(tmp_path / "ideas.jsonl", [QUICK_WIN, _slow("a penalty off", "1.0", "-0.3")])
     args = [
         "run",
@@ -224,7 +206,7 @@ def test_kill_9_with_two_runs_in_flight_then_resume(tmp_path: Path) -> None:
 def test_the_snapshot_counts_busy_trainers(ws: Workspace) -> None:
     events = Recorder()
     seen: list[tuple[int, ...]] = []
-    engine = Engine(
+    engine = open_engine(
         ws, _queue(QUICK_WIN, _slow("a penalty off", "1.0", "-0.3")), EngineConfig(**FAST), events
     )  # type: ignore[arg-type]
     events.hooks.append(
@@ -246,8 +228,8 @@ def test_shutdown_with_runs_waiting_for_a_slot_ends_at_once(ws: Workspace) -> No
     """One slot, three baseline seeds: seed 1 trains, 2 and 3 wait for the slot; shutdown ends the loop."""
     events = Recorder()
     config = EngineConfig(**{**FAST, "trainers": 1, "seeds": 3})
-    engine = Engine(ws, _queue(QUICK_WIN), config, events)  # type: ignore[arg-type]
-    events.hooks.append(lambda e: engine.shutdown() if isinstance(e, RunStarted) else None)
+    engine = open_engine(ws, _queue(QUICK_WIN), config, events)  # type: ignore[arg-type]
+    events.hooks.append(lambda e: engine.send(Shutdown()) if isinstance(e, RunStarted) else None)
     thread = threading.Thread(target=engine.run, daemon=True)
     thread.start()
     thread.join(30)
@@ -263,13 +245,13 @@ def test_the_trainers_change_once_the_runs_in_flight_end(ws: Workspace) -> None:
     change (nothing new starts on the old setup), then the two ideas train at once on slots 0 and 1."""
     events = Recorder()
     config = EngineConfig(**{**FAST, "trainers": 1})
-    engine = Engine(ws, _queue(QUICK_WIN, _slow("a penalty off", "1.0", "-0.3")), config, events)  # type: ignore[arg-type]
+    engine = open_engine(ws, _queue(QUICK_WIN, _slow("a penalty off", "1.0", "-0.3")), config, events)  # type: ignore[arg-type]
     asked: list[bool] = []
 
     def ask(event: Event) -> None:
         if isinstance(event, RunStarted) and not asked:
             asked.append(True)
-            engine.set_trainers(2)
+            engine.send(SetTrainers(2))
 
     events.hooks.append(ask)
     engine.run()
@@ -292,21 +274,20 @@ def test_the_trainers_change_once_the_runs_in_flight_end(ws: Workspace) -> None:
     assert_consistent(ws)
 
 
-def test_trainers_that_cannot_start_leave_the_old_ones(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import agent.ray_trainers
-
-    def refuse(address: str, slots: int, device: str) -> None:
-        raise ConnectionError(f"no Ray cluster at {address}")
-
-    monkeypatch.setattr(agent.ray_trainers, "RayTrainers", refuse)
-    events = Recorder()
+def test_trainers_that_cannot_start_leave_the_old_ones(ws: Workspace) -> None:
     config = EngineConfig(**{**FAST, "trainers": 1})
-    engine = Engine(ws, _queue(QUICK_WIN), config, events)  # type: ignore[arg-type]
+    local = trainer_factory(ws, config)
+
+    def no_cluster(slots: int, ray: str | None, emit: EventSink) -> Trainer:
+        if ray:
+            raise ConnectionError(f"no Ray cluster at {ray}")
+        return local(slots, ray, emit)
+
+    events = Recorder()
+    engine = open_engine(ws, _queue(QUICK_WIN), config, events, no_cluster)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 1"):
-        engine.set_trainers(0)
-    engine.set_trainers(3, " 10.0.0.9:6379 ")
+        engine.send(SetTrainers(0))
+    engine.send(SetTrainers(3, " 10.0.0.9:6379 "))
     engine.run()
     assert engine.error is None
     errors = [e.message for e in events.of(EngineError)]

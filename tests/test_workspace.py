@@ -5,22 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from engine_fakes import FAKE_PREPARE, FAKE_TRAIN, make_source, make_workspace
-
-from agent.config import (
-    CPU_FLOPS_PER_S,
-    DEFAULT_CPU_WALL_SECONDS,
-    DEFAULT_CUDA_SECONDS,
-    EngineConfig,
-    budget_seconds,
-    check_budget,
-    describe_budget,
-    estimate_training_seconds,
-    resolve_budget,
+from engine_fakes import (
+    FAKE_HARNESS_SHA256,
+    FAKE_METRIC,
+    FAKE_PREPARE,
+    FAKE_TRAIN,
+    make_source,
+    make_workspace,
 )
+
+from agent import cli, workspace
+from agent.config import EngineConfig
 from agent.edits import file_hash
-from agent.engine import Engine
-from agent.ideas import IdeaQueue
+from agent.researcher.ideas import IdeaQueue
+from agent.session import open_engine
 from agent.workspace import PLACEHOLDER_PROGRAM, Workspace, WorkspaceError, default_tag
 
 
@@ -28,10 +26,18 @@ def test_init_layout(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     assert ws.branch == "autoresearch/test"
     assert ws.repo.active_branch.name == "autoresearch/test"
-    assert sorted(ws.repo.git.ls_files().split()) == ["prepare.py", "program.md", "train.py"]
+    assert sorted(ws.repo.git.ls_files().split()) == [
+        "corpus.py",
+        "metric.py",
+        "prepare.py",
+        "program.md",
+        "train.py",
+    ]
     assert ws.read_train() == FAKE_TRAIN
     assert ws.read_program() == PLACEHOLDER_PROGRAM  # no program.md to copy: a placeholder
-    assert ws.meta["harness"] == {"prepare.py": file_hash(FAKE_PREPARE)}
+    assert ws.meta["harness"] == FAKE_HARNESS_SHA256
+    assert ws.harness_hashes() == ws.meta["harness"]
+    ws.check_harness()  # made today: nothing to refuse
     assert ws.head() == ws.initial_commit
     exclude = (ws.path / ".git" / "info" / "exclude").read_text()
     assert "results.tsv" in exclude and "runs/" in exclude and ".autoresearch/" in exclude
@@ -78,10 +84,55 @@ def test_refusals(tmp_path: Path) -> None:
 
 def test_harness_check_and_restore(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
-    (ws.path / "prepare.py").write_text(FAKE_PREPARE + "# kinder metric\n")
-    assert ws.harness_problems() == ["prepare.py"]
+    (ws.path / "prepare.py").write_text(FAKE_PREPARE + "# kinder data\n")
+    (ws.path / "metric.py").write_text(FAKE_METRIC + "# kinder metric\n")
+    assert ws.harness_problems() == ["prepare.py", "metric.py"]  # corpus.py untouched
     ws.restore_harness()
     assert ws.harness_problems() == []
+    assert (ws.path / "metric.py").read_text() == FAKE_METRIC
+
+
+OLD_PREPARE = (
+    FAKE_PREPARE
+    + """
+
+def judge(model_path, claims):
+    return {"status": "ok", "reason": "", "val_bpb": 2.5}
+"""
+)
+"""A prepare.py from before the split: the judge lived in it."""
+
+
+@pytest.mark.parametrize(
+    ("prepare", "why"),
+    [
+        (OLD_PREPARE, "before the frozen harness was split by reader .* no frozen corpus.py, metric.py"),
+        (FAKE_PREPARE, "before runs were scored by a separate judge"),  # it has no judge at all
+    ],
+    ids=["before-the-split", "before-the-judge"],
+)
+def test_a_workspace_older_than_its_harness_is_refused_with_what_to_do(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    prepare: str,
+    why: str,
+) -> None:
+    with monkeypatch.context() as then:
+        then.setattr(workspace, "HARNESS", ("prepare.py",))  # `init` as it was: prepare.py alone was frozen
+        old = make_workspace(tmp_path, prepare=prepare)
+    assert old.meta["harness"] == {"prepare.py": file_hash(prepare)} and not (old.path / "metric.py").exists()
+    ws = Workspace.open(old.path)
+    expected = f"{why}.* so no run could be scored.* `autoresearch init NEW_FOLDER`.* `autoresearch log`"
+    with pytest.raises(WorkspaceError, match=expected):
+        ws.check_harness()
+    (ws.path / "prepare.py").write_text(prepare + "# a hand edit\n")
+    engine = open_engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
+    engine.run()  # recovery resets and restores the files this workspace froze (no metric.py), then refuses
+    assert engine.error is not None and "no run could be scored" in engine.error
+    assert (ws.path / "prepare.py").read_text() == prepare
+    capsys.readouterr()
+    assert cli.main(["log", "--workspace", str(ws.path)]) == 0  # the old one stays readable
 
 
 def test_one_engine_per_workspace(tmp_path: Path) -> None:
@@ -97,71 +148,20 @@ def test_one_engine_per_workspace(tmp_path: Path) -> None:
 def test_recover_clears_a_stale_git_lock(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     (Path(ws.repo.git_dir) / "index.lock").write_text("")
-    engine = Engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
+    engine = open_engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
     engine.run()
     assert engine.error is None
     assert not (Path(ws.repo.git_dir) / "index.lock").exists()
 
 
-def test_budgets() -> None:
-    assert check_budget(" 60s ") == "60s"
-    for good in ("60", "60s", "60 seconds", "120cpu", "2.5e12flops", "3e11FLOPS"):
-        check_budget(good)
-    for bad in ("soon", "0", "-5", "60 minutes"):
-        with pytest.raises(ValueError):
-            check_budget(bad)
-    assert (
-        budget_seconds("60s") == 60.0 and budget_seconds("1e12flops") is None and budget_seconds(None) is None
-    )
-    assert describe_budget("60") == "60 s" and describe_budget("2.5e12flops") == "2.50e+12 FLOPs"
-    assert describe_budget(None) == "harness default" and describe_budget(None, "cpu (2 cores)") == "60 s"
-    assert describe_budget(None, "cuda: H200") == "300 s"
-    assert estimate_training_seconds("30", "cpu") == (30.0, False)
-    assert estimate_training_seconds("2.9e12flops", "cpu") == (pytest.approx(60.0), True)
-    assert estimate_training_seconds(None, "cuda: H100") == (300.0, False)
-    assert estimate_training_seconds("120cpu", "cpu")[1] is True and describe_budget("120cpu") == "120 CPU s"
-
-
-def test_deadline(tmp_path: Path) -> None:
-    ws = make_workspace(tmp_path)
-    engine = Engine(ws, IdeaQueue([]), EngineConfig(budget="10", eval_s=5, grace_s=2), lambda e: None)
-    assert engine._deadline() == 17.0
-    flops = Engine(ws, IdeaQueue([]), EngineConfig(budget="2.9e12flops", eval_s=5, grace_s=2), lambda e: None)
-    assert flops._deadline() == pytest.approx(60.0 * 3 + 7)
-    flops.ledger.set_meta(
-        "baseline_training_seconds", 100.0
-    )  # slower than the estimate: the deadline follows
-    assert flops._deadline() == pytest.approx(100.0 * 3 + 7)
-    fixed = Engine(ws, IdeaQueue([]), EngineConfig(deadline_s=4.0), lambda e: None)
-    assert fixed._deadline() == 4.0
-
-
 def test_a_hand_edit_of_train_py_is_saved_before_the_reset(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path)
     ws.train_path.write_text(FAKE_TRAIN + "# my experiment\n")
-    engine = Engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
+    engine = open_engine(ws, IdeaQueue([]), EngineConfig(seeds=1), lambda e: None)
     engine.run()
     [saved] = ws.state_dir.glob("train.py.*.uncommitted")
     assert saved.read_text().endswith("# my experiment\n")
     assert ws.read_train() == FAKE_TRAIN
-
-
-def test_the_engine_and_the_harness_agree_on_budgets() -> None:
-    """agent.config mirrors the harness's budget grammar and CPU rate without importing torch."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nanogpt"))
-    import prepare
-
-    assert pytest.approx(prepare.DEFAULT_CPU_FLOPS / 60.0) == CPU_FLOPS_PER_S
-    assert prepare.DEFAULT_CPU_WALL_SECONDS == DEFAULT_CPU_WALL_SECONDS
-    assert prepare.DEFAULT_TIME_SECONDS_CUDA == DEFAULT_CUDA_SECONDS
-    default = prepare.parse_budget(None, "cpu")
-    assert resolve_budget(None, "cpu (2 cores)") == (default.mode, default.amount)
-    for spec in ("60", "60s", "2.5s", "1e12flops", "3.5E11FLOPS", "120cpu", "90 CPUS"):
-        check_budget(spec)
-        assert prepare.describe_budget(spec) == describe_budget(spec)
-        assert prepare.estimate_seconds(spec) == pytest.approx(estimate_training_seconds(spec, "cpu")[0])
 
 
 def test_git_hooks_and_fsmonitor_planted_in_a_workspace_never_run(tmp_path: Path) -> None:
