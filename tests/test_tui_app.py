@@ -12,13 +12,36 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 from textual.pilot import Pilot
-from tui_helpers import async_test, wait_until
+from tui_helpers import Notifications, RecordingEngine, async_test, wait_until
 
-from agent.events import EngineError, LogLine, ModelLoading, RunStarted, StepMetric
+from agent.commands import Approve, Command, SetProposer, SetTrainers, UseModel
+from agent.events import (
+    EngineError,
+    EngineState,
+    EventSink,
+    LogLine,
+    ModelLoading,
+    ReviewRequested,
+    RunStarted,
+    StateChanged,
+    StepMetric,
+)
+from agent.proposals import Edit, Proposal, ProposalContext
+from agent.researcher.random_search import MODEL_NAME as RANDOM_SEARCH
+from agent.researcher.random_search import RandomSearch
 from tui.app import CockpitApp, create_app
-from tui.demo import demo_header, recorded_session
-from tui.screens import HelpScreen, ModelChoice, ModelPickerScreen, QuitScreen, ReviewScreen, TrainersScreen
+from tui.demo import DEMO_BASE, DEMO_CANDIDATE, DEMO_DIFF, demo_header, recorded_session
+from tui.screens import (
+    HelpScreen,
+    ModelChoice,
+    ModelPickerScreen,
+    ProposalEditorScreen,
+    QuitScreen,
+    ReviewScreen,
+    TrainersScreen,
+)
 from tui.screens.dialogs import parse_trainers
+from tui.screens.models import RANDOM_SEARCH_CHOICE
 from tui.widgets.live import ansi_strips
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +208,7 @@ async def test_a_review_request_opens_the_review_screen() -> None:
         app.drain_events()
         await pilot.pause()
         assert isinstance(app.screen, ReviewScreen) and app.screen.exp_id == 7
-        assert app.state.header.state == "waiting_review"
+        assert app.state.header.state == EngineState.WAITING_REVIEW
         await pilot.press("escape")  # decide later
         assert not isinstance(app.screen, ReviewScreen)
         await pilot.press("r")
@@ -212,7 +235,8 @@ async def test_the_model_picker_lists_the_registry() -> None:
 @async_test
 async def test_errors_are_notifications_and_model_loading_shows_in_the_header() -> None:
     app = make_app()
-    async with app.run_test(size=(120, 40)) as pilot:
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
         await pilot.pause()
         app.feed([ModelLoading(name="smollm2-135m", progress=0.4, message="loading")])
         app.drain_events()
@@ -222,8 +246,7 @@ async def test_errors_are_notifications_and_model_loading_shows_in_the_header() 
         app.feed([EngineError(message="model failed to load", detail="not a GGUF file")])
         app.drain_events()
         await pilot.pause()
-        messages = [n.message for n in app._notifications]
-        assert any("model failed to load" in m for m in messages)
+        assert said.messages == ["model failed to load\nnot a GGUF file"]
         assert not app.main.header.query_one("#model-progress").display
 
 
@@ -265,22 +288,23 @@ async def test_every_command_is_in_the_palette() -> None:
             assert title in titles
 
 
-class _TrainersEngine:
-    """Records the cockpit's set_trainers commands."""
+class _ModelProposer:
+    """A proposer with a model, as the cockpit sees one (it never proposes here)."""
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, str | None]] = []
+    name = "llama"
+    model_name: str | None = "qwen2.5-coder-1.5b"
 
-    def set_trainers(self, trainers: int, ray: str | None = None) -> None:
-        self.calls.append((trainers, ray))
+    def propose(self, context: ProposalContext, emit: EventSink, cancel: object) -> Proposal | None:
+        return None
 
 
 @async_test
 async def test_the_trainers_dialog_sends_the_new_setup() -> None:
     app = make_app()
-    engine = _TrainersEngine()
-    async with app.run_test(size=(120, 40)) as pilot:
-        app.engine = engine  # type: ignore[assignment]
+    engine = RecordingEngine(_ModelProposer())
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
+        app.engine = engine
         await pilot.pause()
 
         async def fill(count: str, ray: str) -> None:
@@ -298,14 +322,116 @@ async def test_the_trainers_dialog_sends_the_new_setup() -> None:
             await pilot.pause()
 
         await fill("two", "")  # refused, said, the dialog stays
-        assert isinstance(app.screen, TrainersScreen) and engine.calls == []
-        assert any("whole number" in n.message for n in app._notifications)
+        assert isinstance(app.screen, TrainersScreen) and engine.sent == []
+        assert said.said("whole number")
         await pilot.press("escape")
         await fill("4", " Local ")
         await fill("1", "")  # the setup it has: nothing sent
-        assert engine.calls == [(4, "local")] and not isinstance(app.screen, TrainersScreen)
-        assert any("4 trainer(s) on Ray at local" in n.message for n in app._notifications)
-        app.engine = None  # nothing to shut down
+        assert engine.sent == [SetTrainers(4, "local")] and not isinstance(app.screen, TrainersScreen)
+        assert said.said("4 trainer(s) on Ray at local")
+
+
+@async_test
+async def test_random_search_stands_in_for_the_model_and_hands_back_to_it() -> None:
+    app = CockpitApp(header=demo_header(), model_loader=lambda: [*CHOICES, RANDOM_SEARCH_CHOICE])
+    model = _ModelProposer()
+    engine = RecordingEngine(model)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.engine = engine
+        await pilot.pause()
+
+        async def pick(*keys: str) -> None:
+            await pilot.press("m")
+            await wait_until(
+                pilot,
+                lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
+                10,
+                "the model picker",
+            )
+            await pilot.press(*keys, "enter")
+            await pilot.pause()
+
+        await pick("down", "down", "down")  # from qwen (in use) to random search
+        [to_random] = engine.sent
+        assert isinstance(to_random, SetProposer) and isinstance(to_random.proposer, RandomSearch)
+        app.state.header.model = RANDOM_SEARCH  # as the engine's snapshot says
+        await pick("up", "up", "up")  # back to qwen: the model proposer the engine had, its model loaded
+        assert engine.sent[1:] == [SetProposer(model)]
+        app.state.header.model = model.model_name
+        await pick("down")  # another model: the engine switches its proposer's model
+        assert engine.sent[2:] == [UseModel("smollm2-135m")]
+        assert app.state.header.loading_model == "smollm2-135m"
+
+
+@async_test
+async def test_an_edited_proposal_is_approved_as_one_edit_of_the_text_the_review_was_asked_on() -> None:
+    app = make_app()
+    engine = RecordingEngine(_ModelProposer())
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.engine = engine
+        await pilot.pause()
+        app.feed(recorded_session(with_review=True))
+        app.drain_events()
+        await pilot.pause()
+        assert isinstance(app.screen, ReviewScreen)
+        await pilot.press("e")
+        assert isinstance(app.screen, ProposalEditorScreen)
+        editor = app.screen.editor
+        assert editor.text == DEMO_CANDIDATE  # the engine's text: nothing read from disk (there is none)
+        editor.text = DEMO_CANDIDATE.replace("N_EMBD = 192", "N_EMBD = 160")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        [approve] = engine.sent
+        assert isinstance(approve, Approve) and approve.edited is not None
+        assert approve.edited.edits == (Edit(search=DEMO_BASE, replace=editor.text),)
+        assert approve.edited.description == "linear warmup over the first 50 steps (edited)"
+        assert approve.edited.proposer == "user" and "warmup" in approve.edited.reasoning
+        assert app.state.pending_review is None and not isinstance(app.screen, ReviewScreen)
+
+        # Saved unchanged: approved as proposed.
+        app.feed(
+            [
+                ReviewRequested(
+                    exp_id=8,
+                    description="N_HEAD 8",
+                    diff=DEMO_DIFF,
+                    base_text=DEMO_BASE,
+                    candidate_text=DEMO_CANDIDATE,
+                ),
+                StateChanged(state=EngineState.WAITING_REVIEW),
+            ]
+        )
+        app.drain_events()
+        await pilot.pause()
+        await pilot.press("e")
+        assert isinstance(app.screen, ProposalEditorScreen) and app.screen.editor.text == DEMO_CANDIDATE
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert engine.sent[1:] == [Approve()]
+
+
+@async_test
+async def test_a_review_without_its_text_cannot_be_edited_but_still_approved() -> None:
+    app = make_app()
+    engine = RecordingEngine(_ModelProposer())
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
+        app.engine = engine
+        await pilot.pause()
+        app.feed(
+            [
+                ReviewRequested(exp_id=3, description="wider", diff=DEMO_DIFF),
+                StateChanged(state=EngineState.WAITING_REVIEW),
+            ]
+        )
+        app.drain_events()
+        await pilot.pause()
+        await pilot.press("e")
+        await pilot.pause()
+        assert said.said("#3 came without its train.py") and isinstance(app.screen, ReviewScreen)
+        await pilot.press("a")
+        await pilot.pause()
+        assert engine.sent == [Approve()]
 
 
 def test_the_trainers_dialog_reads_its_fields() -> None:
@@ -321,10 +447,32 @@ def test_the_trainers_dialog_reads_its_fields() -> None:
 @async_test
 async def test_commands_without_an_engine_only_warn() -> None:
     app = make_app()
-    async with app.run_test(size=(120, 40)) as pilot:
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
         await pilot.pause()
         await pilot.press("p", "s", "g", "k")
-        assert all("No engine" in n.message for n in app._notifications)
+        await pilot.pause()
+        assert said.messages == ["No engine is attached yet."] * 4
+
+
+class _StoppedEngine(RecordingEngine):
+    """An engine whose every command fails."""
+
+    def send(self, command: Command) -> None:
+        raise RuntimeError("the engine has stopped")
+
+
+@async_test
+async def test_a_command_the_engine_refuses_is_said_and_changes_nothing() -> None:
+    app = make_app()
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
+        app.engine = _StoppedEngine(_ModelProposer())
+        await pilot.pause()
+        await pilot.press("g")
+        await pilot.pause()
+        assert said.messages == ["set gate failed: the engine has stopped"]
+        assert not app.state.header.review_gate
 
 
 def test_importing_the_app_is_light() -> None:
@@ -358,10 +506,11 @@ def _no_real_models(monkeypatch: pytest.MonkeyPatch) -> None:
 @async_test
 async def test_an_unknown_model_is_a_notification_and_makes_no_workspace(tmp_path: Path) -> None:
     app = create_app(tmp_path / "ws", model="no-such-model")
-    async with app.run_test(size=(120, 40)) as pilot:
-        await wait_until(pilot, lambda: app.state.header.state == "stopped", 60, "the engine to fail to open")
-        messages = [n.message for n in app._notifications]
-        assert any("no-such-model" in m and "failed" in m for m in messages), messages
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
+        await wait_until(pilot, lambda: said.said("failed"), 60, "the engine to fail to open")
+        assert app.state.header.state == EngineState.STOPPED
+        assert any("no-such-model" in m and "failed" in m for m in said.messages), said.messages
         assert "no-such-model" in app.main.header.text
         assert app.engine is None
         await pilot.press("q", "y")

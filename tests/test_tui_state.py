@@ -1,4 +1,4 @@
-"""The cockpit's pure parts: the event reducer, the batching bridge, the diff applier, the formatting."""
+"""The cockpit's pure parts: the event reducer, the batching bridge, the formatting."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given
-from hypothesis import strategies as st
-
-from agent.edits import unified_diff
 from agent.events import (
     Decided,
     EngineError,
+    EngineSnapshot,
+    EngineState,
     LogLine,
     ModelLoaded,
     ModelLoading,
-    NoiseFloor,
+    NoiseMeasured,
     ProposalReady,
     ProposalRejected,
     ProposalStarted,
@@ -28,10 +26,11 @@ from agent.events import (
     StateChanged,
     StepMetric,
 )
+from agent.ledger import Experiment
+from agent.printer import format_event
 from tui import format as fmt
 from tui.bridge import EventBridge
-from tui.patch import PatchError, apply_unified_diff
-from tui.state import MAX_CURVE_POINTS, CockpitState, Curve, HeaderInfo, parse_curve
+from tui.state import MAX_CURVE_POINTS, CockpitState, Curve, HeaderInfo, parse_curve, row_from_experiment
 
 
 def run_events(exp_id: int, val_bpb: float, status: str, best: float, steps: int = 5) -> list:
@@ -49,7 +48,7 @@ def run_events(exp_id: int, val_bpb: float, status: str, best: float, steps: int
 def test_a_session_folds_into_rows_header_and_curves() -> None:
     state = CockpitState()
     update = state.apply_batch(
-        [StateChanged(state="baseline"), *run_events(0, 2.5, "baseline", 2.5)]
+        [StateChanged(state=EngineState.BASELINE), *run_events(0, 2.5, "baseline", 2.5)]
         + [ProposalStarted(proposer="ideas"), ProposalReady(exp_id=1, description="wider", diff="d")]
         + run_events(1, 2.4, "keep", 2.4)[1:]
         + run_events(2, 2.45, "discard", 2.4)
@@ -62,7 +61,7 @@ def test_a_session_folds_into_rows_header_and_curves() -> None:
     assert state.n_done == 3
     assert state.best_curve.exp_id == 1 and len(state.best_curve.steps) == 5
     assert state.run.exp_id == 2 and state.run.finished
-    assert {"timeline", "header", "log", "run", "progress"} <= update.dirty
+    assert {"timeline", "header", "log", "run", "trainers"} <= update.dirty
     assert update.log.lines[0].startswith("── #0 seed 1")
     delta = state.delta_vs_best(state.rows[2])
     assert delta is not None and abs(delta - 0.05) < 1e-9
@@ -104,19 +103,28 @@ def test_streamed_reasoning_then_review_then_decision() -> None:
     assert state.proposal.phase == "thinking" and state.proposal.reasoning == "I think wider."
     assert state.header.model == "qwen"
     update = state.apply_batch(
-        [ReviewRequested(exp_id=3, description="wider", diff="+x"), StateChanged(state="waiting_review")]
+        [
+            ReviewRequested(
+                exp_id=3, description="wider", diff="+x", base_text="N = 1\n", candidate_text="N = 2\n"
+            ),
+            StateChanged(state=EngineState.WAITING_REVIEW),
+        ]
     )
     assert update.review is not None and state.pending_review is not None
+    assert (state.pending_review.base_text, state.pending_review.candidate_text) == ("N = 1\n", "N = 2\n")
     assert state.rows[3].status == "review" and not state.rows[3].decided
-    update = state.apply_batch([StateChanged(state="running")])
+    update = state.apply_batch([StateChanged(state=EngineState.RUNNING)])
     assert update.review_closed and state.pending_review is None
 
 
 def test_rejections_errors_and_model_loading_become_notifications() -> None:
     state = CockpitState()
+    rejected = ProposalRejected(
+        exp_id=4, reason="the SEARCH text was not found\nthe closest lines are:\n    LR = 1e-3"
+    )
     update = state.apply_batch(
         [
-            ProposalRejected(exp_id=4, reason="the SEARCH text was not found"),
+            rejected,
             RunFinished(
                 exp_id=5, outcome="crash", val_bpb=None, seconds=1.0, log_tail="Traceback\nValueError: boom"
             ),
@@ -125,11 +133,16 @@ def test_rejections_errors_and_model_loading_become_notifications() -> None:
     )
     severities = [severity for _, severity in update.notifications]
     assert severities == ["warning", "warning"]
-    assert "ValueError: boom" in update.notifications[1][0]
-    assert state.rows[4].status == "rejected"
+    # A reason reads by its first line, as the headless printer says it; a failed run by its log's last.
+    assert update.notifications[0][0] == "Proposal rejected: the SEARCH text was not found"
+    assert format_event(rejected) == "#4 rejected: the SEARCH text was not found"
+    assert update.notifications[1][0] == "Run #5: crash — ValueError: boom"
+    assert state.rows[4].status == "rejected" and state.rows[4].reason == rejected.reason
     assert state.header.loading_model == "big" and state.header.loading_progress == 0.5
-    update = state.apply_batch([EngineError(message="model failed to load", detail="bad file")])
-    assert update.notifications[0][1] == "error" and state.header.loading_model is None
+    traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\nOSError: disk full\n\n'
+    update = state.apply_batch([EngineError(message="the runner failed", detail=traceback)])
+    assert update.notifications == [("the runner failed\nOSError: disk full", "error")]
+    assert state.header.loading_model is None
     state.apply_batch([ModelLoaded(name="small", seconds=1.0)])
     assert state.header.model == "small"
 
@@ -183,36 +196,16 @@ def test_the_bridge_is_thread_safe_and_bounded() -> None:
     assert bridge.drain() == ([], 0)
 
 
-lines = st.lists(st.text(alphabet="abc xy=1", max_size=6), max_size=25)
-
-
-@given(lines, lines)
-def test_a_unified_diff_applies_and_reverts(old_lines: list[str], new_lines: list[str]) -> None:
-    old = "".join(line + "\n" for line in old_lines)
-    new = "".join(line + "\n" for line in new_lines)
-    diff = unified_diff(old, new)
-    if old == new:
-        return
-    assert apply_unified_diff(old, diff) == new
-    assert apply_unified_diff(new, diff, reverse=True) == old
-
-
-def test_a_diff_that_does_not_fit_raises() -> None:
-    diff = unified_diff("a\nb\n", "a\nc\n")
-    try:
-        apply_unified_diff("x\ny\n", diff)
-    except PatchError:
-        return
-    raise AssertionError("expected PatchError")
-
-
 def test_formatting() -> None:
     assert fmt.bpb(None) == "—" and fmt.bpb(2.123456) == "2.1235"
     assert fmt.delta(-0.01).plain == "-0.0100" and fmt.delta(0.0).plain == "±0"
     assert fmt.seconds(5.25) == "5.2s" and fmt.seconds(125) == "2m05s"
     assert fmt.size(1_117_320_768) == "1.0 GiB" and fmt.size(512) == "512 B"
     assert fmt.tokens_per_s(18234) == "18.2k tok/s"
-    assert fmt.state_text("running", pause_requested=True).plain == "running (pausing after this run)"
+    assert (
+        fmt.state_text(EngineState.RUNNING, pause_requested=True).plain == "running (pausing after this run)"
+    )
+    assert fmt.state_text(EngineState.PAUSED, pause_requested=True).plain == "paused"
     assert fmt.short_path("/a/very/long/path/to/a/workspace", 12).startswith("…")
 
 
@@ -226,7 +219,7 @@ def test_the_header_wraps_between_pieces_and_shows_a_queued_switch() -> None:
         model="a",
         device="cpu (2 cores)",
         budget="60 s",
-        state="running",
+        state=EngineState.RUNNING,
     )
     wide = header_text(header, 3, 0.01, width=200).plain.splitlines()
     narrow = header_text(header, 3, 0.01, width=50).plain.splitlines()
@@ -322,12 +315,10 @@ def test_one_trainer_writes_every_run_to_the_view_in_turn() -> None:
     assert len(update.log.lines) == 12
 
 
-def engine_snapshot(**fields: object) -> Any:
+def engine_snapshot(**fields: Any) -> EngineSnapshot:
     """An engine's snapshot of a running session with three experiments, `fields` changed."""
-    from agent.engine import EngineSnapshot
-
     base = EngineSnapshot(
-        state="running",
+        state=EngineState.RUNNING,
         workspace=Path("/w"),
         branch="b",
         model=None,
@@ -341,6 +332,54 @@ def engine_snapshot(**fields: object) -> Any:
         review_gate=False,
     )
     return replace(base, **fields)
+
+
+def test_the_snapshot_corrects_the_header() -> None:
+    state = CockpitState(HeaderInfo(model="qwen", detail="#3 seed 1", pause_requested=True))
+    state.apply_snapshot(engine_snapshot(model=None, containment="full", ray=""))
+    header = state.header
+    assert header.state == EngineState.RUNNING and header.detail == "" and header.pause_requested
+    assert header.model == "qwen"  # the engine did not say: kept
+    assert (header.workspace, header.branch, header.budget, header.containment) == ("/w", "b", "60 s", "full")
+    assert (header.baseline_bpb, header.best_bpb, header.best_exp_id, header.margin) == (2.5, 2.4, 1, 0.01)
+    assert header.ray is None and not header.review_gate
+    state.apply_snapshot(engine_snapshot(state=EngineState.PAUSED, model="smol", review_gate=True))
+    assert header.state == EngineState.PAUSED and not header.pause_requested
+    assert header.model == "smol" and header.review_gate
+
+
+def test_a_ledger_experiment_becomes_a_timeline_row() -> None:
+    exp = Experiment(
+        id=3,
+        parent_commit="a",
+        commit="b",
+        description="wider",
+        proposal="{}",
+        diff="+N_EMBD = 192",
+        proposer="llama",
+        model="qwen",
+        status="keep",
+        val_bpb=2.41,
+        peak_memory_mb=512.0,
+        training_seconds=60.0,
+        total_seconds=125.5,
+        seeds=(1, 2),
+        log_path="runs/3.log",
+        started_at=1.0,
+        finished_at=2.0,
+        decided_by=None,
+        reason="beats the best",
+        log_tail="val_bpb: 2.41",
+        temperature=None,
+        seed=None,
+    )
+    row = row_from_experiment(exp)
+    assert (row.exp_id, row.description, row.status, row.val_bpb) == (3, "wider", "keep", 2.41)
+    assert (row.seconds, row.seeds, row.decided_by, row.decided) == (125.5, 2, "engine", True)
+    assert (row.reason, row.diff, row.log_tail) == ("beats the best", "+N_EMBD = 192", "val_bpb: 2.41")
+    assert (row.model, row.proposer, row.peak_memory_mb) == ("qwen", "llama", 512.0)
+    running = row_from_experiment(replace(exp, status="running", total_seconds=None, decided_by="user"))
+    assert running.seconds == 60.0 and running.decided_by == "user" and not running.decided
 
 
 def test_the_snapshot_sets_the_trainers_and_the_header_shows_how_busy_they_are() -> None:
@@ -379,7 +418,7 @@ def test_the_progress_pane_states_the_gain_in_margins_and_each_kept_change() -> 
     state = CockpitState()
     assert gains_text(state).plain == "gain: no baseline yet"
     events = recorded_session()
-    noise = next(i for i, e in enumerate(events) if isinstance(e, NoiseFloor))
+    noise = next(i for i, e in enumerate(events) if isinstance(e, NoiseMeasured))
     state.apply_batch(events[: noise + 1])  # the baseline only
     assert gains_text(state).plain == "baseline 2.7000 · no change kept yet · margin 0.0100"
     state.apply_batch(events[noise + 1 :])
@@ -401,7 +440,7 @@ def test_the_progress_pane_states_the_gain_in_margins_and_each_kept_change() -> 
     assert len(lines) == 3
     state.apply_batch(
         [
-            NoiseFloor(values=(2.7,), spread=0.0, margin=0.02),
+            NoiseMeasured(values=(2.7,), spread=0.0, margin=0.02),
             Decided(exp_id=5, status="keep", val_bpb=2.58, best_bpb=2.58, margin=0.02, reason="", by="user"),
         ]
     )

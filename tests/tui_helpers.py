@@ -1,4 +1,5 @@
-"""Helpers for the cockpit's tests: run async Pilot scenarios without an asyncio pytest plugin, await conditions."""
+"""Helpers for the cockpit's tests: run async Pilot scenarios without an asyncio pytest plugin, await conditions,
+record notifications, stand in for the engine."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, ParamSpec
+
+from textual.message import Message
+from textual.notifications import Notify
+
+from agent.commands import Command
+from agent.events import EngineSnapshot, EngineState
+from agent.ledger import Experiment
+from agent.proposals import Proposer, model_name
 
 P = ParamSpec("P")
 
@@ -47,3 +57,69 @@ async def quit_app(pilot: Any, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the app did not exit within {timeout:.0f} s of quitting")
         await asyncio.sleep(0.1)
+
+
+class Notifications:
+    """What the app told the user: every `notify`, caught as Textual delivers it. Pass it to
+    `app.run_test(message_hook=...)`; it sees every notification, even one that has already timed out."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def __call__(self, message: Message) -> None:
+        if isinstance(message, Notify):
+            self.messages.append(message.notification.message)
+
+    def said(self, text: str) -> bool:
+        """Whether some notification contains `text`."""
+        return any(text in said for said in self.messages)
+
+
+class _NoLedger:
+    def experiments(self) -> list[Experiment]:
+        return []
+
+    def get(self, exp_id: int) -> Experiment | None:
+        return None
+
+
+class RecordingEngine:
+    """An engine that records the commands the cockpit sends and does nothing with them (tui.protocols.EngineLike).
+
+    A cockpit test checks what is sent; what each command does is tested on the real engine
+    (tests/test_scheduler.py, tests/test_ray_trainers.py, tests/test_tui_engine.py).
+    """
+
+    def __init__(self, proposer: Proposer) -> None:
+        self.sent: list[Command] = []
+        self.proposer = proposer
+        self.ledger = _NoLedger()
+        self.finished = True
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def send(self, command: Command) -> None:
+        self.sent.append(command)
+
+    def snapshot(self) -> EngineSnapshot:
+        return EngineSnapshot(
+            state=EngineState.IDLE,
+            workspace=Path("ws"),
+            branch="autoresearch/test",
+            model=model_name(self.proposer),
+            device="cpu",
+            budget="60 s",
+            n_experiments=0,
+            baseline_bpb=None,
+            best_bpb=None,
+            best_exp_id=None,
+            margin=None,
+            review_gate=False,
+        )
+
+    def close(self) -> None:
+        pass

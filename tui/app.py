@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -16,12 +16,29 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from agent.events import Event, EventSink
-from agent.proposals import Edit, Proposal, Proposer
-from agent.random_search import MODEL_NAME as RANDOM_SEARCH
-from agent.random_search import RandomSearch
+from agent.budget import Budget
+from agent.commands import (
+    Approve,
+    Command,
+    Override,
+    Pause,
+    Reapply,
+    ReloadProgram,
+    Resume,
+    SetGate,
+    SetProposer,
+    SetTrainers,
+    Shutdown,
+    StopRun,
+    UseModel,
+    Veto,
+)
+from agent.config import EngineConfig
+from agent.events import EngineSnapshot, EngineState, Event, EventSink, ReviewRequested
+from agent.proposals import Edit, Proposal, Proposer, model_name
+from agent.researcher.random_search import MODEL_NAME as RANDOM_SEARCH
+from agent.researcher.random_search import RandomSearch
 from tui.bridge import EventBridge
-from tui.patch import PatchError, apply_unified_diff
 from tui.protocols import EngineLike
 from tui.screens import (
     HelpScreen,
@@ -38,6 +55,7 @@ from tui.screens import (
 from tui.screens.models import discover_choices
 from tui.screens.review import ReviewChoice
 from tui.state import (
+    OPENING_WORKSPACE,
     QUEUED,
     CockpitState,
     Curve,
@@ -76,12 +94,12 @@ EngineBuilder = Callable[[EventSink], OpenedEngine]
 
 def default_engine_builder(
     workspace: Path,
-    budget: str | None,
+    budget: Budget | None,
     model: str | None,
     *,
     seed: int | None = None,
     proposer: Proposer | None = None,
-    config: Any = None,
+    config: EngineConfig | None = None,
     scheduling: dict[str, Any] | None = None,
 ) -> EngineBuilder:
     """The real thing: open (or create) the workspace, make the model proposer, build the engine.
@@ -91,31 +109,27 @@ def default_engine_builder(
     """
 
     def build(sink: EventSink) -> OpenedEngine:
-        from agent.config import EngineConfig, check_budget, describe_budget
-        from agent.engine import Engine
+        from agent.session import open_engine
         from agent.workspace import Workspace
 
-        # A bad budget or model fails here, before a new workspace is made for nothing.
-        cfg = config
-        if cfg is None:
-            chosen = budget or os.environ.get("AUTORESEARCH_BUDGET") or None
-            cfg = EngineConfig(budget=check_budget(chosen) if chosen else None, **(scheduling or {}))
+        cfg = config or EngineConfig(budget=budget, **(scheduling or {}))
+        # A bad model fails here, before a new workspace is made for nothing.
         chosen_proposer = proposer
         if chosen_proposer is None:
-            from agent.llm import make_proposer
+            from agent.researcher.proposer import make_proposer
 
             chosen_proposer = make_proposer(model, seed)
         created = not Workspace.is_workspace(workspace)
         ws = Workspace.open_or_init(workspace)
-        engine = Engine(ws, chosen_proposer, cfg, sink)
+        engine = open_engine(ws, chosen_proposer, cfg, sink)
         # A workspace left at the welcome (nothing ever ran) still gets the welcome next time.
         fresh = created or engine.ledger.count() == 0
         return OpenedEngine(
             engine=engine,
             created=fresh,
             workspace=ws.path,
-            budget=describe_budget(cfg.budget),
-            model=getattr(chosen_proposer, "model_name", None) or model,
+            budget=engine.budget.describe(),
+            model=model_name(chosen_proposer) or model,
         )
 
     return build
@@ -160,7 +174,7 @@ class CockpitApp(App[int]):
             self.opened = opened
 
     class SnapshotRead(Message):
-        def __init__(self, snapshot: Any) -> None:
+        def __init__(self, snapshot: EngineSnapshot) -> None:
             super().__init__()
             self.snapshot = snapshot
 
@@ -181,12 +195,11 @@ class CockpitApp(App[int]):
             self.row = row
 
     class FileRead(Message):
-        def __init__(self, purpose: str, path: Path, text: str, extra: Any = None) -> None:
+        def __init__(self, purpose: str, path: Path, text: str) -> None:
             super().__init__()
             self.purpose = purpose
             self.path = path
             self.text = text
-            self.extra = extra
 
     class FileSaved(Message):
         def __init__(self, purpose: str, path: Path) -> None:
@@ -259,7 +272,7 @@ class CockpitApp(App[int]):
         self.set_interval(DRAIN_INTERVAL, self.drain_events)
         self._render_all()
         if self._builder is not None:
-            self.state.header.state = "opening workspace"
+            self.state.header.state = OPENING_WORKSPACE
             self._render_header()
             self._open_engine(self._builder)
 
@@ -278,7 +291,7 @@ class CockpitApp(App[int]):
         header.workspace = str(opened.workspace)
         header.budget = opened.budget
         header.model = opened.model or header.model
-        header.state = "idle"
+        header.state = EngineState.IDLE
         self._render_header()
         self._read_ledger()
         self._request_snapshot(force=True)
@@ -300,7 +313,7 @@ class CockpitApp(App[int]):
         """Start the engine's loop (once)."""
         if self.engine is not None and not self.engine_started:
             self.engine_started = True
-            self._command("start")
+            self.engine.start()
 
     # -- workers that read -----------------------------------------------------------------------
 
@@ -365,16 +378,15 @@ class CockpitApp(App[int]):
         if engine is None:
             return
         exp = engine.ledger.get(exp_id)
-        log_path = getattr(exp, "log_path", None) if exp is not None else None
         text = ""
-        if log_path:
-            path = Path(log_path)
+        if exp is not None and exp.log_path:
+            path = Path(exp.log_path)
             if not path.is_absolute() and self.workspace_path is not None:
                 path = self.workspace_path / path
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
             except OSError:
-                text = getattr(exp, "log_tail", "") or ""
+                text = exp.log_tail
         self.post_message(self.CurveRead(exp_id, parse_curve(text)))
 
     @on(CurveRead)
@@ -489,21 +501,22 @@ class CockpitApp(App[int]):
 
     # -- commands --------------------------------------------------------------------------------
 
-    def _command(self, name: str, *args: Any) -> bool:
-        """Send one engine command; they return at once (docs/contracts.md), errors become notifications."""
+    def _send(self, command: Command) -> bool:
+        """Send one engine command; it returns at once (docs/contracts.md), an error becomes a notification."""
         if self.engine is None:
             self.notify("No engine is attached yet.", severity="warning")
             return False
         try:
-            getattr(self.engine, name)(*args)
+            self.engine.send(command)
         except Exception as exc:
-            self.notify(f"{name.replace('_', ' ')} failed: {exc}", severity="error", timeout=8, markup=False)
+            what = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", type(command).__name__).lower()  # SetGate: set gate
+            self.notify(f"{what} failed: {exc}", severity="error", timeout=8, markup=False)
             return False
         return True
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         header = self.state.header
-        paused = header.state == "paused" or header.pause_requested
+        paused = header.state == EngineState.PAUSED or header.pause_requested
         if action == "pause":
             return not paused
         if action == "resume":
@@ -515,20 +528,20 @@ class CockpitApp(App[int]):
         return True
 
     def action_pause(self) -> None:
-        if self._command("pause"):
+        if self._send(Pause()):
             self.state.header.pause_requested = True
             self.notify("Pausing after the current run.")
             self._after_command()
 
     def action_resume(self) -> None:
-        if self._command("resume"):
+        if self._send(Resume()):
             self.state.header.pause_requested = False
-            if self.state.header.state == "paused":
-                self.state.header.state = "running"
+            if self.state.header.state == EngineState.PAUSED:
+                self.state.header.state = EngineState.RUNNING
             self._after_command()
 
     def action_stop_run(self) -> None:
-        if self._command("stop_run"):
+        if self._send(StopRun()):
             # The engine pauses after a stop, so that the user decides what comes next.
             self.state.header.pause_requested = True
             self.notify("Stopping the current run (recorded as interrupted); then paused: p resumes.")
@@ -536,7 +549,7 @@ class CockpitApp(App[int]):
 
     def action_toggle_gate(self) -> None:
         on_now = not self.state.header.review_gate
-        if self._command("set_review_gate", on_now):
+        if self._send(SetGate(on_now)):
             self.state.header.review_gate = on_now
             self._after_command()
 
@@ -547,11 +560,11 @@ class CockpitApp(App[int]):
         self._offer_review(force=True)
 
     def action_force_keep(self) -> None:
-        if self._command("override", "keep", None):
+        if self._send(Override("keep")):
             self.notify("Forcing keep on the last decision…")
 
     def action_force_discard(self) -> None:
-        if self._command("override", "discard", None):
+        if self._send(Override("discard")):
             self.notify("Forcing discard on the last decision…")
 
     def action_reapply(self) -> None:
@@ -565,7 +578,7 @@ class CockpitApp(App[int]):
                 f"#{row.exp_id} is {row.status}: only a finished, not kept experiment can be re-applied."
             )
             return
-        self._command("reapply", row.exp_id)
+        self._send(Reapply(row.exp_id))
 
     def action_switch_model(self) -> None:
         self.push_screen(
@@ -577,16 +590,16 @@ class CockpitApp(App[int]):
             return
         if name == RANDOM_SEARCH:
             # The model proposer is kept (its model stays loaded) for the way back.
-            kept = self._model_proposer or getattr(self.engine, "proposer", None)
-            if self._command("set_proposer", RandomSearch(self.seed)):
+            kept = self._model_proposer or (self.engine.proposer if self.engine is not None else None)
+            if self._send(SetProposer(RandomSearch(self.seed))):
                 self._model_proposer = kept
                 self.notify("Random search proposes from the next proposal on.")
             return
         if self._model_proposer is not None:
             back, self._model_proposer = self._model_proposer, None
-            if not self._command("set_proposer", back) or name == getattr(back, "model_name", None):
+            if not self._send(SetProposer(back)) or name == model_name(back):
                 return
-        if self._command("use_model", name):
+        if self._send(UseModel(name)):
             header = self.state.header
             header.loading_model = name
             header.loading_progress = None
@@ -604,7 +617,7 @@ class CockpitApp(App[int]):
         trainers, ray = chosen
         if (trainers, ray) == (self.state.header.trainers, self.state.header.ray):
             return
-        if self._command("set_trainers", trainers, ray):
+        if self._send(SetTrainers(trainers, ray)):
             where = f"Ray at {ray}" if ray else "this machine"
             self.notify(f"{trainers} trainer(s) on {where} once the runs in flight have ended.")
 
@@ -669,15 +682,15 @@ class CockpitApp(App[int]):
             return
         verdict, reason = choice
         if verdict == "approve":
-            if self._command("approve", None):
+            if self._send(Approve()):
                 self.notify(f"#{pending.exp_id} approved.")
                 self._review_done()
         elif verdict == "veto":
-            if self._command("veto", reason):
+            if self._send(Veto(reason)):
                 self.notify(f"#{pending.exp_id} vetoed; the model is told why.")
                 self._review_done()
         elif verdict == "edit":
-            self._read_proposal_text(pending.exp_id, pending.description, pending.diff)
+            self._edit_proposal(pending)
 
     def _review_done(self) -> None:
         self.state.pending_review = None
@@ -687,19 +700,33 @@ class CockpitApp(App[int]):
             self.main.proposal.show_proposal(self.state.proposal)
         self.refresh_bindings()
 
-    @work(
-        thread=True, exclusive=True, exit_on_error=False, group="files", description="rebuilding the proposal"
-    )
-    def _read_proposal_text(self, exp_id: int, description: str, diff: str) -> None:
-        path = (self.workspace_path or Path()) / "train.py"
-        # While a proposal waits for review, train.py on disk is the best's (the candidate is not written
-        # yet); should it already hold the candidate, the diff is undone onto the base instead.
-        on_disk = path.read_text(encoding="utf-8")
-        try:
-            base, proposed = on_disk, apply_unified_diff(on_disk, diff)
-        except PatchError:
-            base, proposed = apply_unified_diff(on_disk, diff, reverse=True), on_disk
-        self.post_message(self.FileRead("proposal", path, proposed, (exp_id, description, base)))
+    def _edit_proposal(self, pending: ReviewRequested) -> None:
+        """The train.py the proposal would make, in the editor; saving approves it, edited or not."""
+        exp_id, description = pending.exp_id, pending.description
+        base, proposed = pending.base_text, pending.candidate_text
+        if not proposed:
+            self.notify(f"#{exp_id} came without its train.py: approve or veto it.", severity="warning")
+            self._offer_review(force=True)
+            return
+
+        def edited(text: str | None) -> None:
+            if text is None:
+                self._offer_review(force=True)
+                return
+            chosen: Proposal | None = None
+            if text != proposed:
+                # The whole base text is the one edit: it applies to the best the review was asked on.
+                chosen = Proposal(
+                    description=f"{description} (edited)",
+                    edits=(Edit(search=base, replace=text),),
+                    reasoning=self.state.proposal.reasoning,
+                    proposer="user",
+                )
+            if self._send(Approve(chosen)):
+                self.notify(f"#{exp_id} approved" + (" as you edited it." if chosen else " unchanged."))
+                self._review_done()
+
+        self.push_screen(ProposalEditorScreen(exp_id, description, proposed), edited)
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -722,32 +749,10 @@ class CockpitApp(App[int]):
                     self._save_file("program", path, text)
 
             self.push_screen(ProgramEditorScreen(message.text, str(path)), saved)
-        elif message.purpose == "proposal":
-            exp_id, description, base = message.extra
-            proposed = message.text
-
-            def edited(text: str | None) -> None:
-                if text is None:
-                    self._offer_review(force=True)
-                    return
-                if text == proposed:
-                    chosen: Proposal | None = None
-                else:
-                    chosen = Proposal(
-                        description=f"{description} (edited)",
-                        edits=(Edit(search=base, replace=text),),
-                        reasoning=self.state.proposal.reasoning,
-                        proposer="user",
-                    )
-                if self._command("approve", chosen):
-                    self.notify(f"#{exp_id} approved" + (" as you edited it." if chosen else " unchanged."))
-                    self._review_done()
-
-            self.push_screen(ProposalEditorScreen(exp_id, description, proposed), edited)
 
     @on(FileSaved)
     def _file_saved(self, message: FileSaved) -> None:
-        if message.purpose == "program" and self._command("reload_program"):
+        if message.purpose == "program" and self._send(ReloadProgram()):
             self.notify("program.md saved.")
 
     # -- errors from workers ---------------------------------------------------------------------
@@ -761,7 +766,7 @@ class CockpitApp(App[int]):
         what = worker.description or worker.name
         self.notify(f"{what} failed: {error}", severity="error", timeout=10, markup=False)
         if worker.group == "engine":
-            self.state.header.state = "stopped"
+            self.state.header.state = EngineState.STOPPED
             self.state.header.detail = str(error)
             self._render_header()
 
@@ -826,14 +831,12 @@ def shutdown_engine(engine: EngineLike | None, started: bool, timeout: float = 6
     if engine is None:
         return True
     try:
-        engine.shutdown()
+        engine.send(Shutdown())
         if started:
             engine.join(timeout)
-            if not getattr(engine, "finished", True):
+            if not engine.finished:
                 return False
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        engine.close()
     except Exception:
         return False
     return True
@@ -841,12 +844,12 @@ def shutdown_engine(engine: EngineLike | None, started: bool, timeout: float = 6
 
 def create_app(
     workspace: Path,
-    budget: str | None = None,
+    budget: Budget | None = None,
     model: str | None = None,
     *,
     seed: int | None = None,
     proposer: Proposer | None = None,
-    config: Any = None,
+    config: EngineConfig | None = None,
     welcome: bool | None = None,
     autostart: bool = True,
     model_loader: Callable[[], list[ModelChoice]] = discover_choices,
@@ -855,7 +858,7 @@ def create_app(
     """The cockpit on a workspace (created on first run); the CLI and the tests both use this.
 
     `seed` seeds the local model's sampling (None: unseeded); `proposer` replaces the local model (tests
-    pass the idea queue); `config` replaces the EngineConfig built from `budget`/AUTORESEARCH_BUDGET;
+    pass the idea queue); `config` replaces the EngineConfig built from `budget`;
     `welcome` forces the first-run welcome on or off; `scheduling` holds the EngineConfig fields of
     --trainers, --ray and --overlap.
     """
@@ -865,9 +868,7 @@ def create_app(
     return CockpitApp(
         builder,
         workspace=workspace,
-        header=HeaderInfo(
-            workspace=str(workspace), budget=budget or os.environ.get("AUTORESEARCH_BUDGET", "")
-        ),
+        header=HeaderInfo(workspace=str(workspace), budget=budget.describe() if budget else ""),
         welcome=welcome,
         autostart=autostart,
         model_loader=model_loader,
@@ -876,7 +877,7 @@ def create_app(
 
 
 def run_app(
-    workspace: Path, budget: str | None, model: str | None, seed: int | None = None, **scheduling: Any
+    workspace: Path, budget: Budget | None, model: str | None, seed: int | None = None, **scheduling: Any
 ) -> int:
     """Open the cockpit on `workspace` and return the exit status once the user quits; `scheduling`:
     EngineConfig's trainers, ray and overlap."""

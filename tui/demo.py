@@ -6,9 +6,10 @@ import math
 
 from agent.events import (
     Decided,
+    EngineState,
     Event,
     LogLine,
-    NoiseFloor,
+    NoiseMeasured,
     ProposalReady,
     ProposalStarted,
     ProposalToken,
@@ -35,6 +36,19 @@ DEMO_DIFF = """\
 +LEARNING_RATE = 2e-3
 """
 
+
+def _side(diff: str, sign: str) -> str:
+    """The text a one-hunk diff changes from (sign '-') or to ('+'): its context lines with its own."""
+    body = diff.splitlines()[3:]  # past ---, +++ and the hunk header
+    return "".join(line[1:] + "\n" for line in body if line[:1] in (" ", sign))
+
+
+DEMO_BASE = _side(DEMO_DIFF, "-")
+"""The part of train.py DEMO_DIFF applies to, as the best has it (what a review is asked on)."""
+
+DEMO_CANDIDATE = _side(DEMO_DIFF, "+")
+"""The same part with DEMO_DIFF applied."""
+
 IDEAS = [
     ("raise the learning rate to 4e-3", 2.61, "keep"),
     ("swap GELU for ReLU squared", 2.64, "discard"),
@@ -53,7 +67,7 @@ def demo_header() -> HeaderInfo:
         model="qwen2.5-coder-1.5b",
         device="cpu (8 cores)",
         budget="60 s",
-        state="idle",
+        state=EngineState.IDLE,
     )
 
 
@@ -95,18 +109,18 @@ def run(exp_id: int, description: str, val_bpb: float | None, outcome: str, step
 
 def recorded_session(with_review: bool = False) -> list[Event]:
     """A baseline, six experiments (keeps, discards, a crash, a timeout), then a proposal being thought up."""
-    events: list[Event] = [StateChanged(state="baseline")]
+    events: list[Event] = [StateChanged(state=EngineState.BASELINE)]
     events += run(0, "baseline", 2.70, "ok")
     events.append(
         Decided(exp_id=0, status="baseline", val_bpb=2.70, best_bpb=2.70, margin=0.01, reason="baseline")
     )
-    events.append(NoiseFloor(values=(2.70, 2.704, 2.698), spread=0.006, margin=0.01))
+    events.append(NoiseMeasured(values=(2.70, 2.704, 2.698), spread=0.006, margin=0.01))
     best = 2.70
     for exp_id, (description, value, status) in enumerate(IDEAS, start=1):
-        events.append(StateChanged(state="proposing"))
+        events.append(StateChanged(state=EngineState.PROPOSING))
         events.append(ProposalStarted(proposer="llama", model="qwen2.5-coder-1.5b"))
         events.append(ProposalReady(exp_id=exp_id, description=description, diff=DEMO_DIFF, proposer="llama"))
-        events.append(StateChanged(state="running"))
+        events.append(StateChanged(state=EngineState.RUNNING))
         outcome = "ok" if status in ("keep", "discard") else status
         events += run(exp_id, description, value, outcome)
         if status == "keep" and value is not None:
@@ -118,7 +132,7 @@ def recorded_session(with_review: bool = False) -> list[Event]:
         events.append(
             Decided(exp_id=exp_id, status=status, val_bpb=value, best_bpb=best, margin=0.01, reason=reason)
         )
-    events.append(StateChanged(state="proposing"))
+    events.append(StateChanged(state=EngineState.PROPOSING))
     events.append(ProposalStarted(proposer="llama", model="qwen2.5-coder-1.5b"))
     reasoning = "The wider model helped; the remaining gap is optimisation, so try a short warmup."
     for word in reasoning.split():
@@ -133,9 +147,15 @@ def recorded_session(with_review: bool = False) -> list[Event]:
             )
         )
         events.append(
-            ReviewRequested(exp_id=7, description="linear warmup over the first 50 steps", diff=DEMO_DIFF)
+            ReviewRequested(
+                exp_id=7,
+                description="linear warmup over the first 50 steps",
+                diff=DEMO_DIFF,
+                base_text=DEMO_BASE,
+                candidate_text=DEMO_CANDIDATE,
+            )
         )
-        events.append(StateChanged(state="waiting_review"))
+        events.append(StateChanged(state=EngineState.WAITING_REVIEW))
     return events
 
 
@@ -156,7 +176,7 @@ def parallel_runs(steps: int = 30) -> list[Event]:
             where="node-b (gpu 1)",
         ),
     ]
-    events: list[Event] = [StateChanged(state="running"), *starts]
+    events: list[Event] = [StateChanged(state=EngineState.RUNNING), *starts]
     streams = [run(7, "", 2.55, "ok", steps)[1:-3], run(8, "", 2.60, "ok", steps)[1:-3]]
     for pair in zip(*streams, strict=True):
         events.extend(pair)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from rich.text import Text
 
+from agent.events import EngineState
+from tui.state import STARTING
+
 STATUS_STYLE: dict[str, tuple[str, str]] = {
     "baseline": ("◆", "bold blue"),
     "keep": ("✔", "bold green"),
@@ -24,16 +27,16 @@ STATUS_STYLE: dict[str, tuple[str, str]] = {
 """Symbol and Rich style of each experiment status; named colours map cleanly onto 256 colours."""
 
 STATE_WORDS: dict[str, tuple[str, str]] = {
-    "starting": ("starting", "grey62"),
-    "idle": ("idle", "grey62"),
-    "baseline": ("running · baseline", "bold green"),
-    "proposing": ("running · proposing", "bold green"),
-    "running": ("running", "bold green"),
-    "waiting_review": ("waiting for review", "bold cyan"),
-    "paused": ("paused", "bold yellow"),
-    "stopped": ("stopped", "bold red"),
+    STARTING: ("starting", "grey62"),
+    EngineState.IDLE: ("idle", "grey62"),
+    EngineState.BASELINE: ("running · baseline", "bold green"),
+    EngineState.PROPOSING: ("running · proposing", "bold green"),
+    EngineState.RUNNING: ("running", "bold green"),
+    EngineState.WAITING_REVIEW: ("waiting for review", "bold cyan"),
+    EngineState.PAUSED: ("paused", "bold yellow"),
+    EngineState.STOPPED: ("stopped", "bold red"),
 }
-"""How each engine state reads in the header."""
+"""How each engine state (and the cockpit's own 'starting') reads in the header; another reads as itself."""
 
 
 def status_text(status: str, decided_by: str = "engine") -> Text:
@@ -49,7 +52,7 @@ def state_text(state: str, pause_requested: bool = False) -> Text:
     """The engine state in words."""
     words, style = STATE_WORDS.get(state, (state, ""))
     text = Text(words, style=style)
-    if pause_requested and state != "paused":
+    if pause_requested and state != EngineState.PAUSED:
         text.append(" (pausing after this run)", style="yellow")
     return text
 

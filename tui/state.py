@@ -7,17 +7,19 @@ import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Final, Literal
 
 from agent.events import (
     Decided,
     EngineError,
+    EngineSnapshot,
+    EngineState,
     Event,
     Info,
     LogLine,
     ModelLoaded,
     ModelLoading,
-    NoiseFloor,
+    NoiseMeasured,
     ProposalReady,
     ProposalRejected,
     ProposalStarted,
@@ -28,7 +30,10 @@ from agent.events import (
     RunStarted,
     StateChanged,
     StepMetric,
+    first_line,
+    last_line,
 )
+from agent.ledger import Experiment
 
 PROGRESS_LINE = re.compile(r"^step\s+(\d+)\s+\|\s+loss\s+(\S+)\s+\|.*\btok/s\s+([\d.]+)")
 """A training progress line (docs/contracts.md)."""
@@ -55,6 +60,19 @@ QUEUED = "queued"
 """HeaderInfo.loading_message of a model switch the engine has not started yet (it waits for a safe point)."""
 
 Severity = Literal["information", "warning", "error"]
+
+STARTING: Final = "starting"
+"""The header's state before the app opens a workspace (no engine yet)."""
+
+OPENING_WORKSPACE: Final = "opening workspace"
+"""The header's state while a worker opens the workspace and builds the engine."""
+
+HeaderState = EngineState | Literal["starting", "opening workspace"]
+"""What the header says the engine is doing: the engine's state, or one of the cockpit's own before it has one."""
+
+Dirty = Literal["header", "timeline", "run", "log", "trainers", "proposal"]
+"""A part of the screen a batch of events changed: the header, the timeline (with the progress pane), the live
+run's plot, the log view, the trainer list, the proposal pane."""
 
 
 @dataclass
@@ -89,7 +107,7 @@ class HeaderInfo:
     model: str | None = None
     device: str = ""
     budget: str = ""
-    state: str = "starting"
+    state: HeaderState = STARTING
     detail: str = ""
     baseline_bpb: float | None = None
     best_bpb: float | None = None
@@ -210,7 +228,7 @@ class LogOps:
 class Update:
     """What a batch of events changed: the parts to redraw, log lines to write, notifications to show."""
 
-    dirty: set[str] = field(default_factory=set)
+    dirty: set[Dirty] = field(default_factory=set)
     log: LogOps = field(default_factory=LogOps)
     notifications: list[tuple[str, Severity]] = field(default_factory=list)
     review: ReviewRequested | None = None
@@ -231,32 +249,23 @@ def parse_curve(log_text: str) -> Curve:
     return curve
 
 
-def row_from_experiment(exp: Any) -> ExperimentRow:
-    """An ExperimentRow from a ledger `Experiment` (read by attribute, so any record with those fields works)."""
-    seconds = getattr(exp, "total_seconds", None) or getattr(exp, "training_seconds", None)
-    seeds = getattr(exp, "seeds", None)
+def row_from_experiment(exp: Experiment) -> ExperimentRow:
+    """An ExperimentRow from a ledger `Experiment`."""
     return ExperimentRow(
-        exp_id=int(exp.id),
-        description=getattr(exp, "description", "") or "",
-        status=getattr(exp, "status", "") or "pending",
-        val_bpb=getattr(exp, "val_bpb", None),
-        seconds=seconds,
-        decided_by=getattr(exp, "decided_by", None) or "engine",
-        reason=getattr(exp, "reason", "") or "",
-        diff=getattr(exp, "diff", "") or "",
-        log_tail=getattr(exp, "log_tail", "") or "",
-        model=getattr(exp, "model", None),
-        proposer=getattr(exp, "proposer", "") or "",
-        peak_memory_mb=getattr(exp, "peak_memory_mb", None),
-        seeds=len(seeds) if isinstance(seeds, list | tuple) else int(seeds or 0),
+        exp_id=exp.id,
+        description=exp.description,
+        status=exp.status or "pending",
+        val_bpb=exp.val_bpb,
+        seconds=exp.total_seconds or exp.training_seconds,
+        decided_by=exp.decided_by or "engine",
+        reason=exp.reason,
+        diff=exp.diff,
+        log_tail=exp.log_tail,
+        model=exp.model,
+        proposer=exp.proposer,
+        peak_memory_mb=exp.peak_memory_mb,
+        seeds=len(exp.seeds),
     )
-
-
-def first_line(text: str, limit: int = 160) -> str:
-    """The last non-empty line of a block of text, cut to `limit` characters (for notifications)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    line = lines[-1] if lines else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class CockpitState:
@@ -392,41 +401,37 @@ class CockpitState:
             self.header.best_bpb = best.val_bpb
             self.header.best_exp_id = best.exp_id
 
-    def apply_snapshot(self, snapshot: Any) -> None:
-        """Correct the header from an engine snapshot (read by attribute)."""
+    def apply_snapshot(self, snapshot: EngineSnapshot) -> None:
+        """Correct the header from an engine snapshot."""
         header = self.header
-        state = getattr(snapshot, "state", None)
-        if state is not None and state != header.state:
+        if snapshot.state != header.state:
             header.detail = ""  # the detail belonged to the state the events last reported
-        for name in ("workspace", "branch", "model", "device", "budget", "state", "containment"):
-            value = getattr(snapshot, name, None)
-            if value is not None:
-                setattr(header, name, str(value))
-        for name in (
-            "baseline_bpb",
-            "best_bpb",
-            "best_exp_id",
-            "margin",
-            "busy_share",
-            "experiments_per_hour",
-        ):
-            if hasattr(snapshot, name):
-                setattr(header, name, getattr(snapshot, name))
-        trainers = getattr(snapshot, "trainers", None)
-        if isinstance(trainers, int) and trainers >= 1:
-            header.trainers = trainers
+        header.state = snapshot.state
+        header.workspace = str(snapshot.workspace)
+        header.branch = snapshot.branch
+        if snapshot.model is not None:
+            header.model = snapshot.model
+        header.device = snapshot.device
+        header.budget = snapshot.budget
+        header.containment = snapshot.containment
+        header.baseline_bpb = snapshot.baseline_bpb
+        header.best_bpb = snapshot.best_bpb
+        header.best_exp_id = snapshot.best_exp_id
+        header.margin = snapshot.margin
+        header.busy_share = snapshot.busy_share
+        header.experiments_per_hour = snapshot.experiments_per_hour
+        if snapshot.trainers >= 1:
+            header.trainers = snapshot.trainers
             # Fewer trainers than before: the slots gone keep nothing once their runs have ended.
-            for slot in [s for s, run in self.slots.items() if s >= trainers and run.finished]:
+            for slot in [s for s, run in self.slots.items() if s >= snapshot.trainers and run.finished]:
                 del self.slots[slot]
-            if self.selected_slot is not None and self.selected_slot >= trainers:
+            if self.selected_slot is not None and self.selected_slot >= snapshot.trainers:
                 self.selected_slot = None
             if self.newest_slot not in self.slots:
                 self.newest_slot = max(self.slots, default=0)
-        ray = getattr(snapshot, "ray", None)
-        header.ray = ray if isinstance(ray, str) and ray else None
-        if hasattr(snapshot, "review_gate"):
-            header.review_gate = bool(snapshot.review_gate)
-        if header.state == "paused":
+        header.ray = snapshot.ray or None
+        header.review_gate = snapshot.review_gate
+        if header.state == EngineState.PAUSED:
             header.pause_requested = False
 
     def set_best_curve(self, exp_id: int, curve: Curve) -> None:
@@ -487,9 +492,9 @@ class CockpitState:
         elif isinstance(event, StateChanged):
             header.state = event.state
             header.detail = event.detail
-            if event.state == "paused":
+            if event.state == EngineState.PAUSED:
                 header.pause_requested = False
-            if self.pending_review is not None and event.state != "waiting_review":
+            if self.pending_review is not None and event.state != EngineState.WAITING_REVIEW:
                 self.pending_review = None
                 update.review_closed = True
                 if self.proposal.phase == "review":
@@ -526,7 +531,7 @@ class CockpitState:
             if slot is not None:
                 self.slots[slot].finished = True
             if event.outcome not in ("ok", "interrupted"):
-                tail = first_line(event.log_tail)
+                tail = last_line(event.log_tail)
                 update.notifications.append(
                     (f"Run #{event.exp_id}: {event.outcome}" + (f" — {tail}" if tail else ""), "warning")
                 )
@@ -551,7 +556,7 @@ class CockpitState:
                 update.notifications.append(
                     (f"#{event.exp_id} is now {event.status} (override)", "information")
                 )
-            update.dirty.update({"timeline", "header", "progress", "run", "trainers"})
+            update.dirty.update({"timeline", "header", "run", "trainers"})
         elif isinstance(event, ProposalStarted):
             self.proposal = ProposalView(phase="thinking", proposer=event.proposer, model=event.model)
             if event.model:
@@ -613,7 +618,7 @@ class CockpitState:
             row.diff = event.diff
             update.review = event
             update.dirty.update({"proposal", "timeline", "header"})
-        elif isinstance(event, NoiseFloor):
+        elif isinstance(event, NoiseMeasured):
             header.margin = event.margin
             header.margin_measured = len(event.values) > 1
             update.dirty.add("header")
@@ -634,7 +639,7 @@ class CockpitState:
                 header.loading_model = None
                 header.loading_progress = None
                 update.dirty.add("header")
-            text = event.message + (f"\n{first_line(event.detail)}" if event.detail else "")
+            text = event.message + (f"\n{last_line(event.detail)}" if event.detail else "")
             update.notifications.append((text, "error"))
         elif isinstance(event, Info):
             update.notifications.append((event.message, "information"))

@@ -15,8 +15,7 @@ from tui.widgets.footer import CockpitFooter
 
 def welcome_text(workspace: str, budget: str, model: str | None) -> str:
     """What will happen and how to stop it, for a new workspace."""
-    if budget in ("", "harness default"):
-        budget = "the harness default (about 60 s on a CPU, 5 min on CUDA)"
+    budget = budget or "the harness default"  # the engine says which: 60 s on a CPU, 5 min on CUDA
     workspace, budget, model = escape(workspace), escape(budget), escape(model) if model else None
     return f"""[b]Welcome to autoresearch.[/b]
 

@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from agent.random_search import MODEL_NAME
+from agent.researcher.random_search import MODEL_NAME
 from tui import format as fmt
 from tui.widgets.footer import CockpitFooter
 
@@ -34,7 +34,7 @@ class ModelChoice:
 
 
 def choice_from_entry(entry: Any) -> ModelChoice:
-    """A ModelChoice from an `agent.models.ModelEntry` (read by attribute)."""
+    """A ModelChoice from an `agent.researcher.models.ModelEntry` (read by attribute)."""
     info = getattr(entry, "info", None)
     embedded = getattr(entry, "embedded", None)
     error = getattr(entry, "error", None)
@@ -59,9 +59,9 @@ RANDOM_SEARCH_CHOICE = ModelChoice(
 
 
 def discover_choices() -> list[ModelChoice]:
-    """Every model in reach, from `agent.models`, then the local servers that have answered before, each with
+    """Every model in reach, from `agent.researcher.models`, then the local servers that have answered before, each with
     the dialect it speaks, then random search (reads files: call it from a worker)."""
-    from agent.models import discover_models, endpoint_entries
+    from agent.researcher.models import discover_models, endpoint_entries
 
     models = [choice_from_entry(entry) for entry in [*discover_models(), *endpoint_entries()]]
     return [*models, RANDOM_SEARCH_CHOICE]

@@ -20,7 +20,7 @@ CONTAINMENT_WORDS = {
     "network": ("network-isolated only", "bold yellow"),
     "none": ("NOT contained", "bold red"),
 }
-"""How the header names the runs' containment (agent.containment levels)."""
+"""How the header names the runs' containment (agent.sandbox.containment levels)."""
 
 
 def _piece(label: str, value: str, style: str = "bold") -> Text:
