@@ -87,6 +87,7 @@ class GPT(nn.Module):
 
 def learning_rate(progress):
     if progress < WARMUP_FRACTION:
+        # + 1e-3: the first step comes at progress ~0, where a plain ramp would give it a rate of ~0
         return LEARNING_RATE * (progress + 1e-3) / WARMUP_FRACTION
     decay = (progress - WARMUP_FRACTION) / max(1e-9, 1 - WARMUP_FRACTION)
     return LEARNING_RATE * (MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * decay)))
@@ -97,7 +98,7 @@ def main():
     data = prepare()
     budget = budget_from_env(device)
     model = GPT(data.vocab_size).to(device)
-    budget.attach(model)
+    budget.attach(model)  # counts the parameters: a FLOPs budget charges 6 x parameters for every token
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
@@ -121,6 +122,7 @@ def main():
         step += 1
         if step % LOG_EVERY == 0 or budget.done():
             value = loss.item()
+            # Finite but exploding: 100 is far past ln(256) = 5.5, the loss of a uniform guess.
             if not math.isfinite(value) or value > 100:
                 print(f"FAIL: loss is {value} at step {step}", flush=True)
                 sys.exit(1)

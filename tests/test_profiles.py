@@ -35,8 +35,15 @@ def test_init_picks_the_profile_by_device(tmp_path: Path, monkeypatch: pytest.Mo
     assert gpu.read_train() == (GPU / "train.py").read_text()
     assert gpu.read_program() == (GPU / "program.md").read_text()
     assert gpu.run_env == {"AUTORESEARCH_VOCAB": "8192"}
-    assert (gpu.path / "prepare.py").read_text() == (NANOGPT / "prepare.py").read_text()
-    assert gpu.repo.git.ls_files().split() == ["prepare.py", "program.md", "train.py"]
+    for name in ("prepare.py", "corpus.py", "metric.py"):
+        assert (gpu.path / name).read_text() == (NANOGPT / name).read_text()
+    assert gpu.repo.git.ls_files().split() == [
+        "corpus.py",
+        "metric.py",
+        "prepare.py",
+        "program.md",
+        "train.py",
+    ]
 
     on(monkeypatch, "cpu (2 cores)")
     cpu = Workspace.init(tmp_path / "cpu")
@@ -129,8 +136,14 @@ def test_the_gpu_train_py_trains_a_few_steps_on_cpu_and_exports_for_the_judge(tm
     claims = json.loads((ws.path / "claims.json").read_text())
     assert claims["export"] == "ok" and claims["block_size"] == 256
     judged = subprocess.run(
-        [sys.executable, "-I", str(paths.PROJECT_ROOT / "agent" / "judge.py"), "score"]
-        + [str(ws.path / name) for name in ("prepare.py", "model.pt2", "claims.json", "result.json")],
+        [
+            sys.executable,
+            "-I",
+            str(paths.PROJECT_ROOT / "agent" / "sandbox" / "judge.py"),
+            "score",
+            str(ws.path),
+        ]
+        + [str(ws.path / name) for name in ("model.pt2", "claims.json", "result.json")],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -148,12 +161,12 @@ def test_the_gpu_model_as_shipped_is_causal_and_several_hundred_wide(monkeypatch
 
     import torch
 
-    monkeypatch.syspath_prepend(str(NANOGPT))  # train.py imports the harness as `prepare`
+    monkeypatch.syspath_prepend(str(NANOGPT))  # train.py and metric.py import the harness as `prepare`
     spec = importlib.util.spec_from_file_location("gpu_train", GPU / "train.py")
     assert spec is not None and spec.loader is not None
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    import prepare
+    import metric
 
     model = train.GPT(8192)
     n_params = sum(p.numel() for p in model.parameters())
@@ -162,7 +175,7 @@ def test_the_gpu_model_as_shipped_is_causal_and_several_hundred_wide(monkeypatch
     tokens = torch.randint(0, 8192, (2, 1024), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert model(tokens[:, :64]).shape == (2, 64, 8192)
-    assert prepare.check_causal(model, tokens.reshape(-1).numpy(), 8192, 64) is None
+    assert metric.check_causal(model, tokens.reshape(-1).numpy(), 8192, 64) is None
 
 
 def test_every_profile_names_files_that_exist() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
-JUDGE = Path(__file__).resolve().parent.parent / "agent" / "judge.py"
+JUDGE = Path(__file__).resolve().parent.parent / "agent" / "sandbox" / "judge.py"
 SUMMARY_KEYS = [
     "val_bpb",
     "training_seconds",
@@ -46,10 +46,16 @@ def parse_summary(stdout: str) -> dict[str, str]:
 
 def run_train(tmp_path: Path, budget: str, replace: dict[str, str] | None = None, prelude: str = "") -> Run:
     """Copy the sandbox, apply text replacements to train.py, run it, have the judge score the model it
-    exported (as the runner does, in its own process), and collect what both reported."""
+    exported (as the runner does, in its own process, from a folder holding the frozen harness), and collect
+    what both reported."""
     work = tmp_path / "ws"
     work.mkdir(parents=True, exist_ok=True)
-    shutil.copy(NANOGPT / "prepare.py", work / "prepare.py")
+    for name in ("prepare.py", "corpus.py"):  # all the harness train.py imports
+        shutil.copy(NANOGPT / name, work / name)
+    harness = tmp_path / "harness"
+    harness.mkdir(exist_ok=True)
+    for name in ("prepare.py", "corpus.py", "metric.py"):
+        shutil.copy(NANOGPT / name, harness / name)
     source = (NANOGPT / "train.py").read_text()
     for old, new in (replace or {}).items():
         assert source.count(old) == 1, old
@@ -63,7 +69,7 @@ def run_train(tmp_path: Path, budget: str, replace: dict[str, str] | None = None
     claims_file, result_file = work / "claims.json", work / "result.json"
     result = None
     if claims_file.exists():
-        paths = [str(work / name) for name in ("prepare.py", "model.pt2", "claims.json", "result.json")]
+        paths = [str(harness), *(str(work / name) for name in ("model.pt2", "claims.json", "result.json"))]
         judge = subprocess.run(
             _with_prelude(prelude, str(JUDGE), ["score", *paths], isolated=True),
             cwd=tmp_path,

@@ -117,7 +117,7 @@ def main():
     data = prepare()
     budget = budget_from_env(device)
     model = GPT(data.vocab_size).to(device)
-    budget.attach(model)  # counts the parameters: a bigger model spends a compute budget faster
+    budget.attach(model)  # counts the parameters: a FLOPs budget charges 6 x parameters for every token
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
@@ -140,7 +140,8 @@ def main():
         step += 1
         if step % LOG_EVERY == 0 or budget.done():
             value = loss.item()
-            if not math.isfinite(value) or value > 100:  # > 100: far above log(vocab), diverged
+            # Finite but exploding: 100 is far past ln(8192) = 9.0, the loss of a uniform guess.
+            if not math.isfinite(value) or value > 100:
                 print(f"FAIL: loss is {value} at step {step}", flush=True)
                 sys.exit(1)
             progress.log(step, value, lr)

@@ -1,0 +1,293 @@
+"""The frozen metric, what only the judge imports: val_bpb by the bytes of the text, the causality and
+row-independence probes, and the judge's refusals of a model that cannot be scored or was paid for too little."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
+sys.path.insert(0, str(NANOGPT))
+
+import corpus  # noqa: E402
+import metric  # noqa: E402
+import prepare  # noqa: E402
+
+from agent.sandbox.summary import parse_summary, summary_bpb  # noqa: E402
+
+SUMMARY_KEYS = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_memory_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+    "train_flops",
+    "budget",
+    "seed",
+]
+
+
+def test_the_run_side_never_imports_the_metric() -> None:
+    """metric.py builds on prepare.py, never the reverse: a run (which imports prepare.py) has no metric to
+    import, and needs none."""
+    imported = set()
+    for node in ast.walk(ast.parse((NANOGPT / "prepare.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert "metric" not in imported
+
+
+class Uniform(torch.nn.Module):
+    """Equal probability for every token: bits per token = log2(vocab)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*idx.shape, self.vocab)
+
+
+MIXED_TEXT = ("Ünïcödé — ça va? 日本語のテキスト, émoji 🙂 and plain ASCII words. " * 40).strip()
+
+
+def test_bpb_counts_the_bytes_of_the_text_under_any_tokenizer() -> None:
+    """A uniform model scores n_tokens x log2(V) bits over exactly the UTF-8 bytes of the text.
+
+    The byte count must be the same under bytes and BPE; counting by decoding single tokens would not be
+    (a lone continuation byte decodes to U+FFFD, three bytes).
+    """
+    text_bytes = len(MIXED_TEXT.encode())
+    bpe = corpus.train_bpe(MIXED_TEXT * 3, 300)
+    for encoding in (corpus.byte_encoding(), bpe):
+        ids = np.array(encoding.encode_ordinary(MIXED_TEXT), dtype=np.uint16)
+        lengths = corpus.token_byte_lengths(encoding)
+        assert int(lengths[ids].sum()) == text_bytes
+        # Score every token after the first, as one window.
+        bpb, tokens, nbytes = metric.evaluate_bpb(
+            Uniform(encoding.n_vocab), ids, lengths, block_size=ids.size - 1, batch_size=1
+        )
+        assert tokens == ids.size - 1
+        assert nbytes == text_bytes - int(lengths[ids[0]])
+        assert bpb == pytest.approx(
+            tokens * math.log2(encoding.n_vocab) / nbytes, rel=1e-6
+        )  # float32 cross-entropy
+    byte_ids = corpus.byte_encoding().encode_ordinary(MIXED_TEXT)
+    naive = sum(len(corpus.byte_encoding().decode([t]).encode()) for t in byte_ids)
+    assert naive > text_bytes  # the bug the harness avoids
+    assert metric.evaluate_bpb(
+        Uniform(256),
+        np.array(byte_ids, dtype=np.uint16),
+        corpus.token_byte_lengths(corpus.byte_encoding()),
+        block_size=64,
+    )[0] == pytest.approx(8.0)
+
+
+class Peeking(torch.nn.Module):
+    """Adds the mean of the whole sequence to every position: it sees the future."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        return e + e.mean(dim=1, keepdim=True)
+
+
+class Causal(torch.nn.Module):
+    """A cumulative mean: every position sees only the past."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        steps = torch.arange(1, idx.size(1) + 1).view(1, -1, 1)
+        return e.cumsum(dim=1) / steps
+
+
+def test_causality_probe() -> None:
+    data = prepare.prepare()
+    assert metric.check_causal(Causal(256), data.val, 256, block_size=32) is None
+    problem = metric.check_causal(Peeking(256), data.val, 256, block_size=32)
+    assert problem is not None and "changed" in problem
+
+
+@pytest.mark.parametrize("model", [Causal, Peeking])
+def test_the_summary_fields_print_as_the_block_the_engine_parses(
+    model: type[torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = prepare.prepare()
+    budget = prepare.Budget(prepare.BudgetSpec("flops", 1e9))
+    network = model(256)
+    budget.attach(network)
+    monkeypatch.chdir(tmp_path)  # the run's folder: the model and the claims are handed over there
+    fields = prepare.evaluate_and_report(network, data, budget, 32, "cpu", seed=3, num_steps=5)
+    assert list(fields) == SUMMARY_KEYS
+    lines = ["---", *(f"{key + ':':<18}{value}" for key, value in fields.items())]  # as train.py prints them
+    claims = json.loads((tmp_path / prepare.CLAIMS_FILE).read_text())
+    summary = parse_summary(lines)
+    assert summary is not None and list(summary) == SUMMARY_KEYS
+    assert summary["num_steps"] == claims["num_steps"] == 5 and summary["seed"] == claims["seed"] == 3
+    assert summary["mfu_percent"] == 0.0 and summary["budget"] == "1.00e+09 FLOPs"
+    assert lines[1] == "val_bpb:          judged after the run" and summary_bpb(summary) is None
+    assert claims["export"] == "ok" and claims["num_params"] == budget.n_params
+    result = metric.judge(tmp_path / prepare.EXPORT_FILE, claims)
+    if model is Causal:
+        expected, tokens, nbytes = metric.evaluate_bpb(network, data.val, data.token_bytes, 32)
+        assert result["status"] == "ok" and result["val_bpb"] == round(expected, 6)
+        assert (result["eval_tokens"], result["eval_bytes"]) == (tokens, nbytes)
+    else:
+        assert result["status"] == "invalid" and result["val_bpb"] is None
+        assert result["reason"].startswith("non-causal")
+
+
+def _reference_bpb(
+    model: torch.nn.Module, val: np.ndarray, token_bytes: np.ndarray, block_size: int
+) -> float:
+    """val_bpb as the harness computed it in-process before the judge existed (full windows only)."""
+    n_windows = min(metric.EVAL_TOKENS, val.size - 1) // block_size
+    tokens = torch.from_numpy(val[: n_windows * block_size + 1].astype(np.int64))
+    lengths = torch.from_numpy(token_bytes)
+    total_nats, total_bytes = 0.0, 0
+    with torch.no_grad():
+        for first in range(0, n_windows, 32):
+            idx = torch.arange(first, min(first + 32, n_windows))
+            window = tokens[idx[:, None] * block_size + torch.arange(block_size + 1)]
+            logits = model(window[:, :-1])
+            nats = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), window[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_nats += float(nats)
+            total_bytes += int(lengths[window[:, 1:]].sum())
+    return total_nats / (math.log(2) * total_bytes)
+
+
+def _default_gpt(vocab: int) -> torch.nn.Module:
+    spec = importlib.util.spec_from_file_location("shipped_train", NANOGPT / "train.py")
+    assert spec and spec.loader
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    torch.manual_seed(0)
+    return train.GPT(vocab).eval()
+
+
+def test_the_judge_scores_the_default_model_as_the_in_process_metric_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = prepare.prepare()
+    model = _default_gpt(data.vocab_size)
+    block = 128
+    prepare.export_model(model, block, "cpu", tmp_path / "model.pt2")
+    params = sum(p.numel() for p in model.parameters())
+    result = metric.judge(tmp_path / "model.pt2", {"num_params": params})
+    assert result["status"] == "ok", result
+    assert result["val_bpb"] == pytest.approx(
+        _reference_bpb(model, data.val, data.token_bytes, block), abs=1e-6
+    )
+    assert result["num_params"] == params and result["block_size"] == block
+    assert (result["eval_tokens"], result["eval_bytes"]) == (metric.EVAL_TOKENS, metric.EVAL_TOKENS)
+
+
+def test_every_block_size_is_scored_on_the_same_validation_tokens() -> None:
+    data = prepare.prepare()
+    model = Causal(256)
+    for block in (32, 100, 1000):  # 100 and 1000 do not divide EVAL_TOKENS: one last window ends at the end
+        bpb, tokens, nbytes = metric.evaluate_bpb(model, data.val, data.token_bytes, block)
+        assert (tokens, nbytes) == (metric.EVAL_TOKENS, metric.EVAL_TOKENS), block
+
+
+def test_the_judge_refuses_a_model_that_undercounts_its_parameters(tmp_path: Path) -> None:
+    data = prepare.prepare()
+    model = _default_gpt(data.vocab_size)
+    prepare.export_model(model, 64, "cpu", tmp_path / "model.pt2")
+    params = sum(p.numel() for p in model.parameters())
+    result = metric.judge(tmp_path / "model.pt2", {"num_params": params // 2})
+    assert result["status"] == "invalid" and "parameters" in result["reason"], result
+    honest = {"num_params": params, "tokens": 1000, "train_flops": 6.0 * params * 1000}
+    assert metric.judge(tmp_path / "model.pt2", honest)["status"] == "ok"
+    short = metric.judge(tmp_path / "model.pt2", {**honest, "train_flops": 6.0 * params * 500})
+    assert short["status"] == "invalid" and "training FLOPs" in short["reason"], short
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"not a zip", "cannot be loaded"), (b"", "cannot be loaded")],
+    ids=["garbage", "empty"],
+)
+def test_the_judge_refuses_a_file_that_is_not_an_exported_model(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    (tmp_path / "model.pt2").write_bytes(content)
+    result = metric.judge(tmp_path / "model.pt2", {})
+    assert result["status"] == "invalid" and why in result["reason"]
+
+
+def test_the_judge_refuses_a_model_with_the_wrong_inputs_or_outputs(tmp_path: Path) -> None:
+    class TwoInputs(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return x + y
+
+    class WrongVocab(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(256, 10)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            return self.emb(idx)
+
+    x = torch.zeros(2, 16, dtype=torch.long)
+    torch.export.save(torch.export.export(TwoInputs(), (x, x)), str(tmp_path / "two.pt2"))
+    assert "one int64" in metric.judge(tmp_path / "two.pt2", {})["reason"]
+    prepare.export_model(WrongVocab(), 16, "cpu", tmp_path / "vocab.pt2")
+    assert "(1, 16, 256) logits" in metric.judge(tmp_path / "vocab.pt2", {})["reason"]
+
+
+class PeeksAtTheNextRow(torch.nn.Module):
+    """Causal within a row, but each row also sees the next one, which holds its targets."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        e = self.emb(idx)
+        return e + 0.5 * e.roll(-1, dims=0)
+
+
+def test_the_judge_refuses_a_model_whose_rows_see_each_other(tmp_path: Path) -> None:
+    prepare.prepare()
+    prepare.export_model(PeeksAtTheNextRow(256), 32, "cpu", tmp_path / "model.pt2")
+    result = metric.judge(tmp_path / "model.pt2", {})
+    assert result["status"] == "invalid" and result["reason"].startswith("rows not independent"), result
+    prepare.export_model(Causal(256), 32, "cpu", tmp_path / "causal.pt2")
+    assert metric.judge(tmp_path / "causal.pt2", {})["status"] == "ok"
+
+
+def test_the_metric_scores_an_exported_model_by_hand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepare.prepare()
+    prepare.export_model(Causal(256), 32, "cpu", tmp_path / "model.pt2")
+    assert metric.main([str(tmp_path / "model.pt2")]) == 0
+    assert re.fullmatch(r"val_bpb: \d+\.\d{6}\n", capsys.readouterr().out)
+    (tmp_path / "garbage.pt2").write_bytes(b"not a zip")
+    assert metric.main([str(tmp_path / "garbage.pt2")]) == 1
+    assert capsys.readouterr().out.startswith("val_bpb: invalid (the exported model cannot be loaded)")
+    assert metric.main([]) == 2 and "usage" in capsys.readouterr().err
