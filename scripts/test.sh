@@ -9,5 +9,7 @@ echo "==> ruff"
 "$bin/ruff" format --check agent tui nanogpt tests bench
 echo "==> mypy"
 "$bin/mypy" agent tui nanogpt
+echo "==> import contracts"
+"$bin/lint-imports" --no-logo
 echo "==> pytest"
 "$bin/pytest" "$@"
