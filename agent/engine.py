@@ -93,6 +93,8 @@ class _Item:
 
 @dataclass
 class _Review:
+    """A proposal held for the user: both texts, until it is approved, edited, vetoed or dropped."""
+
     exp_id: int
     item: _Item
     parent: str

@@ -282,6 +282,15 @@ class Ledger:
                 raise
             self._conn.execute("COMMIT")
 
+    @contextmanager
+    def _writing(self, conn: sqlite3.Connection | None) -> Iterator[sqlite3.Connection]:
+        """`conn`, part of a transaction under way; or a transaction of its own (None)."""
+        if conn is not None:
+            yield conn
+            return
+        with self.transaction() as own:
+            yield own
+
     # ---- experiments ----------------------------------------------------------------------------------
 
     def next_id(self) -> int:
@@ -298,6 +307,7 @@ class Ledger:
         return result
 
     def insert(self, conn: sqlite3.Connection, exp_id: int, status: str, phase: str, **values: Any) -> None:
+        """Add a new experiment as part of `conn`'s transaction (`create` makes one of its own)."""
         values = {"id": exp_id, "status": status, "phase": phase, "created_at": time.time(), **values}
         if "seeds" in values:
             values["seeds"] = json.dumps(list(values["seeds"]))
@@ -312,12 +322,8 @@ class Ledger:
         if "seeds" in values:
             values["seeds"] = json.dumps(list(values["seeds"]))
         assignments = ", ".join(f"{_exp_column(k)} = ?" for k in values)
-        sql = f"UPDATE experiments SET {assignments} WHERE id = ?"
-        if conn is not None:
-            conn.execute(sql, [*values.values(), exp_id])
-            return
-        with self.transaction() as own:
-            own.execute(sql, [*values.values(), exp_id])
+        with self._writing(conn) as writing:
+            writing.execute(f"UPDATE experiments SET {assignments} WHERE id = ?", [*values.values(), exp_id])
 
     def get(self, exp_id: int) -> Experiment | None:
         with self._lock:
@@ -417,12 +423,8 @@ class Ledger:
         conn: sqlite3.Connection | None = None,
     ) -> None:
         sql = "INSERT INTO queue (proposal, source_exp_id, reason, created_at) VALUES (?, ?, ?, ?)"
-        args = (proposal_to_json(proposal), source_exp_id, reason, time.time())
-        if conn is not None:
-            conn.execute(sql, args)
-            return
-        with self.transaction() as own:
-            own.execute(sql, args)
+        with self._writing(conn) as writing:
+            writing.execute(sql, (proposal_to_json(proposal), source_exp_id, reason, time.time()))
 
     def queue_reapply(self, exp_id: int) -> str:
         """Queue experiment `exp_id`'s change to run again on top of the best (ValueError if it has none)."""
@@ -451,11 +453,8 @@ class Ledger:
         ]
 
     def dequeue(self, qid: int, conn: sqlite3.Connection | None = None) -> None:
-        if conn is not None:
-            conn.execute("DELETE FROM queue WHERE qid = ?", (qid,))
-            return
-        with self.transaction() as own:
-            own.execute("DELETE FROM queue WHERE qid = ?", (qid,))
+        with self._writing(conn) as writing:
+            writing.execute("DELETE FROM queue WHERE qid = ?", (qid,))
 
     # ---- overrides and metadata -----------------------------------------------------------------------
 
@@ -477,12 +476,10 @@ class Ledger:
         return json.loads(row[0]) if row else default
 
     def set_meta(self, key: str, value: Any, conn: sqlite3.Connection | None = None) -> None:
-        sql = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
-        if conn is not None:
-            conn.execute(sql, (key, json.dumps(value)))
-            return
-        with self.transaction() as own:
-            own.execute(sql, (key, json.dumps(value)))
+        with self._writing(conn) as writing:
+            writing.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
+            )
 
     # ---- results.tsv ----------------------------------------------------------------------------------
 

@@ -106,6 +106,21 @@ report(2.0 + abs(LEARNING_RATE - 0.5) + EXTRA)
 constants lines apart, so that changes to two of them merge cleanly."""
 
 
+SUMMARY_KEYS = [
+    "val_bpb",
+    "training_seconds",
+    "total_seconds",
+    "peak_memory_mb",
+    "mfu_percent",
+    "total_tokens_M",
+    "num_steps",
+    "num_params_M",
+    "train_flops",
+    "budget",
+    "seed",
+]
+"""The keys of the `---` summary block a run prints, in order (docs/contracts.md)."""
+
 FAKE_HARNESS_SHA256 = {
     name: hashlib.sha256(text.encode()).hexdigest()
     for name, text in (("prepare.py", FAKE_PREPARE), ("corpus.py", FAKE_CORPUS), ("metric.py", FAKE_METRIC))

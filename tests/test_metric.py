@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_fakes import SUMMARY_KEYS
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
 sys.path.insert(0, str(NANOGPT))
@@ -23,20 +24,6 @@ import metric  # noqa: E402
 import prepare  # noqa: E402
 
 from agent.sandbox.summary import parse_summary, summary_bpb  # noqa: E402
-
-SUMMARY_KEYS = [
-    "val_bpb",
-    "training_seconds",
-    "total_seconds",
-    "peak_memory_mb",
-    "mfu_percent",
-    "total_tokens_M",
-    "num_steps",
-    "num_params_M",
-    "train_flops",
-    "budget",
-    "seed",
-]
 
 
 def test_the_run_side_never_imports_the_metric() -> None:

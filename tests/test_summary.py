@@ -99,8 +99,10 @@ def test_a_non_finite_judged_value_is_nan() -> None:
 
 
 def test_classify_fail_line_is_nan() -> None:
-    assert classify(1, ["FAIL: loss is nan at step 12"], "FAIL: loss is nan at step 12") == (
+    bad = classify(1, ["FAIL: loss is nan at step 12"], "FAIL: loss is nan at step 12")
+    assert bad is not None and (bad.outcome, bad.val_bpb, bad.reason) == (
         "nan",
+        None,
         "FAIL: loss is nan at step 12",
     )
 
@@ -108,16 +110,17 @@ def test_classify_fail_line_is_nan() -> None:
 def test_classify_crash_keeps_the_last_line() -> None:
     tail = ["Traceback (most recent call last):", '  File "train.py", line 3', "ValueError: bad shape"]
     bad = classify(1, tail, None)
-    assert bad is not None and bad[0] == "crash" and "ValueError: bad shape" in bad[1]
+    assert bad is not None and bad.outcome == "crash" and "ValueError: bad shape" in bad.reason
 
 
 def test_classify_memory_error_is_oom() -> None:
-    assert (classify(1, ["Traceback", "MemoryError"], None) or ("",))[0] == "oom"
-    assert (classify(-9, ["..."], None) or ("",))[0] == "oom"
+    for exit_code, tail in ((1, ["Traceback", "MemoryError"]), (-9, ["..."])):
+        bad = classify(exit_code, tail, None)
+        assert bad is not None and bad.outcome == "oom"
 
 
 def test_a_containment_failure_is_named_only_with_its_line() -> None:
     failed = classify(125, ["autoresearch containment: mount failed; the run was not started"], None)
-    assert failed is not None and "containment could not be set up" in failed[1]
+    assert failed is not None and "containment could not be set up" in failed.reason
     own = classify(125, ["my script exits 125"], None)
-    assert own is not None and "containment" not in own[1]
+    assert own is not None and "containment" not in own.reason

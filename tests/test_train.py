@@ -12,19 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from engine_fakes import SUMMARY_KEYS
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
 JUDGE = Path(__file__).resolve().parent.parent / "agent" / "sandbox" / "judge.py"
-SUMMARY_KEYS = [
-    "val_bpb",
-    "training_seconds",
-    "total_seconds",
-    "peak_memory_mb",
-    "mfu_percent",
-    "total_tokens_M",
-    "num_steps",
-    "num_params_M",
-]
 
 
 @dataclass

@@ -54,21 +54,21 @@ _LAUNCHER = (
 )
 
 
-def classify(exit_code: int | None, tail: list[str], fail_line: str | None) -> tuple[Outcome, str] | None:
-    """Outcome and reason of a training process that ended badly by itself; None when it exited cleanly."""
+def classify(exit_code: int | None, tail: list[str], fail_line: str | None) -> Judged | None:
+    """The verdict on a training process that ended badly by itself (no score); None when it exited cleanly."""
     if fail_line is not None:
-        return Outcome.NAN, fail_line
+        return Judged(Outcome.NAN, None, fail_line)
     if exit_code == 0:
         return None
     setup_failed = next((line for line in tail if line.startswith(_CONTAINMENT_ERROR)), None)
     if exit_code == CONTAINMENT_FAILED and setup_failed:
-        return Outcome.CRASH, f"the run's containment could not be set up: {setup_failed}"[:300]
+        return Judged(Outcome.CRASH, None, f"the run's containment could not be set up: {setup_failed}"[:300])
     text = "\n".join(tail[-60:])
     if exit_code == -signal.SIGKILL or _OOM_TEXT.search(text):
         why = "killed by SIGKILL (the kernel's OOM killer?)" if exit_code == -signal.SIGKILL else ""
-        return Outcome.OOM, why or "out of memory"
+        return Judged(Outcome.OOM, None, why or "out of memory")
     last = next((line.strip() for line in reversed(tail) if line.strip()), "")
-    return Outcome.CRASH, f"exit code {exit_code}: {last}"[:300]
+    return Judged(Outcome.CRASH, None, f"exit code {exit_code}: {last}"[:300])
 
 
 def build_command(spec: RunSpec, containment: Containment | None, argv: list[str] | None = None) -> list[str]:
@@ -151,7 +151,7 @@ def run_training(
         if training.killed_for:
             verdict = Judged(_KILLED[training.killed_for], None, _kill_reason(spec, training.killed_for))
         elif bad := classify(training.returncode, tail, output.fail_line):
-            verdict = Judged(bad[0], None, bad[1])
+            verdict = bad
         else:
             started = time.monotonic()
             with judge.lock if judge is not None else contextlib.nullcontext():  # one model at a time

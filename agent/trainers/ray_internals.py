@@ -1,6 +1,6 @@
 """Every part of Ray this project touches that is not Ray's public API, in one place (as `tui/internals.py` does
 for Textual), with why, and what to check on an upgrade (pinned: ray==2.60.0 in pyproject.toml; the guard
-tests are in tests/test_ray_trainers.py).
+tests are in tests/test_ray_internals.py; tests/test_ray_trainers.py checks every socket is loopback).
 
 - `ray._private.services.canonicalize_bootstrap_address`: Ray's own reading of "auto" and of an ADDRESS
   (`cluster_address`). Check it still returns "host:port" or None.
