@@ -16,9 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_fakes import write_harness
+from engine_fakes import working_in, write_harness
 
 from agent.budget import Budget
+from agent.config import EngineConfig
 from agent.sandbox import probe as probe_module
 from agent.sandbox.containment import probe as containment_probe
 from agent.sandbox.judging import WarmJudge, judged, prepare_for_runs
@@ -32,7 +33,8 @@ from agent.sandbox.probe import (
 )
 from agent.sandbox.process import scrub_environment
 from agent.sandbox.runner import run_training
-from agent.sandbox.spec import RunSpec
+from agent.sandbox.sandbox import PROBE_GRACE_S, PROBE_MIN_DEADLINE_S, Sandbox
+from agent.sandbox.spec import ProbeParent, RunRequest, RunSpec
 from agent.static_noop import static_noop
 
 NANOGPT = Path(__file__).resolve().parent.parent / "nanogpt"
@@ -338,3 +340,47 @@ def test_the_cache_probes_a_parent_once_even_when_two_slots_ask_at_once(
     cache.get("c", lambda: run("c"))
     cache.get("a", lambda: run("a"))  # evicted by b and c (size 2): probed again
     assert calls == ["a", "b", "b", "c", "a"]
+
+
+HANGS = {
+    "spin": "while True:\n    pass\n",
+    "sleep": "import time\ntime.sleep(10_000)\n",
+    "flood": "while True:\n    print('x' * 4096, flush=True)\n",
+    "orphans": (
+        "import subprocess, sys, time\n"
+        "for _ in range(3):\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(10_000)'], start_new_session=True)\n"
+        "time.sleep(10_000)\n"
+    ),
+}
+"""Candidates that never train: each line goes before the real train.py."""
+
+
+@pytest.mark.parametrize("case", sorted(HANGS))
+def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_path: Path, case: str) -> None:
+    """Its probe's steps must fit in the run's budget: one that spins, sleeps, floods its output or waits on
+    children is settled as a timeout there, and no run follows (it used to wait for the run's own deadline, then
+    train to a second one: minutes for a budget of seconds)."""
+    sandbox = Sandbox(
+        harness=lab.workspace,
+        harness_hashes=lab.base.harness_hashes,
+        scratch_root=tmp_path / "scratch",
+        config=EngineConfig(probe=True, warm_judge=False),
+        env={},
+        emit=lambda event: None,
+    )
+    sandbox.hidden()  # the data prepared first, as an engine's first run does: not the candidate's time
+    budget = Budget.parse("2e11flops")  # ~4 s by the engine's estimate; the run's deadline is 102 s
+    log_path = tmp_path / "runs" / "run.log"
+    request = RunRequest(1, 0, 1, HANGS[case] + TRAIN, budget, log_path, probe_against=ProbeParent(0, TRAIN))
+    started = time.monotonic()
+    result = sandbox.run(request, lambda event: None, threading.Event())
+    took = time.monotonic() - started
+    assert (result.outcome, result.val_bpb) == ("timeout", None), result.reason
+    assert (
+        result.reason.startswith(f"in a probe of {PROBE_STEPS} steps: ") and "probe_steps" in result.summary
+    )
+    assert not log_path.exists(), "a run followed the probe"
+    assert sandbox.probe_deadline(request) == PROBE_MIN_DEADLINE_S < sandbox.deadline(request)
+    assert took < budget.estimate_seconds()[0] + PROBE_GRACE_S + 15.0  # the kill's grace, on a busy machine
+    assert working_in(tmp_path) == []  # nothing of it left running

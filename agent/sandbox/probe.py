@@ -54,6 +54,8 @@ class Probe:
     steps: int
     log_tail: str = ""
     log_path: Path | None = None
+    killed_for: str = ""
+    """Why the runner killed the probe, if it did (`RunResult.killed_for`)."""
 
     @property
     def settles(self) -> bool:
@@ -61,6 +63,12 @@ class Probe:
         do not train. Not a NaN: the probe's steps sample the schedule's peak, where the run warms up first;
         not memory: the machine's may be short only for now."""
         return self.outcome == "crash" and not self.reason.startswith(_CONTAINMENT_FAILED)
+
+    @property
+    def hung(self) -> bool:
+        """The probe did not train its few steps within its deadline, or went on past its budget: a run of the
+        same code would not do better (it spins, sleeps, floods its output or waits on children)."""
+        return self.killed_for in ("timeout", "overrun")
 
 
 def probe(
@@ -110,7 +118,8 @@ def probe(
             )
         elif outcome == "invalid" and "no fingerprint" in reason:
             outcome = "inconclusive"
-    return Probe(outcome, fingerprint, reason, seconds, steps, result.log_tail, result.log_path)
+    killed = result.killed_for
+    return Probe(outcome, fingerprint, reason, seconds, steps, result.log_tail, result.log_path, killed)
 
 
 def _ignore(event: Event) -> None:
@@ -178,8 +187,9 @@ def settle_by_probe(
     judge: WarmJudge | None,
 ) -> RunResult | None:
     """A candidate's first run, settled by probes where they can: a few seeded steps of the candidate and, once
-    per parent (`cache`), of its parent. The run's result when that settles it (a crash, the same computation
-    as the parent, stopped), else None: train it."""
+    per parent (`cache`), of its parent, each under `spec`'s deadline (the sandbox keeps a probe's short). The
+    run's result when that settles it (a crash, a hang, the same computation as the parent, stopped), else None:
+    train it."""
 
     def probing(source: bytes | None, name: str) -> RunSpec:
         folder = spec.scratch.with_name(f"{spec.scratch.name}-{name}")
@@ -197,6 +207,10 @@ def settle_by_probe(
     if candidate.settles:
         return _settled(
             candidate, Outcome.CRASH, f"in a probe of {candidate.steps} steps: {candidate.reason}"
+        )
+    if candidate.hung:  # a hanging candidate costs one probe's deadline, not a probe's and then a run's
+        return _settled(
+            candidate, Outcome.TIMEOUT, f"in a probe of {candidate.steps} steps: {candidate.reason}"
         )
     if candidate.outcome != "ok":
         return None

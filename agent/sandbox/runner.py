@@ -184,6 +184,7 @@ def run_training(
         pid=training.pid,
         judge_seconds=judge_seconds,
         budget_spent=training.budget_spent,
+        killed_for=training.killed_for,
     )
 
 

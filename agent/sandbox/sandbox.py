@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -25,6 +26,11 @@ from agent.sandbox.judging import WarmJudge, prepare_for_runs
 from agent.sandbox.probe import ProbeCache, settle_by_probe
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import RunRequest, RunResult, RunSpec
+
+PROBE_GRACE_S = 10.0
+"""A probe's deadline: the run's budget (its few steps must fit in it, or the run would not train either) ..."""
+PROBE_MIN_DEADLINE_S = 15.0
+"""... plus this for start-up and the hand-over, at least this in all (never more than the run's deadline)."""
 
 Prepare = Callable[["Sandbox"], tuple[Path, ...]]
 """How a sandbox prepares the data for runs and learns the files they must not read (a Ray node's is shared by
@@ -130,6 +136,12 @@ class Sandbox:
         eval_s = config.eval_s if config.eval_s is not None else (240.0 if self.cuda else 60.0)
         return seconds + eval_s + config.grace_s
 
+    def probe_deadline(self, request: RunRequest) -> float:
+        """Seconds a probe of `request` may take: its few steps must fit in the run's budget, so a candidate that
+        spins, sleeps or floods its output is settled within the budget and PROBE_GRACE_S."""
+        seconds, _estimated = request.budget.estimate_seconds()
+        return min(self.deadline(request), max(PROBE_MIN_DEADLINE_S, seconds + PROBE_GRACE_S))
+
     def limits(self) -> tuple[int, int | None]:
         """Resident memory (MB) and address space (MB, None: unlimited) of a run, from this machine's RAM."""
         total_mb = psutil.virtual_memory().total // 2**20
@@ -180,7 +192,7 @@ class Sandbox:
         containment, judge = self.containment, self.judge()
         if request.probe_against is not None and self.can_probe:
             settled = settle_by_probe(
-                spec,
+                replace(spec, deadline_s=self.probe_deadline(request)),
                 request.probe_against,
                 self.probes,
                 emit,

@@ -158,6 +158,9 @@ class RunResult:
     """Seconds the judge took (load, probe, score), apart from the run's own."""
     budget_spent: float | None = None
     """What the run spent of an enforced budget, by the runner's measure (wall or CPU seconds)."""
+    killed_for: str = ""
+    """Why the runner killed it, if it did: interrupted, timeout, oom, disk, or overrun (it went on past its
+    budget and the hand-over time)."""
 
     @classmethod
     def without_judge(
