@@ -9,6 +9,11 @@ recorded at the workspace's init.
 - Refusals (`judge`): a model whose logits see later tokens (`check_causal`) or the other windows of its batch
   (`check_rows_independent`), that returns the wrong shape, or that was paid for with fewer parameters or FLOPs
   than the exported program has (`count_parameters`), is `invalid`, with the reason.
+- Only data reaches the judge (`check_archive`, `check_graph`): an archive with a pickled entry (a weight or
+  constant marked `use_pickle`, a custom object, sample inputs that need more than torch's weights-only loader)
+  or an entry of any other kind is refused before torch loads it (torch would unpickle it, running its code in
+  the judge); a graph may call aten operators only (no custom or higher-order ops), and its state that is not
+  a parameter (buffers, constants) is capped at MAX_STATE_BYTES.
 - Probes: a probe's model gets a fingerprint of its logits (`fingerprint`), never a score.
 - `prepare_for_runs`: what the engine runs once before contained runs (the data, the CPU's peak FLOPs).
 
@@ -18,9 +23,14 @@ By hand: `python metric.py model.pt2` scores an exported model as the judge does
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import math
+import operator
 import os
+import re
 import sys
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -29,6 +39,18 @@ from prepare import EXPORT_FILE, model_logits, peak_flops, prepare
 
 EVAL_TOKENS = 1 << 17
 """Validation tokens scored per evaluation (fewer if the split is smaller)."""
+MAX_STATE_BYTES = 4 * 2**20
+"""What a model may hold besides its parameters (buffers, constants): a rotary table for a long context fits; a
+copy of the validation text stored to be looked up does not."""
+ARCHIVE_ENTRY = re.compile(
+    r"^[^/]+/(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/model\.json|data/sample_inputs/model\.pt"
+    r"|data/weights/(weight_\d+|model_weights_config\.json)"
+    r"|data/constants/(tensor_\d+|model_constants_config\.json))$"
+)
+"""The entries `torch.export.save` writes for one model of plain tensors; anything else (a custom or opaque
+object, extra files, another model, compiled code) is refused."""
+MAX_ARCHIVE_ENTRIES = 100_000
 
 
 # -------------------------------------------------------------------------------------------------- val_bpb
@@ -197,13 +219,77 @@ def count_parameters(program: Any) -> int:
     return total
 
 
+def check_archive(model_path: str | os.PathLike[str]) -> str | None:
+    """Why the exported archive is refused before torch loads it, or None: it must hold data only. torch 2.x
+    unpickles (`weights_only=False`) any weight or constant marked `use_pickle`, custom objects, and sample inputs
+    its weights-only loader refuses; unpickling runs whatever code the pickle names."""
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            entries = archive.infolist()
+            if len(entries) > MAX_ARCHIVE_ENTRIES:
+                return f"the archive holds {len(entries)} entries"
+            for entry in entries:
+                if not ARCHIVE_ENTRY.match(entry.filename):
+                    return f"the archive holds {entry.filename!r}: only a model's graph and plain tensors are judged"
+            names = {entry.filename.split("/", 1)[1]: entry.filename for entry in entries}
+            for config in (
+                "data/weights/model_weights_config.json",
+                "data/constants/model_constants_config.json",
+            ):
+                if config not in names:
+                    continue
+                payloads = json.loads(archive.read(names[config])).get("config", {})
+                pickled = sorted(name for name, meta in payloads.items() if meta.get("use_pickle", True))
+                if pickled:
+                    return f"pickled tensors in the archive ({', '.join(pickled[:3])}): only plain tensors are judged"
+            if "data/sample_inputs/model.pt" in names:
+                data = archive.read(names["data/sample_inputs/model.pt"])
+                if data:
+                    try:
+                        torch.load(io.BytesIO(data), weights_only=True)
+                    except Exception as exc:
+                        return f"the archive's sample inputs are not plain tensors ({type(exc).__name__})"
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        return f"not a readable archive: {type(exc).__name__}: {exc}"[:300]
+    return None
+
+
+def check_graph(program: Any) -> str | None:
+    """Why the loaded program is refused before it runs, or None: aten operators only (no custom or
+    higher-order ops: they could run anything, or branch on what they see), and at most MAX_STATE_BYTES of
+    state that is not a parameter."""
+    for node in program.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        target = node.target
+        if node.op != "call_function":
+            return f"the graph has a {node.op} node ({target}): only calls of aten operators are judged"
+        if target is operator.getitem:
+            continue
+        if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
+            return f"the graph calls {target}: only aten operators are judged"
+    parameters = set(program.graph_signature.parameters)
+    state = [tensor for name, tensor in program.state_dict.items() if name not in parameters]
+    state += [value for value in program.constants.values() if isinstance(value, torch.Tensor)]
+    held = sum(tensor.numel() * tensor.element_size() for tensor in state)
+    if held > MAX_STATE_BYTES:
+        return f"the model holds {held:,} bytes besides its parameters, over the {MAX_STATE_BYTES:,}-byte cap"
+    return None
+
+
 def _load_program(model_path: str | os.PathLike[str], result: dict[str, Any]) -> tuple[Any, int, int] | None:
     """The exported program and its (batch, block_size) input, or None with result["reason"] saying why not;
-    sets result["block_size"]."""
+    sets result["block_size"]. The archive is checked before it is loaded, the graph before it runs."""
+    if refused := check_archive(model_path):
+        result["reason"] = f"the exported model is refused: {refused}"[:500]
+        return None
     try:
         program = torch.export.load(str(model_path))
     except Exception as exc:
         result["reason"] = f"the exported model cannot be loaded: {type(exc).__name__}: {exc}"[:500]
+        return None
+    if refused := check_graph(program):
+        result["reason"] = f"the exported model is refused: {refused}"[:500]
         return None
     signature = _user_input_shape(program)
     if signature is None or len(signature[0]) != 2 or signature[1] != torch.long:

@@ -98,7 +98,7 @@ def _cases(ws: Path, canary: Path, val_bin: Path, port: int) -> list[Case]:
             "import json, sys\njson.dump({'export': 'ok', 'num_params': 1}, open('claims.json', 'w'))\n"
             "open('model.pt2', 'w').write('{\"val_bpb\": 0.5}')\nsys.exit(0)",
             ("invalid",),
-            "cannot be loaded",
+            "not a readable archive",
         ),
         case(
             "forged-result-file-guess",

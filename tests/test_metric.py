@@ -7,9 +7,14 @@ import ast
 import importlib.util
 import json
 import math
+import pickle
 import re
+import subprocess
 import sys
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -215,7 +220,7 @@ def test_the_judge_refuses_a_model_that_undercounts_its_parameters(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("content", "why"),
-    [(b"not a zip", "cannot be loaded"), (b"", "cannot be loaded")],
+    [(b"not a zip", "not a readable archive"), (b"", "not a readable archive")],
     ids=["garbage", "empty"],
 )
 def test_the_judge_refuses_a_file_that_is_not_an_exported_model(
@@ -276,5 +281,111 @@ def test_the_metric_scores_an_exported_model_by_hand(
     assert re.fullmatch(r"val_bpb: \d+\.\d{6}\n", capsys.readouterr().out)
     (tmp_path / "garbage.pt2").write_bytes(b"not a zip")
     assert metric.main([str(tmp_path / "garbage.pt2")]) == 1
-    assert capsys.readouterr().out.startswith("val_bpb: invalid (the exported model cannot be loaded)")
+    assert "the exported model is refused: not a readable archive" in capsys.readouterr().out
     assert metric.main([]) == 2 and "usage" in capsys.readouterr().err
+
+
+# ---- only data reaches the judge -----------------------------------------------------------------------------
+
+
+class _Runs:
+    """Unpickled, it runs code: it writes a marker file (what a hostile archive would do to the judge)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def _rewrite(source: Path, target: Path, change: Callable[[str, bytes], bytes | None]) -> None:
+    """A copy of an archive with some entries changed (`change` returns the new bytes, or None: unchanged)."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for entry in old.infolist():
+            data = old.read(entry.filename)
+            new.writestr(entry, change(entry.filename, data) or data)
+
+
+def _loads_and_runs(path: Path, marker: Path) -> bool:
+    """Whether plain `torch.export.load` of `path` runs the archive's code (in a process of its own)."""
+    code = f"import torch\ntry:\n    torch.export.load({str(path)!r})\nexcept Exception:\n    pass\n"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, check=False)
+    return marker.exists()
+
+
+def _pickled_weight(name: str, data: bytes, marker: Path) -> bytes | None:
+    if name.endswith("data/weights/model_weights_config.json"):
+        config = json.loads(data)
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True  # the loader then unpickles that weight's file
+        return json.dumps(config).encode()
+    if name.endswith("data/weights/weight_0"):
+        return pickle.dumps(_Runs(marker))
+    return None
+
+
+def _pickled_sample_inputs(name: str, data: bytes, marker: Path) -> bytes | None:
+    # torch's weights-only loader refuses it, and the loader then retries with weights_only=False
+    return pickle.dumps(_Runs(marker)) if name.endswith("data/sample_inputs/model.pt") else None
+
+
+@pytest.mark.parametrize("attack", [_pickled_weight, _pickled_sample_inputs], ids=["weight", "sample-inputs"])
+def test_an_archive_that_carries_a_pickle_is_refused_before_torch_runs_it(
+    tmp_path: Path, attack: Callable[[str, bytes, Path], bytes | None]
+) -> None:
+    prepare.prepare()
+    honest, hostile, marker = tmp_path / "honest.pt2", tmp_path / "hostile.pt2", tmp_path / "ran"
+    prepare.export_model(Causal(256), 32, "cpu", honest)
+    assert metric.check_archive(honest) is None
+    _rewrite(honest, hostile, lambda name, data: attack(name, data, marker))
+    assert _loads_and_runs(hostile, marker), "the attack does not work without the defence: no proof"
+    marker.unlink()
+    result = metric.judge(hostile, {})
+    assert result["status"] == "invalid" and "refused" in result["reason"], result
+    assert not marker.exists(), "the judge ran the archive's code"
+
+
+def test_an_archive_with_anything_but_a_model_is_refused(tmp_path: Path) -> None:
+    prepare.prepare()
+    honest, extra = tmp_path / "honest.pt2", tmp_path / "extra.pt2"
+    prepare.export_model(Causal(256), 32, "cpu", honest)
+    with zipfile.ZipFile(honest) as old, zipfile.ZipFile(extra, "w") as new:
+        for entry in old.infolist():
+            new.writestr(entry, old.read(entry.filename))
+        root = old.namelist()[0].split("/", 1)[0]
+        new.writestr(f"{root}/data/constants/custom_obj_0", b"anything")
+    assert "custom_obj_0" in str(metric.check_archive(extra))
+
+
+class Branches(torch.nn.Module):
+    """Causal on every row but one made of one token repeated (the judge's padding, say): there it peeks."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        plain = (idx == idx[:, :1]).all()
+        return torch.cond(plain, lambda x: self.honest(x.roll(-1, dims=1)), lambda x: self.honest(x), (idx,))
+
+
+class Remembers(torch.nn.Module):
+    """A causal model with a lookup table in a buffer (not a parameter): 8 MB of text it could match."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+        self.register_buffer("table", torch.zeros(1 << 20, dtype=torch.long))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.honest(idx) + 0 * self.table[:1].float().sum()
+
+
+def test_a_graph_may_call_aten_operators_only_and_hold_little_besides_parameters(tmp_path: Path) -> None:
+    prepare.prepare()
+    prepare.export_model(Branches(256), 32, "cpu", tmp_path / "branches.pt2")
+    result = metric.judge(tmp_path / "branches.pt2", {})
+    assert result["status"] == "invalid" and "aten operators are judged" in result["reason"], result
+    prepare.export_model(Remembers(256), 32, "cpu", tmp_path / "remembers.pt2")
+    result = metric.judge(tmp_path / "remembers.pt2", {})
+    assert result["status"] == "invalid" and "besides its parameters" in result["reason"], result

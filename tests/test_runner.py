@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, working_in, write_harness
+from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, alive, working_in, write_harness
 
 from agent.budget import Budget
 from agent.events import Event, LogLine, StepMetric
@@ -37,12 +37,13 @@ def _run(
     stop: threading.Event | None = None,
     containment: Containment | None = None,
     judge: WarmJudge | None = None,
+    metric: str = FAKE_METRIC,
     **limits: object,
 ) -> RunResult:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
     (workspace / "train.py").write_text(textwrap.dedent(script))
-    write_harness(workspace)
+    write_harness(workspace, metric=metric)
     spec = RunSpec(
         workspace=workspace,
         scratch=tmp_path / "scratch" / "7-0",
@@ -453,10 +454,12 @@ def test_a_run_dies_with_the_engine_that_started_it(tmp_path: Path, level: str) 
     assert survivors == []
 
 
-def _warm_judge(tmp_path: Path, containment: Containment | None = None) -> WarmJudge:
+def _warm_judge(
+    tmp_path: Path, containment: Containment | None = None, metric: str = FAKE_METRIC
+) -> WarmJudge:
     workspace = tmp_path / "ws"
     workspace.mkdir(exist_ok=True)
-    write_harness(workspace)
+    write_harness(workspace, metric=metric)
     return WarmJudge(
         workspace, tmp_path / "scratch" / "judge", python=sys.executable, env={}, containment=containment
     )
@@ -475,6 +478,52 @@ def test_the_warm_judge_scores_run_after_run_with_one_process(tmp_path: Path, le
         assert judge.started == 1
         assert "[judge] ok val_bpb 2.25" in second.log_path.read_text()
         assert not list((tmp_path / "scratch" / "judge").glob("7-0"))  # each request folder is removed
+    finally:
+        judge.close()
+
+
+HOSTILE_METRIC = FAKE_METRIC.replace(
+    "def judge(model_path, claims):\n",
+    """def judge(model_path, claims):
+    import os, pathlib, time
+    seen = pathlib.Path(model_path).parent.parent / "seen"
+    for fd in range(3, 256):  # every descriptor it got: an answer forged into the server's reply pipe
+        try:
+            os.write(fd, b'{"exit": 7}\\n')
+        except OSError:
+            pass
+    if os.fork() == 0:  # a daemon, out of its process group, that would outlive this request
+        os.setsid()
+        if os.fork() == 0:
+            seen.with_name(f"daemon-{os.getpid()}").write_text("")
+            time.sleep(300)
+        os._exit(0)
+    deadline = time.monotonic() + 10
+    while not list(seen.parent.glob("daemon-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # it runs before this request ends
+""",
+)
+"""A judge whose code misbehaves (as unpickled code would): it writes forged answers to every descriptor it
+has, and leaves a daemon running. Each request must still get its own answer, and the daemon must not live on."""
+
+
+@pytest.mark.parametrize("level", ["none", "full"])
+def test_one_request_of_the_warm_judge_cannot_reach_the_next(tmp_path: Path, level: str) -> None:
+    containment = probe() if level == "full" else None
+    if containment is not None and containment.level != "full":
+        pytest.skip(f"no full containment here: {containment.detail}")
+    judge = _warm_judge(tmp_path, containment, metric=HOSTILE_METRIC)
+    try:
+        first = _run(tmp_path, OK_SCRIPT, judge=judge, metric=HOSTILE_METRIC)
+        second = _run(
+            tmp_path, "from prepare import report\nreport(2.25)\n", judge=judge, metric=HOSTILE_METRIC
+        )
+        assert (first.outcome, first.val_bpb, second.outcome, second.val_bpb) == ("ok", 2.345678, "ok", 2.25)
+        daemons = [int(p.name.split("-")[1]) for p in (tmp_path / "scratch" / "judge").glob("daemon-*")]
+        assert daemons, "the daemon never started: no proof"
+        if containment is None:  # pids of another PID namespace mean nothing here; /proc of the judge's does
+            assert not [pid for pid in daemons if alive(pid)], "a daemon of an earlier request lives on"
+        assert judge.started == 1  # the same warm server answered both, in order
     finally:
         judge.close()
 

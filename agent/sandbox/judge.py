@@ -15,9 +15,12 @@ Standard library only: the harness brings torch. Runs as a script, so it imports
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -67,9 +70,14 @@ def score(metric: ModuleType, model: Path, claims_path: Path, out: Path) -> int:
 def serve(harness: Path) -> int:
     """The warm judge: import the harness (and torch) once, then for each request line on stdin
     (`{"model", "claims", "out"}`) fork a fresh child that scores it, and answer `{"exit": code}` on stdout.
-    Everything else anyone prints goes to stderr. Ends when stdin closes (the engine is gone)."""
+    Everything else anyone prints goes to stderr. Ends when stdin closes (the engine is gone).
+
+    A child keeps nothing of the server's but stderr (not the requests, not the reply pipe), and whatever it
+    leaves running dies before the answer is written (the server is its subreaper): what one request did cannot
+    reach the next."""
     protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
+    _become_subreaper()
     metric = load_harness(harness)
     if "torch" in sys.modules:
         _warm(harness)
@@ -77,6 +85,9 @@ def serve(harness: Path) -> int:
         request = json.loads(line)
         child = os.fork()
         if child == 0:
+            nothing = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(nothing, 0)  # not the engine's requests ...
+            os.close(protocol.fileno())  # ... nor the pipe the answers go to
             try:
                 code = score(metric, Path(request["model"]), Path(request["claims"]), Path(request["out"]))
             except BaseException:
@@ -86,9 +97,50 @@ def serve(harness: Path) -> int:
             sys.stderr.flush()
             os._exit(code)
         _, status = os.waitpid(child, 0)
+        _kill_strays()
         protocol.write(json.dumps({"exit": os.waitstatus_to_exitcode(status)}) + "\n")
         protocol.flush()
     return 0
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> None:
+    """Orphans of this process's descendants become its children (Linux), so that `_kill_strays` finds a daemon
+    a request's child left (a double fork escapes any process group)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _kill_strays() -> None:
+    """Kill every process left under this one (what a request's child started) and reap it."""
+    for _ in range(50):  # a stray's own children are reparented here in turn
+        strays = _children(os.getpid())
+        if not strays:
+            return
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in strays:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
 
 
 def _warm(folder: Path) -> None:
