@@ -96,7 +96,7 @@ class RunFinished(Event):
     summary: dict[str, Any] = field(default_factory=dict)
     log_tail: str = ""
     judge_seconds: float = 0.0
-    """The judge's wall time after it (load, causality probe, scoring)."""
+    """The judge's wall time after it (load, scoring with its causality checks)."""
     slot: int = 0
     """The trainer slot of the run (seeds of one experiment may train at once in several)."""
 

@@ -6,9 +6,11 @@ recorded at the workspace's init.
 
 - val_bpb (`evaluate_bpb`): bits per byte over the first EVAL_TOKENS validation targets, whatever the block
   size; summed cross-entropy over the UTF-8 bytes those targets cover, counted from each token's byte string.
-- Refusals (`judge`): a model whose logits see later tokens (`check_causal`) or the other windows of its batch
-  (`check_rows_independent`), that returns the wrong shape, or that was paid for with fewer parameters or FLOPs
-  than the exported program has (`count_parameters`), is `invalid`, with the reason.
+- Refusals (`judge`): a model whose logits see later tokens or the other windows of its batch, that returns the
+  wrong shape, or that was paid for with fewer parameters or FLOPs than the exported program has
+  (`count_parameters`), is `invalid`, with the reason. Causality and row independence are checked inside the
+  scoring, on scored batches drawn at random per call, against twins made of real windows (`evaluate_bpb`):
+  nothing tells a check from a score.
 - Only data reaches the judge (`check_archive`, `check_graph`): an archive with a pickled entry (a weight or
   constant marked `use_pickle`, a custom object, sample inputs that need more than torch's weights-only loader)
   or an entry of any other kind is refused before torch loads it (torch would unpickle it, running its code in
@@ -51,9 +53,17 @@ ARCHIVE_ENTRY = re.compile(
 """The entries `torch.export.save` writes for one model of plain tensors; anything else (a custom or opaque
 object, extra files, another model, compiled code) is refused."""
 MAX_ARCHIVE_ENTRIES = 100_000
+TWINS = {"causal": 4, "rows": 2}
+"""Scored batches per judge call compared with a twin of each kind (`evaluate_bpb`); which ones, and where the
+causal twins cut, is drawn afresh per call. Four causal twins of 32 windows cut at 128 distinct positions: every
+position of the default 128-token block, every call."""
 
 
 # -------------------------------------------------------------------------------------------------- val_bpb
+
+
+class Refused(Exception):
+    """A model the judge will not score; the message says why (it becomes the verdict's reason)."""
 
 
 @torch.no_grad()
@@ -65,43 +75,154 @@ def evaluate_bpb(
     batch_size: int = 32,
     device: str = "cpu",
     max_tokens: int = EVAL_TOKENS,
+    rng: np.random.Generator | None = None,
 ) -> tuple[float, int, int]:
     """Bits per byte of `model` on the first `max_tokens` predicted validation tokens, whatever `block_size`.
 
     Summed cross-entropy (nats) / (ln 2 x the UTF-8 bytes those target tokens cover). Windows of `block_size`
     tokens, not overlapping, from the start of the split; when `block_size` does not divide the count, one last
-    window ends at the last target and only its new targets count. Returns (val_bpb, tokens, bytes).
+    window ends at the last target and only its new targets count. Returns (val_bpb, tokens, bytes); the sum
+    runs over windows in the split's order, so the order they are scored in does not change a bit of it.
+
+    With `rng` (the judge's, drawn afresh per call) the checks are part of the scoring and look like it: the
+    windows are scored in a random order, always in full batches of real windows (a short last batch is filled
+    with other windows, not counted), and TWINS[kind] scored batches, drawn at random, are each compared with a
+    twin of that kind (`_causal_twin`, `_rows_twin`), itself a batch of real windows. A model that fails a
+    comparison raises Refused. The model cannot tell a twin from a scored batch, nor which batches are checked.
     """
     n_targets = min(max_tokens, val.size - 1)
     if n_targets < block_size:
         raise ValueError("the validation split is shorter than one block")
     n_full = n_targets // block_size
-    # (start of the window, first position whose target counts)
-    windows = [(i * block_size, 0) for i in range(n_full)]
+    starts = [i * block_size for i in range(n_full)]  # each window's first token; its targets follow by one
+    skips = [0] * n_full  # positions whose targets were counted in the window before
     if rest := n_targets - n_full * block_size:
-        windows.append((n_targets - block_size, block_size - rest))
-    was_training = model.training
-    model.eval()
+        starts.append(n_targets - block_size)
+        skips.append(block_size - rest)
+    n_windows = len(starts)
     tokens = torch.from_numpy(val[: n_targets + 1].astype(np.int64))
     lengths = torch.from_numpy(token_bytes)
     positions = torch.arange(block_size)
-    total_nats, total_bytes, total_tokens = 0.0, 0, 0
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first : first + batch_size]
-        starts = torch.tensor([start for start, _ in chunk])[:, None] + torch.arange(block_size + 1)
-        counted = positions[None, :] >= torch.tensor([skip for _, skip in chunk])[:, None]  # (B, T)
-        window = tokens[starts]  # (B, T+1)
-        x, y = window[:, :-1].to(device), window[:, 1:].to(device)
+    start_of = torch.tensor(starts)
+    skip_of = torch.tensor(skips)
+    nats_of = np.zeros(n_windows)  # summed per window, added up in the split's order at the end
+    if rng is None:
+        batches = [np.arange(i, min(i + batch_size, n_windows)) for i in range(0, n_windows, batch_size)]
+        checked: dict[str, np.ndarray] = {}
+    else:
+        order = rng.permutation(n_windows)
+        if short := -n_windows % batch_size:  # fill the last batch with full windows; they are not counted
+            order = np.concatenate([order, rng.choice(n_full, short) + n_windows])
+        batches = list(order.reshape(-1, batch_size))
+        checked = {
+            kind: rng.choice(len(batches), min(n, len(batches)), replace=False) for kind, n in TWINS.items()
+        }
+        # each causal twin cuts its rows at the next distinct positions of one permutation
+        cuts = iter(np.resize(rng.permutation(max(1, block_size - 1)), (TWINS["causal"], batch_size)))
+
+    def windows(ids: np.ndarray) -> torch.Tensor:  # (B, T+1) tokens; an id past the windows is a filler
+        which = torch.from_numpy(np.asarray(ids))
+        first = torch.where(which < n_windows, start_of[which % n_windows], (which - n_windows) * block_size)
+        return tokens[first[:, None] + torch.arange(block_size + 1)]
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
         with _autocast(device):
-            logits = model_logits(model, x)
-        nats = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
-        )
-        total_nats += float(nats[counted.reshape(-1).to(nats.device)].sum())
-        total_bytes += int(lengths[window[:, 1:][counted]].sum())
-        total_tokens += int(counted.sum())
-    model.train(was_training)
-    return total_nats / (math.log(2) * total_bytes), total_tokens, total_bytes
+            logits = model_logits(model, x.to(device)).float()
+        expected = (*x.shape, token_bytes.size)
+        if tuple(logits.shape) != expected:
+            shape = tuple(logits.shape)
+            raise Refused(f"the model returns {shape} for {tuple(x.shape)} inputs, not {expected} logits")
+        return logits
+
+    was_training = model.training
+    model.eval()
+    try:
+        for number, ids in enumerate(batches):
+            window = windows(ids)
+            x, y = window[:, :-1], window[:, 1:]
+            logits = logits_of(x)
+            for kind in (kind for kind, chosen in checked.items() if number in chosen):
+                assert rng is not None  # checks are drawn with it
+                donors = windows(_donors(ids, n_full, rng))[:, :-1]
+                twin, kept = (
+                    _causal_twin(x, donors, next(cuts)) if kind == "causal" else _rows_twin(x, donors, rng)
+                )
+                if moved := _moved(logits, logits_of(twin), kept, device):
+                    diff, row = moved
+                    if kind == "causal":  # its own later tokens, or those of the rows beside it?
+                        alone = torch.where(torch.arange(len(ids))[:, None] == row, twin, x)
+                        only_row = kept & (torch.arange(len(ids))[:, None] == row)
+                        if not _moved(logits, logits_of(alone), only_row, device):
+                            kind = "rows"
+                    raise Refused(TWIN_FAILED[kind].format(f"{diff:.3g}"))
+            nats = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), y.reshape(-1).to(logits.device), reduction="none"
+            ).view(len(ids), block_size)
+            counted = ids < n_windows
+            scored = torch.from_numpy(ids[counted])
+            mask = positions[None, :] >= skip_of[scored][:, None]
+            row_nats = (nats[torch.from_numpy(counted).to(nats.device)].double().cpu() * mask).sum(dim=1)
+            nats_of[scored.numpy()] = row_nats.numpy()
+    finally:
+        model.train(was_training)
+    counted_targets = positions[None, :] >= skip_of[:, None]
+    targets = tokens[start_of[:, None] + 1 + positions][counted_targets]
+    total_bytes = int(lengths[targets].sum())
+    return float(nats_of.sum()) / (math.log(2) * total_bytes), int(counted_targets.sum()), total_bytes
+
+
+def _donors(ids: np.ndarray, n_full: int, rng: np.random.Generator) -> np.ndarray:
+    """One other full window per row, drawn from outside the batch where the split allows: the twin's text."""
+    pool = np.setdiff1d(np.arange(n_full), ids)
+    return rng.choice(pool if pool.size else np.arange(n_full), len(ids))
+
+
+def _causal_twin(
+    x: torch.Tensor, donors: torch.Tensor, cuts: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A twin whose row i keeps its tokens up to position cuts[i] and takes the rest from another real window (its
+    same positions): a causal model's logits up to the cut do not change. Returns (twin, the positions whose
+    logits must not change)."""
+    kept = torch.arange(x.size(1))[None, :] <= torch.from_numpy(cuts)[:, None]
+    return torch.where(kept, x, donors), kept
+
+
+def _rows_twin(
+    x: torch.Tensor, donors: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A twin that keeps about half the rows, drawn at random, and replaces the others with other windows: a
+    model whose rows do not see each other gives the kept rows the same logits. (A batch's windows may hold each
+    other's targets, so a model that mixed rows could read them.) Returns (twin, the positions that must not
+    change)."""
+    rows, block = x.shape
+    keep = rng.permutation(rows) < rows // 2  # none for a batch of one: no other row to change
+    kept = torch.from_numpy(keep)[:, None].expand(rows, block)
+    return torch.where(kept, x, donors), kept
+
+
+TWIN_FAILED = {
+    "causal": "non-causal: logits changed by {} when only the tokens after them changed",
+    "rows": "rows not independent: changing some windows of a batch moved the logits of the others by {}",
+}
+
+
+def _moved(
+    logits: torch.Tensor, twin: torch.Tensor, kept: torch.Tensor, device: str
+) -> tuple[float, int] | None:
+    """How far the twin's logits at the `kept` positions moved from the scored batch's, and in which row, if past
+    the tolerance (bf16 on CUDA, float32 on CPU) or not finite; None if they did not move."""
+    kept = kept.to(logits.device)
+    if not kept.any():
+        return None
+    # equal infinities do not differ; NaN differs from everything
+    gap = torch.where((twin == logits) | ~kept[..., None], 0.0, (twin - logits).abs())
+    per_row = torch.nan_to_num(gap.amax(dim=(1, 2)), nan=math.inf)
+    row = int(per_row.argmax())
+    diff = per_row[row].item()
+    scale = 1.0 + torch.nan_to_num(logits[kept], nan=0.0, posinf=0.0, neginf=0.0).abs().max().item()
+    if math.isfinite(diff) and diff <= (2e-2 if device == "cuda" else 1e-4) * scale:
+        return None
+    return diff, row
 
 
 def _autocast(device: str) -> Any:
@@ -110,86 +231,20 @@ def _autocast(device: str) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
-def check_causal(
-    model: torch.nn.Module, val: np.ndarray, vocab_size: int, block_size: int, device: str = "cpu"
-) -> str | None:
-    """None if the model is causal; otherwise why not.
-
-    Changes the tokens after position t in a sample; the logits at positions <= t must not change.
-    """
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(1234)
-    x = torch.from_numpy(val[: 2 * block_size].astype(np.int64)).reshape(2, block_size).to(device)
-    try:
-        with _autocast(device):
-            base = model_logits(model, x).float()
-        for t in sorted({0, block_size // 3, block_size // 2, block_size - 2}):
-            if t < 0 or t >= block_size - 1:
-                continue
-            changed = x.clone()
-            noise = torch.randint(0, vocab_size, (2, block_size - t - 1), generator=generator).to(device)
-            changed[:, t + 1 :] = noise
-            with _autocast(device):
-                probe = model_logits(model, changed).float()
-            scale = 1.0 + base[:, : t + 1].abs().max().item()
-            tolerance = (2e-2 if device == "cuda" else 1e-4) * scale
-            diff = (probe[:, : t + 1] - base[:, : t + 1]).abs().max().item()
-            if not math.isfinite(diff) or diff > tolerance:
-                return f"logits at positions <= {t} changed by {diff:.3g} when later tokens changed"
-    finally:
-        model.train(was_training)
-    return None
-
-
-@torch.no_grad()
-def check_rows_independent(
-    model: torch.nn.Module, val: np.ndarray, vocab_size: int, block_size: int, batch: int, device: str = "cpu"
-) -> str | None:
-    """None if each window's logits depend on that window alone; otherwise why not.
-
-    The windows of a scored batch follow each other in the split, so a model that mixed rows could read a
-    window's targets from the next one. Changing one row must leave every other row's logits as they were.
-    """
-    rows = min(batch, max(2, (val.size - 1) // block_size))
-    if rows < 2 or val.size < rows * block_size:
-        return None
-    x = torch.from_numpy(val[: rows * block_size].astype(np.int64)).reshape(rows, block_size).to(device)
-    generator = torch.Generator().manual_seed(4321)
-    with _autocast(device):
-        base = model_logits(model, x).float()
-        changed = x.clone()
-        changed[-1] = torch.randint(0, vocab_size, (block_size,), generator=generator).to(device)
-        probe = model_logits(model, changed).float()
-    scale = 1.0 + base[:-1].abs().max().item()
-    diff = (probe[:-1] - base[:-1]).abs().max().item()
-    if not math.isfinite(diff) or diff > (2e-2 if device == "cuda" else 1e-4) * scale:
-        return f"changing one window moved the logits of the others by {diff:.3g}"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------- judge
 
 
-class _FixedBatch(torch.nn.Module):
-    """An exported program called with any number of windows: pads to its fixed batch, drops the padding."""
+class _Program(torch.nn.Module):
+    """An exported program as a module `evaluate_bpb` can call: the logits alone, and .eval() a no-op."""
 
     inner: Any
 
-    def __init__(self, program_module: Any, batch: int) -> None:
+    def __init__(self, program_module: Any) -> None:
         super().__init__()
         object.__setattr__(self, "inner", program_module)  # not a submodule: exported modules refuse .train()
-        self.batch = batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.size(0)
-        if rows < self.batch:
-            x = torch.cat([x, x.new_zeros(self.batch - rows, x.size(1))])
-        out = self.inner(x)
-        if isinstance(out, tuple | list):
-            out = out[0]
-        return out[:rows]
+        return model_logits(self.inner, x)
 
 
 def _user_input_shape(program: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
@@ -256,18 +311,41 @@ def check_archive(model_path: str | os.PathLike[str]) -> str | None:
 
 def check_graph(program: Any) -> str | None:
     """Why the loaded program is refused before it runs, or None: aten operators only (no custom or
-    higher-order ops: they could run anything, or branch on what they see), and at most MAX_STATE_BYTES of
-    state that is not a parameter."""
+    higher-order ops: they could run anything, or branch on what they see), no state it writes (a model that
+    remembered its calls could tell a check's twin from the batch before it), and at most MAX_STATE_BYTES of
+    state that is not a parameter. Writing in place to its own intermediate tensors is allowed."""
+    held_from_outside = set()  # the parameters, buffers, constants and the input, and views of them
     for node in program.graph.nodes:
+        if node.op == "placeholder":
+            held_from_outside.add(node)
         if node.op in ("placeholder", "output"):
             continue
         target = node.target
         if node.op != "call_function":
             return f"the graph has a {node.op} node ({target}): only calls of aten operators are judged"
         if target is operator.getitem:
+            if node.args[0] in held_from_outside:
+                held_from_outside.add(node)
             continue
         if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "aten"):
             return f"the graph calls {target}: only aten operators are judged"
+        schema = target._schema
+        for index, argument in enumerate(schema.arguments):
+            value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+            values = value if isinstance(value, list | tuple) else [value]
+            held = [
+                item.name for item in values if isinstance(item, torch.fx.Node) and item in held_from_outside
+            ]
+            if not held:
+                continue
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                return f"the graph writes to {held[0]} ({target}): a judged model is a function of its input"
+            if any(result.alias_info is not None for result in schema.returns):  # a view of it
+                held_from_outside.add(node)
+    mutated = program.graph_signature.buffers_to_mutate | program.graph_signature.user_inputs_to_mutate
+    if mutated:  # a functional graph says so in its signature
+        names = ", ".join(sorted(mutated.values())[:3])
+        return f"the graph changes its state ({names}): a judged model is a function of its input"
     parameters = set(program.graph_signature.parameters)
     state = [tensor for name, tensor in program.state_dict.items() if name not in parameters]
     state += [value for value in program.constants.values() if isinstance(value, torch.Tensor)]
@@ -301,8 +379,9 @@ def _load_program(model_path: str | os.PathLike[str], result: dict[str, Any]) ->
 
 
 def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score an exported model: the causality probe, val_bpb over the first EVAL_TOKENS validation targets,
-    and self-checks of the run's claims. Returns the result the engine trusts (status ok or invalid + reason).
+    """Score an exported model: val_bpb over the first EVAL_TOKENS validation targets, checked as it is scored
+    (`evaluate_bpb`), and self-checks of the run's claims. Returns the result the engine trusts (status ok, or
+    invalid and the reason).
 
     Runs in the judge process, which imports neither train.py nor anything the run could write. A probe's model
     (its claims name its probe steps) gets a fingerprint instead (`fingerprint`), never a score.
@@ -347,27 +426,15 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
     if not 0 < block_size <= n_targets:
         result["reason"] = f"block_size {block_size} does not fit the {n_targets:,} validation targets"
         return result
-    scorer = _FixedBatch(program.module(), batch)
+    scorer = _Program(program.module())
+    rng = np.random.default_rng(int.from_bytes(os.urandom(16)))  # not the run's to know: drawn per call
     try:
-        with torch.no_grad():
-            probe = scorer(torch.zeros(1, block_size, dtype=torch.long, device=device))
-        if tuple(probe.shape) != (1, block_size, data.vocab_size):
-            result["reason"] = (
-                f"the exported model returns {tuple(probe.shape)} for (1, {block_size}) inputs, not "
-                f"(1, {block_size}, {data.vocab_size}) logits"
-            )
-            return result
-        problem = check_causal(scorer, data.val, data.vocab_size, block_size, device)
-        if problem:
-            result["reason"] = f"non-causal: {problem}"
-            return result
-        problem = check_rows_independent(scorer, data.val, data.vocab_size, block_size, batch, device)
-        if problem:  # consecutive windows hold each other's targets: a row must not see the others
-            result["reason"] = f"rows not independent: {problem}"
-            return result
         bpb, tokens, nbytes = evaluate_bpb(
-            scorer, data.val, data.token_bytes, block_size, batch_size=batch, device=device
+            scorer, data.val, data.token_bytes, block_size, batch_size=batch, device=device, rng=rng
         )
+    except Refused as refused:
+        result["reason"] = str(refused)[:500]
+        return result
     except Exception as exc:
         result["reason"] = f"the exported model failed on validation data: {type(exc).__name__}: {exc}"[:500]
         return result

@@ -114,11 +114,14 @@ class Causal(torch.nn.Module):
         return e.cumsum(dim=1) / steps
 
 
-def test_causality_probe() -> None:
+def test_causality_is_checked_as_the_model_is_scored() -> None:
+    """With the judge's random draw the same windows are scored, to the bit, with the checks inside."""
     data = prepare.prepare()
-    assert metric.check_causal(Causal(256), data.val, 256, block_size=32) is None
-    problem = metric.check_causal(Peeking(256), data.val, 256, block_size=32)
-    assert problem is not None and "changed" in problem
+    honest = Causal(256)
+    plain = metric.evaluate_bpb(honest, data.val, data.token_bytes, 32)
+    assert metric.evaluate_bpb(honest, data.val, data.token_bytes, 32, rng=np.random.default_rng(1)) == plain
+    with pytest.raises(metric.Refused, match="^non-causal: logits changed by"):
+        metric.evaluate_bpb(Peeking(256), data.val, data.token_bytes, 32, rng=np.random.default_rng(1))
 
 
 @pytest.mark.parametrize("model", [Causal, Peeking])
@@ -248,7 +251,7 @@ def test_the_judge_refuses_a_model_with_the_wrong_inputs_or_outputs(tmp_path: Pa
     torch.export.save(torch.export.export(TwoInputs(), (x, x)), str(tmp_path / "two.pt2"))
     assert "one int64" in metric.judge(tmp_path / "two.pt2", {})["reason"]
     prepare.export_model(WrongVocab(), 16, "cpu", tmp_path / "vocab.pt2")
-    assert "(1, 16, 256) logits" in metric.judge(tmp_path / "vocab.pt2", {})["reason"]
+    assert "(32, 16, 256) logits" in metric.judge(tmp_path / "vocab.pt2", {})["reason"]
 
 
 class PeeksAtTheNextRow(torch.nn.Module):
@@ -389,3 +392,154 @@ def test_a_graph_may_call_aten_operators_only_and_hold_little_besides_parameters
     prepare.export_model(Remembers(256), 32, "cpu", tmp_path / "remembers.pt2")
     result = metric.judge(tmp_path / "remembers.pt2", {})
     assert result["status"] == "invalid" and "besides its parameters" in result["reason"], result
+
+
+# ---- checks that look like scoring ---------------------------------------------------------------------------
+
+
+class _Peeks(torch.nn.Module):
+    """Causal, plus a strong hint of the next token at the positions `peeks_at` names (B, T, 1 weights)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+        self.vocab = vocab
+
+    def peeks_at(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        ahead = torch.nn.functional.one_hot(idx.roll(-1, dims=1), self.vocab).float()
+        return self.honest(idx) + 20.0 * ahead * self.peeks_at(idx)
+
+
+class PeeksBetweenTheOldProbes(_Peeks):
+    """Reads the next token everywhere but the four positions the old probe changed the text after."""
+
+    def peeks_at(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        weights = torch.ones(T)
+        weights[[0, T // 3, T // 2, T - 2, T - 1]] = 0.0  # (the last one has no next token in its window)
+        return weights.view(1, T, 1)
+
+
+class PeeksUnlessARowIsPadding(_Peeks):
+    """Reads the next token unless a row of the batch is all zeros, as the old probe's padded batches were."""
+
+    def peeks_at(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        padded = (idx == 0).all(dim=1).any().float()
+        weights = torch.ones(T)
+        weights[T - 1] = 0.0
+        return (1.0 - padded) * weights.view(1, T, 1)
+
+
+def _old_fixed_probe(model: torch.nn.Module, val: np.ndarray, block: int, batch: int) -> bool:
+    """The causality probe the judge ran before: two windows padded with rows of zeros to the batch, the text
+    changed after positions 0, T//3, T//2 and T-2. True if the model passed it."""
+    x = torch.from_numpy(val[: 2 * block].astype(np.int64)).reshape(2, block)
+    x = torch.cat([x, x.new_zeros(batch - 2, block)])
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        base = model(x)
+        for t in (0, block // 3, block // 2, block - 2):
+            changed = x.clone()
+            changed[:2, t + 1 :] = torch.randint(0, 256, (2, block - t - 1), generator=generator)
+            if (model(changed)[:2, : t + 1] - base[:2, : t + 1]).abs().max() > 1e-4:
+                return False
+    return True
+
+
+@pytest.mark.parametrize("model", [PeeksBetweenTheOldProbes, PeeksUnlessARowIsPadding])
+def test_a_model_that_peeks_where_the_old_probe_did_not_look_is_refused(
+    model: type[_Peeks], tmp_path: Path
+) -> None:
+    data = prepare.prepare()
+    cheat, honest = model(256), Causal(256)
+    cheat.honest = honest
+    block = 32
+    assert _old_fixed_probe(cheat, data.val, block, 32)  # it beat the old check...
+    cheated = metric.evaluate_bpb(cheat, data.val, data.token_bytes, block)[0]
+    assert cheated < metric.evaluate_bpb(honest, data.val, data.token_bytes, block)[0] - 1.0  # ...by a lot
+    prepare.export_model(cheat, block, "cpu", tmp_path / "cheat.pt2")
+    result = metric.judge(tmp_path / "cheat.pt2", {})
+    assert result["status"] == "invalid" and result["reason"].startswith("non-causal"), result
+    prepare.export_model(honest, block, "cpu", tmp_path / "honest.pt2")
+    assert metric.judge(tmp_path / "honest.pt2", {})["status"] == "ok"
+
+
+class Recorder(torch.nn.Module):
+    """A causal model that keeps every batch it is shown."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        self.seen.append(idx.clone())
+        return self.honest(idx)
+
+
+def test_a_check_looks_like_a_score() -> None:
+    """Every batch the model is shown is full, and every row is real text: a validation window, or two joined at
+    the same positions (a causal twin). Which batches are checked, and the order, change with every draw."""
+    data = prepare.prepare()
+    block, batch = 128, 32
+    n_full = metric.EVAL_TOKENS // block
+    windows = data.val[: n_full * block].astype(np.int64).reshape(n_full, block)
+    shown = []
+    for seed in (1, 2):
+        model = Recorder(256)
+        metric.evaluate_bpb(model, data.val, data.token_bytes, block, batch, rng=np.random.default_rng(seed))
+        assert len(model.seen) == n_full // batch + sum(metric.TWINS.values())
+        assert all(tuple(x.shape) == (batch, block) for x in model.seen)
+        for row in torch.cat(model.seen).numpy():
+            same = windows == row
+            prefix = np.where(same.all(axis=1), block, same.argmin(axis=1)).max()
+            suffix = np.where(same.all(axis=1), block, same[:, ::-1].argmin(axis=1)).max()
+            assert prefix + suffix >= block, row
+        shown.append(torch.cat(model.seen))
+    assert not torch.equal(shown[0], shown[1])
+
+
+class CountsItsCalls(torch.nn.Module):
+    """A causal model that counts its calls in a buffer: it could tell the batch after a scored one."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.honest(idx) + 0.0 * self.calls
+
+
+class WritesInPlace(torch.nn.Module):
+    """A causal model that writes in place to its own intermediate tensors only: allowed."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.honest = Causal(vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = self.honest(idx)
+        logits.mul_(0.5)
+        return logits.relu_()
+
+
+def test_a_judged_model_keeps_no_memory_of_its_calls(tmp_path: Path) -> None:
+    prepare.prepare()
+    counter = CountsItsCalls(256)
+    prepare.export_model(counter, 32, "cpu", tmp_path / "counts.pt2")
+    program = torch.export.load(str(tmp_path / "counts.pt2")).module()
+    x = torch.zeros(32, 32, dtype=torch.long)
+    program(x)
+    program(x)
+    calls = next(value for name, value in program.named_buffers() if name.endswith("calls"))
+    assert float(calls) == 2.0  # the primitive: an exported model can count its calls
+    result = metric.judge(tmp_path / "counts.pt2", {})
+    assert result["status"] == "invalid" and re.search(r"writes to b_\w*calls", result["reason"]), result
+    prepare.export_model(WritesInPlace(256), 32, "cpu", tmp_path / "in_place.pt2")
+    assert metric.judge(tmp_path / "in_place.pt2", {})["status"] == "ok"

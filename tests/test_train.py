@@ -127,7 +127,7 @@ def test_a_non_causal_model_is_refused(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.result is not None
     assert run.result["status"] == "invalid" and run.result["val_bpb"] is None
-    assert run.result["reason"].startswith("non-causal: logits at positions")
+    assert run.result["reason"].startswith("non-causal: logits changed by")
 
 
 BLOCK_NETWORK = """

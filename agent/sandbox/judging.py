@@ -2,8 +2,8 @@
 
 The run's claims and exported model are read as small regular files (`handover`) and copied into a folder the run
 never saw; there `agent/sandbox/judge.py`, a `python -I` process that imports the workspace's frozen harness
-(prepare.py, corpus.py and metric.py, each checked against its recorded SHA-256) and never train.py, probes causality and
-measures val_bpb. `WarmJudge` keeps one such process per workspace
+(prepare.py, corpus.py and metric.py, each checked against its recorded SHA-256) and never train.py, and
+measures val_bpb (checking causality as it scores). `WarmJudge` keeps one such process per workspace
 (torch imported once, a forked child per model). `prepare_for_runs` runs the harness once, outside any run, to
 build the data cache and learn which files training must not read.
 """
