@@ -516,6 +516,9 @@ class Books:
             self.ledger.set_meta(
                 "baseline_training_seconds", max((r.training_seconds or 0.0) for r in runs), conn
             )
+            handovers = [h for r in runs if (h := _number(r.summary.get("handover_seconds"))) is not None]
+            if handovers:  # measured by the runner: what the baseline needs to stop, export and exit
+                self.ledger.set_meta("baseline_handover_seconds", max(handovers), conn)
         crash_point("during_baseline", 0)
         self.settle_git(0)
         self.ledger.update(0, phase=Phase.DECIDED)

@@ -40,9 +40,10 @@ class EngineConfig:
     """Keep one judge process warm (torch and the harness imported once, a forked child per model) instead of
     starting one per run: about 2 s less per experiment."""
     handover_s: float | None = None
-    """Seconds a run may take, once its wall or CPU budget is spent, to stop, export its model and exit before
-    it is killed as over budget; None is 10 on CPU and 60 on CUDA. Whatever it trains in that window is
-    unpaid, so keep it short."""
+    """The most seconds a run may take, once its wall or CPU budget is spent, to stop, export its model and exit
+    before it is killed as over budget; None is 10 on CPU and 60 on CUDA. The baseline gets all of it; later
+    runs get twice what the baseline took, at least 2 s (`agent.sandbox.spec.handover_window`): whatever a run
+    trains in that window is unpaid."""
     grace_s: float = 30.0
     """Further seconds before a run is killed as a timeout."""
     compute_budget_factor: float = 3.0

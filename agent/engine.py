@@ -796,6 +796,7 @@ class Engine:
             log_path=log_path,
             probe_against=probe_against,
             observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
+            observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
         )
         self.books.start_run(exp_id, n, seed, str(log_path), exp.commit)
         flight = Flight(exp_id=exp_id, n=n, seed=seed, slot=slot)

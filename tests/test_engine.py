@@ -237,6 +237,34 @@ def test_a_hanging_candidate_times_out(ws: Workspace) -> None:
     assert exp is not None and exp.status == "timeout" and "deadline" in exp.reason
 
 
+WAITS_FOR_THE_STOP = '''"""Fake train.py: trains until the runner says its budget is spent, then exports for EXPORT s."""
+import signal
+import time
+
+from prepare import report
+
+told = []
+signal.signal(signal.SIGUSR1, lambda *a: told.append(1))
+EXPORT = 0.2
+while not told:
+    time.sleep(0.02)
+time.sleep(EXPORT)
+report(2.0)
+'''
+
+
+def test_a_run_that_trains_on_after_the_stop_gets_twice_the_baselines_hand_over(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, train=WAITS_FOR_THE_STOP)
+    trains_on = idea("train four more seconds after the stop", "EXPORT = 0.2", "EXPORT = 4.0")
+    engine, _ = _engine(ws, trains_on, seeds=1, budget=Budget.parse("1"))
+    engine.run()
+    ledger = assert_consistent(ws)
+    assert 0.2 <= ledger.get_meta("baseline_handover_seconds") < 1.0  # measured by the runner
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "invalid", (exp.status, exp.reason)
+    assert "2.0 s after its budget was spent" in exp.reason
+
+
 def test_a_broken_baseline_stops_the_engine(tmp_path: Path) -> None:
     ws = make_workspace(tmp_path, train="raise SystemExit('no data')\n")
     engine, events = _engine(ws, BETTER)

@@ -22,7 +22,7 @@ from agent.sandbox.containment import Containment, probe
 from agent.sandbox.judging import WarmJudge
 from agent.sandbox.process import group_members, kill_stale_run, scrub_environment
 from agent.sandbox.runner import run_training
-from agent.sandbox.spec import RunResult, RunSpec
+from agent.sandbox.spec import HANDOVER_MIN_S, RunResult, RunSpec, handover_window
 
 LONG = Budget.parse("600")
 """A budget no test run reaches: its deadline, or the test's stop, ends it first."""
@@ -633,3 +633,58 @@ def test_the_judge_refuses_a_harness_file_whose_hash_was_never_recorded(tmp_path
     assert result.outcome == "invalid" and "metric.py" in result.reason and "never frozen" in result.reason
     assert result.val_bpb is None
     assert (tmp_path / "ws" / "metric.py").read_text() == FAKE_METRIC  # there all along: only unrecorded
+
+
+# ---- the hand-over window ----------------------------------------------------------------------------------
+
+TRAINS_ON_WHEN_TOLD = """
+    import signal, time
+    told = []
+    signal.signal(signal.SIGUSR1, lambda *a: told.append(time.monotonic()))  # the stop, heard and ignored
+    steps = 0
+    while not told or time.monotonic() - told[0] < 4.0:  # four more seconds of training nobody paid for
+        time.sleep(0.05)
+        steps += 1
+    from prepare import report
+    report(2.5, steps=steps)
+"""
+
+
+def test_the_hand_over_window_is_twice_the_baselines_not_a_free_lap(tmp_path: Path) -> None:
+    """A run that hears the stop and trains on gains whatever the window allows. The window is twice the
+    baseline's measured hand-over (at least 2 s), not the engine's fixed cap."""
+    budget = Budget.parse("1")
+    for folder in ("cap", "window"):
+        (tmp_path / folder).mkdir()
+    free = _run(tmp_path / "cap", TRAINS_ON_WHEN_TOLD, budget=budget, handover_s=10.0)
+    assert free.outcome == "ok", free.reason  # the primitive: under the old 10 s window it trained 4 s more
+    assert free.summary["handover_seconds"] >= 4.0
+    window = handover_window(10.0, 0.6)  # an honest baseline's hand-over, measured as the runner does
+    assert window == HANDOVER_MIN_S
+    started = time.monotonic()
+    result = _run(tmp_path / "window", TRAINS_ON_WHEN_TOLD, budget=budget, handover_s=window)
+    assert (result.outcome, result.killed_for) == ("invalid", "overrun"), result.reason
+    assert "2.0 s after its budget was spent" in result.reason
+    assert time.monotonic() - started < 1.0 + window + 3.0
+    assert (handover_window(10.0, None), handover_window(10.0, 3.0), handover_window(10.0, 30.0)) == (
+        10,
+        6,
+        10,
+    )
+
+
+def test_training_seconds_and_the_hand_over_are_measured_from_outside(tmp_path: Path) -> None:
+    script = """
+        import signal, time
+        told = []
+        signal.signal(signal.SIGUSR1, lambda *a: told.append(1))
+        while not told:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the export
+        from prepare import report
+        report(2.5)  # claims 0.1 training seconds
+    """
+    result = _run(tmp_path, script, budget=Budget.parse("1.5"), handover_s=10.0)
+    assert result.outcome == "ok", result.reason
+    assert result.summary["training_seconds"] == pytest.approx(1.5, abs=0.4)  # not the claimed 0.1
+    assert 0.3 <= result.summary["handover_seconds"] < 2.0

@@ -218,6 +218,8 @@ class Ended:
     peak_rss: int
     pid: int
     budget_spent: float | None = None
+    told_s: float | None = None
+    """Seconds from its start to when it was told its budget was spent (None: it was not told)."""
 
 
 def supervise(
@@ -338,7 +340,8 @@ def supervise(
     returncode = proc.returncode
     if contained and returncode is not None and returncode > 128 and returncode != SETUP_FAILED:
         returncode = -(returncode - 128)  # the namespace's init reports a death by signal N as 128 + N
-    return Ended(returncode, killed_for, seconds, peak_rss, proc.pid, spent)
+    told_s = told_at - started if told_at is not None else None
+    return Ended(returncode, killed_for, seconds, peak_rss, proc.pid, spent, told_s)
 
 
 def tree_cpu_seconds(pid: int, known: dict[int, psutil.Process]) -> float:

@@ -30,7 +30,7 @@ from agent.sandbox.handover import read_regular
 from agent.sandbox.judging import SHOWN_MEASURES, Judged, WarmJudge, judge_handover
 from agent.sandbox.output import CappedOutput
 from agent.sandbox.process import fresh_folder, private_caches, remove_tree, scrub_environment, supervise
-from agent.sandbox.spec import MAX_SOURCE_BYTES, RUN_FILES, Outcome, RunResult, RunSpec
+from agent.sandbox.spec import HANDOVER_MIN_S, MAX_SOURCE_BYTES, RUN_FILES, Outcome, RunResult, RunSpec
 from agent.sandbox.summary import parse_summary
 
 CONTAINMENT_FAILED = SETUP_FAILED
@@ -166,6 +166,12 @@ def run_training(
             remove_tree(folder)
     if training.budget_spent is not None:
         summary["budget_spent"] = round(training.budget_spent, 2)
+    if (
+        training.told_s is not None
+    ):  # measured here, not claimed: from its start to the stop, then to its exit
+        summary["training_seconds"] = round(training.told_s, 1)
+        if not training.killed_for:
+            summary["handover_seconds"] = round(max(0.0, training.seconds - training.told_s), 2)
     peak = summary.get("peak_memory_mb") if spec.device_memory_from_summary else None
     peak_memory_mb = float(peak) if isinstance(peak, float) else (training.peak_rss / 2**20 or None)
     if peak_memory_mb is not None:
@@ -204,8 +210,9 @@ def _kill_reason(spec: RunSpec, killed_for: str) -> str:
         "timeout": f"killed at the {spec.deadline_s:.0f} s deadline",
         "oom": f"resident memory above the {spec.memory_mb} MB cap",
         "disk": f"the run's folder grew past the {spec.scratch_cap_mb} MB cap",
-        "overrun": f"still running {spec.handover_s:.0f} s after its budget was spent: a run must stop when told "
-        "and hand over its model",
+        "overrun": f"still running {spec.handover_s:.1f} s after its budget was spent: a run must stop when told "
+        "and hand over its model (the window: twice the baseline's hand-over, at least "
+        f"{HANDOVER_MIN_S:.0f} s)",
     }[killed_for]
 
 

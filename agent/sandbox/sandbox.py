@@ -25,7 +25,7 @@ from agent.sandbox.containment import probe as probe_containment
 from agent.sandbox.judging import WarmJudge, prepare_for_runs
 from agent.sandbox.probe import ProbeCache, settle_by_probe
 from agent.sandbox.runner import run_training
-from agent.sandbox.spec import RunRequest, RunResult, RunSpec
+from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window
 
 PROBE_GRACE_S = 10.0
 """A probe's deadline: the run's budget (its few steps must fit in it, or the run would not train either) ..."""
@@ -163,7 +163,9 @@ class Sandbox:
             log_path=log_path,
             deadline_s=self.deadline(request),
             budget=request.budget,
-            handover_s=self.config.handover_s or (60.0 if self.cuda else 10.0),
+            handover_s=handover_window(
+                self.config.handover_s or (60.0 if self.cuda else 10.0), request.observed_handover_s
+            ),
             memory_mb=memory,
             address_space_mb=address,
             hidden=self.hidden(),

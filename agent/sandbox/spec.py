@@ -65,6 +65,20 @@ class ProbeParent:
     train_source: str
 
 
+HANDOVER_FACTOR = 2.0
+HANDOVER_MIN_S = 2.0
+
+
+def handover_window(cap: float, observed_s: float | None) -> float:
+    """Seconds a run may take from its stop signal to its exit: what the baseline's hand-over took (its last step,
+    the export, the exit) twice over, at least HANDOVER_MIN_S, at most `cap` (all of `cap` before a baseline is
+    measured). A run that trained on in the window gained what it took; the baseline's, not the parent's, so that
+    a lineage that did cannot widen it generation by generation."""
+    if observed_s is None:
+        return cap
+    return min(cap, max(HANDOVER_MIN_S, HANDOVER_FACTOR * observed_s))
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """What the engine asks of a trainer: train this text with this seed and budget. Where and how is the
@@ -85,6 +99,9 @@ class RunRequest:
     observed_training_s: float | None = None
     """The baseline's measured training seconds: an estimated budget's (CPU seconds, FLOPs) deadline allows
     for them."""
+    observed_handover_s: float | None = None
+    """The baseline's hand-over, measured by the runner (from the stop signal to its exit: its last step, the
+    export, the exit): a later run's window is `handover_window` of it."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ class RunSpec:
     """Exported as AUTORESEARCH_BUDGET; a wall or CPU budget is also measured here, from outside the run, from
     its start: when spent the run is told to stop (STOP_SIGNAL) and must hand over within `handover_s`."""
     handover_s: float = 30.0
-    """Seconds a run may take after its budget is spent to stop, export its model and exit."""
+    """Seconds a run may take after its budget is spent to stop, export its model and exit (`handover_window`)."""
     memory_mb: int | None = None
     """Cap on the summed resident memory of the process group; None: no watchdog."""
     address_space_mb: int | None = None
