@@ -65,6 +65,10 @@ def crash_point(name: str, exp_id: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+PROBE_TRUST = 3
+"""Children of one parent settled by their probes in a row after which the parent's children train in full."""
+
+
 @dataclass
 class Recovered:
     """What `Books.recover` found: lines for the user, experiments whose runs all ended (decide them), and
@@ -118,6 +122,31 @@ class Books:
         best = self.best()
         assert best is not None
         return best
+
+    def may_probe(self, exp: Experiment, parent: Experiment) -> bool:
+        """Whether `exp`'s next run may be settled by a probe against `parent`: its first run only, and not once
+        PROBE_TRUST of the parent's children in a row were settled by their probes (no-op, crash, hang). A run
+        can tell a probe (its clock counts steps), so a kept train.py could make every child look like a no-op
+        in one; its children then train in full, as before probes."""
+        if self.current_runs(exp):
+            return False
+        streak = 0
+        for child in self.ledger.experiments():
+            runs = self.ledger.runs(child.id) if child.id and child.parent_commit == parent.commit else []
+            if runs:
+                streak = streak + 1 if all("probe_steps" in r.summary for r in runs) else 0
+                if streak >= PROBE_TRUST:
+                    why = f"probes settled {PROBE_TRUST} of #{parent.id}'s children in a row"
+                    self._emit(Info(message=f"#{exp.id} trains in full, unprobed: {why}"))
+                    return False
+        return True
+
+    def judge_seconds(self, exp: Experiment) -> float | None:
+        """The longest the judge took on one of `exp`'s runs, as the runner measured it (None: none judged)."""
+        runs = self.ledger.runs(exp.id)
+        return max(
+            (s for r in runs if (s := _number(r.summary.get("judge_seconds"))) is not None), default=None
+        )
 
     def made_on(
         self, source_exp_id: int | None, base_commit: str | None, parent: str

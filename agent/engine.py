@@ -57,13 +57,7 @@ from agent.events import (
     StateChanged,
 )
 from agent.ledger import Experiment, Ledger, Phase, Status
-from agent.proposals import (
-    Proposal,
-    ProposalContext,
-    Proposer,
-    SwitchableProposer,
-    model_name,
-)
+from agent.proposals import Proposal, ProposalContext, Proposer, SwitchableProposer, model_name
 from agent.sandbox.spec import Outcome, PrepareError, ProbeParent, RunRequest
 from agent.slots import Flight, RunDone, Slots, training_on
 from agent.static_noop import static_noop
@@ -784,9 +778,10 @@ class Engine:
         assert exp is not None and exp.commit and trainer is not None
         n = len(self.ledger.runs(exp_id))
         log_path = self.ws.run_dir(exp_id) / ("run.log" if n == 0 else f"run-{n}.log")
+        parent = self.books.started_from(exp) if exp_id != 0 and exp.parent_commit else None
         probe_against = None
-        if exp_id != 0 and exp.parent_commit and trainer.can_probe and not self.books.current_runs(exp):
-            probe_against = ProbeParent(self.books.started_from(exp).id, self.ws.file_at(exp.parent_commit))
+        if parent and exp.parent_commit and trainer.can_probe and self.books.may_probe(exp, parent):
+            probe_against = ProbeParent(parent.id, self.ws.file_at(exp.parent_commit))
         request = RunRequest(
             exp_id=exp_id,
             n=n,
@@ -797,6 +792,7 @@ class Engine:
             probe_against=probe_against,
             observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
             observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
+            parent_judge_s=self.books.judge_seconds(parent) if parent is not None else None,
         )
         self.books.start_run(exp_id, n, seed, str(log_path), exp.commit)
         flight = Flight(exp_id=exp_id, n=n, seed=seed, slot=slot)

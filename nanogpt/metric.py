@@ -16,6 +16,8 @@ recorded at the workspace's init.
   or an entry of any other kind is refused before torch loads it (torch would unpickle it, running its code in
   the judge); a graph may call aten operators only (no custom or higher-order ops), and its state that is not
   a parameter (buffers, constants) is capped at MAX_STATE_BYTES.
+- The judge's time (`forward_flops`): a model whose forwards could not be scored within the judge's deadline, even
+  at this machine's peak FLOPs, is refused before it runs.
 - Probes: a probe's model gets a fingerprint of its logits (`fingerprint`), never a score.
 - `prepare_for_runs`: what the engine runs once before contained runs (the data, the CPU's peak FLOPs).
 
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from corpus import cache_dir, corpus_sources
 from prepare import EXPORT_FILE, model_logits, peak_flops, prepare
 
 EVAL_TOKENS = 1 << 17
@@ -355,6 +358,90 @@ def check_graph(program: Any) -> str | None:
     return None
 
 
+MATMULS = {
+    "mm": 0,
+    "bmm": 0,
+    "matmul": 0,
+    "linear": 0,
+    "addmm": 1,
+    "baddbmm": 1,
+    "addbmm": 1,
+    "addmv": 1,
+    "mv": 0,
+}
+"""Products whose FLOPs are 2 x output elements x the inner dimension: the index of the operand that has it last."""
+CUBIC = {
+    "cholesky",
+    "cholesky_inverse",
+    "cholesky_solve",
+    "inverse",
+    "pinverse",
+    "triangular_solve",
+    "lu_solve",
+}
+CUBIC |= {"svd", "qr", "geqrf", "det", "logdet", "slogdet", "matrix_exp", "matrix_power", "lstsq"}
+"""Operators that cost about n^3 per n x n matrix (2 x input elements x its last dimension, at least)."""
+
+
+def forward_flops(program: Any) -> float:
+    """A floor on the FLOPs of one forward of the exported program, from its graph's shapes (no tensor math):
+    products count 2 x output elements x the inner dimension (matmuls, linear, convolutions, attention, einsum),
+    matrix factorisations and solves n^3 per matrix, every other operator one FLOP per element it reads or
+    writes. The graph has no loops (higher-order ops are refused), so running it costs this at least."""
+    total = 0.0
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.overloadpacket.__name__.lstrip("_")
+        args = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        out = sum(math.prod(v.shape) for v in _values(node))
+        if name in MATMULS and len(node.args) > MATMULS[name]:
+            inner = _shape(node.args[MATMULS[name]])
+            total += 2.0 * out * (inner[-1] if inner else 1)
+        elif "attention" in name and len(args) >= 3:  # q (..., L, E) @ k (..., S, E)^T, then @ v (..., S, Ev)
+            keys = _shape(args[1])
+            total += 2.0 * (keys[-2] if len(keys) >= 2 else 1) * (math.prod(_shape(args[0])) + out)
+        elif name.startswith("conv") and len(args) >= 2:
+            total += 2.0 * out * math.prod(_shape(args[1])[1:])  # weight (out, in / groups, *kernel)
+        elif name == "einsum" and isinstance(node.args[0], str) and len(node.args) > 1:
+            total += _einsum_flops(node.args[0], list(node.args[1]))
+        elif (name in CUBIC or name.startswith("linalg_")) and args:
+            matrix = _shape(args[0])
+            total += 2.0 * math.prod(matrix) * (matrix[-1] if matrix else 1)
+        else:
+            total += max([out, *(math.prod(_shape(a)) for a in args)])
+    return total
+
+
+def _values(node: Any) -> list[torch.Tensor]:
+    """The tensors an fx node stands for (its outputs), from its fake-tensor metadata."""
+    meta = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    values = meta if isinstance(meta, list | tuple) else [meta]
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    values = _values(node)
+    return tuple(int(d) for d in values[0].shape) if values else ()
+
+
+def _einsum_flops(equation: str, operands: list[Any]) -> float:
+    """2 x the product of every index's size (and the broadcast `...` dimensions): a naive contraction."""
+    sizes: dict[str, int] = {}
+    broadcast = 1
+    for subscripts, operand in zip(
+        equation.replace(" ", "").split("->")[0].split(","), operands, strict=False
+    ):
+        dims, letters = _shape(operand), subscripts.replace("...", "")
+        if "..." in subscripts:
+            head, extra = subscripts.index("..."), len(dims) - len(letters)
+            broadcast = max(broadcast, math.prod(dims[head : head + extra]))
+            dims = dims[:head] + dims[head + extra :]
+        for letter, size in zip(letters, dims, strict=False):
+            sizes[letter] = max(sizes.get(letter, 1), size)
+    return 2.0 * broadcast * math.prod(sizes.values())
+
+
 def _load_program(model_path: str | os.PathLike[str], result: dict[str, Any]) -> tuple[Any, int, int] | None:
     """The exported program and its (batch, block_size) input, or None with result["reason"] saying why not;
     sets result["block_size"]. The archive is checked before it is loaded, the graph before it runs."""
@@ -426,6 +513,11 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
     if not 0 < block_size <= n_targets:
         result["reason"] = f"block_size {block_size} does not fit the {n_targets:,} validation targets"
         return result
+    if refused := _too_slow(
+        program, batch, -(-n_targets // block_size), claims.get("judge_deadline_s"), device
+    ):
+        result["reason"] = refused
+        return result
     scorer = _Program(program.module())
     rng = np.random.default_rng(int.from_bytes(os.urandom(16)))  # not the run's to know: drawn per call
     try:
@@ -447,6 +539,23 @@ def judge(model_path: str | os.PathLike[str], claims: dict[str, Any] | None = No
         return result
     result.update(status="ok", val_bpb=round(bpb, 6), eval_tokens=tokens, eval_bytes=nbytes)
     return result
+
+
+def _too_slow(program: Any, batch: int, n_windows: int, deadline_s: Any, device: str) -> str | None:
+    """Why scoring the program could not end within the judge's deadline (the engine's `judge_deadline_s`, from
+    the parent's judging), even at this machine's peak FLOPs, or None. Checked before it runs: a forward made
+    to be slow (say, thousands of products that leave the logits as they were) costs a glance at its graph."""
+    if not isinstance(deadline_s, int | float) or deadline_s <= 0:
+        return None
+    forwards = -(-n_windows // batch) + sum(TWINS.values()) + 1  # every batch, the twins, a causal re-try
+    flops = forward_flops(program)
+    seconds = forwards * flops / peak_flops(device)
+    if seconds <= deadline_s:
+        return None
+    return (
+        f"too slow to judge: {forwards} forwards of {flops:.3g} FLOPs take {seconds:.0f} s at this machine's "
+        f"peak, past the judge's {deadline_s:.0f} s deadline (ten times the parent's judging)"
+    )
 
 
 def fingerprint(model_path: str | os.PathLike[str], claims: dict[str, Any]) -> dict[str, Any]:
@@ -489,13 +598,20 @@ def fingerprint(model_path: str | os.PathLike[str], claims: dict[str, Any]) -> d
 
 
 def prepare_for_runs() -> dict[str, Any]:
-    """What the engine does once before contained runs: build the data cache, measure the CPU peak, and
-    name the files training must not read (the validation split: only the judge reads it)."""
+    """What the engine does once before contained runs: build the data cache, measure the CPU peak, and say
+    where the prepared data is (`data`: what runs and judges load), what else of the cache a run reads
+    (`readable`: the CPU peak) and what training must not read (`hidden`: the validation split, which only the
+    judge reads, and the corpus it was cut from)."""
     data = prepare()
+    readable = [str(data.folder)]
     if not torch.cuda.is_available():
         torch.set_num_threads(os.cpu_count() or 1)
         peak_flops("cpu")
-    return {"hidden": [str(data.folder / "val.bin")]}
+        if (measured := cache_dir() / "peak_flops_cpu.json").is_file():
+            readable.append(str(measured))
+    sources = corpus_sources(os.environ.get("AUTORESEARCH_CORPUS") or None)
+    hidden = [str(data.folder / "val.bin"), *map(str, sources)]
+    return {"data": str(data.folder), "readable": readable, "hidden": hidden}
 
 
 def format_bpb(result: dict[str, Any]) -> str:

@@ -84,20 +84,28 @@ class Data:
         return self.encoding.n_vocab
 
 
+DATA_ENV = "AUTORESEARCH_DATA"
+"""The prepared folder a contained run or judge loads (set by the runner): it sees no corpus to hash."""
+
+
 def prepare(corpus: str | os.PathLike[str] | None = None, vocab_size: int | None = None) -> Data:
-    """Build (once) and load the tokenized corpus; cached under cache_dir() by corpus hash and vocabulary."""
-    if corpus is None:
-        corpus = os.environ.get("AUTORESEARCH_CORPUS") or None
-    if vocab_size is None:
-        vocab_size = int(os.environ.get("AUTORESEARCH_VOCAB", "256"))
-    if not 256 <= vocab_size <= 1 << 16:
-        raise ValueError(f"vocabulary size {vocab_size}: token ids are stored as uint16, so 256 to 65536")
-    files = corpus_files(corpus)
-    corpus_hash = hash_corpus(files)
-    folder = cache_dir() / "data" / f"{corpus_hash}-v{vocab_size}"
-    meta_path = folder / "meta.json"
-    if not meta_path.exists():
-        build_cache(files, corpus_hash, vocab_size, folder)
+    """Build (once) and load the tokenized corpus; cached under cache_dir() by corpus hash and vocabulary. Under
+    the runner (DATA_ENV, and no corpus or vocabulary asked for), the folder it prepared, as it is."""
+    if corpus is None and vocab_size is None and (given := os.environ.get(DATA_ENV)):
+        folder = Path(given)
+        corpus_hash = json.loads((folder / "meta.json").read_text())["corpus_hash"]
+    else:
+        if corpus is None:
+            corpus = os.environ.get("AUTORESEARCH_CORPUS") or None
+        if vocab_size is None:
+            vocab_size = int(os.environ.get("AUTORESEARCH_VOCAB", "256"))
+        if not 256 <= vocab_size <= 1 << 16:
+            raise ValueError(f"vocabulary size {vocab_size}: token ids are stored as uint16, so 256 to 65536")
+        files = corpus_files(corpus)
+        corpus_hash = hash_corpus(files)
+        folder = cache_dir() / "data" / f"{corpus_hash}-v{vocab_size}"
+        if not (folder / "meta.json").exists():
+            build_cache(files, corpus_hash, vocab_size, folder)
     encoding = load_encoding(folder / "tokenizer.json")
     return Data(  # mapped, not read: a large corpus's tokens stay on disk until a batch needs them
         train=_map_tokens(folder / "train.bin"),

@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -265,3 +267,15 @@ def working_in(folder: Path) -> list[int]:
             if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()).is_relative_to(folder):
                 found.append(proc.pid)
     return found
+
+
+@contextlib.contextmanager
+def outside_tmp(name: str) -> Iterator[Path]:
+    """A fresh folder outside /tmp, where users keep their workspaces (a run's private /tmp would hide one under
+    /tmp from it, and so hide what a run can reach), removed afterwards."""
+    base = Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else Path.home()
+    folder = Path(tempfile.mkdtemp(prefix=f"autoresearch-test-{name}-", dir=base))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

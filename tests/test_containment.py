@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from engine_fakes import outside_tmp
 
 from agent.sandbox import containment
 from agent.sandbox.containment import SETUP_FAILED, Containment, contain, probe
@@ -220,6 +222,72 @@ def test_filesystem_is_read_only_but_scratch(scratch: Path, tmp_path: Path, remo
     assert not private.exists()
     assert hidden_file.read_text().startswith("# local-autoresearch")
     assert Path("/dev/null").stat().st_mode & 0o777 == 0o666
+
+
+SEES = """
+import json, os, sys
+ws, data = sys.argv[1], sys.argv[2]
+seen = {
+    "workspace": sorted(os.listdir(ws)),
+    "beside its folder": sorted(os.listdir("..")),
+    "cache": sorted(os.listdir(os.path.dirname(data))),
+    "train": open(os.path.join(data, "train.bin")).read(),
+    "val": open(os.path.join(data, "val.bin")).read(),
+    "corpus": os.listdir(sys.argv[3]) if os.path.exists(sys.argv[3]) else None,
+    "home": os.path.exists(os.path.expanduser("~/.cache")),
+}
+import numpy  # the interpreter's libraries are in sight
+open("written.txt", "w").write("x")
+try:
+    open(os.path.join(data, "train.bin"), "w")
+    seen["data writable"] = True
+except OSError:
+    seen["data writable"] = False
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("allowlist", [True, False], ids=["allowlist", "whole host read-only"])
+def test_with_an_allowlist_a_run_sees_nothing_of_the_host_but_it(allowlist: bool) -> None:
+    """A workspace outside /tmp (where users keep them): with an allowlist (`in_sight`: the system's and the
+    interpreter's folders) its run sees its own folder, the prepared data (the validation split hidden) and
+    nothing else of it, of the cache, or of the corpus; without one (as before) it saw them all, read-only."""
+    full_or_skip()
+    with outside_tmp("allowlist") as base:
+        ws, cache, corpus = base / "ws", base / "cache", base / "mytexts"
+        scratch = ws / ".autoresearch" / "scratch" / "3-0"
+        data = cache / "data" / "abc-v256"
+        for folder in (scratch, ws / "runs" / "1", data, cache / "data" / "other-v256", corpus, ws / ".git"):
+            folder.mkdir(parents=True)
+        (scratch.parent / "judge").mkdir()
+        (ws / "runs" / "1" / "run.log").write_text("weights, printed")
+        (data / "train.bin").write_text("train")
+        (data / "val.bin").write_text("validation")
+        (corpus / "a.txt").write_text("the text")
+        argv = contain(
+            [sys.executable, "-c", SEES, str(ws), str(data), str(corpus)],
+            FULL,
+            cwd=scratch,
+            writable=[scratch],
+            readable=[data],
+            hidden=[data / "val.bin", corpus],
+            only=containment.in_sight(sys.executable) if allowlist else None,
+        )
+        done = subprocess.run(argv, cwd=scratch, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(done.stdout)
+        assert (seen["train"], seen["val"], seen["data writable"]) == ("train", "", False)
+        assert seen["corpus"] == (None if allowlist else [])  # not there at all, or hidden
+        assert (scratch / "written.txt").read_text() == "x"
+        if allowlist:
+            assert seen["workspace"] == [".autoresearch"] and seen["beside its folder"] == ["3-0"]
+            assert seen["cache"] == ["abc-v256"] and not seen["home"]
+        else:  # the primitive: the same run, the whole host read-only, saw the earlier run's log and the rest
+            assert seen["workspace"] == [".autoresearch", ".git", "runs"]
+            assert seen["beside its folder"] == ["3-0", "judge"] and seen["cache"] == [
+                "abc-v256",
+                "other-v256",
+            ]
 
 
 def test_hidden_path_inside_writable_is_masked(scratch: Path) -> None:

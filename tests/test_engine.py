@@ -24,6 +24,7 @@ from engine_fakes import (
 )
 
 from agent import paths
+from agent.books import Books
 from agent.budget import Budget
 from agent.commands import (
     Approve,
@@ -55,9 +56,10 @@ from agent.events import (
     RunStarted,
     StateChanged,
 )
-from agent.ledger import Ledger, read_results_tsv
+from agent.ledger import Experiment, Ledger, read_results_tsv
 from agent.proposals import Edit, Proposal, ProposalContext, ProposalFailed
 from agent.researcher.ideas import IdeaQueue, parse_ideas
+from agent.sandbox.spec import JUDGE_MAX_S, JUDGE_MIN_S, judge_deadline
 from agent.session import open_engine
 from agent.workspace import Workspace, WorkspaceError
 
@@ -263,6 +265,26 @@ def test_a_run_that_trains_on_after_the_stop_gets_twice_the_baselines_hand_over(
     exp = ledger.get(1)
     assert exp is not None and exp.status == "invalid", (exp.status, exp.reason)
     assert "2.0 s after its budget was spent" in exp.reason
+
+
+def test_the_judge_gets_ten_times_the_parents_judging_at_least_30_s(tmp_path: Path) -> None:
+    """The deadline reaches the judge in the claims it reads (the engine's word, not the run's): this judge
+    scores a model by the deadline it was given."""
+    says_its_deadline = FAKE_METRIC.replace(
+        '"val_bpb": model["val_bpb"]', '"val_bpb": claims["judge_deadline_s"] / 1000'
+    )
+    assert says_its_deadline != FAKE_METRIC
+    ws = make_workspace(tmp_path, metric=says_its_deadline)
+    engine, _ = _engine(ws, BETTER, seeds=1)
+    engine.run()
+    ledger = assert_consistent(ws)
+    baseline, child = ledger.get(0), ledger.get(1)
+    assert baseline is not None and child is not None
+    judged = ledger.runs(0)[0].summary["judge_seconds"]  # measured by the runner
+    assert 0 < judged < 3
+    assert baseline.val_bpb == pytest.approx(JUDGE_MAX_S / 1000)  # no parent: all of it
+    assert child.val_bpb == pytest.approx(judge_deadline(judged) / 1000)
+    assert judge_deadline(judged) == max(JUDGE_MIN_S, 10 * judged) and judge_deadline(100.0) == JUDGE_MAX_S
 
 
 def test_a_broken_baseline_stops_the_engine(tmp_path: Path) -> None:
@@ -664,3 +686,40 @@ def test_no_ops_are_recorded_without_a_run_on_the_real_nanogpt(tmp_path: Path) -
     assert [row[3] for row in ledger.results_rows()] == ["keep", "crash"]  # no-ops never trained: not rows
     started = [e.exp_id for e in events.of(RunStarted)]
     assert started.count(2) == 1 and 1 not in started
+
+
+def test_probes_stop_settling_a_parents_children_after_three_in_a_row(tmp_path: Path) -> None:
+    """A run can tell a probe, so a kept train.py could make every child look like a no-op (or a crash, or a hang)
+    in one. After PROBE_TRUST children of one parent in a row were settled by their probes, the rest train in
+    full, as before probes; a child that trained in full breaks the streak."""
+    ws = make_workspace(tmp_path)
+    ledger = Ledger(ws.ledger_path)
+    recorder = Recorder()
+    books = Books(ws, ledger, recorder, 0.01)
+    parent = ledger.create(0, "baseline", "decided", commit="p0", val_bpb=2.0)
+    other = ledger.create(1, "keep", "decided", commit="p1", parent_commit="p0", val_bpb=1.9)
+
+    def child(exp_id: int, settled_by_probe: bool, parent_commit: str = "p0") -> Experiment:
+        exp = ledger.create(exp_id, "discard", "decided", commit=f"c{exp_id}", parent_commit=parent_commit)
+        ledger.start_run(exp_id, 0, 1, "log")
+        ledger.finish_run(exp_id, 0, summary={"probe_steps": 4} if settled_by_probe else {"val_bpb": 2.1})
+        return exp
+
+    new = ledger.create(99, "pending", "committed", commit="c99", parent_commit="p0")
+    ledger.start_run(1, 0, 1, "log")
+    ledger.finish_run(1, 0, summary={"val_bpb": 1.9})
+    child(2, True)
+    child(3, True)
+    child(4, False)  # trained in full: the streak starts again
+    child(5, True)
+    child(6, True, parent_commit="p1")  # another parent's
+    assert books.may_probe(new, parent)
+    child(7, True)
+    assert books.may_probe(new, parent)  # two in a row
+    child(8, True)
+    assert not books.may_probe(new, parent) and books.may_probe(new, other)
+    assert any(
+        "#99 trains in full, unprobed: probes settled 3 of #0's" in e.message for e in recorder.of(Info)
+    )
+    ledger.start_run(99, 0, 1, "log")
+    assert not books.may_probe(new, other)  # a probe is for a first run only

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_fakes import Recorder
+from engine_fakes import Recorder, outside_tmp
 
 from agent.budget import Budget
 from agent.config import EngineConfig
@@ -280,6 +280,42 @@ def _cases(ws: Path, canary: Path, val_bin: Path, port: int) -> list[Case]:
             ("invalid",),
             "parameters",
         ),
+        case(  # products by the identity: the same logits, free in training, a judge's deadline to score
+            "too-slow-to-judge",
+            "        if targets is None:",
+            "if not self.training:  # exported in eval mode: only the judge's forwards pay\n"
+            "    eye = torch.eye(logits.size(-1), device=logits.device)\n"
+            "    for _ in range(2000):\n"
+            "        logits = logits @ eye",
+            ("invalid",),
+            "too slow to judge",
+        ),
+        case(  # the workspace beside it: earlier runs' logs (one printed its weights), the ledger, git, the
+            # other runs' folders and the judge's
+            "sees-the-workspace",
+            START,
+            "import os\n"
+            f"seen = [p for p in ('runs', '.git', 'results.tsv') if os.path.exists(os.path.join({str(ws)!r}, p))]\n"
+            f"seen += [n for n in os.listdir({str(ws / '.autoresearch')!r}) if n != 'scratch']\n"
+            "seen += [n for n in os.listdir('..') if n != os.path.basename(os.getcwd())]\n"
+            "if seen:\n"
+            "    raise SystemExit(f'in sight: {seen}')",
+            ("discard",),
+            honest=True,
+        ),
+        case(  # the corpus beside the harness's own functions would cut the validation split again
+            "sees-the-corpus",
+            START,
+            "import corpus\n"
+            "try:\n"
+            "    files = corpus.default_corpus_files()\n"
+            "except Exception:\n"
+            "    files = []\n"
+            "if files:\n"
+            "    raise SystemExit(f'the corpus is in sight: {len(files)} files')",
+            ("discard",),
+            honest=True,
+        ),
         case(
             "engine-environment",
             START,
@@ -332,8 +368,12 @@ def _marker_processes() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Session]:
-    tmp = tmp_path_factory.mktemp("hostile")
+def session() -> Iterator[Session]:
+    with outside_tmp("hostile") as tmp:  # where users keep workspaces: a run's private /tmp hides none of it
+        yield from _session(tmp)
+
+
+def _session(tmp: Path) -> Iterator[Session]:
     canary = tmp / "canary"
     canary.mkdir()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -417,6 +457,9 @@ CASE_NAMES = [
     "symlink-model",
     "huge-file",
     "undercounted-parameters",
+    "too-slow-to-judge",
+    "sees-the-workspace",
+    "sees-the-corpus",
     "engine-environment",
 ]
 

@@ -11,6 +11,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -543,3 +544,54 @@ def test_a_judged_model_keeps_no_memory_of_its_calls(tmp_path: Path) -> None:
     assert result["status"] == "invalid" and re.search(r"writes to b_\w*calls", result["reason"]), result
     prepare.export_model(WritesInPlace(256), 32, "cpu", tmp_path / "in_place.pt2")
     assert metric.judge(tmp_path / "in_place.pt2", {})["status"] == "ok"
+
+
+class SlowToScore(torch.nn.Module):
+    """A model's logits multiplied by the identity `products` times: the same logits, the same training, and in
+    the judge's forwards as many vocab x vocab products as it likes."""
+
+    def __init__(self, model: torch.nn.Module, products: int) -> None:
+        super().__init__()
+        self.model, self.products = model, products
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits = prepare.model_logits(self.model, idx)
+        eye = torch.eye(logits.size(-1))
+        for _ in range(self.products):
+            logits = logits @ eye
+        return logits
+
+
+def test_a_model_too_slow_to_judge_is_refused_before_it_runs(tmp_path: Path) -> None:
+    """The judge's deadline (the engine's, from the parent's judging) bounds what a model may cost to score: one
+    whose forwards could not be scored in it even at this machine's peak is refused from its graph alone."""
+    data = prepare.prepare()
+    honest = _default_gpt(data.vocab_size)
+    slow = SlowToScore(honest, 200)
+    x = torch.from_numpy(data.val[: 2 * 64].astype(np.int64)).view(2, 64)
+    with torch.no_grad():
+        assert torch.equal(slow(x), prepare.model_logits(honest, x))  # the primitive: only the cost differs
+    block = 128
+    prepare.export_model(honest, block, "cpu", tmp_path / "honest.pt2")
+    prepare.export_model(slow, block, "cpu", tmp_path / "slow.pt2")
+    flops = {
+        name: metric.forward_flops(torch.export.load(str(tmp_path / f"{name}.pt2")))
+        for name in ("honest", "slow")
+    }
+    batch = prepare.eval_batch_size(block)
+    products = 200 * 2.0 * batch * block * data.vocab_size**2
+    assert flops["slow"] >= flops["honest"] + products
+    assert flops["honest"] > 2.0 * batch * block * sum(
+        p.numel() for p in honest.parameters()
+    )  # a floor, not less
+    # A deadline between what the two cost at this machine's peak (the engine's is ten times the parent's).
+    forwards = metric.EVAL_TOKENS // block // batch + sum(metric.TWINS.values()) + 1
+    at_peak = {name: forwards * f / prepare.peak_flops("cpu") for name, f in flops.items()}
+    deadline = math.sqrt(at_peak["honest"] * at_peak["slow"])
+    assert at_peak["slow"] > 4 * at_peak["honest"], at_peak
+    started = time.monotonic()
+    refused = metric.judge(tmp_path / "slow.pt2", {"judge_deadline_s": deadline})
+    assert refused["status"] == "invalid" and refused["reason"].startswith("too slow to judge"), refused
+    assert time.monotonic() - started < deadline  # it never ran
+    scored = metric.judge(tmp_path / "honest.pt2", {"judge_deadline_s": deadline})
+    assert scored["status"] == "ok", scored

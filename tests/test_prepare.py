@@ -21,6 +21,8 @@ sys.path.insert(0, str(NANOGPT))
 import corpus  # noqa: E402
 import prepare  # noqa: E402
 
+from agent.sandbox.containment import probe  # noqa: E402
+from agent.sandbox.judging import prepare_for_runs  # noqa: E402
 from agent.sandbox.summary import Progress, parse_progress  # noqa: E402
 
 
@@ -371,3 +373,36 @@ def test_progress_lines_show_megabytes_done_every_five_percent_at_most_once_a_se
     quiet.add(100)
     quiet.close()  # a pass that never showed a line stays quiet at the end too
     assert capsys.readouterr().err == ""
+
+
+def test_the_data_is_prepared_from_a_corpus_anywhere_and_hidden_from_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new user's `AUTORESEARCH_CORPUS=/tmp/mytexts`: preparing the data (contained, with a private /tmp) sees
+    it; what it returns hides it, and the validation split, from training, and tells runs where the data is."""
+    texts = tmp_path / "mytexts"  # under the host's /tmp
+    texts.mkdir()
+    (texts / "a.txt").write_text("the quality of mercy is not strained\n" * 400)
+    harness = tmp_path / "harness"
+    harness.mkdir()
+    for name in ("prepare.py", "corpus.py", "metric.py"):
+        (harness / name).write_bytes((NANOGPT / name).read_bytes())
+    env = {"AUTORESEARCH_CORPUS": str(texts), "AUTORESEARCH_CACHE": str(tmp_path / "cache")}
+    prepared = prepare_for_runs(
+        harness,
+        tmp_path / "scratch",
+        python=sys.executable,
+        env=env,
+        containment=probe(),
+        emit=lambda e: None,
+    )
+    assert prepared.data is not None and (prepared.data / "train.bin").stat().st_size > 0
+    assert set(prepared.hidden) == {prepared.data / "val.bin", texts.resolve()}
+    assert prepared.data in prepared.readable
+    monkeypatch.setenv(
+        "AUTORESEARCH_DATA", str(prepared.data)
+    )  # what the runner tells a run: no corpus to find
+    data = prepare.prepare()
+    assert (
+        data.folder == prepared.data and data.train.size + data.val.size == (texts / "a.txt").stat().st_size
+    )

@@ -21,6 +21,7 @@ from engine_fakes import working_in, write_harness
 from agent.budget import Budget
 from agent.config import EngineConfig
 from agent.sandbox import probe as probe_module
+from agent.sandbox.containment import in_sight
 from agent.sandbox.containment import probe as containment_probe
 from agent.sandbox.judging import WarmJudge, judged, prepare_for_runs
 from agent.sandbox.probe import (
@@ -154,7 +155,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iterato
     }
     env = {"AUTORESEARCH_CACHE": str(shared_cache)}
     containment = containment_probe()
-    hidden = prepare_for_runs(
+    prepared = prepare_for_runs(
         workspace,
         root / "scratch",
         python=sys.executable,
@@ -171,11 +172,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iterato
         log_path=root / "runs" / "0.log",
         deadline_s=180.0,
         budget=Budget.parse("60"),
-        hidden=hidden,
-        readable=(shared_cache,),
+        hidden=prepared.hidden,
+        readable=prepared.readable,
         harness_hashes=hashes,
         python=sys.executable,
-        env=env,
+        env={**env, "AUTORESEARCH_DATA": str(prepared.data)},
+        visible=in_sight(sys.executable),
     )
     judge = WarmJudge(
         workspace,
@@ -369,7 +371,7 @@ def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_pa
         env={},
         emit=lambda event: None,
     )
-    sandbox.hidden()  # the data prepared first, as an engine's first run does: not the candidate's time
+    sandbox.prepared()  # the data prepared first, as an engine's first run does: not the candidate's time
     budget = Budget.parse("2e11flops")  # ~4 s by the engine's estimate; the run's deadline is 102 s
     log_path = tmp_path / "runs" / "run.log"
     request = RunRequest(1, 0, 1, HANGS[case] + TRAIN, budget, log_path, probe_against=ProbeParent(0, TRAIN))

@@ -19,7 +19,7 @@ from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, alive, working_in, wr
 from agent.budget import Budget
 from agent.events import Event, LogLine, StepMetric
 from agent.sandbox.containment import Containment, probe
-from agent.sandbox.judging import WarmJudge
+from agent.sandbox.judging import JudgePool, WarmJudge
 from agent.sandbox.process import group_members, kill_stale_run, scrub_environment
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import HANDOVER_MIN_S, RunResult, RunSpec, handover_window
@@ -526,6 +526,70 @@ def test_one_request_of_the_warm_judge_cannot_reach_the_next(tmp_path: Path, lev
         assert judge.started == 1  # the same warm server answered both, in order
     finally:
         judge.close()
+
+
+WAITS_FOR_ANOTHER_METRIC = FAKE_METRIC.replace(
+    "def judge(model_path, claims):\n",
+    """def judge(model_path, claims):
+    import os, pathlib, time
+    arrivals = pathlib.Path(os.environ["ARRIVALS"])
+    (arrivals / str(os.getpid())).write_text("")
+    deadline = time.monotonic() + 5
+    while len(list(arrivals.iterdir())) < 2:  # the other run's model, judged at the same time
+        if time.monotonic() > deadline:
+            raise SystemExit("judged alone: the other model waits behind this one")
+        time.sleep(0.02)
+""",
+)
+"""A judge that scores a model only while another is being scored: two runs judged at once both pass."""
+
+
+@pytest.mark.parametrize("judges", ["pool", "one warm judge"])
+def test_runs_judged_at_once_do_not_wait_for_each_other(tmp_path: Path, judges: str) -> None:
+    """A machine's runs each lease a warm judge of their own (`JudgePool`): a model slow to score holds its own
+    judge, not the verdicts of the other trainers. One warm judge shared by both (as once) makes one wait."""
+    workspace, arrivals = tmp_path / "ws", tmp_path / "arrivals"
+    workspace.mkdir()
+    arrivals.mkdir()
+    (workspace / "train.py").write_text(textwrap.dedent(OK_SCRIPT))
+    write_harness(workspace, metric=WAITS_FOR_ANOTHER_METRIC)
+
+    def warm(root: Path) -> WarmJudge:
+        return WarmJudge(
+            workspace, root, python=sys.executable, env={"ARRIVALS": str(arrivals)}, containment=None
+        )
+
+    judge = JudgePool(warm, tmp_path / "scratch") if judges == "pool" else warm(tmp_path / "scratch" / "j")
+    results: dict[int, RunResult] = {}
+
+    def run(exp_id: int) -> None:
+        spec = RunSpec(
+            workspace=workspace,
+            scratch=tmp_path / "scratch" / f"{exp_id}-0",
+            exp_id=exp_id,
+            seed=3,
+            log_path=tmp_path / "runs" / f"{exp_id}.log",
+            deadline_s=30.0,
+            python=sys.executable,
+            budget=LONG,
+        )
+        results[exp_id] = run_training(spec, lambda e: None, judge=judge)
+
+    threads = [threading.Thread(target=run, args=(exp_id,)) for exp_id in (1, 2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        judge.close()
+    outcomes = sorted(str(r.outcome) for r in results.values())
+    if judges == "pool":
+        assert outcomes == ["ok", "ok"], [r.reason for r in results.values()]
+        assert isinstance(judge, JudgePool) and judge.started == 2
+    else:  # the primitive: one judge for both, and the first model judged waits alone
+        assert outcomes == ["invalid", "ok"], [r.reason for r in results.values()]
+        assert "judged alone" in (tmp_path / "scratch" / "j.log").read_text()
 
 
 def test_a_failing_score_is_invalid_and_the_warm_judge_goes_on(tmp_path: Path) -> None:

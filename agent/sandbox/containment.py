@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -146,6 +147,54 @@ def _interpreter_under_tmp() -> list[Path]:
     return sorted(folder for folder in folders if folder.is_relative_to("/tmp") and folder.is_dir())
 
 
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
+"""The host's system folders a contained run sees with an allowlist (`in_sight`): programs, libraries (CUDA's
+among them), their configuration, and /sys for the CPU's and GPUs' description."""
+
+
+_ASK_PYTHON = (
+    "import json, sys\n"
+    "print(json.dumps({'prefixes': [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix],"
+    " 'executable': sys.executable, 'path': sys.path}))"
+)
+
+
+@functools.cache
+def interpreter_folders(python: str) -> tuple[Path, ...]:
+    """Where `python` finds itself and what it imports, asked of it once: its prefixes (a venv, the base
+    interpreter, even under a home folder), its executable's folder and the folders of its import path that are
+    site-packages or inside a prefix. Others (an editable install's checkout, the working directory) are not."""
+    environment = {name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
+    done = subprocess.run(
+        [python, "-c", _ASK_PYTHON],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment,
+        cwd="/",
+        check=True,
+    )
+    told = json.loads(done.stdout)
+    prefixes = [Path(p) for p in told["prefixes"]]
+    executable = Path(told["executable"])
+    folders = {*prefixes, executable.parent, executable.resolve().parent}
+    for entry in told["path"]:
+        folder = Path(entry) if entry and os.path.isabs(entry) else None
+        if folder is None or not folder.is_dir():
+            continue
+        if folder.name in ("site-packages", "dist-packages") or any(
+            folder.is_relative_to(p) for p in prefixes
+        ):
+            folders.add(folder)
+    folders |= {folder.resolve() for folder in folders}  # a symlinked venv is a link in the run's tree too
+    return tuple(sorted(folder for folder in folders if folder.is_dir()))
+
+
+def in_sight(python: str) -> tuple[Path, ...]:
+    """The allowlist of a training run: the system folders and `python`'s own (`interpreter_folders`)."""
+    return tuple(Path(p) for p in SYSTEM if os.path.lexists(p)) + interpreter_folders(python)
+
+
 def contain(
     argv: Sequence[str],
     containment: Containment,
@@ -154,6 +203,7 @@ def contain(
     writable: Sequence[Path] = (),
     readable: Sequence[Path] = (),
     hidden: Sequence[Path] = (),
+    only: Sequence[Path] | None = None,
     tmp_mb: int = 512,
     network: bool = False,
     stdin: bool = False,
@@ -164,6 +214,9 @@ def contain(
     read-only; `readable` paths stay in sight read-only even under the private /tmp (a data cache there);
     `hidden` files read as empty (a bind of /dev/null) and `hidden` folders as empty read-only
     folders (a path missing at start is skipped); /tmp and /dev/shm are private tmpfs of `tmp_mb` MiB each;
+    with `only` (an allowlist, as `in_sight` makes it) the command sees nothing of the host but those paths
+    (read-only; a symlink among them stays a symlink) and the paths above: a tree of its own, where the
+    host's other folders do not exist; without, it sees the host's whole tree, read-only.
     stdin is /dev/null (`stdin=True` passes the caller's through: the warm judge reads its requests there); stdout
     and stderr pass through. The exit status is argv's exit code, 128+N if it died
     of signal N, and SETUP_FAILED (125, with a line on stderr) if the namespace could not be set up, in which
@@ -194,6 +247,8 @@ def contain(
         options += ["--readable", str(path.resolve())]
     for path in hidden:
         options += ["--hidden", str(path.resolve())]
+    for path in only or ():
+        options += ["--only", os.path.abspath(path)]  # not resolved: /lib -> usr/lib is made again as a link
     return [
         *prefix,
         *namespaces,
@@ -221,7 +276,8 @@ def _init_program() -> None:
     """PID 1 of a contained run: set up the mounts, fork+exec the command without capabilities, exit with its status.
 
     Runs inside the new namespaces as `python -I -S -c` (stdlib only, few imports: it adds to every run's
-    start). Arguments: --cwd P --tmp-mb N [--writable P]... [--readable P]... [--hidden P]... [--keep-stdin]
+    start). Arguments: --cwd P --tmp-mb N [--writable P]... [--readable P]... [--hidden P]... [--only P]...
+    [--keep-stdin]
     Fails closed: any failed step prints one line on stderr and exits 125 before the command starts.
     """
     import _signal as signal  # the signal module without its enums: 6 ms less per run
@@ -304,6 +360,7 @@ def _init_program() -> None:
     writable: list[str] = []
     readable: list[str] = []
     hidden: list[str] = []
+    only: list[str] = []
     values = iter(options)
     for name in values:
         if name == "--cwd":
@@ -318,26 +375,40 @@ def _init_program() -> None:
             keep_stdin = True
         elif name == "--hidden":
             hidden.append(next(values))
+        elif name == "--only":
+            only.append(next(values))
 
     mount(None, "/", None, ms_rec | ms_private)  # nothing mounted here reaches the host
     # Open what will be bind-mounted while it is still in sight (the /tmp and /dev mounts below cover it).
     fds: dict[str, int] = {}
+    links: dict[str, str] = {}  # allowed paths that are symlinks (/lib -> usr/lib): made again as links
     devices = ["null", "zero", "full", "random", "urandom", "tty"]
     devices += sorted(name for name in os.listdir("/dev") if name.startswith("nvidia") or name == "dri")
-    for path in [*writable, *readable, *(f"/dev/{name}" for name in devices)]:
+    for path in [*writable, *readable, *only, *(f"/dev/{name}" for name in devices)]:
         try:
+            if path in only and os.path.islink(path):
+                links[path] = os.readlink(path)
+                continue
             fds[path] = os.open(path, os.O_PATH)
         except OSError as exc:
             if path in writable or path in readable or path == "/dev/null":
                 fail(f"opening {path} failed: {exc.strerror}")
 
+    # With --only the run's tree is built on an empty tmpfs (staged over the host's /tmp) and made the root at
+    # the end: the host's other paths are not there at all. Without, it is the host's tree, read-only.
+    root = "/tmp" if only else ""
+
+    def at(path: str) -> str:
+        return root + path
+
+    private_tmp = at("/tmp/")
     skeletons: set[str] = set()  # folders created in the private /tmp to hold a writable path's mount point
 
     def bind(path: str, target: str, recursive: bool = False) -> None:
         """Bind-mount the opened `path` on `target`, creating `target` (a folder or an empty file) if missing."""
         if not os.path.lexists(target):
-            if target.startswith("/tmp/"):
-                skeletons.add("/tmp/" + target.split("/")[2])
+            if target.startswith(private_tmp):
+                skeletons.add(private_tmp + target[len(private_tmp) :].split("/")[0])
             is_dir = stat.S_ISDIR(os.fstat(fds[path]).st_mode)
             try:
                 os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
@@ -347,35 +418,57 @@ def _init_program() -> None:
                 fail(f"creating the mount point {target} failed: {exc.strerror}")
         mount(f"/proc/self/fd/{fds[path]}", target, None, ms_bind | (ms_rec if recursive else 0))
 
-    set_readonly("/", readonly=True, recursive=True)
-    mount("tmpfs", "/dev", "tmpfs", ms_nosuid | ms_noexec, "mode=755,size=1m")
+    if only:
+        mount("tmpfs", root, "tmpfs", ms_nosuid | ms_nodev, "mode=755,size=1m")
+        for folder in ("/dev", "/proc", "/tmp"):
+            os.mkdir(at(folder))
+    else:
+        set_readonly("/", readonly=True, recursive=True)
+    mount("tmpfs", at("/dev"), "tmpfs", ms_nosuid | ms_noexec, "mode=755,size=1m")
     for name in devices:
         if f"/dev/{name}" in fds:
-            bind(f"/dev/{name}", f"/dev/{name}", recursive=True)
+            bind(f"/dev/{name}", at(f"/dev/{name}"), recursive=True)
     for name, link in (("fd", "/proc/self/fd"), ("stdin", "0"), ("stdout", "1"), ("stderr", "2")):
-        os.symlink(link if name == "fd" else f"/proc/self/fd/{link}", f"/dev/{name}")
-    os.mkdir("/dev/shm")
+        os.symlink(link if name == "fd" else f"/proc/self/fd/{link}", at(f"/dev/{name}"))
+    os.mkdir(at("/dev/shm"))
     tmpfs = f"mode=1777,size={tmp_mb}m"
-    mount("tmpfs", "/dev/shm", "tmpfs", ms_nosuid | ms_nodev, tmpfs)
-    set_readonly("/dev", readonly=True, recursive=False)
-    mount("tmpfs", "/tmp", "tmpfs", ms_nosuid | ms_nodev, tmpfs)
+    mount("tmpfs", at("/dev/shm"), "tmpfs", ms_nosuid | ms_nodev, tmpfs)
+    set_readonly(at("/dev"), readonly=True, recursive=False)
+    mount("tmpfs", at("/tmp"), "tmpfs", ms_nosuid | ms_nodev, tmpfs)
+    for path in sorted(only, key=len):  # a folder before the folders inside it
+        if path in links:
+            if not os.path.lexists(at(path)):
+                os.makedirs(os.path.dirname(at(path)), exist_ok=True)
+                os.symlink(links[path], at(path))
+        elif path in fds:
+            bind(path, at(path), recursive=True)
+            set_readonly(at(path), readonly=True, recursive=True)
     for path in writable:
-        bind(path, path, recursive=True)
-        set_readonly(path, readonly=False, recursive=False)
+        bind(path, at(path), recursive=True)
+        set_readonly(at(path), readonly=False, recursive=False)
     for path in readable:
-        bind(path, path, recursive=True)
-        set_readonly(path, readonly=True, recursive=True)
-    for path in skeletons.difference(writable):  # the way to a writable path is read-only like the host's
+        bind(path, at(path), recursive=True)
+        set_readonly(at(path), readonly=True, recursive=True)
+    for path in skeletons.difference(at(p) for p in writable):  # the way to a writable path is read-only
         mount(path, path, None, ms_bind | ms_rec)
         set_readonly(path, readonly=True, recursive=False)
     for path in hidden:
-        if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", ms_rdonly | ms_nosuid | ms_nodev | ms_noexec, "mode=555,size=4k")
-        elif os.path.lexists(path):
-            bind("/dev/null", path)
-            set_readonly(path, readonly=True, recursive=False)
+        if os.path.isdir(at(path)):
+            mount(
+                "tmpfs", at(path), "tmpfs", ms_rdonly | ms_nosuid | ms_nodev | ms_noexec, "mode=555,size=4k"
+            )
+        elif os.path.lexists(at(path)):
+            bind("/dev/null", at(path))
+            set_readonly(at(path), readonly=True, recursive=False)
     # A /proc of this PID namespace: the engine and the host's processes are out of sight.
-    mount("proc", "/proc", "proc", ms_rdonly | ms_nosuid | ms_nodev | ms_noexec)
+    mount("proc", at("/proc"), "proc", ms_rdonly | ms_nosuid | ms_nodev | ms_noexec)
+    if only:  # the staged tree becomes the root: what is not in it is nowhere (switch_root's move and chroot)
+        set_readonly(root, readonly=True, recursive=False)
+        ms_move = 8192
+        os.chdir(root)
+        mount(root, "/", None, ms_move)
+        os.chroot(".")
+        os.chdir("/")
     for fd in fds.values():
         os.close(fd)
 

@@ -160,7 +160,12 @@ def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "prepare":
         metric = load_harness(Path(argv[1]))
         prepared = metric.prepare_for_runs() if hasattr(metric, "prepare_for_runs") else {}
-        write_atomic(Path(argv[2]), {"hidden": [str(p) for p in prepared.get("hidden", [])]})
+        told: dict[str, Any] = {
+            key: [str(p) for p in prepared.get(key, [])] for key in ("hidden", "readable")
+        }
+        if prepared.get("data"):
+            told["data"] = str(prepared["data"])
+        write_atomic(Path(argv[2]), told)
         return 0
     if len(argv) == 5 and argv[0] == "score":
         harness, model, claims_path, out = (Path(a) for a in argv[1:])

@@ -4,7 +4,7 @@ The run's claims and exported model are read as small regular files (`handover`)
 never saw; there `agent/sandbox/judge.py`, a `python -I` process that imports the workspace's frozen harness
 (prepare.py, corpus.py and metric.py, each checked against its recorded SHA-256) and never train.py, and
 measures val_bpb (checking causality as it scores). `WarmJudge` keeps one such process per workspace
-(torch imported once, a forked child per model). `prepare_for_runs` runs the harness once, outside any run, to
+(torch imported once, a forked child per model), `JudgePool` one per run judged at once. `prepare_for_runs` runs the harness once, outside any run, to
 build the data cache and learn which files training must not read.
 """
 
@@ -18,10 +18,10 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -117,6 +117,12 @@ class WarmJudge:
         """Held while one model is scored: the server answers one request after another (runs in parallel)."""
         self.started = 0
         """How many servers were started (tests and the bench read it)."""
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[WarmJudge]:
+        """This judge, for one model at a time (its server answers one request after another)."""
+        with self.lock:
+            yield self
 
     def folder(self, name: str) -> Path:
         """A fresh request folder inside the judge's own."""
@@ -217,6 +223,60 @@ class WarmJudge:
             proc.stdout.close()
 
 
+class Judges(Protocol):
+    """Where a run's model is judged: `lease()` lends a warm judge for one model (a `WarmJudge`, or a
+    `JudgePool`'s)."""
+
+    def lease(self) -> contextlib.AbstractContextManager[WarmJudge]: ...
+
+
+class JudgePool:
+    """Warm judges for the runs of one machine, one per model judged at once: a run leases one for its hand-over,
+    so a model slow to score holds its own judge, never the verdicts of the other trainers. A judge is started
+    when every one is busy (folders `judge`, `judge-2`, ...) and kept warm for the next run."""
+
+    def __init__(self, make: Callable[[Path], WarmJudge], root: Path) -> None:
+        self._make, self._root = make, root
+        self._lock = threading.Lock()
+        self._idle: list[WarmJudge] = []
+        self._all: list[WarmJudge] = []
+        self._closed = False
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[WarmJudge]:
+        with self._lock:
+            if self._idle:
+                judge = self._idle.pop()
+            else:
+                name = "judge" if not self._all else f"judge-{len(self._all) + 1}"
+                judge = self._make(self._root / name)
+                self._all.append(judge)
+        try:
+            with judge.lease():
+                yield judge
+        finally:
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._idle.append(judge)
+            if closed:
+                judge.close()
+
+    @property
+    def started(self) -> int:
+        """How many judge servers were started, in all (tests and the bench read it)."""
+        with self._lock:
+            return sum(judge.started for judge in self._all)
+
+    def close(self) -> None:
+        """Stop the idle judges; a leased one stops when its run gives it back."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for judge in idle:
+            judge.close()
+
+
 def judge_handover(
     spec: RunSpec,
     judge_dir: Path,
@@ -248,6 +308,7 @@ def judge_handover(
         return Judged.refused(f"the run's hand-over is refused: {exc}"[:300])
     finally:
         os.close(scratch_fd)
+    claims["judge_deadline_s"] = spec.judge_deadline_s  # the engine's word, not the run's
     (judge_dir / CLAIMS_FILE).write_text(json.dumps(claims), encoding="utf-8")
     out = judge_dir / "result.json"
     if warm is not None:
@@ -318,6 +379,17 @@ def _verdict(out: Path, claims: dict[str, Any], exit_code: int | None, output: C
     return judged(result)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The data prepared for runs: its folder (what runs and judges load: AUTORESEARCH_DATA), what of the cache
+    a run reads (that folder, the CPU's measured peak), and the paths training must not read (the validation
+    split, the corpus). A harness that does not say where its data is (`data` None) has its runs see the cache."""
+
+    data: Path | None
+    hidden: tuple[Path, ...]
+    readable: tuple[Path, ...] = ()
+
+
 def prepare_for_runs(
     workspace: Path,
     scratch_root: Path,
@@ -328,10 +400,10 @@ def prepare_for_runs(
     emit: EventSink,
     harness_hashes: Mapping[str, str] | None = None,
     timeout_s: float = 1800.0,
-) -> tuple[Path, ...]:
+) -> Prepared:
     """Run the workspace's frozen harness (its files checked against `harness_hashes`) once, outside any run, to
-    build the data cache (the only time the cache is written) and measure what the harness needs; returns the
-    files training must not read."""
+    build the data cache (the only time the cache is written) and measure what the harness needs. It sees the
+    corpus (AUTORESEARCH_CORPUS) wherever it is, even under /tmp; training will not."""
     folder = scratch_root / "prepare"
     fresh_folder(folder)
     try:
@@ -344,9 +416,11 @@ def prepare_for_runs(
         env = {**env, "AUTORESEARCH_CACHE": str(cache)}
         out = folder / "prepared.json"
         argv = [python, "-I", str(JUDGE_SCRIPT), "prepare", str(folder), str(out)]
-        if containment is not None:
-            argv = contain(argv, containment, cwd=folder, writable=[folder, cache], readable=[_CODE])
         full_env = scrub_environment(os.environ) | dict(env) | {"PYTHONUNBUFFERED": "1"}
+        if containment is not None:  # the user's corpus stays in sight wherever it is (under /tmp too)
+            corpus = Path(full_env.get("AUTORESEARCH_CORPUS") or "").expanduser()
+            seen = [_CODE, *([corpus] if corpus.name and corpus.exists() else [])]
+            argv = contain(argv, containment, cwd=folder, writable=[folder, cache], readable=seen)
         proc = subprocess.run(
             argv, cwd=folder, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
         )
@@ -357,7 +431,11 @@ def prepare_for_runs(
             lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
             raise PrepareError(lines[-1] if lines else f"exit code {proc.returncode}")
         prepared = read_json_object(out, MAX_CLAIMS_BYTES)
-        return tuple(Path(p) for p in prepared.get("hidden", []) if isinstance(p, str))
+        data = prepared.get("data")
+        hidden, readable = (
+            tuple(Path(p) for p in prepared.get(k, []) if isinstance(p, str)) for k in ("hidden", "readable")
+        )
+        return Prepared(Path(data) if isinstance(data, str) else None, hidden, readable)
     except subprocess.TimeoutExpired:
         raise PrepareError(f"preparing the data took over {timeout_s:.0f} s") from None
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 from agent.events import Event, EventSink
 from agent.sandbox.containment import Containment
 from agent.sandbox.handover import HarnessChanged, UnsafeFile, frozen_harness, read_regular
-from agent.sandbox.judging import WarmJudge
+from agent.sandbox.judging import Judges
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import HARNESS_FILE, MAX_SOURCE_BYTES, Outcome, ProbeParent, RunResult, RunSpec
 
@@ -79,7 +79,7 @@ def probe(
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     containment: Containment | None = None,
-    judge: WarmJudge | None = None,
+    judge: Judges | None = None,
 ) -> Probe:
     """Run `spec` as a probe: `steps` optimizer steps, seeded by `spec.seed`, contained and judged like a run
     (`run_training`: the same folders, log, limits and budget, which only bound it), and fingerprinted.
@@ -184,7 +184,7 @@ def settle_by_probe(
     stop: threading.Event,
     on_start: Callable[[int], None] | None,
     containment: Containment | None,
-    judge: WarmJudge | None,
+    judge: Judges | None,
 ) -> RunResult | None:
     """A candidate's first run, settled by probes where they can: a few seeded steps of the candidate and, once
     per parent (`cache`), of its parent, each under `spec`'s deadline (the sandbox keeps a probe's short). The

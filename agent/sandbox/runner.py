@@ -27,7 +27,7 @@ from functools import lru_cache
 from agent.events import EventSink
 from agent.sandbox.containment import SETUP_FAILED, Containment, contain
 from agent.sandbox.handover import read_regular
-from agent.sandbox.judging import SHOWN_MEASURES, Judged, WarmJudge, judge_handover
+from agent.sandbox.judging import SHOWN_MEASURES, Judged, Judges, judge_handover
 from agent.sandbox.output import CappedOutput
 from agent.sandbox.process import fresh_folder, private_caches, remove_tree, scrub_environment, supervise
 from agent.sandbox.spec import HANDOVER_MIN_S, MAX_SOURCE_BYTES, RUN_FILES, Outcome, RunResult, RunSpec
@@ -88,6 +88,7 @@ def build_command(spec: RunSpec, containment: Containment | None, argv: list[str
         writable=[spec.scratch],
         readable=spec.readable,
         hidden=spec.hidden,
+        only=spec.visible,
         tmp_mb=spec.tmp_mb,
         network=spec.network,
     )
@@ -108,13 +109,14 @@ def run_training(
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
     containment: Containment | None = None,
-    judge: WarmJudge | None = None,
+    judge: Judges | None = None,
 ) -> RunResult:
     """Train `train.py` once in a fresh scratch folder under the limits of `spec`, then have the judge score
     the model it exported. Blocks until both end, a limit is hit, or `stop` is set.
 
     `on_start(pid)` is called once the training process exists (the engine records the pid so a restarted
     engine can clean up after a kill -9). `containment` is normally `containment.probe()`; None runs plainly.
+    `judge`: the warm judges to lease one from (None: a judge process per run).
     """
     stop = stop or threading.Event()
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,9 +156,11 @@ def run_training(
             verdict = bad
         else:
             started = time.monotonic()
-            with judge.lock if judge is not None else contextlib.nullcontext():  # one model at a time
-                verdict = judge_handover(spec, judge_dir, env, output, stop, containment, judge)
+            leased = judge.lease() if judge is not None else contextlib.nullcontext()  # a judge of its own
+            with leased as warm:
+                verdict = judge_handover(spec, judge_dir, env, output, stop, containment, warm)
             judge_seconds = time.monotonic() - started
+            summary["judge_seconds"] = round(judge_seconds, 2)  # a child's judge deadline is ten times it
             summary.update({k: verdict.measured[k] for k in SHOWN_MEASURES if k in verdict.measured})
             shown = verdict.val_bpb if verdict.val_bpb is not None else f"invalid ({verdict.reason[:60]})"
             summary["val_bpb"] = shown

@@ -2,13 +2,14 @@
 
 What it knows is this machine's: how far runs can be contained (probed once), the data prepared for runs and
 the files they must not read (once, at the first run: a machine that never trains never prepares), the warm
-judge, memory limits from this machine's RAM, the deadline from the budget and this device, the frozen
+judges (one per run judged at once), memory limits from this machine's RAM, the deadline from the budget and this device, the frozen
 harness's hashes, and the probes that settle a crash or a no-op in seconds. The local trainers keep one for their
 slots; a Ray node builds the same for the runs it is sent (`agent.trainers.ray`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -20,21 +21,21 @@ import psutil
 from agent import paths
 from agent.config import EngineConfig, detect_device
 from agent.events import EngineError, EventSink
-from agent.sandbox.containment import Containment
+from agent.sandbox.containment import Containment, in_sight
 from agent.sandbox.containment import probe as probe_containment
-from agent.sandbox.judging import WarmJudge, prepare_for_runs
+from agent.sandbox.judging import JudgePool, Prepared, WarmJudge, prepare_for_runs
 from agent.sandbox.probe import ProbeCache, settle_by_probe
 from agent.sandbox.runner import run_training
-from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window
+from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window, judge_deadline
 
 PROBE_GRACE_S = 10.0
 """A probe's deadline: the run's budget (its few steps must fit in it, or the run would not train either) ..."""
 PROBE_MIN_DEADLINE_S = 15.0
 """... plus this for start-up and the hand-over, at least this in all (never more than the run's deadline)."""
 
-Prepare = Callable[["Sandbox"], tuple[Path, ...]]
-"""How a sandbox prepares the data for runs and learns the files they must not read (a Ray node's is shared by
-its workers, behind a file lock)."""
+Prepare = Callable[["Sandbox"], Prepared]
+"""How a sandbox prepares the data for runs and learns what they may and must not read (a Ray node's is shared
+by its workers, behind a file lock)."""
 
 
 class Sandbox:
@@ -77,8 +78,8 @@ class Sandbox:
         self._prepare = prepare or _prepare_here
         self._lock = threading.RLock()  # preparing the data asks for the containment
         self._containment: Containment | None = None
-        self._hidden: tuple[Path, ...] | None = None
-        self._judge: WarmJudge | None = None
+        self._prepared: Prepared | None = None
+        self._judges: JudgePool | None = None
         self.probes = ProbeCache()
         self.can_probe = config.probe if config.probe is not None else not self.cuda
         """Whether a candidate's first run is probed here first (off on CUDA: each probe would pay
@@ -101,28 +102,36 @@ class Sandbox:
                     )
             return self._containment
 
-    def hidden(self) -> tuple[Path, ...]:
-        """The files training must not read, from preparing the data for runs (once, at the first run)."""
+    def prepared(self) -> Prepared:
+        """The data prepared for runs, and what they must not read (once, at the first run)."""
         with self._lock:
-            if self._hidden is None:
-                self._hidden = self._prepare(self)
-            return self._hidden
+            if self._prepared is None:
+                self._prepared = self._prepare(self)
+            return self._prepared
 
-    def judge(self) -> WarmJudge | None:
-        """The warm judge (started on first use), or None to start a judge per run."""
+    def data_env(self) -> dict[str, str]:
+        """What tells runs and judges where the prepared data is (they need not find, nor see, the corpus)."""
+        data = self.prepared().data
+        return {"AUTORESEARCH_DATA": str(data)} if data is not None else {}
+
+    def judges(self) -> JudgePool | None:
+        """The warm judges (each started when first needed), or None to start a judge per run."""
         containment = self.containment
         with self._lock:
-            if self._judge is None and self._warm:
-                self._judge = WarmJudge(
-                    self.harness,
-                    self.scratch_root / "judge",
-                    python=self.python,
-                    env=self.env,
-                    containment=containment,
-                    readable=(self.cache,),
-                    harness_hashes=self.harness_hashes,
+            if self._judges is None and self._warm:
+                self._judges = JudgePool(
+                    lambda root: WarmJudge(
+                        self.harness,
+                        root,
+                        python=self.python,
+                        env={**self.env, **self.data_env()},
+                        containment=containment,
+                        readable=(self.cache,),
+                        harness_hashes=self.harness_hashes,
+                    ),
+                    self.scratch_root,
                 )
-            return self._judge
+            return self._judges
 
     def deadline(self, request: RunRequest) -> float:
         """Seconds from a run's start to its kill: training (an estimated budget allows for what the baseline
@@ -155,6 +164,7 @@ class Sandbox:
         name = f"{request.exp_id}-{request.n}" + (f"-{tag}" if tag else "")
         log_path = self.log_root / f"{name}.log" if self.log_root is not None else request.log_path
         memory, address = self.limits()
+        prepared = self.prepared()
         return RunSpec(
             workspace=self.harness,
             scratch=self.scratch_root / name,
@@ -166,18 +176,30 @@ class Sandbox:
             handover_s=handover_window(
                 self.config.handover_s or (60.0 if self.cuda else 10.0), request.observed_handover_s
             ),
+            judge_deadline_s=judge_deadline(request.parent_judge_s),
             memory_mb=memory,
             address_space_mb=address,
-            hidden=self.hidden(),
-            readable=(self.cache,),
+            hidden=prepared.hidden,
+            readable=self._readable(prepared),
+            visible=in_sight(self.python) if self.containment.full else None,
             harness_hashes=self.harness_hashes,
             log_cap_bytes=self.config.log_cap_bytes,
             network=self.config.network,
             python=self.python,
-            env={**self.env, **(env or {})},
+            env={**self.env, **self.data_env(), **(env or {})},
             device_memory_from_summary=self.cuda,
             train_source=request.train_source.encode("utf-8"),
         )
+
+    def _readable(self, prepared: Prepared) -> tuple[Path, ...]:
+        """What of the host a run reads besides its folder: the prepared data; for a workspace whose harness predates
+        AUTORESEARCH_DATA (it finds its data from the corpus), the cache and a corpus the user named."""
+        if prepared.data is not None:
+            return prepared.readable
+        corpus = Path(
+            self.env.get("AUTORESEARCH_CORPUS") or os.environ.get("AUTORESEARCH_CORPUS") or ""
+        ).expanduser()
+        return (self.cache, *([corpus] if corpus.name and corpus.exists() else []))
 
     def run(
         self,
@@ -191,7 +213,7 @@ class Sandbox:
     ) -> RunResult:
         """Train `request` here (probed first when it asks and this machine probes) and have it judged."""
         spec = self.spec(request, tag, env)
-        containment, judge = self.containment, self.judge()
+        containment, judge = self.containment, self.judges()
         if request.probe_against is not None and self.can_probe:
             settled = settle_by_probe(
                 replace(spec, deadline_s=self.probe_deadline(request)),
@@ -208,14 +230,14 @@ class Sandbox:
         return run_training(spec, emit, stop=stop, on_start=on_start, containment=containment, judge=judge)
 
     def close(self) -> None:
-        """Stop the warm judge."""
+        """Stop the warm judges."""
         with self._lock:
-            judge, self._judge = self._judge, None
-        if judge is not None:
-            judge.close()
+            judges, self._judges = self._judges, None
+        if judges is not None:
+            judges.close()
 
 
-def _prepare_here(sandbox: Sandbox) -> tuple[Path, ...]:
+def _prepare_here(sandbox: Sandbox) -> Prepared:
     """Build the data cache with the frozen harness, outside any run, once per sandbox."""
     return prepare_for_runs(
         sandbox.harness,

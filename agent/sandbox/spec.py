@@ -79,6 +79,21 @@ def handover_window(cap: float, observed_s: float | None) -> float:
     return min(cap, max(HANDOVER_MIN_S, HANDOVER_FACTOR * observed_s))
 
 
+JUDGE_FACTOR = 10.0
+JUDGE_MIN_S = 30.0
+JUDGE_MAX_S = 300.0
+
+
+def judge_deadline(parent_judge_s: float | None) -> float:
+    """Seconds the judge may spend on a run's model: ten times what the parent's took, at least JUDGE_MIN_S (a
+    cold judge's start-up, a loaded machine), at most JUDGE_MAX_S (all of it before a parent was judged). A model
+    made to be slow to score costs its own judging, bounded by its parent's, and the judge refuses one whose
+    forward FLOPs could not be scored in it (metric.py's `forward_flops`) before running it."""
+    if parent_judge_s is None:
+        return JUDGE_MAX_S
+    return min(JUDGE_MAX_S, max(JUDGE_MIN_S, JUDGE_FACTOR * parent_judge_s))
+
+
 @dataclass(frozen=True)
 class RunRequest:
     """What the engine asks of a trainer: train this text with this seed and budget. Where and how is the
@@ -102,6 +117,9 @@ class RunRequest:
     observed_handover_s: float | None = None
     """The baseline's hand-over, measured by the runner (from the stop signal to its exit: its last step, the
     export, the exit): a later run's window is `handover_window` of it."""
+    parent_judge_s: float | None = None
+    """What judging the parent's model took (the longest of its runs): the judge's deadline is `judge_deadline`
+    of it."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +155,13 @@ class RunSpec:
     hidden: tuple[Path, ...] = ()
     """Files training must not read (the validation split); only the judge reads them."""
     readable: tuple[Path, ...] = ()
-    """Folders the run and the judge read (the data cache), kept in sight read-only wherever they are."""
-    judge_deadline_s: float = 300.0
+    """What of the data cache the run reads (its prepared folder), kept in sight read-only wherever it is."""
+    visible: tuple[Path, ...] | None = None
+    """The allowlist of the host's paths a fully contained run sees (`containment.in_sight`: the system's and
+    the interpreter's folders), besides its own folder and `readable`; None: the whole host, read-only."""
+    judge_deadline_s: float = JUDGE_MAX_S
+    """Seconds the judge may spend on the model (`judge_deadline`); the judge also refuses, before running it, a
+    model whose forward FLOPs could not be scored in them."""
     harness_hashes: Mapping[str, str] | None = None
     """The SHA-256 of each frozen file, by name, as recorded at init: the judge imports nothing else, and nothing
     whose hash was not recorded. None: the files are not checked (tests)."""

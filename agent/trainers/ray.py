@@ -48,7 +48,7 @@ from agent.config import EngineConfig
 from agent.events import Event, EventSink, Info, LogLine, first_line
 from agent.sandbox.containment import LEVELS
 from agent.sandbox.handover import HarnessChanged, frozen_harness, read_regular
-from agent.sandbox.judging import prepare_for_runs
+from agent.sandbox.judging import Prepared, prepare_for_runs
 from agent.sandbox.process import kill_stale_run, remove_tree
 from agent.sandbox.sandbox import Sandbox
 from agent.sandbox.spec import Outcome, PrepareError, RunRequest, RunResult
@@ -507,7 +507,7 @@ def _run_here(
     where = f"node {node_id[:8]}" + (f", GPU {','.join(gpus)}" if gpus else "")
     level = sandbox.containment.level
     emit(Info(message=f"[ray] #{request.exp_id} trains on {where}; runs contained: {level}"))
-    sandbox.hidden()  # prepared before this node's orphans are swept: the lock orders the workers
+    sandbox.prepared()  # before this node's orphans are swept: the lock orders the workers
     sweep_orphans(root)
     log_path = sandbox.spec(request, job.token).log_path
     try:
@@ -558,9 +558,9 @@ def sweep_orphans(root: Path) -> list[str]:
     return removed
 
 
-def _prepared(root: Path, sandbox: Sandbox) -> tuple[Path, ...]:
-    """The files runs must not read, from preparing the data on this node once per harness, cache and
-    environment (a file lock: every worker of the node waits for the first)."""
+def _prepared(root: Path, sandbox: Sandbox) -> Prepared:
+    """The data prepared for runs on this node, once per harness, cache and environment (a file lock: every
+    worker of the node waits for the first)."""
     folder = root / "prepared"
     folder.mkdir(parents=True, exist_ok=True)
     identity = f"{_harness_key(sandbox.harness_hashes or {})}\0{sandbox.cache}\0{sorted(sandbox.env.items())}"
@@ -569,10 +569,13 @@ def _prepared(root: Path, sandbox: Sandbox) -> tuple[Path, ...]:
     with (folder / f"{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.is_file():
-            return tuple(Path(p) for p in json.loads(marker.read_text(encoding="utf-8")))
+            told = json.loads(marker.read_text(encoding="utf-8"))
+            paths_of = {k: tuple(Path(p) for p in told.get(k, [])) for k in ("hidden", "readable")}
+            data = told.get("data")
+            return Prepared(Path(data) if data else None, paths_of["hidden"], paths_of["readable"])
         scratch = root / f"prepare-{key}"
         try:
-            hidden = prepare_for_runs(
+            prepared = prepare_for_runs(
                 sandbox.harness,
                 scratch,
                 python=sandbox.python,
@@ -583,10 +586,15 @@ def _prepared(root: Path, sandbox: Sandbox) -> tuple[Path, ...]:
             )
         finally:
             remove_tree(scratch)
+        told = {
+            "data": str(prepared.data) if prepared.data else None,
+            "hidden": [str(p) for p in prepared.hidden],
+            "readable": [str(p) for p in prepared.readable],
+        }
         staged = marker.with_suffix(".tmp")
-        staged.write_text(json.dumps([str(p) for p in hidden]), encoding="utf-8")
+        staged.write_text(json.dumps(told), encoding="utf-8")
         staged.replace(marker)
-        return hidden
+        return prepared
 
 
 __all__ = ["LOCAL", "RayTrainers", "loopback_only", "node_root", "sweep_orphans"]
