@@ -178,6 +178,7 @@ class Books:
                 status=e.status,
                 val_bpb=e.val_bpb,
                 crash_tail="\n".join(e.log_tail.splitlines()[-15:]) if e.status in FAILED else "",
+                train_hash=e.train_hash,
             )
             for e in experiments
             if e.phase == Phase.DECIDED

@@ -141,9 +141,10 @@ def build_parser() -> Parser:
     )
     run.add_argument(
         "--proposer",
-        choices=("llm", "random"),
-        help="who proposes: llm, the local model (the default), or random, a random search that moves one "
-        "or two constants of train.py (no model; --seed makes it reproducible)",
+        choices=("llm", "random", "tpe", "cmaes"),
+        help="who proposes: llm, the local model (the default); random, a random search that moves one "
+        "or two constants of train.py; tpe or cmaes, Optuna's TPE or CMA-ES over train.py's constants, its "
+        "study kept in the workspace (no model; --seed makes them reproducible)",
     )
     run.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments")
     run.add_argument(
@@ -308,12 +309,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from agent.researcher.ideas import IdeaQueue
 
         proposer: Any = IdeaQueue.from_file(args.ideas)
-    elif args.proposer == "random":
+    elif args.proposer in ("random", "tpe", "cmaes"):
         if args.model is not None:
-            raise CliError("--model names the local model; --proposer random needs none")
+            raise CliError(f"--model names the local model; --proposer {args.proposer} needs none")
         from agent.researcher.random_search import RandomSearch
 
-        proposer = RandomSearch(args.seed)
+        proposer = RandomSearch(args.seed) if args.proposer == "random" else None  # tpe, cmaes: below
     else:
         try:
             from agent.researcher.proposer import make_proposer
@@ -321,6 +322,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CliError(f"the local-model proposer is not available ({exc}); try --ideas FILE") from None
         proposer = make_proposer(args.model, args.seed)
     workspace = Workspace.open_or_init(_workspace_path(args))
+    if proposer is None:  # the study lives in the workspace
+        from agent.researcher.optuna_search import STUDY_FILE, OptunaSearch
+
+        proposer = OptunaSearch(args.proposer, workspace.state_dir / STUDY_FILE, args.seed)
     config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **_scheduling_config(args))
     engine = open_engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
     return _drive(engine)

@@ -52,6 +52,8 @@ class HistoryRow:
     status: str
     val_bpb: float | None
     crash_tail: str = ""
+    train_hash: str | None = None
+    """SHA-256 of the train.py it ran (an optimiser tells its trial by it)."""
 
 
 @dataclass(frozen=True)

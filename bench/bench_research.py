@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_research.py --arms default,random -R 3 -N 8 --budget 30 --out bench-out/research
     .venv/bin/python bench/bench_research.py --arms random -R 1 -N 2 --budget 5      # a quick check that it runs
 
-For each arm (`default`: the embedded model the CLI proposes with; `random`: `--proposer random`; any other
-name: that registry model), R independent sessions of N experiments, each on a fresh workspace made from
+For each arm (`default`: the embedded model the CLI proposes with; `random`: `--proposer random`; `tpe` and
+`cmaes`: Optuna's samplers, `--proposer tpe|cmaes`, each session's study in its workspace; any other name:
+that registry model), R independent sessions of N experiments, each on a fresh workspace made from
 nanogpt/ (or `--source DIR`), driven headless by the real engine with the proposer the CLI would build. Every
 session gets the same budget, the same baseline seeds and the session seed `--seed + i` (random search's seed,
 the model's sampling seed), so arms differ only in who proposes.
@@ -81,6 +82,8 @@ from agent.workspace import (  # noqa: E402
 
 RANDOM = "random"
 """The control arm: random search (`--proposer random`)."""
+OPTUNA = ("tpe", "cmaes")
+"""The classical arms: Optuna's TPE and CMA-ES (`--proposer tpe|cmaes`), their study in each session's workspace."""
 DEFAULT = "default"
 """The researcher as a new user meets it: the embedded default model."""
 RERUN_SEEDS = (1001, 1002)
@@ -100,24 +103,29 @@ class BenchError(Exception):
 
 @dataclass(frozen=True)
 class Arm:
-    """One way of proposing: a name and how to build its proposer for a session seed."""
+    """One way of proposing: a name and how to build its proposer for a session seed and workspace."""
 
     name: str
-    make: Callable[[int], Proposer]
+    make: Callable[[int, Workspace], Proposer]
 
 
 def arm_named(name: str) -> Arm:
-    """`random`, `default` or a registry model's name, as the CLI would build it (ModelError if unknown)."""
+    """`random`, `tpe`, `cmaes`, `default` or a registry model's name, as the CLI would build it (ModelError if
+    unknown)."""
     if name == RANDOM:
         from agent.researcher.random_search import RandomSearch
 
-        return Arm(name, RandomSearch)
+        return Arm(name, lambda seed, ws: RandomSearch(seed))
+    if name in OPTUNA:
+        from agent.researcher.optuna_search import STUDY_FILE, OptunaSearch
+
+        return Arm(name, lambda seed, ws: OptunaSearch(name, ws.state_dir / STUDY_FILE, seed))
     from agent.researcher.models import resolve_model
 
     model = None if name == DEFAULT else name
     resolve_model(model)  # an unknown model fails now, not after an hour of other arms
 
-    def make(seed: int) -> Proposer:
+    def make(seed: int, ws: Workspace) -> Proposer:
         from agent.researcher.proposer import make_proposer
 
         return make_proposer(model, seed)
@@ -286,7 +294,7 @@ def run_session(arm: Arm, index: int, settings: Settings, out: Path) -> dict[str
     done = _ledger_experiments(ws)
     left = settings.experiments - len(_counted(done))
     seed = settings.seed + index
-    proposer = arm.make(seed + RESUME_SEED_STRIDE * len(_counted(done)) if done else seed)
+    proposer = arm.make(seed + RESUME_SEED_STRIDE * len(_counted(done)) if done else seed, ws)
     log = EventLog(folder / "events.jsonl", label)
     load = getattr(proposer, "load", None)
     if callable(load):
@@ -699,8 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--arms",
         default=f"{DEFAULT},{RANDOM}",
-        help="comma-separated: default (the embedded model), random (random search) or model names "
-        "(default: default,random)",
+        help="comma-separated: default (the embedded model), random (random search), tpe or cmaes (Optuna) "
+        "or model names (default: default,random)",
     )
     parser.add_argument("-R", type=int, default=3, dest="sessions", help="sessions per arm (default 3)")
     parser.add_argument(

@@ -44,7 +44,7 @@ def _load() -> ModuleType:
 bench = _load()
 
 
-def _scripted(seed: int) -> IdeaQueue:
+def _scripted(seed: int, ws: object) -> IdeaQueue:
     """Session 0 lowers the rate to 0.6 (2.1001), session 1 to 0.8 (2.3001); then a keep that only seed 1 sees,
     a worse idea, a crash, a no-op and an edit that does not apply."""
     rate = 0.6 if seed == SEED else 0.8

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 from engine_fakes import BETTER, FAKE_TRAIN, Recorder, assert_consistent, cli, make_workspace, write_ideas
-from tui_helpers import async_test, wait_until
+from tui_helpers import SwitchingEngine, async_test, open_model_picker
 
 from agent import cli as cli_module
-from agent.commands import Command, SetProposer, UseModel
+from agent.commands import SetProposer, UseModel
 from agent.config import EngineConfig
 from agent.edits import apply_edits, file_hash
 from agent.events import Event, Info, ModelLoaded, ProposalStarted
@@ -384,40 +384,22 @@ def test_a_headless_random_run_from_the_command_line(tmp_path: Path) -> None:
     assert first is not None and experiments[1].description == first.description
 
 
-class _SwitchingEngine:
-    """Records the commands the cockpit sends; its proposer is a model proposer named model-b."""
-
-    def __init__(self) -> None:
-        self.proposer = IdeaQueue([])
-        self.proposer.model_name = "model-b"
-        self.calls: list[Command] = []
-
-    def send(self, command: Command) -> None:
-        self.calls.append(command)
-
-
 @async_test
 async def test_the_model_picker_swaps_random_search_in_and_back_out() -> None:
     from tui.app import CockpitApp
     from tui.demo import demo_header
-    from tui.screens import ModelChoice, ModelPickerScreen
+    from tui.screens import ModelChoice
     from tui.screens.models import RANDOM_SEARCH_CHOICE
 
     choices = [ModelChoice("model-a", 1000, "Q4_K_M", "test"), RANDOM_SEARCH_CHOICE]
     app = CockpitApp(header=demo_header(), model_loader=lambda: list(choices), seed=9)
-    engine = _SwitchingEngine()
+    engine = SwitchingEngine()
     async with app.run_test(size=(120, 40)) as pilot:
         app.engine = engine  # type: ignore[assignment]
         app.state.header.model = "model-b"
 
         async def pick(*keys: str) -> None:
-            await pilot.press("m")
-            await wait_until(
-                pilot,
-                lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
-                30,
-                "the model picker",
-            )
+            await open_model_picker(pilot, app)
             await pilot.press(*keys)
             await pilot.pause()
 

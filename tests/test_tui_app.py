@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.style import Style
 from rich.text import Text
 from textual.pilot import Pilot
-from tui_helpers import Notifications, RecordingEngine, async_test, wait_until
+from tui_helpers import Notifications, RecordingEngine, async_test, open_model_picker, wait_until
 
 from agent.commands import Approve, Command, SetProposer, SetTrainers, UseModel
 from agent.events import (
@@ -341,13 +341,7 @@ async def test_random_search_stands_in_for_the_model_and_hands_back_to_it() -> N
         await pilot.pause()
 
         async def pick(*keys: str) -> None:
-            await pilot.press("m")
-            await wait_until(
-                pilot,
-                lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
-                10,
-                "the model picker",
-            )
+            await open_model_picker(pilot, app)
             await pilot.press(*keys, "enter")
             await pilot.pause()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tui_helpers import Notifications, async_test, quit_app, wait_until
+from tui_helpers import Notifications, async_test, open_model_picker, quit_app, wait_until
 
 from agent.budget import Budget
 from agent.config import EngineConfig
@@ -20,7 +20,6 @@ from tui.app import CockpitApp, create_app, shutdown_engine
 from tui.bridge import EventBridge
 from tui.screens import (
     ModelChoice,
-    ModelPickerScreen,
     ProgramEditorScreen,
     ProposalEditorScreen,
     ReviewScreen,
@@ -217,13 +216,7 @@ async def test_pause_waits_for_the_run_and_a_model_switch_shows_in_the_header(
         assert set(app.state.rows) == {0}
         assert isinstance(app.engine, Engine) and app.engine.ledger.count() == 1
 
-        await pilot.press("m")
-        await wait_until(
-            pilot,
-            lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
-            30,
-            "the model picker",
-        )
+        await open_model_picker(pilot, app)
         await pilot.press("down", "enter")
         await wait_until(pilot, lambda: app.state.header.model == "smollm2-135m", 30, "the model switch")
         await wait_until(pilot, lambda: app.state.header.loading_model is None, 30, "the model to load")

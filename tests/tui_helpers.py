@@ -123,3 +123,30 @@ class RecordingEngine:
 
     def close(self) -> None:
         pass
+
+
+async def open_model_picker(pilot: Any, app: Any) -> None:
+    """Press `m` and wait until the model picker shows its choices."""
+    from tui.screens import ModelPickerScreen
+
+    await pilot.press("m")
+    await wait_until(
+        pilot,
+        lambda: isinstance(app.screen, ModelPickerScreen) and app.screen.choices is not None,
+        30,
+        "the model picker",
+    )
+
+
+class SwitchingEngine:
+    """Records the commands the cockpit sends; its proposer is a model proposer named model-b."""
+
+    def __init__(self) -> None:
+        from agent.researcher.ideas import IdeaQueue
+
+        self.proposer = IdeaQueue([])
+        self.proposer.model_name = "model-b"
+        self.calls: list[Command] = []
+
+    def send(self, command: Command) -> None:
+        self.calls.append(command)

@@ -36,6 +36,7 @@ from agent.commands import (
 from agent.config import EngineConfig
 from agent.events import EngineSnapshot, EngineState, Event, EventSink, ReviewRequested
 from agent.proposals import Edit, Proposal, Proposer, model_name
+from agent.researcher.optuna_search import SAMPLERS, STUDY_FILE, OptunaSearch, shown_name
 from agent.researcher.random_search import MODEL_NAME as RANDOM_SEARCH
 from agent.researcher.random_search import RandomSearch
 from tui.bridge import EventBridge
@@ -588,12 +589,25 @@ class CockpitApp(App[int]):
     def _model_chosen(self, name: str | None) -> None:
         if not name or name == self.state.header.model:
             return
-        if name == RANDOM_SEARCH:
+        sampler = next((key for key in SAMPLERS if shown_name(key) == name), None)
+        if name == RANDOM_SEARCH or sampler is not None:
             # The model proposer is kept (its model stays loaded) for the way back.
             kept = self._model_proposer or (self.engine.proposer if self.engine is not None else None)
-            if self._send(SetProposer(RandomSearch(self.seed))):
+            if sampler is None:
+                proposer: Proposer = RandomSearch(self.seed)
+            elif self.workspace_path is None:
+                self.notify("No workspace is open yet: its study would live there.", severity="warning")
+                return
+            else:
+                # Here, not at the top: agent.workspace imports git, which the first frame must not wait for.
+                from agent.workspace import STATE_DIR
+
+                proposer = OptunaSearch(sampler, self.workspace_path / STATE_DIR / STUDY_FILE, self.seed)
+            if self._send(SetProposer(proposer)):
                 self._model_proposer = kept
-                self.notify("Random search proposes from the next proposal on.")
+                self.notify(
+                    f"{'Random search' if sampler is None else name} proposes from the next proposal on."
+                )
             return
         if self._model_proposer is not None:
             back, self._model_proposer = self._model_proposer, None

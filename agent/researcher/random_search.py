@@ -157,7 +157,7 @@ class Kind:
     move: Callable[[random.Random, Constant], tuple[Replacements, str] | None]
 
 
-def _sig2(x: float) -> float:
+def sig2(x: float) -> float:
     """`x` rounded to two significant digits, as a person would write it."""
     return float(f"{x:.2g}")
 
@@ -165,10 +165,10 @@ def _sig2(x: float) -> float:
 def _log_move(rng: random.Random, value: float, low: float, high: float) -> float:
     """A value within FACTOR of `value` on a log scale, clipped to [low, high], two significant digits."""
     moved = value * FACTOR ** rng.uniform(-1.0, 1.0)
-    return _sig2(min(high, max(low, moved)))
+    return sig2(min(high, max(low, moved)))
 
 
-def _format_float(value: float, like: str) -> str:
+def format_float(value: float, like: str) -> str:
     """A float literal in the style of `like`: '3.1e-3' where the file wrote '2e-3', else '0.0031'."""
     if "e" in like.lower():
         mantissa, exponent = f"{value:.1e}".split("e")
@@ -193,12 +193,12 @@ def _float_kind(
         if value == 0.0:
             if from_zero is None:
                 return None
-            new = _sig2(math.exp(rng.uniform(math.log(from_zero[0]), math.log(from_zero[1]))))
+            new = sig2(math.exp(rng.uniform(math.log(from_zero[0]), math.log(from_zero[1]))))
         elif rng.random() < off:
             new = 0.0
         else:
             new = _log_move(rng, value, low, high)
-        return None if new == value else _whole(c, _format_float(new, c.text))
+        return None if new == value else _whole(c, format_float(new, c.text))
 
     return Kind(name, move)
 
@@ -371,7 +371,7 @@ def constraint_problems(values: dict[str, object]) -> list[str]:
 # ---- edits ----------------------------------------------------------------------------------------------
 
 
-def _replace_spans(line: str, replacements: list[tuple[tuple[int, int], str]]) -> str:
+def replace_spans(line: str, replacements: list[tuple[tuple[int, int], str]]) -> str:
     data = line.encode("utf-8")
     for (start, end), text in sorted(replacements, reverse=True):
         data = data[:start] + text.encode("utf-8") + data[end:]
@@ -496,7 +496,7 @@ def _draw(
     for m in moves:
         per_line.setdefault(m.constant.lineno, []).extend(m.replacements)
     try:
-        edits = line_edits(source, {n: _replace_spans(lines[n - 1], r) for n, r in per_line.items()})
+        edits = line_edits(source, {n: replace_spans(lines[n - 1], r) for n, r in per_line.items()})
         new_source = apply_edits(source, edits)
     except EditError:
         return None

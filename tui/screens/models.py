@@ -15,6 +15,7 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from agent.researcher.optuna_search import SAMPLERS, shown_name
 from agent.researcher.random_search import MODEL_NAME
 from tui import format as fmt
 from tui.widgets.footer import CockpitFooter
@@ -56,15 +57,25 @@ RANDOM_SEARCH_CHOICE = ModelChoice(
     name=MODEL_NAME, size=None, quantisation="—", where="built in: moves one or two constants at random"
 )
 """The picker's row for random search: no model, a proposal in milliseconds (the cockpit swaps proposers)."""
+OPTUNA_CHOICES = [
+    ModelChoice(
+        name=shown_name(sampler),
+        size=None,
+        quantisation="—",
+        where=f"built in: Optuna's {shown} over train.py's constants, its study in the workspace",
+    )
+    for sampler, shown in SAMPLERS.items()
+]
+"""The picker's rows for the classical arms, TPE and CMA-ES (`agent.researcher.optuna_search`)."""
 
 
 def discover_choices() -> list[ModelChoice]:
     """Every model in reach, from `agent.researcher.models`, then the local servers that have answered before, each with
-    the dialect it speaks, then random search (reads files: call it from a worker)."""
+    the dialect it speaks, then random search, TPE and CMA-ES (reads files: call it from a worker)."""
     from agent.researcher.models import discover_models, endpoint_entries
 
     models = [choice_from_entry(entry) for entry in [*discover_models(), *endpoint_entries()]]
-    return [*models, RANDOM_SEARCH_CHOICE]
+    return [*models, RANDOM_SEARCH_CHOICE, *OPTUNA_CHOICES]
 
 
 class ModelPickerScreen(ModalScreen[str | None]):
