@@ -361,3 +361,15 @@ def test_only_a_string_left_open_is_closed() -> None:
     assert close_open_string(good[: -len("}]}")]) is None  # cut off before the end: nothing to close
     with pytest.raises(ReplyError, match="not valid JSON"):
         parse_reply('{"reasoning": "r", "description": "d", "edits": [{"search": "a", "replace": "b)}')
+
+
+def test_a_description_cut_by_the_length_cap_ends_at_its_last_whole_word() -> None:
+    written = "use a cosine schedule with a longer warmup and add weight decay to the embeddings of the model"
+    cut = written[:MAX_DESCRIPTION]  # what the grammar lets through: "... weight decay to the embedding"
+    assert len(cut) == MAX_DESCRIPTION and not written[MAX_DESCRIPTION].isspace()
+    described = parse_reply(reply(LR_EDIT, description=cut)).description
+    assert (
+        described == "use a cosine schedule with a longer warmup and add weight decay"
+    )  # no "to the embedding"
+    short = "halve the learning rate"
+    assert parse_reply(reply(LR_EDIT, description=short)).description == short  # as the model wrote it

@@ -33,12 +33,12 @@ Use only torch and the standard library: no new packages.
 
 Reply with one JSON object with three keys, and nothing else:
 - "reasoning": why your change should lower val_bpb, in at most 20 words.
-- "description": your change in at most 8 words.
+- "description": your change as a whole phrase in plain words (not code), at most 8 words.
 - "edits": a list of objects with "search" and "replace". "search" is one or more whole lines of train.py, \
 copied exactly, with their comments, enough to match one place only. "replace" is the new text for those lines.
 
 The shape, for an imaginary file (not an idea to copy):
-{"reasoning": "Exact mode avoids rounding errors that slow learning.", "description": "exact mode for f", \
+{"reasoning": "Exact mode avoids rounding errors that slow learning.", "description": "use exact mode when calling f", \
 "edits": [{"search": "y = f(x, mode=\\"fast\\")  # fast", "replace": "y = f(x, mode=\\"exact\\")  # fast"}]}"""
 
 FOLLOWUP = """

@@ -139,6 +139,25 @@ def close_open_string(text: str) -> str | None:
     return text[:end] + '"' + REPLY_END
 
 
+DANGLING = frozenset(
+    {"a", "an", "the", "and", "or", "for", "to", "of", "in", "on", "with", "by", "at", "from"}
+)
+"""Words a phrase cut short must not end on."""
+
+
+def whole_words(description: str, limit: int = MAX_DESCRIPTION) -> str:
+    """A description the grammar's length cap cut short, back to its last whole word and without a dangling
+    "to the": "use a cosine schedule with a longer warmup and add weight decay to the embedding" (80 characters,
+    cut in "embeddings") becomes "use a cosine schedule with a longer warmup and add weight decay". A shorter
+    one is as the model wrote it."""
+    if len(description) < limit or " " not in description:
+        return description
+    words = description.rsplit(" ", 1)[0].rstrip(" ,;:-(").split(" ")
+    while len(words) > 1 and words[-1].lower() in DANGLING:
+        words.pop()
+    return " ".join(words).rstrip(" ,;:-(")
+
+
 def parse_reply(text: str) -> ParsedReply:
     """Parse a model reply into a description and edits; ReplyError (only) if it is malformed."""
     if not isinstance(text, str):
@@ -151,7 +170,7 @@ def parse_reply(text: str) -> ParsedReply:
             raise
         data = _json_object(text)
     reasoning = _string_field(data, "reasoning", MAX_REASONING) if "reasoning" in data else ""
-    description = " ".join(_string_field(data, "description", MAX_DESCRIPTION).split())
+    description = whole_words(" ".join(_string_field(data, "description", MAX_DESCRIPTION).split()))
     if not description:
         raise ReplyError('"description" is empty: say in a few words what the change is')
     if "edits" not in data:
