@@ -370,16 +370,10 @@ MATMULS = {
     "mv": 0,
 }
 """Products whose FLOPs are 2 x output elements x the inner dimension: the index of the operand that has it last."""
-CUBIC = {
-    "cholesky",
-    "cholesky_inverse",
-    "cholesky_solve",
-    "inverse",
-    "pinverse",
-    "triangular_solve",
-    "lu_solve",
-}
-CUBIC |= {"svd", "qr", "geqrf", "det", "logdet", "slogdet", "matrix_exp", "matrix_power", "lstsq"}
+CUBIC = frozenset(
+    {"cholesky", "cholesky_inverse", "cholesky_solve", "inverse", "pinverse", "triangular_solve", "lu_solve"}
+    | {"svd", "qr", "geqrf", "det", "logdet", "slogdet", "matrix_exp", "matrix_power", "lstsq"}
+)
 """Operators that cost about n^3 per n x n matrix (2 x input elements x its last dimension, at least)."""
 
 
@@ -401,7 +395,10 @@ def forward_flops(program: Any) -> float:
         elif "attention" in name and len(args) >= 3:  # q (..., L, E) @ k (..., S, E)^T, then @ v (..., S, Ev)
             keys = _shape(args[1])
             total += 2.0 * (keys[-2] if len(keys) >= 2 else 1) * (math.prod(_shape(args[0])) + out)
-        elif name.startswith("conv") and len(args) >= 2:
+        elif (
+            name.startswith(("convolution", "conv1d", "conv2d", "conv3d", "conv_transpose"))
+            and len(args) >= 2
+        ):
             total += 2.0 * out * math.prod(_shape(args[1])[1:])  # weight (out, in / groups, *kernel)
         elif name == "einsum" and isinstance(node.args[0], str) and len(node.args) > 1:
             total += _einsum_flops(node.args[0], list(node.args[1]))

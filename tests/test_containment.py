@@ -290,6 +290,14 @@ def test_with_an_allowlist_a_run_sees_nothing_of_the_host_but_it(allowlist: bool
             ]
 
 
+def test_a_system_folder_that_holds_the_workspace_is_left_out_of_the_allowlist() -> None:
+    """A workspace kept under a system folder (/opt/research, say) would be in sight with all of it."""
+    seen = containment.in_sight(sys.executable)
+    assert Path("/usr") in seen and Path("/etc") in seen
+    apart = containment.in_sight(sys.executable, apart=Path("/usr/share/my-research"))
+    assert Path("/usr") not in apart and Path("/etc") in apart
+
+
 def test_hidden_path_inside_writable_is_masked(scratch: Path) -> None:
     full_or_skip()
     (scratch / "val.bin").write_bytes(b"secret")

@@ -190,9 +190,14 @@ def interpreter_folders(python: str) -> tuple[Path, ...]:
     return tuple(sorted(folder for folder in folders if folder.is_dir()))
 
 
-def in_sight(python: str) -> tuple[Path, ...]:
-    """The allowlist of a training run: the system folders and `python`'s own (`interpreter_folders`)."""
-    return tuple(Path(p) for p in SYSTEM if os.path.lexists(p)) + interpreter_folders(python)
+def in_sight(python: str, apart: Path | None = None) -> tuple[Path, ...]:
+    """The allowlist of a training run: the system folders and `python`'s own (`interpreter_folders`), but for
+    a folder that holds `apart` (the workspace: one kept under /opt would be in sight with all of /opt)."""
+    found = tuple(Path(p) for p in SYSTEM if os.path.lexists(p)) + interpreter_folders(python)
+    if apart is None:
+        return found
+    apart = apart.resolve()
+    return tuple(p for p in found if not apart.is_relative_to(p.resolve()))
 
 
 def contain(

@@ -181,7 +181,7 @@ class Sandbox:
             address_space_mb=address,
             hidden=prepared.hidden,
             readable=self._readable(prepared),
-            visible=in_sight(self.python) if self.containment.full else None,
+            visible=in_sight(self.python, apart=self.harness) if self.containment.full else None,
             harness_hashes=self.harness_hashes,
             log_cap_bytes=self.config.log_cap_bytes,
             network=self.config.network,
