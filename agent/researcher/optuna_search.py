@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.edits import EditError, apply_edits, file_hash
 from agent.events import EventSink, Info
-from agent.proposals import Edit, Proposal, ProposalContext
+from agent.proposals import Edit, HistoryRow, Proposal, ProposalContext
 from agent.researcher.random_search import (
     BATCH,
     BETA,
@@ -216,13 +216,14 @@ class OptunaSearch:
                 emit(Info(message=f"{self.name}: train.py has no constant it can search"))
                 return None
             study, params = self._open(params, context, emit)
-            self._tell(study, context)
+            decided = {row.train_hash: row for row in context.history if row.train_hash}
+            self._tell(study, decided, context.best_bpb)
             check = not constraint_problems(block.values)
             for _ in range(MAX_ASKS):
                 if cancel.is_set():
                     return None
-                trial = self._next_trial(study, params, context)
-                proposal = self._proposal(study, trial, params, block, context, check)
+                trial = self._next_trial(study, params, set(decided) | context.tried_hashes)
+                proposal = self._proposal(study, trial, params, block, context, decided, check)
                 if proposal is not None:
                     return proposal
         emit(
@@ -279,7 +280,7 @@ class OptunaSearch:
                         )
                     )
             self._study, self._key = study, key
-        stored, styles = (self._study.user_attrs.get(key, {}) for key in ("space", "styles"))
+        stored, styles = (self._study.user_attrs.get(attr, {}) for attr in ("space", "styles"))
         kept = [
             replace(p, distribution=json_to_distribution(stored[p.name]), style=styles.get(p.name, p.style))
             if p.name in stored
@@ -288,28 +289,27 @@ class OptunaSearch:
         ]
         return self._study, kept
 
-    def _tell(self, study: Any, context: ProposalContext) -> None:
-        """Tell every running trial whose experiment the engine decided its result."""
+    def _tell(self, study: Any, decided: dict[str, HistoryRow], best_bpb: float | None) -> None:
+        """Tell every running trial whose experiment the engine decided (`decided`, by train.py hash) its result."""
         from optuna.trial import TrialState
 
-        decided = {row.train_hash: row for row in context.history if row.train_hash}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             row = decided.get(trial.user_attrs.get("train_hash", ""))
             if row is None or row.status == "interrupted":
                 continue  # in flight, waiting, or to run again
-            if row.status == "noop" and context.best_bpb is not None:
-                study.tell(trial.number, context.best_bpb)  # the same computation as the best
+            if row.status == "noop" and best_bpb is not None:
+                study.tell(trial.number, best_bpb)  # the same computation as the best
             elif row.status in TOLD or row.val_bpb is None:
                 study.tell(trial.number, state=TrialState.FAIL)
             else:
                 study.tell(trial.number, row.val_bpb)
 
-    def _next_trial(self, study: Any, params: list[Param], context: ProposalContext) -> Any:
-        """A trial asked before and never recorded (a kill between the two), else a new one."""
+    def _next_trial(self, study: Any, params: list[Param], known: set[str]) -> Any:
+        """A trial asked before and never recorded (its train.py not among the `known` ones: a kill between the
+        two), else a new one."""
         import optuna
         from optuna.trial import TrialState
 
-        known = {row.train_hash for row in context.history} | set(context.tried_hashes)
         for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number not in self._asked and frozen.user_attrs.get("train_hash") not in known:
                 self._asked.add(frozen.number)
@@ -319,7 +319,14 @@ class OptunaSearch:
         return trial
 
     def _proposal(
-        self, study: Any, trial: Any, params: list[Param], block: Block, context: ProposalContext, check: bool
+        self,
+        study: Any,
+        trial: Any,
+        params: list[Param],
+        block: Block,
+        context: ProposalContext,
+        decided: dict[str, HistoryRow],
+        check: bool,
     ) -> Proposal | None:
         """The trial's configuration as a proposal, or None after telling the study why not (a broken
         constraint: failed; a train.py tried before: its number; the best's own values: the best's number)."""
@@ -340,7 +347,6 @@ class OptunaSearch:
             shown.append(f"{label} {now} -> {text}")
             if p.index is None:
                 changed[p.constant.name] = ast.literal_eval(text)
-        tried = {row.train_hash: row for row in context.history if row.train_hash}
         edits: tuple[Edit, ...] = ()
         if not per_line:  # the best's own configuration
             source = context.train_py
@@ -358,7 +364,7 @@ class OptunaSearch:
                 return None
         digest = file_hash(source)
         if digest in context.tried_hashes or not per_line:  # told what it is known to give, not trained again
-            row = tried.get(digest)
+            row = decided.get(digest)
             value = context.best_bpb if not per_line else row.val_bpb if row is not None else None
             if value is None:
                 study.tell(trial.number, state=TrialState.FAIL)

@@ -389,6 +389,29 @@ class Prepared:
     hidden: tuple[Path, ...]
     readable: tuple[Path, ...] = ()
 
+    @classmethod
+    def from_told(cls, told: Mapping[str, Any]) -> Prepared:
+        """What `judge.py prepare` (or a node's record of it: `told`) wrote, as JSON."""
+        data = told.get("data")
+        hidden, readable = (
+            tuple(Path(p) for p in told.get(key, []) if isinstance(p, str)) for key in ("hidden", "readable")
+        )
+        return cls(Path(data) if isinstance(data, str) and data else None, hidden, readable)
+
+    def told(self) -> dict[str, Any]:
+        """As JSON, for `from_told`."""
+        return {
+            "data": str(self.data) if self.data is not None else None,
+            "hidden": [str(p) for p in self.hidden],
+            "readable": [str(p) for p in self.readable],
+        }
+
+
+def named_corpus(env: Mapping[str, str]) -> Path | None:
+    """The corpus the user named (AUTORESEARCH_CORPUS in `env`), where it exists."""
+    corpus = Path(env.get("AUTORESEARCH_CORPUS") or "").expanduser()
+    return corpus if corpus.name and corpus.exists() else None
+
 
 def prepare_for_runs(
     workspace: Path,
@@ -418,8 +441,8 @@ def prepare_for_runs(
         argv = [python, "-I", str(JUDGE_SCRIPT), "prepare", str(folder), str(out)]
         full_env = scrub_environment(os.environ) | dict(env) | {"PYTHONUNBUFFERED": "1"}
         if containment is not None:  # the user's corpus stays in sight wherever it is (under /tmp too)
-            corpus = Path(full_env.get("AUTORESEARCH_CORPUS") or "").expanduser()
-            seen = [_CODE, *([corpus] if corpus.name and corpus.exists() else [])]
+            corpus = named_corpus(full_env)
+            seen = [_CODE, *([corpus] if corpus is not None else [])]
             argv = contain(argv, containment, cwd=folder, writable=[folder, cache], readable=seen)
         proc = subprocess.run(
             argv, cwd=folder, env=full_env, capture_output=True, text=True, timeout=timeout_s, check=False
@@ -430,12 +453,7 @@ def prepare_for_runs(
         if proc.returncode != 0:
             lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
             raise PrepareError(lines[-1] if lines else f"exit code {proc.returncode}")
-        prepared = read_json_object(out, MAX_CLAIMS_BYTES)
-        data = prepared.get("data")
-        hidden, readable = (
-            tuple(Path(p) for p in prepared.get(k, []) if isinstance(p, str)) for k in ("hidden", "readable")
-        )
-        return Prepared(Path(data) if isinstance(data, str) else None, hidden, readable)
+        return Prepared.from_told(read_json_object(out, MAX_CLAIMS_BYTES))
     except subprocess.TimeoutExpired:
         raise PrepareError(f"preparing the data took over {timeout_s:.0f} s") from None
     finally:

@@ -170,9 +170,7 @@ def run_training(
             remove_tree(folder)
     if training.budget_spent is not None:
         summary["budget_spent"] = round(training.budget_spent, 2)
-    if (
-        training.told_s is not None
-    ):  # measured here, not claimed: from its start to the stop, then to its exit
+    if training.told_s is not None:  # measured here, not claimed: its start to the stop, then to its exit
         summary["training_seconds"] = round(training.told_s, 1)
         if not training.killed_for:
             summary["handover_seconds"] = round(max(0.0, training.seconds - training.told_s), 2)

@@ -2,9 +2,9 @@
 
 What it knows is this machine's: how far runs can be contained (probed once), the data prepared for runs and
 the files they must not read (once, at the first run: a machine that never trains never prepares), the warm
-judges (one per run judged at once), memory limits from this machine's RAM, the deadline from the budget and this device, the frozen
-harness's hashes, and the probes that settle a crash or a no-op in seconds. The local trainers keep one for their
-slots; a Ray node builds the same for the runs it is sent (`agent.trainers.ray`).
+judges (one per run judged at once), memory limits from this machine's RAM, the deadline from the budget and
+this device, the frozen harness's hashes, and the probes that settle a crash or a no-op in seconds. The local
+trainers keep one for their slots; a Ray node builds the same for the runs it is sent (`agent.trainers.ray`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from agent.config import EngineConfig, detect_device
 from agent.events import EngineError, EventSink
 from agent.sandbox.containment import Containment, in_sight
 from agent.sandbox.containment import probe as probe_containment
-from agent.sandbox.judging import JudgePool, Prepared, WarmJudge, prepare_for_runs
+from agent.sandbox.judging import JudgePool, Prepared, WarmJudge, named_corpus, prepare_for_runs
 from agent.sandbox.probe import ProbeCache, settle_by_probe
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window, judge_deadline
@@ -196,10 +196,8 @@ class Sandbox:
         AUTORESEARCH_DATA (it finds its data from the corpus), the cache and a corpus the user named."""
         if prepared.data is not None:
             return prepared.readable
-        corpus = Path(
-            self.env.get("AUTORESEARCH_CORPUS") or os.environ.get("AUTORESEARCH_CORPUS") or ""
-        ).expanduser()
-        return (self.cache, *([corpus] if corpus.name and corpus.exists() else []))
+        corpus = named_corpus({**os.environ, **self.env})
+        return (self.cache, *([corpus] if corpus is not None else []))
 
     def run(
         self,

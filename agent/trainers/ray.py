@@ -569,10 +569,7 @@ def _prepared(root: Path, sandbox: Sandbox) -> Prepared:
     with (folder / f"{key}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.is_file():
-            told = json.loads(marker.read_text(encoding="utf-8"))
-            paths_of = {k: tuple(Path(p) for p in told.get(k, [])) for k in ("hidden", "readable")}
-            data = told.get("data")
-            return Prepared(Path(data) if data else None, paths_of["hidden"], paths_of["readable"])
+            return Prepared.from_told(json.loads(marker.read_text(encoding="utf-8")))
         scratch = root / f"prepare-{key}"
         try:
             prepared = prepare_for_runs(
@@ -586,13 +583,8 @@ def _prepared(root: Path, sandbox: Sandbox) -> Prepared:
             )
         finally:
             remove_tree(scratch)
-        told = {
-            "data": str(prepared.data) if prepared.data else None,
-            "hidden": [str(p) for p in prepared.hidden],
-            "readable": [str(p) for p in prepared.readable],
-        }
         staged = marker.with_suffix(".tmp")
-        staged.write_text(json.dumps(told), encoding="utf-8")
+        staged.write_text(json.dumps(prepared.told()), encoding="utf-8")
         staged.replace(marker)
         return prepared
 
