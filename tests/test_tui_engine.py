@@ -208,8 +208,13 @@ async def test_pause_waits_for_the_run_and_a_model_switch_shows_in_the_header(
         await wait_until(pilot, lambda: app.state.run.exp_id == 0, 120, "the baseline run to start")
         await pilot.press("p")
         assert app.state.header.pause_requested
+        # A snapshot can say "paused" a moment before the events that settled the baseline arrive: both are
+        # awaited.
         await wait_until(
-            pilot, lambda: app.state.header.state == EngineState.PAUSED, RUN_TIMEOUT, "the engine to pause"
+            pilot,
+            lambda: app.state.header.state == EngineState.PAUSED and decided(app, 0),
+            RUN_TIMEOUT,
+            "the engine to pause with the baseline settled",
         )
         # The baseline run was allowed to finish; nothing else started.
         assert app.state.rows[0].status == "baseline" and app.state.rows[0].val_bpb is not None
