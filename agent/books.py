@@ -22,6 +22,7 @@ from agent.candidate import merge3
 from agent.decisions import NoiseFloor
 from agent.edits import file_hash, unified_diff
 from agent.events import Decided, EngineError, EventSink, Info, NoiseMeasured, ProposalRejected, RunFinished
+from agent.findings import constant_changes
 from agent.ledger import (
     FAILED,
     KEPT,
@@ -36,6 +37,7 @@ from agent.ledger import (
 )
 from agent.proposals import HistoryRow, Proposal, ProposalContext
 from agent.sandbox.spec import Outcome, RunResult
+from agent.static_noop import normal_form
 from agent.workspace import TRAIN, Workspace, WorkspaceError
 
 CRASH_ENV = "AUTORESEARCH_CRASH_AT"
@@ -87,6 +89,8 @@ class Books:
         self.ws, self.ledger, self._emit = ws, ledger, emit
         self.default_margin = default_margin
         """The margin (bpb) until the baseline has measured the noise."""
+        self._forms: dict[str, str | None] = {}
+        """Each tried commit's train.py in normal form (`static_noop.normal_form`), read once."""
 
     # ---- reading --------------------------------------------------------------------------------------
 
@@ -171,23 +175,9 @@ class Books:
         """What a proposer may look at: the program, the best train.py, the decided history, the margin and
         every train.py already tried (or in flight)."""
         experiments = self.ledger.experiments()
-        history = tuple(
-            HistoryRow(
-                exp_id=e.id,
-                description=e.description,
-                status=e.status,
-                val_bpb=e.val_bpb,
-                crash_tail="\n".join(e.log_tail.splitlines()[-15:]) if e.status in FAILED else "",
-                train_hash=e.train_hash,
-            )
-            for e in experiments
-            if e.phase == Phase.DECIDED
-        )
-        tried = {
-            e.train_hash
-            for e in experiments
-            if e.train_hash and (e.status in RAN or e.phase != Phase.DECIDED)
-        }
+        kept = {e.commit: e.val_bpb for e in experiments if e.status in KEPT and e.commit}
+        history = tuple(self._history_row(e, kept) for e in experiments if e.phase == Phase.DECIDED)
+        tried = [e for e in experiments if e.train_hash and (e.status in RAN or e.phase != Phase.DECIDED)]
         noise = self.ledger.get_meta("noise")
         return ProposalContext(
             program_md=program_md,
@@ -196,9 +186,43 @@ class Books:
             best_bpb=self.best_bpb(),
             noise_margin=noise["margin"] if noise else None,
             budget=budget,
-            tried_hashes=frozenset(tried),
+            tried_hashes=frozenset(e.train_hash for e in tried if e.train_hash),
+            tried_forms=self._tried_forms(tried),
             veto_reason=veto_reason,
         )
+
+    @staticmethod
+    def _history_row(exp: Experiment, kept: dict[str, float | None]) -> HistoryRow:
+        parent_bpb = kept.get(exp.parent_commit or "")
+        constants, code_changed = constant_changes(exp.diff)
+        return HistoryRow(
+            exp_id=exp.id,
+            description=exp.description,
+            status=exp.status,
+            val_bpb=exp.val_bpb,
+            crash_tail="\n".join(exp.log_tail.splitlines()[-15:]) if exp.status in FAILED else "",
+            train_hash=exp.train_hash,
+            change=exp.val_bpb - parent_bpb if exp.val_bpb is not None and parent_bpb is not None else None,
+            constants=constants,
+            code_changed=code_changed,
+            reason=exp.reason,
+        )
+
+    def _tried_forms(self, tried: list[Experiment]) -> dict[str, str]:
+        """Normal form -> the experiment in words, for every train.py tried (read from git once per commit)."""
+        forms: dict[str, str] = {}
+        for exp in tried:
+            if not exp.commit:
+                continue
+            if exp.commit not in self._forms:
+                self._forms[exp.commit] = (
+                    normal_form(self.ws.file_at(exp.commit)) if self.ws.is_commit(exp.commit) else None
+                )
+            form = self._forms[exp.commit]
+            if form is not None:
+                bpb = f", {exp.val_bpb:.4f}" if exp.val_bpb is not None else ""
+                forms.setdefault(form, f'#{exp.id} "{exp.description}" ({exp.status}{bpb})')
+        return forms
 
     def baseline_decided(self) -> bool:
         exp = self.ledger.get(0)

@@ -13,6 +13,7 @@ where and how a run trains is the trainers' (`agent.trainers`, made by the facto
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 import time
@@ -59,7 +60,7 @@ from agent.events import (
 from agent.ledger import Experiment, Ledger, Phase, Status
 from agent.proposals import Proposal, ProposalContext, Proposer, SwitchableProposer, model_name
 from agent.sandbox.spec import Outcome, PrepareError, ProbeParent, RunRequest
-from agent.slots import Flight, RunDone, Slots, training_on
+from agent.slots import Flight, RunDone, Slots, training_on, trial
 from agent.static_noop import static_noop
 from agent.thinking import Proposed, Thinking
 from agent.trainers.base import TrainerFactory
@@ -492,7 +493,23 @@ class Engine:
     def _context(self) -> ProposalContext:
         with self._lock:
             veto, self._veto_reason = self._veto_reason, None
-        return self.books.proposal_context(self._program, self.budget.describe(), veto)
+        context = self.books.proposal_context(self._program, self.budget.describe(), veto)
+        trainer, best = self._slots.trainer, self.books.best()
+        if trainer is None or not trainer.can_probe or best is None:
+            return context
+        # A candidate's trial is the probe its first run would start with: same seed, budget and deadlines.
+        first_run = RunRequest(
+            exp_id=self.ledger.count(),
+            n=0,
+            seed=self.config.base_seed,
+            train_source=context.train_py,
+            budget=self.budget,
+            log_path=self.ws.runs_dir / "trials" / "trial.log",
+            observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
+            observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
+            parent_judge_s=self.books.judge_seconds(best),
+        )
+        return replace(context, trial=functools.partial(trial, trainer, first_run))
 
     def _want_proposal(self) -> bool:
         with self._lock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -54,6 +55,14 @@ class HistoryRow:
     crash_tail: str = ""
     train_hash: str | None = None
     """SHA-256 of the train.py it ran (an optimiser tells its trial by it)."""
+    change: float | None = None
+    """val_bpb minus its parent's (the best it was made on), where both are known."""
+    constants: tuple[tuple[str, str, str], ...] = ()
+    """The module-level constants its diff changed: (name, old value, new value) as written."""
+    code_changed: bool = False
+    """Its diff changed more than constants' values (an idea no constant expresses)."""
+    reason: str = ""
+    """Why it ended as it did, in the engine's words (a crash's error, a no-op's cause)."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,18 @@ class ProposalContext:
     """Human-readable budget, e.g. '60 s' or '3.0e12 FLOPs'."""
     tried_hashes: frozenset[str] = field(default_factory=frozenset)
     """SHA-256 of every train.py already tried: a proposal producing one of these is a duplicate."""
+    tried_forms: Mapping[str, str] = field(default_factory=dict)
+    """The same for the program itself (`static_noop.normal_form`: comments, formatting and how values are
+    written set aside): normal form -> the experiment it was, in words ('#7 "…" (discard, 2.8912)')."""
     veto_reason: str | None = None
     """Why the user vetoed the previous proposal, to be passed back to the model."""
+    trial: Trial | None = field(default=None, compare=False, repr=False)
+    """Where the trainers can: run a candidate train.py for the few probe steps its first run starts with, to
+    hear before handing it in whether it crashes (a crash is a reply to retry, not an experiment)."""
+
+
+Trial = Callable[[str, threading.Event], "str | None"]
+"""`trial(train_py, cancel)`: why the candidate crashed (its error and the traceback's last lines), or None."""
 
 
 class ProposalFailed(Exception):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from agent.books import crash_point
+from agent.edits import file_hash
 from agent.events import EngineError, Event, EventSink, Info, LogLine, RunFinished, StepMetric
 from agent.sandbox.spec import PrepareError, RunRequest, RunResult
 from agent.trainers.base import Trainer, TrainerFactory, TrainerLost
@@ -200,3 +201,10 @@ class Slots:
 def training_on(count: int, ray: str | None) -> str:
     """'training on 2 trainer(s) on Ray at local', for the user."""
     return f"training on {count} trainer(s) on " + (f"Ray at {ray}" if ray else "this machine")
+
+
+def trial(trainer: Trainer, template: RunRequest, text: str, cancel: threading.Event) -> str | None:
+    """(the proposer's thread) `Trainer.trial` of the candidate `text`, made like the first run `template`
+    describes (its seed, budget and deadlines); its log beside the template's, named by the text's hash."""
+    log_path = template.log_path.with_name(f"{file_hash(text)[:12]}.log")
+    return trainer.trial(replace(template, train_source=text, log_path=log_path), cancel)

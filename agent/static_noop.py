@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
 import io
 import tokenize
 
@@ -49,6 +50,17 @@ def static_noop(parent_text: str, new_text: str) -> str | None:
         )
         return f"no-op: only definitions nothing reads changed ({', '.join(changed)})"
     return None
+
+
+def normal_form(text: str) -> str | None:
+    """A train.py's identity once comments, formatting, docstrings, how values are written and definitions
+    nothing reads are set aside (what `static_noop` sets aside), as a SHA-256; None when it does not parse.
+    Two files with the same normal form compute the same thing: the second is the first experiment again."""
+    try:
+        tree = _FoldConstants().visit(_StripDocstrings().visit(ast.parse(text)))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    return hashlib.sha256(_dump_without(tree, _unused_definitions(tree)).encode()).hexdigest()
 
 
 def _code_tokens(text: str) -> list[tokenize.TokenInfo]:

@@ -48,6 +48,14 @@ def report(val_bpb, steps=3, printed=None):
                    "seed": seed}, fh)
 '''
 
+PROBING_PREPARE = FAKE_PREPARE.replace(
+    "def report(val_bpb, steps=3, printed=None):\n",
+    "def report(val_bpb, steps=3, printed=None):\n"
+    '    steps = int(os.environ.get("AUTORESEARCH_PROBE_STEPS", steps))  # a probe\'s few steps\n',
+)
+"""The fake harness with the probe knob: a crashing train.py crashes in a probe (and a trial) too; a probe
+that trains has no fingerprint (the fake judge gives none), so nothing is settled as a no-op."""
+
 FAKE_METRIC = '''"""Fake frozen metric, what only the judge imports: reads the "model" (its val_bpb) back."""
 import json
 

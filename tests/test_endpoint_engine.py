@@ -4,13 +4,14 @@ while, and goes on when the server answers again (real engine, real git, the fak
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from endpoint_fakes import ScriptedServer
-from engine_fakes import Recorder, assert_consistent, make_workspace
+from endpoint_fakes import GOOD_REPLY, ScriptedServer
+from engine_fakes import PROBING_PREPARE, Recorder, assert_consistent, make_workspace
 
 from agent import thinking
 from agent.commands import Resume, Shutdown, Skip, UseModel
@@ -25,6 +26,7 @@ from agent.events import (
     ProposerWaiting,
     StateChanged,
 )
+from agent.ledger import proposal_from_json
 from agent.printer import format_event
 from agent.researcher.proposer import make_proposer
 from agent.session import open_engine
@@ -171,3 +173,79 @@ def test_skip_while_the_server_streams_asks_again_instead_of_ending(ws: Workspac
     assert not [e for e in events.of(Info) if "nothing more to try" in e.message]
     assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
     assert_consistent(ws)
+
+
+CRASHING_REPLY = json.dumps(
+    {
+        "reasoning": "Crash on purpose.",
+        "description": "the crashing switch",
+        "edits": [{"search": "CRASH = False", "replace": "CRASH = True"}],
+    }
+)
+
+
+def test_a_reply_that_crashes_in_its_trial_is_retried_with_the_traceback_not_trained(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, prepare=PROBING_PREPARE)
+    with ScriptedServer(replies=[CRASHING_REPLY, GOOD_REPLY]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=1, probe=True)
+        engine.run()
+    assert engine.error is None
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
+    ledger = assert_consistent(ws)  # the crash is no experiment: one row, the proposal that ran
+    assert [(e.status, e.description) for e in ledger.experiments()] == [
+        ("baseline", "baseline"),
+        ("keep", "learning rate 0.6"),
+    ]
+    # The model was asked again, told what crashed and how; both replies are kept on the proposal.
+    assert len(server.requests) == 2
+    retry = json.dumps(server.requests[1][1])
+    assert "the crashing switch" in retry and "RuntimeError: boom: this idea crashes" in retry
+    assert "RuntimeError: boom" not in json.dumps(server.requests[0][1])
+    said = [e.message for e in events.of(Info) if "reply 1 of 3 rejected" in e.message]
+    assert said and "crashed when train.py ran its first steps" in said[0]
+    kept = ledger.get(1)
+    assert kept is not None and len(proposal_from_json(kept.proposal).replies) == 2
+    trials = sorted((ws.runs_dir / "trials").glob("*.log"))
+    assert len(trials) == 2 and any("boom" in t.read_text() for t in trials)
+
+
+def test_without_probes_a_crashing_reply_is_trained_and_recorded_as_a_crash(tmp_path: Path) -> None:
+    """The control: the trial is the probe, and only a trainer that probes tries candidates."""
+    ws = make_workspace(tmp_path, prepare=PROBING_PREPARE)
+    with ScriptedServer(replies=[CRASHING_REPLY, GOOD_REPLY]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=1, probe=False)
+        engine.run()
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "crash")]
+    assert len(server.requests) == 1 and not (ws.runs_dir / "trials").exists()
+
+
+def reply_setting(line: str, description: str) -> str:
+    return json.dumps(
+        {"reasoning": "r", "description": description, "edits": [{"search": "EXTRA = 0.0", "replace": line}]}
+    )
+
+
+def test_a_proposal_that_repeats_an_experiment_written_differently_goes_back_with_the_row(
+    tmp_path: Path,
+) -> None:
+    """The ledger's memory: the second reply is experiment #1's program again (0.5 written 5e-1), so it is
+    never trained; the model hears which row it repeats, and the session's findings come from the ledger."""
+    ws = make_workspace(tmp_path)
+    first = reply_setting("EXTRA = 0.5", "add half a bit")
+    again = reply_setting("EXTRA = 5e-1  # the same half", "add one half")
+    with ScriptedServer(replies=[first, again, GOOD_REPLY]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=2)
+        engine.run()
+    assert engine.error is None
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [
+        (0, "baseline"),
+        (1, "discard"),
+        (2, "keep"),
+    ]
+    assert len(server.requests) == 3
+    retry = json.dumps(server.requests[2][1])
+    assert 'experiment #1 \\"add half a bit\\" (discard, 3.0' in retry
+    context = engine.books.proposal_context("", "60 s", None)
+    assert context.history[1].constants == (("EXTRA", "0.0", "0.5"),)
+    assert context.history[1].change == pytest.approx(0.5, abs=1e-3)
+    assert not context.history[2].code_changed and context.history[2].change is not None

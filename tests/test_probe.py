@@ -386,3 +386,36 @@ def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_pa
     assert sandbox.probe_deadline(request) == PROBE_MIN_DEADLINE_S < sandbox.deadline(request)
     assert took < budget.estimate_seconds()[0] + PROBE_GRACE_S + 15.0  # the kill's grace, on a busy machine
     assert working_in(tmp_path) == []  # nothing of it left running
+
+
+def test_a_trial_tells_the_proposer_the_crash_and_spares_the_run_its_probe(lab: Lab, tmp_path: Path) -> None:
+    """A proposer's trial is the probe the candidate's first run would start with: an invented torch function
+    comes back as its traceback's last lines; a candidate that trains is kept in the probe cache, so its run
+    does not probe it again (here it is a no-op, settled from the trial's probe and its parent's)."""
+    sandbox = Sandbox(
+        harness=lab.workspace,
+        harness_hashes=lab.base.harness_hashes,
+        scratch_root=tmp_path / "scratch",
+        config=EngineConfig(probe=True, warm_judge=False),
+        env={},
+        emit=lambda event: None,
+    )
+    budget = Budget.parse("60")
+
+    def request(text: str, log: str) -> RunRequest:
+        return RunRequest(1, 0, 1, text, budget, tmp_path / "runs" / log, probe_against=ProbeParent(0, TRAIN))
+
+    invented = request(edited("F.gelu(", "F.relu_squared("), "invented.log")
+    crashed = sandbox.trial(invented, threading.Event())
+    assert crashed.settles
+    lines = crashed.crash_lines()
+    assert "AttributeError" in lines and "relu_squared" in lines and len(lines.splitlines()) <= 8
+
+    noop = edited("LOG_EVERY = 25", "LOG_EVERY = 50")
+    tried = sandbox.trial(request(noop, "tried.log"), threading.Event())
+    assert tried.outcome == "ok" and tried.fingerprint is not None
+    run = request(noop, "run.log")
+    result = sandbox.run(run, lambda event: None, threading.Event())
+    assert (result.outcome, result.log_path) == ("noop", tmp_path / "runs" / "tried.log"), result.reason
+    assert not (tmp_path / "runs" / "run.probe.log").exists()  # the candidate was not probed again
+    assert (tmp_path / "runs" / "run.parent-probe.log").exists()

@@ -95,8 +95,9 @@ def test_long_history_shows_the_most_recent_rows() -> None:
     prompt = build_prompt(context(HISTORY_ROWS + 3), 100_000)
     assert prompt.history_shown == HISTORY_ROWS + 3 - HISTORY_BLOCK
     text = prompt.messages[1]["content"]
-    assert f"({HISTORY_BLOCK} older not shown)" in text
+    assert f"({HISTORY_BLOCK} older not shown: see above)" in text
     assert "| 0 |" not in text and f"| {HISTORY_ROWS + 2} |" in text
+    assert "found (#1 to #4;" in text and "- #4 discard: idea number 4" in text  # summarised above the table
 
 
 def test_the_history_is_trimmed_first_to_fit_the_context() -> None:

@@ -1,10 +1,13 @@
-"""The researcher's prompt: rules, program.md, train.py's code, its constants, the history, then the request.
+"""The researcher's prompt: rules, program.md, train.py's code, its constants, the findings of the experiments
+too old for the history table (`agent.findings`), the history, then the request.
 
 The order is chosen for llama.cpp's prefix reuse: each part comes before the parts that change more often. A
 keep usually edits the constants at the top of train.py, so the file is shown in two parts, its code (from the
 first class or function on) first and its top (docstring, imports, constants) after it: a keep then costs a
 re-read of the top and the history (a few hundred tokens), not of the whole file. The history is appended
-oldest-first, so a discarded experiment only adds a row, and the request comes last.
+oldest-first, so a discarded experiment only adds a row, and the request comes last. The rows that leave the
+table (in blocks of HISTORY_BLOCK) are summarised above it, per constant and per code idea, so the model reads
+the whole session and the summary changes only when the table's first row moves.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from agent.findings import findings_table
 from agent.proposals import HistoryRow, ProposalContext
 from agent.trainpy import first_definition
 
@@ -235,12 +239,15 @@ def build_prompt(
     start = history_start(len(history), max_history)
     base = count_tokens(SYSTEM_PROMPT) + count_tokens(code_part) + count_tokens(top_part)
     crash_lines = CRASH_TAIL_LINES
+    summarise = True
     while True:
         shown = history[start:]
-        table = ""
+        findings = findings_table(history[:start], context.noise_margin) if summarise else ""
+        table = f"{findings}\n" if findings else ""
         if shown:
-            omitted = f" ({start} older not shown)" if start else ""
-            table = f"# Experiments so far, oldest first{omitted}\n\n{history_table(shown)}\n\n"
+            omitted = f" ({start} older not shown: see above)" if start and findings else ""
+            omitted = omitted or (f" ({start} older not shown)" if start else "")
+            table += f"# Experiments so far, oldest first{omitted}\n\n{history_table(shown)}\n\n"
         dynamic = dynamic_text(context, crash_lines, direction)
         total = base + count_tokens(table) + count_tokens(dynamic)
         if total <= budget_tokens:
@@ -249,6 +256,8 @@ def build_prompt(
             start = min(len(history), start + HISTORY_BLOCK)
         elif crash_lines > 0:
             crash_lines = crash_lines // 2 if crash_lines > 3 else 0
+        elif summarise:
+            summarise = False
         else:
             raise PromptTooLong(
                 f"the prompt needs about {total} tokens but only {budget_tokens} fit in the model's context: "

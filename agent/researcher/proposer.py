@@ -1,8 +1,9 @@
 """The researcher: one proposal per call from a model (in-process llama.cpp or a local server), retried on a bad reply.
 
 Builds the prompt from the engine's context, has the backend write a reply, checks it (`reply.check_reply`: the
-edit grammar, a dry run on train.py, the ideas already tried) and asks again with what went wrong, at most
-MAX_TRIES times; every reply is kept on the proposal, rejected or not.
+edit grammar, a dry run on train.py, the ideas already tried; then, where the trainers probe, a trial of its
+first steps: `ProposalContext.trial`) and asks again with what went wrong, at most MAX_TRIES times; every reply
+is kept on the proposal, rejected or not.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ from agent.researcher.prompt import (
     pick_direction,
 )
 from agent.researcher.reply import DuplicateIdea, ReplyError, check_reply
+
+
+class TrialCrashed(ReplyError):
+    """The reply's train.py crashed in its trial steps: retried like a reply that did not apply, with the
+    traceback's last lines (an invented function or keyword, a shape error) for the model to avoid."""
+
+    def __init__(self, description: str, crash: str) -> None:
+        super().__init__(
+            f'your change "{description}" crashed when train.py ran its first steps:\n{crash}\n'
+            "Propose a change that runs: use only functions and arguments that exist in this torch."
+        )
+
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_MAX_TOKENS = 384
@@ -197,7 +210,14 @@ class ModelProposer:
                 if attempt == 0:
                     backend.remember()  # the prompt is worth keeping whatever the reply was
                 try:
-                    parsed, new_text = check_reply(context.train_py, completion.text, context.tried_hashes)
+                    parsed, new_text = check_reply(
+                        context.train_py, completion.text, context.tried_hashes, context.tried_forms
+                    )
+                    crashed = context.trial(new_text, cancel) if context.trial is not None else None
+                    if cancel.is_set():
+                        return None
+                    if crashed is not None:
+                        raise TrialCrashed(parsed.description, crashed)
                 except (ReplyError, EditError) as exc:
                     error = str(exc)
                     if completion.stats.finish_reason == "length":

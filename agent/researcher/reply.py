@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.edits import NOT_FOUND, EditError, apply_edits, file_hash
 from agent.proposals import Edit
+from agent.static_noop import normal_form
 
 MAX_REASONING = 160
 MAX_DESCRIPTION = 80
@@ -236,10 +237,16 @@ def _quoted(text: str, limit: int = 200) -> str:
     return shown if len(shown) <= limit else shown[: limit - 4] + '..."'
 
 
-def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ()) -> str:
+def dry_run(
+    source: str,
+    reply: ParsedReply,
+    tried_hashes: Collection[str] = (),
+    tried_forms: Mapping[str, str] | None = None,
+) -> str:
     """Apply the edits to a copy of train.py: the new text, or EditError saying what to fix.
 
-    Refuses edits that do not apply, change nothing, do not parse, or give a train.py already tried.
+    Refuses edits that do not apply, change nothing, do not parse, or give a train.py already tried: the same
+    text, or (`tried_forms`: normal form -> the experiment it was) the same program written differently.
     """
     try:
         new_text = apply_edits(source, reply.edits)
@@ -266,10 +273,21 @@ def dry_run(source: str, reply: ParsedReply, tried_hashes: Collection[str] = ())
             "this exact change was already tried in an earlier experiment (see the history): "
             "propose a different idea"
         )
+    repeated = (tried_forms or {}).get(normal_form(new_text) or "")
+    if repeated is not None:
+        raise DuplicateIdea(
+            f"this change computes exactly what experiment {repeated} computed (only how it is written "
+            "differs): propose a different idea"
+        )
     return new_text
 
 
-def check_reply(source: str, text: str, tried_hashes: Collection[str] = ()) -> tuple[ParsedReply, str]:
+def check_reply(
+    source: str,
+    text: str,
+    tried_hashes: Collection[str] = (),
+    tried_forms: Mapping[str, str] | None = None,
+) -> tuple[ParsedReply, str]:
     """Parse and dry-run one reply: (parsed, new train.py), or ReplyError / EditError."""
     parsed = parse_reply(text)
-    return parsed, dry_run(source, parsed, tried_hashes)
+    return parsed, dry_run(source, parsed, tried_hashes, tried_forms)

@@ -64,6 +64,27 @@ class Probe:
         not memory: the machine's may be short only for now."""
         return self.outcome == "crash" and not self.reason.startswith(_CONTAINMENT_FAILED)
 
+    def crash_lines(self, lines: int = 8) -> str:
+        """What a proposer is told of a candidate that crashed: the traceback's last lines in train.py's own
+        words (frames inside libraries, the ^^^ markers and the run's folder left out), ending on the error."""
+        kept: list[str] = []
+        library_frame = False
+        for line in self.log_tail.splitlines():
+            stripped = line.strip()
+            if stripped.startswith('File "'):
+                library_frame = not stripped.split('"')[1].endswith("/train.py")
+                if not library_frame:
+                    line = line.replace(stripped.split('"')[1], "train.py")
+            elif not line.startswith(" "):
+                library_frame = False
+            if library_frame or not stripped or set(stripped) <= set("^~"):
+                continue
+            kept.append(line)
+        error = self.reason.split(": ", 1)[-1] if self.reason.startswith("exit code") else self.reason
+        if error and not (kept and error.strip() in kept[-1]):
+            kept.append(error)
+        return "\n".join(kept[-lines:])
+
     @property
     def hung(self) -> bool:
         """The probe did not train its few steps within its deadline, or went on past its budget: a run of the

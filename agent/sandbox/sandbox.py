@@ -24,7 +24,7 @@ from agent.events import EngineError, EventSink
 from agent.sandbox.containment import Containment, in_sight
 from agent.sandbox.containment import probe as probe_containment
 from agent.sandbox.judging import JudgePool, Prepared, WarmJudge, named_corpus, prepare_for_runs
-from agent.sandbox.probe import ProbeCache, settle_by_probe
+from agent.sandbox.probe import Probe, ProbeCache, probe, probe_key, settle_by_probe
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window, judge_deadline
 
@@ -226,6 +226,16 @@ class Sandbox:
             if settled is not None:
                 return settled
         return run_training(spec, emit, stop=stop, on_start=on_start, containment=containment, judge=judge)
+
+    def trial(self, request: RunRequest, stop: threading.Event) -> Probe:
+        """The probe `request`'s first run would make, made now for its proposer (does it run at all?) and kept
+        in the probe cache, so that the run that follows does not probe it again. Nothing of it is shown."""
+        spec = replace(self.spec(request, "trial"), deadline_s=self.probe_deadline(request))
+        containment, judge = self.containment, self.judges()
+        return self.probes.get(
+            probe_key(spec),
+            lambda: probe(spec, None, stop=stop, containment=containment, judge=judge),
+        )
 
     def close(self) -> None:
         """Stop the warm judges."""

@@ -56,6 +56,12 @@ class Trainer(Protocol):
         run has none)."""
         ...
 
+    def trial(self, request: RunRequest, stop: threading.Event) -> str | None:
+        """Why `request`'s train.py crashes in the few probe steps its first run would start with (its error
+        and the traceback's last lines), tried now for the proposer that wrote it; None when it trained them,
+        or this trainer does not probe. `stop` ends the trial."""
+        ...
+
     def reap(self, pid: int) -> bool:
         """Kill the run a killed engine left training here, if `pid` is still that run; whether it was."""
         ...

@@ -39,6 +39,12 @@ class LocalTrainers:
         env = {"CUDA_VISIBLE_DEVICES": str(slot % self.gpus)} if self.slots > 1 and self.gpus > 1 else None
         return self.sandbox.run(request, emit, stop, on_start, env=env)
 
+    def trial(self, request: RunRequest, stop: threading.Event) -> str | None:
+        if not self.can_probe:
+            return None
+        found = self.sandbox.trial(request, stop)
+        return found.crash_lines() if found.settles else None
+
     def reap(self, pid: int) -> bool:
         return kill_stale_run(pid, self.sandbox.scratch_root)
 

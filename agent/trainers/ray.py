@@ -342,6 +342,9 @@ class RayTrainers:
                 break
         return log.interrupted(log_path, started)
 
+    def trial(self, request: RunRequest, stop: threading.Event) -> str | None:
+        return None  # no probes on a cluster (see can_probe): the run itself says it crashed
+
     def reap(self, pid: int) -> bool:
         """A Ray run has no process on the driver (a node sweeps what dead drivers left: `sweep_orphans`); a
         local run of an earlier session died with its engine (`setpriv --pdeathsig`)."""
