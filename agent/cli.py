@@ -141,10 +141,11 @@ def build_parser() -> Parser:
     )
     run.add_argument(
         "--proposer",
-        choices=("llm", "random", "tpe", "cmaes"),
-        help="who proposes: llm, the local model (the default); random, a random search that moves one "
-        "or two constants of train.py; tpe or cmaes, Optuna's TPE or CMA-ES over train.py's constants, its "
-        "study kept in the workspace (no model; --seed makes them reproducible)",
+        choices=("hybrid", "llm", "random", "tpe", "cmaes"),
+        help="who proposes: hybrid (the default), CMA-ES over train.py's constants on most turns and the "
+        "local model on 30%% of them, shown the optimiser's state; llm, the local model alone; random, a "
+        "random search that moves one or two constants of train.py; tpe or cmaes, Optuna's TPE or CMA-ES "
+        "alone (no model). Optuna's study is kept in the workspace; --seed makes them reproducible",
     )
     run.add_argument("--max-experiments", type=int, metavar="N", help="stop after N experiments")
     run.add_argument(
@@ -326,6 +327,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from agent.researcher.optuna_search import STUDY_FILE, OptunaSearch
 
         proposer = OptunaSearch(args.proposer, workspace.state_dir / STUDY_FILE, args.seed)
+    elif args.ideas is None and args.proposer in (None, "hybrid"):
+        from agent.researcher.hybrid import hybrid
+
+        proposer = hybrid(proposer, workspace.state_dir, args.seed)
     config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **_scheduling_config(args))
     engine = open_engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
     return _drive(engine)

@@ -534,7 +534,8 @@ class Engine:
             return  # dropped by the user (skip, stop) or the engine is stopping: not the model's failure
         if message.failed is not None:
             failed = message.failed
-            nothing = Proposal("(no valid proposal)", (), proposer=self.proposer.name, model=failed.model)
+            who = failed.proposer or self.proposer.name
+            nothing = Proposal("(no valid proposal)", (), proposer=who, model=failed.model)
             self._reject_new(replace(nothing, replies=failed.replies), failed.reason)
             return
         if message.error is not None:

@@ -85,6 +85,8 @@ class ProposalContext:
     written set aside): normal form -> the experiment it was, in words ('#7 "…" (discard, 2.8912)')."""
     veto_reason: str | None = None
     """Why the user vetoed the previous proposal, to be passed back to the model."""
+    advice: str = ""
+    """What another proposer knows, for the model's prompt (the hybrid researcher: the optimiser's state)."""
     trial: Trial | None = field(default=None, compare=False, repr=False)
     """Where the trainers can: run a candidate train.py for the few probe steps its first run starts with, to
     hear before handing it in whether it crashes (a crash is a reply to retry, not an experiment)."""
@@ -97,11 +99,15 @@ Trial = Callable[[str, threading.Event], "str | None"]
 class ProposalFailed(Exception):
     """A proposer could not produce a valid proposal; the engine records it as `rejected`."""
 
-    def __init__(self, reason: str, replies: tuple[str, ...] = (), model: str | None = None) -> None:
+    def __init__(
+        self, reason: str, replies: tuple[str, ...] = (), model: str | None = None, proposer: str = ""
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.replies = replies
         self.model = model
+        self.proposer = proposer
+        """Who failed, where the engine's proposer is made of several (the hybrid's model: 'llama')."""
 
 
 class Proposer(Protocol):
@@ -134,3 +140,12 @@ def model_name(proposer: Proposer) -> str | None:
     """The model a proposer proposes with, where it names one."""
     name = getattr(proposer, "model_name", None)  # optional: a model-less proposer need not say None
     return name if isinstance(name, str) else None
+
+
+PROPOSERS = {"llama": "model", "cmaes": "CMA-ES", "tpe": "TPE"}
+"""Who proposed an experiment, as the timeline and the report name them; the others by their own names (random,
+user, ideas, reapply)."""
+
+
+def proposer_label(name: str) -> str:
+    return PROPOSERS.get(name, name)

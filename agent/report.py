@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.ledger import Experiment
+from agent.proposals import proposer_label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -24,6 +25,8 @@ class Improvement:
     delta: float
     by_user: bool = False
     """Kept by an override rather than by the engine (its gain may be negative)."""
+    proposer: str = ""
+    """Who proposed it (`Proposal.proposer`)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Summary:
     """The keep margin from the baseline's spread over seeds (the ledger's `noise`); None when unknown."""
     margin_measured: bool = True
     """False when the margin is the configured default (a single baseline run)."""
+    by_proposer: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Who proposed the experiments after the baseline: name -> (experiments, keeps)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Kept:
     val_bpb: float
     description: str = ""
     by_user: bool = False
+    proposer: str = ""
 
 
 def kept_changes(chain: Iterable[Kept]) -> tuple[float | None, list[Improvement]]:
@@ -70,7 +76,12 @@ def kept_changes(chain: Iterable[Kept]) -> tuple[float | None, list[Improvement]
         elif step.status == "keep" and previous is not None:
             improvements.append(
                 Improvement(
-                    step.exp_id, step.description, step.val_bpb, previous - step.val_bpb, step.by_user
+                    step.exp_id,
+                    step.description,
+                    step.val_bpb,
+                    previous - step.val_bpb,
+                    step.by_user,
+                    step.proposer,
                 )
             )
         if baseline is not None:
@@ -125,13 +136,18 @@ def summarize(experiments: list[Experiment], noise: object = None) -> Summary:
     for exp in decided:
         counts[exp.status] = counts.get(exp.status, 0) + 1
     chain = [
-        Kept(e.id, e.status, e.val_bpb, e.description, e.decided_by == "user")
+        Kept(e.id, e.status, e.val_bpb, e.description, e.decided_by == "user", e.proposer)
         for e in decided
         if e.status in ("baseline", "keep") and e.val_bpb is not None
     ]
     baseline, improvements = kept_changes(chain)
     best = min(chain, key=lambda e: e.val_bpb, default=None)
     margin, measured = margin_of(noise)
+    by_proposer: dict[str, tuple[int, int]] = {}
+    for exp in decided:
+        if exp.id != 0 and exp.proposer:
+            n, kept = by_proposer.get(exp.proposer, (0, 0))
+            by_proposer[exp.proposer] = (n + 1, kept + (exp.status == "keep"))
     return Summary(
         baseline_bpb=baseline,
         best_bpb=best.val_bpb if best else None,
@@ -142,6 +158,7 @@ def summarize(experiments: list[Experiment], noise: object = None) -> Summary:
         improvements=tuple(improvements),
         margin=margin,
         margin_measured=measured,
+        by_proposer=by_proposer,
     )
 
 
@@ -165,6 +182,14 @@ def summary_text(summary: Summary, top: int | None = None) -> str:
         f"{n} {status}" for status, n in sorted(summary.counts.items()) if status != "baseline"
     )
     lines.append(f"{summary.n_experiments} experiments after the baseline{': ' + counted if counted else ''}")
+    if summary.by_proposer:
+        lines.append(
+            "proposed by: "
+            + ", ".join(
+                f"{proposer_label(name)} {n} ({kept} kept)"
+                for name, (n, kept) in sorted(summary.by_proposer.items(), key=lambda item: -item[1][0])
+            )
+        )
     shown = summary.improvements
     if top is not None and len(shown) > top:
         lines.append(f"kept changes, in order ({len(shown) - top} earlier ones not shown):")
@@ -176,9 +201,10 @@ def summary_text(summary: Summary, top: int | None = None) -> str:
         ratio = times_margin(imp.delta, summary.margin)
         margins = f"{ratio:5.1f} × margin" if ratio is not None else ""
         override = "  (kept by you)" if imp.by_user else ""
+        by = f"  [{proposer_label(imp.proposer)}]" if imp.proposer else ""
         lines.append(
             f"  {rank:2d}. #{imp.exp_id:<4d} {-imp.delta:+.6f}  {imp.val_bpb:.6f}  {margins}  "
-            f"{imp.description}{override}".rstrip()
+            f"{imp.description}{override}{by}".rstrip()
         )
     return "\n".join(lines)
 

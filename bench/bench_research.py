@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_research.py --arms default,random -R 3 -N 8 --budget 30 --out bench-out/research
     .venv/bin/python bench/bench_research.py --arms random -R 1 -N 2 --budget 5      # a quick check that it runs
 
-For each arm (`default`: the embedded model the CLI proposes with; `random`: `--proposer random`; `tpe` and
-`cmaes`: Optuna's samplers, `--proposer tpe|cmaes`, each session's study in its workspace; any other name:
-that registry model), R independent sessions of N experiments, each on a fresh workspace made from
+For each arm (`default`: the hybrid researcher the CLI proposes with, CMA-ES and the embedded model on 30 % of
+the turns; `hybrid:SHARE`: the same with another share of the model's turns; `llm`: the embedded model alone,
+`--proposer llm`; `random`: `--proposer random`; `tpe` and `cmaes`: Optuna's samplers, `--proposer tpe|cmaes`,
+each session's study in its workspace; `cmaes:SIGMA0`: CMA-ES with another first step, as the hybrid's; any other name: that registry model alone), R independent sessions of N experiments, each on a fresh workspace made from
 nanogpt/ (or `--source DIR`), driven headless by the real engine with the proposer the CLI would build. Every
 session gets the same budget, the same baseline seeds and the session seed `--seed + i` (random search's seed,
 the model's sampling seed), so arms differ only in who proposes.
@@ -85,7 +86,11 @@ RANDOM = "random"
 OPTUNA = ("tpe", "cmaes")
 """The classical arms: Optuna's TPE and CMA-ES (`--proposer tpe|cmaes`), their study in each session's workspace."""
 DEFAULT = "default"
-"""The researcher as a new user meets it: the embedded default model."""
+"""The researcher as a new user meets it: the hybrid of CMA-ES and the embedded default model."""
+LLM = "llm"
+"""The embedded default model alone (`--proposer llm`)."""
+HYBRID_PREFIX = "hybrid:"
+"""`hybrid:SHARE` (e.g. hybrid:0.5): the default researcher with another share of the model's turns."""
 RERUN_SEEDS = (1001, 1002)
 """Fresh training seeds for the false-keep reruns (the baseline and candidates use 1, 2, ...)."""
 NOOP_TOLERANCE = 5e-7
@@ -116,19 +121,27 @@ def arm_named(name: str) -> Arm:
         from agent.researcher.random_search import RandomSearch
 
         return Arm(name, lambda seed, ws: RandomSearch(seed))
-    if name in OPTUNA:
+    sampler, _, sigma = name.partition(":")
+    if sampler in OPTUNA:  # tpe, cmaes, or cmaes:SIGMA0 (CMA-ES with another first step)
         from agent.researcher.optuna_search import STUDY_FILE, OptunaSearch
 
-        return Arm(name, lambda seed, ws: OptunaSearch(name, ws.state_dir / STUDY_FILE, seed))
+        step = float(sigma) if sigma else None
+        return Arm(name, lambda seed, ws: OptunaSearch(sampler, ws.state_dir / STUDY_FILE, seed, step))
+    from agent.researcher.hybrid import MODEL_SHARE
     from agent.researcher.models import resolve_model
 
-    model = None if name == DEFAULT else name
+    share = MODEL_SHARE if name == DEFAULT else None  # None: the model alone
+    if name.startswith(HYBRID_PREFIX):
+        share = float(name.removeprefix(HYBRID_PREFIX))
+    model = None if name == LLM or share is not None else name
     resolve_model(model)  # an unknown model fails now, not after an hour of other arms
 
     def make(seed: int, ws: Workspace) -> Proposer:
+        from agent.researcher.hybrid import hybrid
         from agent.researcher.proposer import make_proposer
 
-        return make_proposer(model, seed)
+        proposer = make_proposer(model, seed)
+        return proposer if share is None else hybrid(proposer, ws.state_dir, seed, share)
 
     return Arm(name, make)
 

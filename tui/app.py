@@ -115,13 +115,21 @@ def default_engine_builder(
 
         cfg = config or EngineConfig(budget=budget, **(scheduling or {}))
         # A bad model fails here, before a new workspace is made for nothing.
-        chosen_proposer = proposer
-        if chosen_proposer is None:
+        local_model = None
+        if proposer is None:
             from agent.researcher.proposer import make_proposer
 
-            chosen_proposer = make_proposer(model, seed)
+            local_model = make_proposer(model, seed)
         created = not Workspace.is_workspace(workspace)
         ws = Workspace.open_or_init(workspace)
+        chosen_proposer = proposer
+        if (
+            local_model is not None
+        ):  # the default researcher: the model and CMA-ES, its study in the workspace
+            from agent.researcher.hybrid import hybrid
+
+            chosen_proposer = hybrid(local_model, ws.state_dir, seed)
+        assert chosen_proposer is not None
         engine = open_engine(ws, chosen_proposer, cfg, sink)
         # A workspace left at the welcome (nothing ever ran) still gets the welcome next time.
         fresh = created or engine.ledger.count() == 0

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.edits import EditError, apply_edits, file_hash
-from agent.events import EventSink, Info
+from agent.events import Event, EventSink, Info
 from agent.proposals import Edit, HistoryRow, Proposal, ProposalContext
 from agent.researcher.random_search import (
     BATCH,
@@ -179,6 +179,15 @@ def space_key(params: list[Param]) -> str:
     return hashlib.sha256("\n".join(p.name for p in params).encode()).hexdigest()[:12]
 
 
+def code_key(train_py: str, params: list[Param]) -> str:
+    """A short name for the code the constants are searched in: train.py without the searched constants'
+    lines. A kept change of searched values keeps it; a kept code change (or a change of a constant not
+    searched) makes another, and the study is re-based on the new best."""
+    searched = {p.constant.lineno for p in params}
+    lines = [line for n, line in enumerate(train_py.split("\n"), start=1) if n not in searched]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
+
+
 def _element_text(param: Param, line: str) -> str:
     """The text the parameter's value has in its line now (a tuple's element, or the whole value)."""
     start, end = param.constant.spans[param.index or 0]
@@ -189,12 +198,16 @@ class OptunaSearch:
     """A Proposer that proposes the configurations an Optuna sampler (TPE or CMA-ES) asks for, and tells it how
     each one did. `storage` is the SQLite file the study lives in (in the workspace)."""
 
-    def __init__(self, sampler: str, storage: Path, seed: int | None = None) -> None:
+    def __init__(
+        self, sampler: str, storage: Path, seed: int | None = None, sigma0: float | None = None
+    ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: one of {', '.join(SAMPLERS)}")
         self.name = sampler
         self.model_name: str | None = shown_name(sampler)
         self.storage, self.seed = storage, seed
+        self.sigma0 = sigma0
+        """CMA-ES's first step size, as a share of each range (None: Optuna's 1/6)."""
         self._lock = threading.Lock()
         self._study: Any = None
         self._key = ""
@@ -206,18 +219,10 @@ class OptunaSearch:
         engine decided since. None, with a word why, when train.py has nothing to search or MAX_ASKS
         configurations in a row were tried or broke a constraint."""
         with self._lock:
-            try:
-                block = read_block(context.train_py)
-            except SyntaxError as exc:
-                emit(Info(message=f"{self.name}: train.py does not parse ({exc.msg}); nothing to search"))
+            ready = self._ready(context, emit)
+            if ready is None:
                 return None
-            params = space(block, switches=self.name != "cmaes")
-            if not params:
-                emit(Info(message=f"{self.name}: train.py has no constant it can search"))
-                return None
-            study, params = self._open(params, context, emit)
-            decided = {row.train_hash: row for row in context.history if row.train_hash}
-            self._tell(study, decided, context.best_bpb)
+            study, params, block, decided = ready
             check = not constraint_problems(block.values)
             for _ in range(MAX_ASKS):
                 if cancel.is_set():
@@ -231,6 +236,68 @@ class OptunaSearch:
         )
         return None
 
+    def _ready(
+        self, context: ProposalContext, emit: EventSink
+    ) -> tuple[Any, list[Param], Block, dict[str, HistoryRow]] | None:
+        """The study for context.train_py's constants, told every result decided since: (study, parameters,
+        block, decided rows by train.py hash); None, said, when there is nothing to search."""
+        try:
+            block = read_block(context.train_py)
+        except SyntaxError as exc:
+            emit(Info(message=f"{self.name}: train.py does not parse ({exc.msg}); nothing to search"))
+            return None
+        params = space(block, switches=self.name != "cmaes")
+        if not params:
+            emit(Info(message=f"{self.name}: train.py has no constant it can search"))
+            return None
+        study, params = self._open(params, context, emit)
+        decided = {row.train_hash: row for row in context.history if row.train_hash}
+        self._tell(study, decided, context.best_bpb)
+        return study, params, block, decided
+
+    def state(self, context: ProposalContext, emit: EventSink, last: int = 10, top: int = 5) -> str:
+        """The study as a model reads it (`optimiser_state`); '' when there is nothing to search."""
+        with self._lock:
+            ready = self._ready(context, emit)
+            if ready is None:
+                return ""
+            study, params, _block, _decided = ready
+            return optimiser_state(SAMPLERS[self.name], study, params, last, top)
+
+    def adopt(self, proposal: Proposal, context: ProposalContext) -> bool:
+        """Make another proposer's proposal a trial of the study, when it only moves searched constants to
+        values inside their ranges: its result is told like the sampler's own (and shown in its state).
+        Whether it did."""
+        new_text = proposal.train_py
+        if new_text is None:
+            return False
+        try:
+            after = read_block(new_text)
+        except SyntaxError:
+            return False
+        with self._lock:
+            ready = self._ready(context, _quiet)
+            if ready is None:
+                return False
+            study, params, _block, _decided = ready
+            if code_key(new_text, params) != code_key(context.train_py, params):
+                return False  # a code change: not a point of this space
+            values = {c.name: c.value for c in after.constants}
+            fixed = {}
+            for param in params:
+                value = _internal(param, values.get(param.constant.name))
+                if value is None or not param.distribution._contains(
+                    param.distribution.to_internal_repr(value)
+                ):
+                    return False
+                fixed[param.name] = value
+            study.enqueue_trial(fixed)
+            trial = study.ask({p.name: p.distribution for p in params})
+            self._asked.add(trial.number)
+            trial.set_user_attr("proposer", proposal.proposer)
+            trial.set_user_attr("train_hash", file_hash(new_text))
+            return True
+
     # ---- the study --------------------------------------------------------------------------------------
 
     def _open(
@@ -242,7 +309,7 @@ class OptunaSearch:
         import optuna
         from optuna.distributions import distribution_to_json, json_to_distribution
 
-        key = space_key(params)
+        key = f"{space_key(params)}-{code_key(context.train_py, params)}"
         name = f"{self.name}-{key}"
         if self._study is None or key != self._key:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -254,19 +321,29 @@ class OptunaSearch:
             if self.name == "tpe":
                 sampler: Any = optuna.samplers.TPESampler(seed=seed)
             else:
-                # CMA-ES starts from the shipped values, not the ranges' middle: x0, deprecated in Optuna 4.9,
-                # is kept through 5.x (the version pinned).
+                # CMA-ES starts from the shipped values, not the ranges' middle: x0 and sigma0, deprecated in
+                # Optuna 4.9, are kept through 5.x (the version pinned).
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     sampler = optuna.samplers.CmaEsSampler(
-                        x0={p.name: p.shipped for p in params}, seed=seed, warn_independent_sampling=False
+                        x0={p.name: p.shipped for p in params},
+                        sigma0=self.sigma0,
+                        seed=seed,
+                        warn_independent_sampling=False,
                     )
             study = optuna.create_study(
                 study_name=name, storage=storage, sampler=sampler, load_if_exists=True
             )
             if name not in trials:
                 searched = ", ".join(p.name for p in params)
-                why = "the constants changed: a new study" if self._key else "a new study"
+                why = "a new study"
+                if self._key:
+                    same_space = self._key.split("-")[0] == key.split("-")[0]
+                    why = (
+                        "the code changed (a kept change no constant expresses): a new study from the best"
+                        if same_space
+                        else "the constants changed: a new study"
+                    )
                 emit(Info(message=f"{self.name}: {why} '{name}' in {self.storage} over {searched}"))
                 study.set_user_attr("space", {p.name: distribution_to_json(p.distribution) for p in params})
                 study.set_user_attr("styles", {p.name: p.style for p in params})
@@ -383,3 +460,101 @@ class OptunaSearch:
             train_py=source,
             base_hash=file_hash(context.train_py),
         )
+
+
+def _quiet(event: Event) -> None:
+    pass
+
+
+def _internal(param: Param, value: object) -> Any:
+    """A constant's value as its parameter holds it (`Param.written`'s inverse); None where it has none."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if param.index is not None:
+        if not isinstance(value, tuple) or len(value) <= param.index:
+            return None
+        value = value[param.index]
+    if isinstance(param.distribution, CategoricalDistribution):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if param.name.startswith("log2("):
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            return None
+        return value.bit_length() - 1
+    if param.name.startswith("1-"):
+        return 1.0 - float(value)
+    if isinstance(param.distribution, IntDistribution):
+        return value if isinstance(value, int) else None
+    return float(value)
+
+
+def _label(param: Param) -> str:
+    return param.constant.name if param.index is None else f"{param.constant.name}[{param.index}]"
+
+
+def _configuration(trial: Any, params: list[Param]) -> str:
+    """The constants a trial sets that differ from train.py now (`shipped`: the best's values), as NAME=value in
+    train.py's units."""
+    moved = [
+        f"{_label(p)}={p.written(trial.params[p.name])}"
+        for p in params
+        if p.name in trial.params and p.written(trial.params[p.name]) != p.written(p.shipped)
+    ]
+    return ", ".join(moved) or "the values train.py has now"
+
+
+def optimiser_state(label: str, study: Any, params: list[Param], last: int = 10, top: int = 5) -> str:
+    """What a model is shown of a study, in the constants' own units: per constant the best trial's value,
+    where the best quarter of the trials lie and the range searched; the best configurations; the last trials
+    with their outcomes (the model's own marked)."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE and t.value is not None), key=lambda t: t.value
+    )
+    failed = sum(1 for t in trials if t.state == TrialState.FAIL)
+    lines = [
+        f"# The optimiser's state: {label} (Optuna) over {len(params)} constants of train.py, "
+        f"{len(done)} trials scored, {failed} failed (crashed, or broke a shape constraint)"
+    ]
+    if done:
+        quarter = done[: max(top, len(done) // 4)]
+        lines.append(
+            "Per constant: the best trial's value; the best quarter of the trials (median, low..high); the range searched."
+        )
+        for p in params:
+            values = sorted(t.params[p.name] for t in quarter if p.name in t.params)
+            if not values or p.name not in done[0].params:
+                continue
+            dist = p.distribution
+            searched = (
+                "/".join(p.written(c) for c in dist.choices)
+                if isinstance(dist, CategoricalDistribution)
+                else f"{p.written(dist.low)}..{p.written(dist.high)}"
+            )
+            spread = (
+                f"{p.written(values[len(values) // 2])} ({p.written(values[0])}..{p.written(values[-1])})"
+            )
+            lines.append(
+                f"- {_label(p)}: best {p.written(done[0].params[p.name])}; best quarter {spread}; searched {searched}"
+            )
+        lines.append(
+            f"The best {min(top, len(done))} configurations (val_bpb: the values they set that train.py does not have now):"
+        )
+        lines.extend(f"- {t.value:.4f}: {_configuration(t, params)}" for t in done[:top])
+    if trials:
+        lines.append(f"The last {min(last, len(trials))} trials, oldest first:")
+        for t in trials[-last:]:
+            said = (
+                f"{t.value:.4f}"
+                if t.state == TrialState.COMPLETE and t.value is not None
+                else "failed"
+                if t.state == TrialState.FAIL
+                else "running"
+            )
+            whose = " (the model's)" if t.user_attrs.get("proposer") not in (None, "tpe", "cmaes") else ""
+            lines.append(f"- trial {t.number}{whose}: {said}: {_configuration(t, params)}")
+    return "\n".join(lines) + "\n"

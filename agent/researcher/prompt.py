@@ -51,6 +51,10 @@ Your previous reply was rejected: {error}
 Do not repeat it. Reply with a corrected JSON object for one idea; copy each "search" exactly from train.py."""
 
 DIRECTION = "Suggested direction (from program.md): {direction}\n"
+ADVICE = (
+    "The optimiser proposes values for these constants on most turns; this turn is yours. Propose values it "
+    "has not tried that its results suggest, or an idea no constant expresses (a change to the code).\n\n"
+)
 DIRECTION_AFTER_DUPLICATE = "Try a different direction instead: {direction}"
 
 HISTORY_ROWS = 20
@@ -211,6 +215,8 @@ def dynamic_text(
 ) -> str:
     """The part after the history: the last crash, a veto, a direction, and the request."""
     parts = []
+    if context.advice:
+        parts.append(context.advice.rstrip("\n") + "\n" + ADVICE)
     if crash_lines > 0:
         parts.append(_crash_tail(context.history, crash_lines))
     if context.veto_reason:

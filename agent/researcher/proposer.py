@@ -182,7 +182,7 @@ class ModelProposer:
                     context, backend.n_ctx - reserve, backend.count_tokens, direction=direction
                 )
             except PromptTooLong as exc:
-                raise ProposalFailed(str(exc), (), model=model) from None
+                raise ProposalFailed(str(exc), (), model=model, proposer=self.name) from None
             proposal_seed = self._rng.randrange(2**31)
             messages: tuple[Message, ...] = prompt.messages
             replies: list[str] = []
@@ -204,7 +204,7 @@ class ModelProposer:
                 except GenerationCancelled:
                     return None
                 except PromptTooLong as exc:
-                    raise ProposalFailed(str(exc), tuple(replies), model=model) from None
+                    raise ProposalFailed(str(exc), tuple(replies), model=model, proposer=self.name) from None
                 self.last_stats.append(completion.stats)
                 replies.append(completion.text)
                 if attempt == 0:
@@ -248,6 +248,7 @@ class ModelProposer:
                 f"no valid proposal after {self.max_tries} replies; the last was rejected: {error}",
                 tuple(replies),
                 model=model,
+                proposer=self.name,
             )
 
 

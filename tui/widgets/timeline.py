@@ -6,15 +6,23 @@ from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
 
+from agent.proposals import proposer_label
 from tui import format as fmt
 from tui.internals import FocusCachedTable
 from tui.state import ExperimentRow
 
-COLUMNS = (("#", "id"), ("status", "status"), ("val_bpb", "bpb"), ("Δ best", "delta"), ("time", "time"))
+COLUMNS = (
+    ("#", "id"),
+    ("status", "status"),
+    ("val_bpb", "bpb"),
+    ("Δ best", "delta"),
+    ("time", "time"),
+    ("by", "by"),
+)
 
 
 class Timeline(FocusCachedTable[Text | str]):
-    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, description).
+    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, who proposed it, description).
 
     Its rendered rows survive focus moves (see `tui.internals.FocusCachedTable`).
     """
@@ -56,6 +64,7 @@ class Timeline(FocusCachedTable[Text | str]):
             fmt.bpb(row.val_bpb),
             fmt.delta(value_delta),
             fmt.seconds(row.seconds),
+            Text(proposer_label(row.proposer), style="dim"),
             row.description.replace("\n", " "),
         )
 
