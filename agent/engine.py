@@ -508,6 +508,7 @@ class Engine:
             observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
             observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
             parent_judge_s=self.books.judge_seconds(best),
+            probe_against=ProbeParent(best.id, context.train_py),
         )
         return replace(context, trial=functools.partial(trial, trainer, first_run))
 

@@ -607,7 +607,48 @@ def check_settings(out: Path, settings: Settings) -> None:
     write_atomic(path, json.dumps(key, indent=2) + "\n")
 
 
-def run_benchmark(arms: Sequence[Arm], sessions: int, settings: Settings, out: Path) -> dict[str, Any]:
+ORACLE_AT = (10, 20)
+"""The experiments at which each arm's gain is given as a share of the oracle's (and at N)."""
+
+
+def oracle_shares(
+    results: Mapping[str, Sequence[Mapping[str, Any]]], oracle: Mapping[str, Any], experiments: int
+) -> dict[str, dict[str, float | None]]:
+    """Per arm, its sessions' mean gain after k experiments (best so far) as a share of the oracle's gain, for
+    each k of ORACLE_AT within N and for N."""
+    shares: dict[str, dict[str, float | None]] = {}
+    gain = float(oracle["gain"])
+    for name, sessions in results.items():
+        shares[name] = {}
+        for k in sorted({*(k for k in ORACLE_AT if k <= experiments), experiments}):
+            gains = [
+                s["best_so_far"][0] - s["best_so_far"][min(k, len(s["best_so_far"]) - 1)] for s in sessions
+            ]
+            shares[name][str(k)] = statistics.fmean(gains) / gain if gains and gain > 0 else None
+    return shares
+
+
+def read_oracle(path: Path, settings: Settings) -> dict[str, Any]:
+    """bench_oracle's results for the train.py, budget and baseline seeds of these sessions (else BenchError)."""
+    from bench_oracle import source_train
+
+    from agent.edits import file_hash
+
+    oracle = dict(json.loads(path.read_text(encoding="utf-8")))
+    wanted = {
+        "train_hash": file_hash(source_train(settings.source)),
+        "budget": settings.budget,
+        "baseline_seeds": settings.baseline_seeds,
+    }
+    found = {key: oracle.get(key) for key in wanted}
+    if found != wanted:
+        raise BenchError(f"--oracle {path} was measured for {found}, not for these sessions' {wanted}")
+    return oracle
+
+
+def run_benchmark(
+    arms: Sequence[Arm], sessions: int, settings: Settings, out: Path, oracle: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """R sessions of every arm (saved ones skipped), then results.json and research.png in `out`."""
     check_settings(out, settings)
     results: dict[str, list[dict[str, Any]]] = {}
@@ -619,6 +660,12 @@ def run_benchmark(arms: Sequence[Arm], sessions: int, settings: Settings, out: P
         "arms": {name: {"summary": summaries[name], "sessions": results[name]} for name in results},
         "gain_ratio_to_random": gain_ratios(summaries),
     }
+    if oracle is not None:
+        report["oracle"] = {
+            "gain": oracle["gain"],
+            "best": oracle["best"],
+            "shares": oracle_shares(results, oracle, settings.experiments),
+        }
     write_atomic(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_plot(results, out / "research.png", settings)
     return report
@@ -710,6 +757,15 @@ def format_report(report: Mapping[str, Any]) -> str:
             lines.append(f"gain ratio {name} / random: undefined (random search gained nothing)")
         else:
             lines.append(f"gain ratio {name} / random: {ratio:.2f}x")
+    if "oracle" in report:
+        oracle = report["oracle"]
+        lines += [
+            "",
+            f"oracle gain {oracle['gain']:.4f} bpb ({oracle['best']['name']}); share of it found by:",
+        ]
+        for name, shares in oracle["shares"].items():
+            shown = ", ".join(f"{_num(v, 2)} at {k}" for k, v in shares.items())
+            lines.append(f"  {name}: {shown}")
     return "\n".join(lines)
 
 
@@ -720,8 +776,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--arms",
         default=f"{DEFAULT},{RANDOM}",
-        help="comma-separated: default (the embedded model), random (random search), tpe or cmaes (Optuna) "
-        "or model names (default: default,random)",
+        help="comma-separated: default (the hybrid researcher), llm (the embedded model alone), hybrid:SHARE, "
+        "random (random search), tpe, cmaes or cmaes:SIGMA0 (Optuna) or model names (default: default,random)",
     )
     parser.add_argument("-R", type=int, default=3, dest="sessions", help="sessions per arm (default 3)")
     parser.add_argument(
@@ -729,6 +785,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--budget", help="training budget of every run: 30 (wall s), 60cpu, 1e12flops")
     parser.add_argument("--out", type=Path, default=Path("bench-out/research"), help="results folder")
+    parser.add_argument(
+        "--oracle", type=Path, help="bench_oracle.py's oracle.json: each arm's gain as a share of its gain"
+    )
     parser.add_argument("--seed", type=int, default=0, help="session i is seeded with SEED + i (default 0)")
     parser.add_argument("--seeds", type=int, help="baseline runs per session (default: the engine's)")
     parser.add_argument(
@@ -753,7 +812,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(f"--arms {args.arms!r}: name each arm once")
         arms = [arm_named(name) for name in names]
         settings = Settings(args.experiments, budget, args.seed, args.seeds, args.source, args.program)
-        report = run_benchmark(arms, args.sessions, settings, args.out)
+        oracle = read_oracle(args.oracle, settings) if args.oracle else None
+        report = run_benchmark(arms, args.sessions, settings, args.out, oracle)
     except KeyboardInterrupt:
         return 130
     except (BenchError, WorkspaceError, ValueError) as exc:  # ModelError, a bad budget: ValueErrors

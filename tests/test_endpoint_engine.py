@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from endpoint_fakes import GOOD_REPLY, ScriptedServer
-from engine_fakes import PROBING_PREPARE, Recorder, assert_consistent, make_workspace
+from engine_fakes import FAKE_TRAIN, PROBING_PREPARE, Recorder, assert_consistent, make_workspace
 
 from agent import thinking
 from agent.commands import Resume, Shutdown, Skip, UseModel
@@ -206,7 +206,10 @@ def test_a_reply_that_crashes_in_its_trial_is_retried_with_the_traceback_not_tra
     kept = ledger.get(1)
     assert kept is not None and len(proposal_from_json(kept.proposal).replies) == 2
     trials = sorted((ws.runs_dir / "trials").glob("*.log"))
-    assert len(trials) == 2 and any("boom" in t.read_text() for t in trials)
+    names = [t.name for t in trials]
+    assert "parent.log" in names  # the crash counted because the parent trains its probe steps
+    candidates = [t for t in trials if t.name != "parent.log"]
+    assert len(candidates) == 2 and any("boom" in t.read_text() for t in candidates)
 
 
 def test_without_probes_a_crashing_reply_is_trained_and_recorded_as_a_crash(tmp_path: Path) -> None:
@@ -249,3 +252,18 @@ def test_a_proposal_that_repeats_an_experiment_written_differently_goes_back_wit
     assert context.history[1].constants == (("EXTRA", "0.0", "0.5"),)
     assert context.history[1].change == pytest.approx(0.5, abs=1e-3)
     assert not context.history[2].code_changed and context.history[2].change is not None
+
+
+def test_a_kept_train_py_that_crashes_only_in_probes_does_not_make_its_children_crash(tmp_path: Path) -> None:
+    """A hostile parent that sees it is probed and crashes would make every child's trial (and probe) crash: the
+    model could never propose, every child would be a crash without a run. A crash counts only where the parent
+    trains its own probe steps; here the child is handed in at once and trained in full."""
+    hostile = FAKE_TRAIN.replace("if CRASH:", 'if CRASH or os.environ.get("AUTORESEARCH_PROBE_STEPS"):')
+    ws = make_workspace(tmp_path, train=hostile, prepare=PROBING_PREPARE)
+    with ScriptedServer(replies=[GOOD_REPLY]) as server:
+        engine, events = _engine(ws, server.url, max_experiments=1, probe=True)
+        engine.run()
+    assert engine.error is None
+    assert len(server.requests) == 1  # the first reply was taken
+    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
+    assert_consistent(ws).close()

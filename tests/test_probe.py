@@ -390,8 +390,9 @@ def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_pa
 
 def test_a_trial_tells_the_proposer_the_crash_and_spares_the_run_its_probe(lab: Lab, tmp_path: Path) -> None:
     """A proposer's trial is the probe the candidate's first run would start with: an invented torch function
-    comes back as its traceback's last lines; a candidate that trains is kept in the probe cache, so its run
-    does not probe it again (here it is a no-op, settled from the trial's probe and its parent's)."""
+    comes back as its traceback's last lines (its parent, probed once, trains); a candidate that trains is kept
+    in the probe cache, so its run does not probe it again (here it is a no-op, settled from the trial's probe
+    and its parent's)."""
     sandbox = Sandbox(
         harness=lab.workspace,
         harness_hashes=lab.base.harness_hashes,
@@ -417,5 +418,7 @@ def test_a_trial_tells_the_proposer_the_crash_and_spares_the_run_its_probe(lab: 
     run = request(noop, "run.log")
     result = sandbox.run(run, lambda event: None, threading.Event())
     assert (result.outcome, result.log_path) == ("noop", tmp_path / "runs" / "tried.log"), result.reason
-    assert not (tmp_path / "runs" / "run.probe.log").exists()  # the candidate was not probed again
-    assert (tmp_path / "runs" / "run.parent-probe.log").exists()
+    assert not (tmp_path / "runs" / "run.probe.log").exists()  # the candidate was not probed again ...
+    # ... nor its parent: probed once, when the first trial crashed (a crash counts where the parent trains).
+    assert (tmp_path / "runs" / "parent.log").exists()
+    assert not (tmp_path / "runs" / "run.parent-probe.log").exists()

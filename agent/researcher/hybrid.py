@@ -52,6 +52,13 @@ class HybridResearcher:
     def use_model(self, name: str, emit: EventSink) -> None:
         self.model.use_model(name, emit)
 
+    def load(self, emit: EventSink) -> None:
+        """Load the model now (its first turn does otherwise)."""
+        self.model.load(emit)
+
+    def close(self) -> None:
+        self.model.close()
+
     def propose(self, context: ProposalContext, emit: EventSink, cancel: threading.Event) -> Proposal | None:
         """The optimiser's next configuration, or on the model's turns (and when the optimiser has nothing to
         search) the model's proposal made with the optimiser's state in view."""

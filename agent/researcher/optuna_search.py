@@ -188,6 +188,36 @@ def code_key(train_py: str, params: list[Param]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:8]
 
 
+def configured(
+    train_py: str, block: Block, params: list[Param], values: Any, check: bool = True
+) -> tuple[str, tuple[Edit, ...], list[str]] | None:
+    """train.py with each parameter set to `values[name]`: (the new text, the edits, the changes in words, as
+    `NAME old -> new`); None when it breaks a shape constraint (`check`) or cannot be written."""
+    lines = train_py.split("\n")
+    per_line: dict[int, list[tuple[tuple[int, int], str]]] = {}
+    changed: dict[str, object] = {}
+    shown = []
+    for p in params:
+        text = p.written(values[p.name])
+        now = _element_text(p, lines[p.constant.lineno - 1])
+        if text == now:
+            continue
+        span = p.constant.spans[p.index or 0]
+        per_line.setdefault(p.constant.lineno, []).append((span, text))
+        shown.append(f"{_label(p)} {now} -> {text}")
+        if p.index is None:
+            changed[p.constant.name] = ast.literal_eval(text)
+    if not per_line:  # the values train.py has
+        return train_py, (), []
+    if check and constraint_problems(block.values_with(changed)):
+        return None
+    try:
+        edits = line_edits(train_py, {n: replace_spans(lines[n - 1], r) for n, r in per_line.items()})
+        return apply_edits(train_py, edits), edits, shown
+    except EditError:
+        return None
+
+
 def _element_text(param: Param, line: str) -> str:
     """The text the parameter's value has in its line now (a tuple's element, or the whole value)."""
     start, end = param.constant.spans[param.index or 0]
@@ -409,40 +439,15 @@ class OptunaSearch:
         constraint: failed; a train.py tried before: its number; the best's own values: the best's number)."""
         from optuna.trial import TrialState
 
-        lines = context.train_py.split("\n")
-        per_line: dict[int, list[tuple[tuple[int, int], str]]] = {}
-        changed: dict[str, object] = {}
-        shown = []
-        for p in params:
-            text = p.written(trial.params[p.name])
-            now = _element_text(p, lines[p.constant.lineno - 1])
-            if text == now:
-                continue
-            span = p.constant.spans[p.index or 0]
-            per_line.setdefault(p.constant.lineno, []).append((span, text))
-            label = p.constant.name if p.index is None else f"{p.constant.name}[{p.index}]"
-            shown.append(f"{label} {now} -> {text}")
-            if p.index is None:
-                changed[p.constant.name] = ast.literal_eval(text)
-        edits: tuple[Edit, ...] = ()
-        if not per_line:  # the best's own configuration
-            source = context.train_py
-        elif check and constraint_problems(block.values_with(changed)):
+        found = configured(context.train_py, block, params, trial.params, check)
+        if found is None:
             study.tell(trial.number, state=TrialState.FAIL)
             return None
-        else:
-            try:
-                edits = line_edits(
-                    context.train_py, {n: replace_spans(lines[n - 1], r) for n, r in per_line.items()}
-                )
-                source = apply_edits(context.train_py, edits)
-            except EditError:
-                study.tell(trial.number, state=TrialState.FAIL)
-                return None
+        source, edits, shown = found
         digest = file_hash(source)
-        if digest in context.tried_hashes or not per_line:  # told what it is known to give, not trained again
+        if digest in context.tried_hashes or not edits:  # told what it is known to give, not trained again
             row = decided.get(digest)
-            value = context.best_bpb if not per_line else row.val_bpb if row is not None else None
+            value = context.best_bpb if not edits else row.val_bpb if row is not None else None
             if value is None:
                 study.tell(trial.number, state=TrialState.FAIL)
             else:

@@ -221,11 +221,16 @@ def settle_by_probe(
         return probe(probed, shown, stop=stop, on_start=on_start, containment=containment, judge=judge)
 
     candidate_spec = probing(spec.train_source, "probe")
+    parent_spec = probing(parent.train_source.encode("utf-8"), "parent-probe")
     # Cached too: once kept, a candidate is the next candidates' parent.
     candidate = cache.get(probe_key(candidate_spec), lambda: run(candidate_spec, emit))
     if candidate.outcome == "interrupted":
         return _settled(candidate, Outcome.INTERRUPTED, candidate.reason)
     if candidate.settles:
+        # Only where the parent trains its probe steps: a kept train.py that crashes when it sees a probe
+        # would make every child a crash without a run.
+        if cache.get(probe_key(parent_spec), lambda: run(parent_spec, None)).settles:
+            return None
         return _settled(
             candidate, Outcome.CRASH, f"in a probe of {candidate.steps} steps: {candidate.reason}"
         )
@@ -235,7 +240,6 @@ def settle_by_probe(
         )
     if candidate.outcome != "ok":
         return None
-    parent_spec = probing(parent.train_source.encode("utf-8"), "parent-probe")
     found = cache.get(probe_key(parent_spec), lambda: run(parent_spec, None))
     same = same_computation(found, candidate, parent.exp_id)
     return None if same is None else _settled(candidate, Outcome.NOOP, same)

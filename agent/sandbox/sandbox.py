@@ -229,13 +229,29 @@ class Sandbox:
 
     def trial(self, request: RunRequest, stop: threading.Event) -> Probe:
         """The probe `request`'s first run would make, made now for its proposer (does it run at all?) and kept
-        in the probe cache, so that the run that follows does not probe it again. Nothing of it is shown."""
+        in the probe cache, so that the run that follows does not probe it again. Nothing of it is shown.
+
+        A crash counts only where the parent (`request.probe_against`, probed once) trains its probe steps: a
+        kept train.py that crashes when it sees it is probed would otherwise make every child's trial crash."""
         spec = replace(self.spec(request, "trial"), deadline_s=self.probe_deadline(request))
         containment, judge = self.containment, self.judges()
-        return self.probes.get(
-            probe_key(spec),
-            lambda: probe(spec, None, stop=stop, containment=containment, judge=judge),
+
+        def probed(source: bytes | None, name: str) -> Probe:
+            folder = replace(spec, scratch=spec.scratch.with_name(f"{spec.scratch.name}-{name}"))
+            made = replace(folder, train_source=source, log_path=spec.log_path.with_name(f"{name}.log"))
+            return self.probes.get(
+                probe_key(made), lambda: probe(made, None, stop=stop, containment=containment, judge=judge)
+            )
+
+        found = self.probes.get(
+            probe_key(spec), lambda: probe(spec, None, stop=stop, containment=containment, judge=judge)
         )
+        if found.settles and request.probe_against is not None:
+            parent = probed(request.probe_against.train_source.encode("utf-8"), "parent")
+            if parent.settles:
+                why = f"its parent #{request.probe_against.exp_id} crashes in a probe too: {parent.reason}"
+                return replace(found, outcome="inconclusive", reason=why)
+        return found
 
     def close(self) -> None:
         """Stop the warm judges."""
