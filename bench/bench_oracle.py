@@ -35,9 +35,9 @@ from bench_research import (  # noqa: E402
     BenchError,
     EventLog,
     Settings,
-    _fresh,
     _NoProposals,
     drive,
+    workspace_of,
 )
 
 from agent.budget import Budget  # noqa: E402
@@ -146,19 +146,8 @@ def measure(
     saved = folder / "result.json"
     if saved.is_file():
         return dict(json.loads(saved.read_text(encoding="utf-8")))
-    where = folder / "ws"
-    if Workspace.is_workspace(where):
-        ws = Workspace.open(where)
-    else:
-        made = _fresh(folder / "source")
-        train = made / get_profile(default_profile()).folder / TRAIN
-        train.parent.mkdir(parents=True)
-        train.write_text(config["train_py"], encoding="utf-8")
-        for name in HARNESS:
-            (made / name).write_text(
-                ((source or nanogpt_dir()) / name).read_text(encoding="utf-8"), encoding="utf-8"
-            )
-        ws = Workspace.init(_fresh(where), tag=f"oracle{index}", source=made)
+    harness = {name: ((source or nanogpt_dir()) / name).read_text(encoding="utf-8") for name in HARNESS}
+    ws = workspace_of(folder, config["train_py"], harness, f"oracle{index}", default_profile())
     label = f"[oracle {index} {config['name']}]"
     print(f"{label} {', '.join(config['changes']) or 'the shipped values'}", flush=True)
     engine = open_engine(

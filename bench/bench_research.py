@@ -276,6 +276,28 @@ def _fresh(path: Path) -> Path:
     return path
 
 
+def workspace_of(
+    folder: Path,
+    train_py: str,
+    harness: Mapping[str, str],
+    tag: str,
+    profile: str,
+    program: Path | None = None,
+) -> Workspace:
+    """The workspace in `folder`/ws whose baseline is `train_py` on `harness` (file name -> text): made from a
+    source folder written beside it, or opened where an earlier (killed) run made it."""
+    where = folder / "ws"
+    if Workspace.is_workspace(where):
+        return Workspace.open(where)
+    source = _fresh(folder / "source")
+    train = source / get_profile(profile).folder / TRAIN
+    train.parent.mkdir(parents=True, exist_ok=True)
+    train.write_text(train_py, encoding="utf-8")
+    for name, text in harness.items():
+        (source / name).write_text(text, encoding="utf-8")
+    return Workspace.init(_fresh(where), tag=tag, source=source, program=program, profile=profile)
+
+
 def _counted(experiments: Sequence[Experiment]) -> list[Experiment]:
     """The session's experiments: after the baseline, interrupted ones left out (their re-run counts)."""
     return [e for e in experiments if e.id != 0 and e.status != "interrupted"]
@@ -457,19 +479,9 @@ def check_keep(
     saved = path / "rerun.json"
     if saved.is_file():
         return dict(json.loads(saved.read_text(encoding="utf-8")))
-    where = path / "ws"
-    if Workspace.is_workspace(where):
-        rerun = Workspace.open(where)
-    else:
-        source = _fresh(path / "source")
-        train = source / get_profile(ws.profile).folder / TRAIN
-        train.parent.mkdir(parents=True, exist_ok=True)
-        train.write_text(ws.file_at(keep["commit"]), encoding="utf-8")
-        for name in HARNESS:
-            (source / name).write_text(ws.file_at(keep["commit"], name), encoding="utf-8")
-        rerun = Workspace.init(
-            _fresh(where), tag="rerun", source=source, program=ws.path / PROGRAM, profile=ws.profile
-        )
+    harness = {name: ws.file_at(keep["commit"], name) for name in HARNESS}
+    train_py = ws.file_at(keep["commit"])
+    rerun = workspace_of(path, train_py, harness, "rerun", ws.profile, ws.path / PROGRAM)
     print(
         f"{label} #{keep['exp_id']}: training the kept train.py again with seeds {list(RERUN_SEEDS)}",
         flush=True,

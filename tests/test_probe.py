@@ -358,12 +358,9 @@ HANGS = {
 """Candidates that never train: each line goes before the real train.py."""
 
 
-@pytest.mark.parametrize("case", sorted(HANGS))
-def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_path: Path, case: str) -> None:
-    """Its probe's steps must fit in the run's budget: one that spins, sleeps, floods its output or waits on
-    children is settled as a timeout there, and no run follows (it used to wait for the run's own deadline, then
-    train to a second one: minutes for a budget of seconds)."""
-    sandbox = Sandbox(
+def lab_sandbox(lab: Lab, tmp_path: Path) -> Sandbox:
+    """A sandbox on the lab's real harness, probing, with a cold judge."""
+    return Sandbox(
         harness=lab.workspace,
         harness_hashes=lab.base.harness_hashes,
         scratch_root=tmp_path / "scratch",
@@ -371,6 +368,14 @@ def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_pa
         env={},
         emit=lambda event: None,
     )
+
+
+@pytest.mark.parametrize("case", sorted(HANGS))
+def test_a_hanging_candidate_costs_one_probe_deadline_not_a_run(lab: Lab, tmp_path: Path, case: str) -> None:
+    """Its probe's steps must fit in the run's budget: one that spins, sleeps, floods its output or waits on
+    children is settled as a timeout there, and no run follows (it used to wait for the run's own deadline, then
+    train to a second one: minutes for a budget of seconds)."""
+    sandbox = lab_sandbox(lab, tmp_path)
     sandbox.prepared()  # the data prepared first, as an engine's first run does: not the candidate's time
     budget = Budget.parse("2e11flops")  # ~4 s by the engine's estimate; the run's deadline is 102 s
     log_path = tmp_path / "runs" / "run.log"
@@ -393,14 +398,7 @@ def test_a_trial_tells_the_proposer_the_crash_and_spares_the_run_its_probe(lab: 
     comes back as its traceback's last lines (its parent, probed once, trains); a candidate that trains is kept
     in the probe cache, so its run does not probe it again (here it is a no-op, settled from the trial's probe
     and its parent's)."""
-    sandbox = Sandbox(
-        harness=lab.workspace,
-        harness_hashes=lab.base.harness_hashes,
-        scratch_root=tmp_path / "scratch",
-        config=EngineConfig(probe=True, warm_judge=False),
-        env={},
-        emit=lambda event: None,
-    )
+    sandbox = lab_sandbox(lab, tmp_path)
     budget = Budget.parse("60")
 
     def request(text: str, log: str) -> RunRequest:

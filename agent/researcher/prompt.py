@@ -213,7 +213,8 @@ def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
 def dynamic_text(
     context: ProposalContext, crash_lines: int = CRASH_TAIL_LINES, direction: str | None = None
 ) -> str:
-    """The part after the history: the last crash, a veto, a direction, and the request."""
+    """The part after the history: another proposer's advice (the optimiser's state), the last crash, a veto, a
+    direction, and the request."""
     parts = []
     if context.advice:
         parts.append(context.advice.rstrip("\n") + "\n" + ADVICE)
