@@ -20,6 +20,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from agent.books import Books
 from agent.budget import Budget
@@ -498,19 +499,41 @@ class Engine:
         if trainer is None or not trainer.can_probe or best is None:
             return context
         # A candidate's trial is the probe its first run would start with: same seed, budget and deadlines.
-        first_run = RunRequest(
-            exp_id=self.ledger.count(),
-            n=0,
-            seed=self.config.base_seed,
-            train_source=context.train_py,
-            budget=self.budget,
-            log_path=self.ws.runs_dir / "trials" / "trial.log",
-            observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
-            observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
-            parent_judge_s=self.books.judge_seconds(best),
-            probe_against=ProbeParent(best.id, context.train_py),
+        first_run = self._run_request(
+            self.ledger.count(),
+            0,
+            self.config.base_seed,
+            context.train_py,
+            self.ws.runs_dir / "trials" / "trial.log",
+            best,
+            ProbeParent(best.id, context.train_py),
         )
         return replace(context, trial=functools.partial(trial, trainer, first_run))
+
+    def _run_request(
+        self,
+        exp_id: int,
+        n: int,
+        seed: int,
+        text: str,
+        log_path: Path,
+        parent: Experiment | None,
+        probe_against: ProbeParent | None,
+    ) -> RunRequest:
+        """What a trainer is asked: `text` trained with `seed` at the session's budget, its deadlines from the
+        baseline's measured training and hand-over and from the parent's judging."""
+        return RunRequest(
+            exp_id=exp_id,
+            n=n,
+            seed=seed,
+            train_source=text,
+            budget=self.budget,
+            log_path=log_path,
+            probe_against=probe_against,
+            observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
+            observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
+            parent_judge_s=self.books.judge_seconds(parent) if parent is not None else None,
+        )
 
     def _want_proposal(self) -> bool:
         with self._lock:
@@ -801,18 +824,8 @@ class Engine:
         probe_against = None
         if parent and exp.parent_commit and trainer.can_probe and self.books.may_probe(exp, parent):
             probe_against = ProbeParent(parent.id, self.ws.file_at(exp.parent_commit))
-        request = RunRequest(
-            exp_id=exp_id,
-            n=n,
-            seed=seed,
-            train_source=self.ws.file_at(exp.commit),
-            budget=self.budget,
-            log_path=log_path,
-            probe_against=probe_against,
-            observed_training_s=self.ledger.get_meta("baseline_training_seconds"),
-            observed_handover_s=self.ledger.get_meta("baseline_handover_seconds"),
-            parent_judge_s=self.books.judge_seconds(parent) if parent is not None else None,
-        )
+        text = self.ws.file_at(exp.commit)
+        request = self._run_request(exp_id, n, seed, text, log_path, parent, probe_against)
         self.books.start_run(exp_id, n, seed, str(log_path), exp.commit)
         flight = Flight(exp_id=exp_id, n=n, seed=seed, slot=slot)
         self._slots.occupy(flight)

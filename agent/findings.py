@@ -11,6 +11,7 @@ import ast
 from collections import defaultdict
 from collections.abc import Sequence
 
+from agent.ledger import FAILED
 from agent.proposals import HistoryRow
 from agent.trainpy import assignment, evaluate
 
@@ -21,7 +22,6 @@ CODE_IDEAS = 12
 DEAD_END_TRIES = 2
 """A direction (raising or lowering one constant) tried this often, never better and never within noise, is a
 dead end."""
-_FAILED = ("crash", "timeout", "oom", "nan", "invalid")
 
 
 def constant_changes(diff: str) -> tuple[tuple[tuple[str, str, str], ...], bool]:
@@ -65,7 +65,7 @@ def outcome(row: HistoryRow, margin: float | None) -> str:
     """A decided experiment's outcome in one word (or two): kept, better, noise, worse, or how it failed."""
     if row.status == "keep":
         return "kept"
-    if row.status in _FAILED or row.status in ("noop", "rejected", "vetoed", "interrupted"):
+    if row.status in FAILED or row.status in ("noop", "rejected", "vetoed", "interrupted"):
         return row.status
     if row.change is None:
         return row.status
@@ -82,11 +82,12 @@ def _number(text: str) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _entry(row: HistoryRow, old: str, new: str, margin: float | None) -> str:
+def _outcome_with_change(row: HistoryRow, margin: float | None) -> str:
+    """`outcome`, with the change against the parent where the experiment has a number: 'worse +0.0500'."""
     said = outcome(row, margin)
     if row.change is not None and said in ("kept", "better", "noise", "worse"):
         said += f" {row.change:+.4f}"
-    return f"{old}->{new} {said} (#{row.exp_id})"
+    return said
 
 
 def dead_ends(history: Sequence[HistoryRow], margin: float | None) -> list[str]:
@@ -123,17 +124,15 @@ def findings_table(history: Sequence[HistoryRow], margin: float | None) -> str:
     for row in rows:
         if not row.code_changed and row.constants:
             for name, old, new in row.constants:
-                by_constant[name].append(_entry(row, old, new, margin))
+                by_constant[name].append(f"{old}->{new} {_outcome_with_change(row, margin)} (#{row.exp_id})")
             continue
-        said = outcome(row, margin)
-        if row.change is not None and said in ("kept", "better", "noise", "worse"):
-            said += f" {row.change:+.4f}"
+        said = _outcome_with_change(row, margin)
         why = (
-            f" ({_short(row.reason)})"
+            f" ({one_line(row.reason, 50)})"
             if row.reason and said.split()[0] not in ("kept", "better", "worse")
             else ""
         )
-        ideas.append(f"- #{row.exp_id} {said}: {_short(row.description, 60)}{why}")
+        ideas.append(f"- #{row.exp_id} {said}: {one_line(row.description, 60)}{why}")
     noise = f", noise margin {margin:.4f}" if margin is not None else ""
     lines = [
         f"# What the earlier experiments found (#{rows[0].exp_id} to #{rows[-1].exp_id}; the number is val_bpb "
@@ -158,6 +157,7 @@ def findings_table(history: Sequence[HistoryRow], margin: float | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _short(text: str, width: int = 50) -> str:
+def one_line(text: str, width: int) -> str:
+    """`text` on one line of at most `width` characters, without '|' (it would break a table's cells)."""
     flat = " ".join(text.replace("|", "/").split())
     return flat if len(flat) <= width else flat[: width - 3] + "..."

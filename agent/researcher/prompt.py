@@ -16,7 +16,7 @@ import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.findings import findings_table
+from agent.findings import findings_table, one_line
 from agent.proposals import HistoryRow, ProposalContext
 from agent.trainpy import first_definition
 
@@ -91,11 +91,6 @@ def _fmt_bpb(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _one_line(text: str, width: int) -> str:
-    flat = " ".join(text.replace("|", "/").split())
-    return flat if len(flat) <= width else flat[: width - 3] + "..."
-
-
 def history_start(total: int, max_rows: int = HISTORY_ROWS, block: int = HISTORY_BLOCK) -> int:
     """Index of the oldest row shown: the last `max_rows` at most, moved in whole blocks for a stable prefix."""
     overflow = max(0, total - max_rows)
@@ -106,7 +101,7 @@ def history_table(rows: Sequence[HistoryRow]) -> str:
     lines = ["| exp | val_bpb | status | description |", "|---|---|---|---|"]
     for row in rows:
         lines.append(
-            f"| {row.exp_id} | {_fmt_bpb(row.val_bpb)} | {row.status} | {_one_line(row.description, DESCRIPTION_WIDTH)} |"
+            f"| {row.exp_id} | {_fmt_bpb(row.val_bpb)} | {row.status} | {one_line(row.description, DESCRIPTION_WIDTH)} |"
         )
     return "\n".join(lines)
 
@@ -206,7 +201,7 @@ def _crash_tail(history: Sequence[HistoryRow], lines: int) -> str:
     for row in reversed(history):
         if row.crash_tail.strip():
             tail = "\n".join(row.crash_tail.strip().splitlines()[-lines:])
-            return f"The last crash (experiment {row.exp_id}, {_one_line(row.description, 50)}) ended with:\n```\n{tail}\n```\n"
+            return f"The last crash (experiment {row.exp_id}, {one_line(row.description, 50)}) ended with:\n```\n{tail}\n```\n"
     return ""
 
 

@@ -196,40 +196,55 @@ class ProbeCache:
             return found
 
 
-def settle_by_probe(
-    spec: RunSpec,
-    parent: ProbeParent,
-    cache: ProbeCache,
-    emit: EventSink,
-    *,
-    stop: threading.Event,
-    on_start: Callable[[int], None] | None,
-    containment: Containment | None,
-    judge: Judges | None,
-) -> RunResult | None:
+@dataclass(frozen=True)
+class Prober:
+    """Probes made and kept in `cache` by their key (`probe_key`), contained and judged like runs."""
+
+    cache: ProbeCache
+    stop: threading.Event
+    on_start: Callable[[int], None] | None
+    containment: Containment | None
+    judge: Judges | None
+
+    def __call__(self, spec: RunSpec, emit: EventSink | None = None) -> Probe:
+        """`spec`'s probe: the one kept for its key, else made now."""
+        return self.cache.get(
+            probe_key(spec),
+            lambda: probe(
+                spec,
+                emit,
+                stop=self.stop,
+                on_start=self.on_start,
+                containment=self.containment,
+                judge=self.judge,
+            ),
+        )
+
+    def crashed(self, candidate: Probe, parent: RunSpec) -> bool:
+        """Whether the candidate crashed in its probe the way its run would: only where the parent (`parent`, its
+        probe's spec) trains its own probe steps. A kept train.py that crashes when it sees a probe would
+        otherwise make every child a crash without a run."""
+        return candidate.settles and not self(parent).settles
+
+
+def settle_by_probe(spec: RunSpec, parent: ProbeParent, prober: Prober, emit: EventSink) -> RunResult | None:
     """A candidate's first run, settled by probes where they can: a few seeded steps of the candidate and, once
-    per parent (`cache`), of its parent, each under `spec`'s deadline (the sandbox keeps a probe's short). The
-    run's result when that settles it (a crash, a hang, the same computation as the parent, stopped), else None:
-    train it."""
+    per parent (the prober's cache), of its parent, each under `spec`'s deadline (the sandbox keeps a probe's
+    short). The run's result when that settles it (a crash, a hang, the same computation as the parent,
+    stopped), else None: train it."""
 
     def probing(source: bytes | None, name: str) -> RunSpec:
         folder = spec.scratch.with_name(f"{spec.scratch.name}-{name}")
         log = spec.log_path.with_name(f"{spec.log_path.stem}.{name}.log")
         return replace(spec, scratch=folder, log_path=log, train_source=source)
 
-    def run(probed: RunSpec, shown: EventSink | None) -> Probe:
-        return probe(probed, shown, stop=stop, on_start=on_start, containment=containment, judge=judge)
-
-    candidate_spec = probing(spec.train_source, "probe")
     parent_spec = probing(parent.train_source.encode("utf-8"), "parent-probe")
     # Cached too: once kept, a candidate is the next candidates' parent.
-    candidate = cache.get(probe_key(candidate_spec), lambda: run(candidate_spec, emit))
+    candidate = prober(probing(spec.train_source, "probe"), emit)
     if candidate.outcome == "interrupted":
         return _settled(candidate, Outcome.INTERRUPTED, candidate.reason)
     if candidate.settles:
-        # Only where the parent trains its probe steps: a kept train.py that crashes when it sees a probe
-        # would make every child a crash without a run.
-        if cache.get(probe_key(parent_spec), lambda: run(parent_spec, None)).settles:
+        if not prober.crashed(candidate, parent_spec):
             return None
         return _settled(
             candidate, Outcome.CRASH, f"in a probe of {candidate.steps} steps: {candidate.reason}"
@@ -240,8 +255,7 @@ def settle_by_probe(
         )
     if candidate.outcome != "ok":
         return None
-    found = cache.get(probe_key(parent_spec), lambda: run(parent_spec, None))
-    same = same_computation(found, candidate, parent.exp_id)
+    same = same_computation(prober(parent_spec), candidate, parent.exp_id)
     return None if same is None else _settled(candidate, Outcome.NOOP, same)
 
 

@@ -24,7 +24,7 @@ from agent.events import EngineError, EventSink
 from agent.sandbox.containment import Containment, in_sight
 from agent.sandbox.containment import probe as probe_containment
 from agent.sandbox.judging import JudgePool, Prepared, WarmJudge, named_corpus, prepare_for_runs
-from agent.sandbox.probe import Probe, ProbeCache, probe, probe_key, settle_by_probe
+from agent.sandbox.probe import Probe, ProbeCache, Prober, settle_by_probe
 from agent.sandbox.runner import run_training
 from agent.sandbox.spec import RunRequest, RunResult, RunSpec, handover_window, judge_deadline
 
@@ -216,12 +216,8 @@ class Sandbox:
             settled = settle_by_probe(
                 replace(spec, deadline_s=self.probe_deadline(request)),
                 request.probe_against,
-                self.probes,
+                Prober(self.probes, stop, on_start, containment, judge),
                 emit,
-                stop=stop,
-                on_start=on_start,
-                containment=containment,
-                judge=judge,
             )
             if settled is not None:
                 return settled
@@ -234,22 +230,18 @@ class Sandbox:
         A crash counts only where the parent (`request.probe_against`, probed once) trains its probe steps: a
         kept train.py that crashes when it sees it is probed would otherwise make every child's trial crash."""
         spec = replace(self.spec(request, "trial"), deadline_s=self.probe_deadline(request))
-        containment, judge = self.containment, self.judges()
-
-        def probed(source: bytes | None, name: str) -> Probe:
-            folder = replace(spec, scratch=spec.scratch.with_name(f"{spec.scratch.name}-{name}"))
-            made = replace(folder, train_source=source, log_path=spec.log_path.with_name(f"{name}.log"))
-            return self.probes.get(
-                probe_key(made), lambda: probe(made, None, stop=stop, containment=containment, judge=judge)
+        prober = Prober(self.probes, stop, None, self.containment, self.judges())
+        found = prober(spec)
+        parent = request.probe_against
+        if found.settles and parent is not None:
+            parent_spec = replace(
+                spec,
+                scratch=spec.scratch.with_name(f"{spec.scratch.name}-parent"),
+                log_path=spec.log_path.with_name("parent.log"),
+                train_source=parent.train_source.encode("utf-8"),
             )
-
-        found = self.probes.get(
-            probe_key(spec), lambda: probe(spec, None, stop=stop, containment=containment, judge=judge)
-        )
-        if found.settles and request.probe_against is not None:
-            parent = probed(request.probe_against.train_source.encode("utf-8"), "parent")
-            if parent.settles:
-                why = f"its parent #{request.probe_against.exp_id} crashes in a probe too: {parent.reason}"
+            if not prober.crashed(found, parent_spec):
+                why = f"its parent #{parent.exp_id} crashes in a probe too"
                 return replace(found, outcome="inconclusive", reason=why)
         return found
 
