@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 from endpoint_fakes import GOOD_REPLY, ScriptedServer
-from engine_fakes import FAKE_TRAIN, PROBING_PREPARE, Recorder, assert_consistent, make_workspace
+from engine_fakes import (
+    FAKE_TRAIN,
+    PROBING_PREPARE,
+    Recorder,
+    assert_consistent,
+    make_workspace,
+    outside_tmp,
+)
 
 from agent import thinking
 from agent.commands import Resume, Shutdown, Skip, UseModel
@@ -254,16 +261,18 @@ def test_a_proposal_that_repeats_an_experiment_written_differently_goes_back_wit
     assert not context.history[2].code_changed and context.history[2].change is not None
 
 
-def test_a_kept_train_py_that_crashes_only_in_probes_does_not_make_its_children_crash(tmp_path: Path) -> None:
+def test_a_kept_train_py_that_crashes_only_in_probes_does_not_make_its_children_crash() -> None:
     """A hostile parent that sees it is probed and crashes would make every child's trial (and probe) crash: the
     model could never propose, every child would be a crash without a run. A crash counts only where the parent
-    trains its own probe steps; here the child is handed in at once and trained in full."""
+    trains its own probe steps; here the child is handed in at once and trained in full. The workspace is
+    outside /tmp, where users keep theirs."""
     hostile = FAKE_TRAIN.replace("if CRASH:", 'if CRASH or os.environ.get("AUTORESEARCH_PROBE_STEPS"):')
-    ws = make_workspace(tmp_path, train=hostile, prepare=PROBING_PREPARE)
-    with ScriptedServer(replies=[GOOD_REPLY]) as server:
-        engine, events = _engine(ws, server.url, max_experiments=1, probe=True)
-        engine.run()
-    assert engine.error is None
-    assert len(server.requests) == 1  # the first reply was taken
-    assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
-    assert_consistent(ws).close()
+    with outside_tmp("probe-parent") as folder:
+        ws = make_workspace(folder, train=hostile, prepare=PROBING_PREPARE)
+        with ScriptedServer(replies=[GOOD_REPLY]) as server:
+            engine, events = _engine(ws, server.url, max_experiments=1, probe=True)
+            engine.run()
+        assert engine.error is None
+        assert len(server.requests) == 1  # the first reply was taken
+        assert [(d.exp_id, d.status) for d in events.of(Decided)] == [(0, "baseline"), (1, "keep")]
+        assert_consistent(ws).close()
