@@ -114,8 +114,17 @@ async def test_first_run_welcome_then_the_timeline_fills(tmp_path: Path, cleanup
         await wait_until(pilot, lambda: isinstance(app.screen, WelcomeScreen), 60, "the first-run welcome")
         assert not app.engine_started
         await pilot.press("enter")
+        # A snapshot can say "stopped" a moment before the events that settled the last idea arrive and the
+        # timeline shows it: all are awaited (as in the pause test).
         await wait_until(
-            pilot, lambda: app.state.header.state == EngineState.STOPPED, RUN_TIMEOUT, "the ideas to run out"
+            pilot,
+            lambda: (
+                app.state.header.state == EngineState.STOPPED
+                and decided(app, 2)
+                and app.main.timeline.shown_ids == [2, 1, 0]
+            ),
+            RUN_TIMEOUT,
+            "the ideas to run out",
         )
         assert app.main.timeline.shown_ids == [2, 1, 0], said.messages
         assert [app.state.rows[i].status for i in (0, 1, 2)] == ["baseline", "discard", "crash"]
