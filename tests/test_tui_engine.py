@@ -185,8 +185,12 @@ async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Pa
         assert live.trainer_list.display and app.state.n_trainers == 2
         listed = str(live.trainer_list.render())
         assert "1 #0" in listed and "2 #0" in listed  # (a 2 s run may print no progress line)
+        # The stopped state (a snapshot's) and the settling events, which can come a moment later.
         await wait_until(
-            pilot, lambda: app.state.header.state == EngineState.STOPPED, RUN_TIMEOUT, "the ideas to run out"
+            pilot,
+            lambda: app.state.header.state == EngineState.STOPPED and all(decided(app, i) for i in (0, 1, 2)),
+            RUN_TIMEOUT,
+            "the ideas to run out",
         )
         assert app.state.rows[0].status == "baseline" and app.state.rows[0].seeds == 2
         assert all(app.state.rows[i].decided for i in (0, 1, 2)), said.messages
