@@ -203,7 +203,14 @@ async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Pa
             mine = [e for e in bridge.seen if isinstance(e, StepMetric) and e.exp_id == run.exp_id]
             assert set(run.curve.steps) <= {e.step for e in mine}
         app._request_snapshot(force=True)
-        await wait_until(pilot, lambda: app.state.header.busy_share is not None, 30, "the busy share")
+        # A snapshot read while the baseline trained may already have brought a busy share (but no decided
+        # experiments): wait for one read after the decisions.
+        await wait_until(
+            pilot,
+            lambda: app.state.header.busy_share is not None and app.state.header.experiments_per_hour is not None,
+            30,
+            "the busy share and the rate",
+        )
         assert "2 trainers busy" in app.main.header.text and "exp/h" in app.main.header.text
         await pilot.press("t")
         assert app.state.selected_slot == 0 and list(live.log_view.lines) == list(app.state.slots[0].log)
