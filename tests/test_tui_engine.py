@@ -207,7 +207,9 @@ async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Pa
         # experiments): wait for one read after the decisions.
         await wait_until(
             pilot,
-            lambda: app.state.header.busy_share is not None and app.state.header.experiments_per_hour is not None,
+            lambda: (
+                app.state.header.busy_share is not None and app.state.header.experiments_per_hour is not None
+            ),
             30,
             "the busy share and the rate",
         )
