@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from agent import paths  # noqa: E402
 from agent.budget import CPU_FLOPS_PER_S, Budget  # noqa: E402
 from agent.sandbox.containment import probe  # noqa: E402
-from agent.sandbox.judging import prepare_for_runs  # noqa: E402
+from agent.sandbox.judging import Prepared, prepare_for_runs  # noqa: E402
 from agent.sandbox.runner import run_training  # noqa: E402
 from agent.sandbox.spec import RunSpec  # noqa: E402
 
@@ -44,7 +44,7 @@ def budgets(seconds: float) -> dict[str, Budget]:
     }
 
 
-def one_run(work: Path, train: str, budget: Budget, seed: int, hidden: tuple[Path, ...]) -> dict[str, object]:
+def one_run(work: Path, train: str, budget: Budget, seed: int, prepared: Prepared) -> dict[str, object]:
     (work / "train.py").write_text(train)
     spec = RunSpec(
         workspace=work,
@@ -55,9 +55,13 @@ def one_run(work: Path, train: str, budget: Budget, seed: int, hidden: tuple[Pat
         deadline_s=600,
         budget=budget,
         handover_s=30,
-        hidden=hidden,
+        hidden=prepared.hidden,
+        readable=prepared.readable,
         python=sys.executable,
-        env={"AUTORESEARCH_CACHE": str(paths.cache_dir())},
+        env={
+            "AUTORESEARCH_CACHE": str(paths.cache_dir()),
+            **({"AUTORESEARCH_DATA": str(prepared.data)} if prepared.data is not None else {}),
+        },
     )
     result = run_training(spec, lambda event: None, containment=probe())
     summary = result.summary
@@ -96,7 +100,7 @@ def main() -> int:
             "metric.py",
         ):  # the frozen harness: the run's part and the judge's
             shutil.copy(ROOT / "nanogpt" / name, work / name)
-        hidden = prepare_for_runs(
+        prepared = prepare_for_runs(
             work,
             work / "scratch",
             python=sys.executable,
@@ -119,7 +123,7 @@ def main() -> int:
             competitor = hog() if scenario == "loaded" else None
             try:
                 started = time.monotonic()
-                done[key] = one_run(work, train, budget, seed, hidden)
+                done[key] = one_run(work, train, budget, seed, prepared)
                 done[key]["elapsed_s"] = round(time.monotonic() - started, 2)
             finally:
                 if competitor is not None:
@@ -158,7 +162,7 @@ def report(done: dict[str, dict[str, object]], modes: list[str], seconds: float)
             f"{statistics.fmean(lv):.4f} ({max(lv) - min(lv):.4f}) | "
             f"{statistics.fmean(lv) - statistics.fmean(qv):+.4f} | {q_wall:.1f} | {l_wall:.1f} | "
             f"{float(b['wall_s']):.1f} s ({float(b['wall_s']) / q_wall:.2f}x), "  # type: ignore[arg-type]
-            f"{int(b['steps'] or 0)} steps ({float(b['steps'] or 0) / max(1.0, q_steps):.2f}x), "  # type: ignore[arg-type]
+            f"{int(b['steps'] or 0)} steps ({float(b['steps'] or 0) / max(1.0, q_steps):.2f}x), "  # type: ignore[call-overload, arg-type]
             f"val_bpb {b['val_bpb']} |"
         )
 

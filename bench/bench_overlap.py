@@ -30,7 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # llama.cpp beside training
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent import models, paths  # noqa: E402
+from agent import paths  # noqa: E402
+from agent.researcher import models  # noqa: E402
 
 PROMPT = (
     "Write a long, careful explanation of how the learning rate schedule of a small GPT model affects its "

@@ -8,7 +8,7 @@ echo "==> ruff"
 "$bin/ruff" check agent tui nanogpt tests bench
 "$bin/ruff" format --check agent tui nanogpt tests bench
 echo "==> mypy"
-"$bin/mypy" agent tui nanogpt
+"$bin/mypy" agent tui nanogpt bench
 echo "==> import contracts"
 "$bin/lint-imports" --no-logo
 echo "==> pytest"
