@@ -203,6 +203,12 @@ class RunRecord:
     system_retries: int = 0
     """Times the cluster restarted the run after losing its worker (Ray); the user's crash is never retried."""
 
+    @property
+    def other_load(self) -> float | None:
+        """CPU cores the rest of the machine kept busy while it trained (the runner's measure; None: unknown)."""
+        value = self.summary.get("other_load")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
 
 @dataclass(frozen=True)
 class QueuedProposal:

@@ -651,6 +651,30 @@ def test_peak_memory_is_the_runs_own_not_the_engines(tmp_path: Path) -> None:
     assert result.summary["peak_memory_mb"] == round(result.peak_memory_mb, 1)
 
 
+def test_what_the_rest_of_the_machine_did_is_measured_never_claimed(tmp_path: Path) -> None:
+    claims_quiet = """
+        import time
+        from prepare import report
+        time.sleep(SECONDS)
+        report(2.5)
+        print("other_load:       0.00")
+    """
+    # Too short to say: the run's claim is dropped and nothing stands in for it.
+    (tmp_path / "short").mkdir()
+    (tmp_path / "busy").mkdir()
+    short = _run(tmp_path / "short", claims_quiet.replace("SECONDS", "0.5"))
+    assert short.outcome == "ok" and "other_load" not in short.summary
+    # Six seconds beside two busy processes: the runner's measure, not the claim.
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        busy = _run(tmp_path / "busy", claims_quiet.replace("SECONDS", "6"))
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert busy.outcome == "ok" and busy.summary["other_load"] >= 1.0, busy.summary
+
+
 def test_a_stop_during_start_up_does_not_kill_the_run(tmp_path: Path) -> None:
     # The budget is spent while the run is still importing: the stop signal must not kill it (its default
     # action) before the harness has installed its handler.

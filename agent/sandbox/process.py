@@ -36,6 +36,7 @@ TERM_GRACE_S = 3.0
 _MEMORY_POLL_S = 0.5
 _DISK_POLL_S = 2.0
 _BUDGET_POLL_S = 0.2
+_LOAD_POLL_S = 1.0
 _SECRET = re.compile(
     r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE|AUTH|COOKIE|SESSION|PROXY", re.IGNORECASE
 )
@@ -220,6 +221,45 @@ class Ended:
     budget_spent: float | None = None
     told_s: float | None = None
     """Seconds from its start to when it was told its budget was spent (None: it was not told)."""
+    other_load: float | None = None
+    """CPU cores other processes of the machine kept busy, on average, while it trained (None: not measured)."""
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (a hypervisor's steal counts: it was not ours)."""
+    times = psutil.cpu_times()
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+class LoadWatch:
+    """What the rest of the machine did while a run trained: the machine's busy CPU seconds less the run's own
+    and less this process's (the engine supervising it: its cockpit, its log reading), from a first sample at the
+    run's start to the last one before it was told to stop. The run cannot move it: every process it starts is
+    in its tree (the containment's PID namespace), so its own work is always subtracted."""
+
+    MIN_SECONDS = 5.0
+    """A shorter window says nothing (a test's budget of seconds, a crash at start-up)."""
+
+    def __init__(self) -> None:
+        self._own = psutil.Process()
+        self._first: tuple[float, float] | None = None
+        self._last: tuple[float, float] | None = None
+
+    def sample(self, run_cpu_seconds: float) -> None:
+        with contextlib.suppress(psutil.Error):
+            own = self._own.cpu_times()
+            taken = (time.monotonic(), _machine_busy_seconds() - own.user - own.system - run_cpu_seconds)
+            if self._first is None:
+                self._first = taken
+            else:
+                self._last = taken
+
+    def other_load(self) -> float | None:
+        """Mean CPU cores others kept busy between the samples; None over less than MIN_SECONDS."""
+        first, last = self._first, self._last
+        if first is None or last is None or last[0] - first[0] < self.MIN_SECONDS:
+            return None
+        return max(0.0, (last[1] - first[1]) / (last[0] - first[0]))
 
 
 def supervise(
@@ -272,8 +312,12 @@ def supervise(
         next_budget = started
         spent: float | None = None
         told_at: float | None = None
+        load, next_load = LoadWatch(), started
         while True:
             now = time.monotonic()
+            if now >= next_load and told_at is None and proc.poll() is None:
+                next_load = now + _LOAD_POLL_S
+                load.sample(tree_cpu_seconds(proc.pid, known))
             if budget is not None and now >= next_budget and proc.poll() is None:
                 next_budget = now + _BUDGET_POLL_S
                 spent = now - started if budget.mode == BudgetMode.TIME else tree_cpu_seconds(proc.pid, known)
@@ -341,7 +385,7 @@ def supervise(
     if contained and returncode is not None and returncode > 128 and returncode != SETUP_FAILED:
         returncode = -(returncode - 128)  # the namespace's init reports a death by signal N as 128 + N
     told_s = told_at - started if told_at is not None else None
-    return Ended(returncode, killed_for, seconds, peak_rss, proc.pid, spent, told_s)
+    return Ended(returncode, killed_for, seconds, peak_rss, proc.pid, spent, told_s, load.other_load())
 
 
 def tree_cpu_seconds(pid: int, known: dict[int, psutil.Process]) -> float:

@@ -168,6 +168,9 @@ def run_training(
         output.close()
         for folder in (spec.scratch, judge_dir):
             remove_tree(folder)
+    summary.pop("other_load", None)  # measured here only: never what the run printed
+    if training.other_load is not None:
+        summary["other_load"] = round(training.other_load, 2)
     if training.budget_spent is not None:
         summary["budget_spent"] = round(training.budget_spent, 2)
     if training.told_s is not None:  # measured here, not claimed: its start to the stop, then to its exit
