@@ -591,11 +591,12 @@ class Books:
 
     # ---- decisions ------------------------------------------------------------------------------------
 
-    def decide(self, exp_id: int, status: str, reason: str) -> None:
-        """Record the verdict on a finished experiment (from the runs of its current commit), then git."""
+    def decide(self, exp_id: int, status: str, reason: str, counted: list[RunRecord] | None = None) -> None:
+        """Record the verdict on a finished experiment (its value from the `counted` runs: by default, every
+        run of its current commit; the engine leaves out runs the machine disturbed), then git."""
         exp = self.ledger.get(exp_id)
         assert exp is not None
-        runs = [r for r in self.current_runs(exp) if r.outcome is not None]
+        runs = [r for r in (self.current_runs(exp) if counted is None else counted) if r.outcome is not None]
         ok = [r for r in runs if r.outcome == Outcome.OK and r.val_bpb is not None]
         values: dict[str, Any] = dict(
             val_bpb=statistics.fmean(r.val_bpb for r in ok if r.val_bpb is not None) if ok else None,

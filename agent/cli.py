@@ -216,9 +216,9 @@ def build_parser() -> Parser:
 
 
 SEEDED_COMMANDS = (None, "run")
+"""The commands that make proposals with the local model, where --seed means something."""
 TRAINING_COMMANDS = (None, "run", "reapply")
 """The commands that train, where AUTORESEARCH_BUDGET is read (a bad one stops no other command)."""
-"""The commands that make proposals with the local model, where --seed means something."""
 
 
 # ---- commands -----------------------------------------------------------------------------------------
@@ -235,7 +235,9 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
-    return EngineConfig(budget=args.budget, **extra)
+    from agent import known_noise
+
+    return EngineConfig(budget=args.budget, noise_record=known_noise.in_cache(), **extra)
 
 
 def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:

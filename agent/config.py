@@ -31,6 +31,9 @@ class EngineConfig:
     """The smallest margin (bpb) a candidate must win by, however quiet the measured noise."""
     default_margin: float = 0.01
     """The margin (bpb) when the noise cannot be measured (a single baseline run)."""
+    noise_record: Path | None = None
+    """The machine's record of measured baseline noise (`known_noise`) that floors a session's margin and gets its
+    own; None: not kept (the command line and the cockpit keep it in the user's cache)."""
     confirm_marginal: bool = True
     """Rerun a marginal win (between 1x and 2x the margin) with another seed before keeping it."""
     eval_s: float | None = None

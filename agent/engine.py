@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import threading
 import time
@@ -22,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agent import known_noise
 from agent.books import Books
 from agent.budget import Budget
 from agent.candidate import candidate_text, merge3
@@ -43,7 +45,7 @@ from agent.commands import (
     Veto,
 )
 from agent.config import EngineConfig, default_seeds, detect_device
-from agent.decisions import noise_floor, verdict, verdict_confirmed
+from agent.decisions import Rules, RunAgain, baseline_runs, counted_runs, next_step, noise_floor
 from agent.edits import EditError, file_hash
 from agent.events import (
     EngineError,
@@ -58,7 +60,7 @@ from agent.events import (
     RunStarted,
     StateChanged,
 )
-from agent.ledger import Experiment, Ledger, Phase, Status
+from agent.ledger import Experiment, Ledger, Phase, RunRecord, Status
 from agent.proposals import Proposal, ProposalContext, Proposer, SwitchableProposer, model_name
 from agent.sandbox.spec import Outcome, PrepareError, ProbeParent, RunRequest
 from agent.slots import Flight, RunDone, Slots, training_on, trial
@@ -736,40 +738,32 @@ class Engine:
         """The next step of a committed experiment, from its runs so far: a run to start, or the decision."""
         exp = self.ledger.get(exp_id)
         assert exp is not None and exp.commit
-        runs = self.books.current_runs(exp)
-        if not runs:
-            self._queue_run(exp_id, self.config.base_seed)
-            return
-        first = runs[0]
-        if first.outcome != Outcome.OK or first.val_bpb is None:
-            self._decide(exp_id, first.outcome or Status.CRASH, first.reason or "the run failed")
-            return
+        measured = self.books.current_runs(exp)
         against = self.books.started_from(exp)
-        best, margin = against.val_bpb, self.books.margin()
-        assert best is not None
-        found = verdict(first.val_bpb, best, margin, self.config.confirm_marginal)
-        if found.status == "confirm":
-            if len(runs) < 2:
-                self._emit(Info(message=f"#{exp_id}: {found.reason}"))
-                self._queue_run(exp_id, self.config.base_seed + 1)
-                return
-            second = runs[1]
-            if second.outcome != Outcome.OK or second.val_bpb is None:
-                why = f"{found.reason}; the confirmation run failed: {second.outcome}"
-                self._decide(exp_id, Status.DISCARD, why)
-                return
-            found = verdict_confirmed([first.val_bpb, second.val_bpb], best, margin)
+        assert against.val_bpb is not None
+        reference = self.books.current_runs(against)
+        found = next_step(measured, reference, against.val_bpb, self.books.margin(), self._rules())
+        if isinstance(found, RunAgain):
+            if found.say:
+                self._emit(Info(message=f"#{exp_id}: {found.say}"))
+            self._queue_run(exp_id, found.seed)
+            return
         if found.status == Status.KEEP and exp.parent_commit != self.books.best_commit():
             self._merge_onto_best(exp, against, found.reason)
             return
-        reason = found.reason
-        if len(self.ledger.runs(exp_id)) > len(runs):  # it trained before on the commit it was merged from
+        reason, runs = found.reason, counted_runs(measured, reference, self._rules())[0]
+        if len(self.ledger.runs(exp_id)) > len(measured):  # it trained on the commit it was merged from
             started = self.books.experiment_at(exp.base_commit)
             reason = (
                 f"beat #{started.id if started else '?'}, the best it started from, and was merged onto the new "
                 f"best #{against.id}; its run there: {reason}"
             )
-        self._decide(exp_id, found.status, reason)
+        self._decide(exp_id, found.status, reason, runs)
+
+    def _rules(self) -> Rules:
+        alone = self._slots.count == 1 and not self._slots.ray and not self.overlap
+        cores = (os.cpu_count() or 1) if alone else None
+        return Rules(self.config.base_seed, self.config.confirm_marginal, cores)
 
     def _merge_onto_best(self, exp: Experiment, against: Experiment, reason: str) -> None:
         """`exp` beat the best it started from, but another keep landed while it ran: its change is merged onto
@@ -786,8 +780,8 @@ class Engine:
         )
         self._queue_run(exp.id, self.config.base_seed)
 
-    def _decide(self, exp_id: int, status: str, reason: str) -> None:
-        self.books.decide(exp_id, status, reason)
+    def _decide(self, exp_id: int, status: str, reason: str, runs: list[RunRecord] | None = None) -> None:
+        self.books.decide(exp_id, status, reason, runs)
         with self._lock:
             self._decided_runs += 1
 
@@ -908,20 +902,34 @@ class Engine:
             self._emit(EngineError(message=message, detail=failed.log_tail, fatal=True))
             self.books.baseline_failed(failed, message)
             return
-        done = {r.seed for r in runs if r.outcome == Outcome.OK}
+        counted, again = baseline_runs(runs, wanted, self._rules())
+        done = {r.seed for r in counted}
         missing = [seed for seed in wanted if seed not in busy_seeds and seed not in done]
         if missing:
             if not self._paused():
                 for seed in missing:
+                    if seed in again:
+                        self._emit(Info(message=f"baseline seed {seed}: {again[seed]}; it runs again"))
                     self._queue_run(0, seed)
             return
         if busy_seeds:
             return
-        ok = [r for r in runs if r.outcome == Outcome.OK and r.seed in wanted]
-        values = [r.val_bpb for r in ok if r.val_bpb is not None]
-        self.books.record_baseline(
-            ok, noise_floor(values, self.config.min_margin, self.config.default_margin)
-        )
+        self._record_baseline(counted)
+
+    def _record_baseline(self, runs: list[RunRecord]) -> None:
+        """The baseline's noise floor from its runs, floored by what this machine is known to do with the same
+        train.py at the same budget (earlier sessions), and then remembered for the next ones."""
+        values = [r.val_bpb for r in runs if r.val_bpb is not None]
+        record = self.config.noise_record
+        baseline = self.books.baseline()
+        assert baseline.commit
+        code = file_hash(self.ws.file_at(baseline.commit))
+        budget = self.budget.text
+        known = known_noise.known_std(record, self.device, budget, code) if record else None
+        noise = noise_floor(values, self.config.min_margin, self.config.default_margin, known)
+        self.books.record_baseline(runs, noise)
+        if record and noise.measured:
+            known_noise.remember(record, self.device, budget, code, noise.std, len(values), self.ws.path)
 
 
 __all__ = ["Engine", "EngineSnapshot"]

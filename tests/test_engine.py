@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -265,6 +268,75 @@ def test_a_run_that_trains_on_after_the_stop_gets_twice_the_baselines_hand_over(
     exp = ledger.get(1)
     assert exp is not None and exp.status == "invalid", (exp.status, exp.reason)
     assert "2.0 s after its budget was spent" in exp.reason
+
+
+FEELS_THE_MACHINE = '''"""Fake train.py: scores worse when it got less than a core for a second, trains until the stop, and
+claims in its summary that the machine was quiet (the runner's own measure stands)."""
+import signal
+import time
+
+from prepare import report
+
+told = []
+signal.signal(signal.SIGUSR1, lambda *a: told.append(1))
+wall, cpu = time.monotonic(), time.process_time()
+while time.monotonic() - wall < 1.0:
+    pass
+share = (time.process_time() - cpu) / (time.monotonic() - wall)
+EXPORT = 0.2
+while not told:
+    time.sleep(0.02)
+time.sleep(EXPORT)
+report(2.0 if share > 0.85 else 2.5)
+print("other_load:       0.00")
+'''
+
+
+def test_a_run_the_machine_disturbed_runs_again_and_is_not_decided_on(tmp_path: Path) -> None:
+    # Competing busy processes while baseline seed 2 and experiment #1 first train; gone for their reruns.
+    ws = make_workspace(tmp_path, train=FEELS_THE_MACHINE)
+    same = idea("export a moment longer", "EXPORT = 0.2", "EXPORT = 0.3")
+    engine, events = _engine(ws, same, budget=Budget.parse("6"))
+    started: dict[tuple[int, int], int] = {}
+    hogs: list[subprocess.Popen[bytes]] = []
+
+    def busy_machine(event: Event) -> None:
+        if isinstance(event, RunStarted):
+            key = (event.exp_id, event.seed)
+            started[key] = started.get(key, 0) + 1
+            if key in ((0, 2), (1, 1)) and started[key] == 1:  # a busy process on every core
+                for core in sorted(os.sched_getaffinity(0)):
+                    hogs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+                    os.sched_setaffinity(hogs[-1].pid, {core})
+        elif isinstance(event, RunFinished):
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+            hogs.clear()
+
+    events.hooks.append(busy_machine)
+    try:
+        engine.run()
+    finally:
+        busy_machine(RunFinished(exp_id=-1, outcome="ok", val_bpb=None, seconds=0.0))
+    assert engine.error is None
+    ledger = assert_consistent(ws)
+    baseline_runs, runs = ledger.runs(0), ledger.runs(1)
+    assert [r.seed for r in baseline_runs] == [1, 2, 2] and [r.seed for r in runs] == [1, 1]
+    busy, quiet = baseline_runs[1], [baseline_runs[0], baseline_runs[2], runs[1]]
+    assert all(r.other_load is not None and r.other_load < 0.3 for r in quiet), [r.other_load for r in quiet]
+    assert busy.other_load is not None and busy.other_load > 1.0  # measured, not the 0.00 the run claimed
+    assert runs[0].other_load is not None and runs[0].other_load > 1.0
+    said = [e.message for e in events.of(Info) if "the machine was busy" in e.message]
+    assert len(said) == 2 and said[0].startswith("baseline seed 2:") and said[1].startswith("#1:"), said
+    assert "runs again with seed 1" in said[1]
+    # The noise floor and the decision come from the quiet runs alone.
+    [noise] = events.of(NoiseMeasured)
+    assert noise.values == (2.0, 2.0) and baseline_runs[1].val_bpb == 2.5
+    exp = ledger.get(1)
+    assert exp is not None and exp.status == "discard" and exp.seeds == (1,)
+    assert runs[0].val_bpb == 2.5 and runs[1].val_bpb == 2.0  # the busy machine cost the first run
+    assert exp.val_bpb == 2.0  # its value is the quiet rerun's, not a mean with the disturbed run
 
 
 def test_the_judge_gets_ten_times_the_parents_judging_at_least_30_s(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from agent import known_noise
 from agent.budget import Budget
 from agent.commands import (
     Approve,
@@ -113,7 +114,7 @@ def default_engine_builder(
         from agent.session import open_engine
         from agent.workspace import Workspace
 
-        cfg = config or EngineConfig(budget=budget, **(scheduling or {}))
+        cfg = config or EngineConfig(budget=budget, noise_record=known_noise.in_cache(), **(scheduling or {}))
         # A bad model fails here, before a new workspace is made for nothing.
         local_model = None
         if proposer is None:
