@@ -234,8 +234,9 @@ def _machine_busy_seconds() -> float:
 class LoadWatch:
     """What the rest of the machine did while a run trained: the machine's busy CPU seconds less the run's own
     and less this process's (the engine supervising it: its cockpit, its log reading), from a first sample at the
-    run's start to the last one before it was told to stop. The run cannot move it: every process it starts is
-    in its tree (the containment's PID namespace), so its own work is always subtracted."""
+    run's start to the last one before it was told to stop. The run's own work is always subtracted: every
+    process it starts is in its tree (the containment's PID namespace); what is left to it is kernel work it
+    causes (writeback, reclaim), bounded by its folder and memory caps."""
 
     MIN_SECONDS = 5.0
     """A shorter window says nothing (a test's budget of seconds, a crash at start-up)."""
