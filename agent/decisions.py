@@ -182,27 +182,28 @@ def counted_runs(
 
 def next_step(
     runs: Sequence[RunRecord], reference: Sequence[RunRecord], best_bpb: float, margin: float, rules: Rules
-) -> RunAgain | Verdict:
+) -> tuple[RunAgain | Verdict, list[RunRecord]]:
     """What a committed experiment needs next, from its `runs` on its commit (oldest first) and its reference's
     (the kept experiment it is judged against, at `best_bpb`): a run, or its verdict (keep, discard, or the
-    outcome of a run that failed)."""
+    outcome of a run that failed); with the runs that count (`counted_runs`: a verdict's value is theirs)."""
     kept, why = counted_runs(runs, reference, rules)
     if why:
-        return RunAgain(runs[-1].seed, f"{why}; it runs again with seed {runs[-1].seed}")
+        return RunAgain(runs[-1].seed, f"{why}; it runs again with seed {runs[-1].seed}"), kept
     if not kept:
-        return RunAgain(rules.base_seed)
+        return RunAgain(rules.base_seed), kept
     first = kept[0]
     if first.outcome != Outcome.OK or first.val_bpb is None:
-        return Verdict(first.outcome or Status.CRASH, first.reason or "the run failed")
+        return Verdict(first.outcome or Status.CRASH, first.reason or "the run failed"), kept
     found = verdict(first.val_bpb, best_bpb, margin, rules.confirm_marginal)
     if found.status != "confirm":
-        return found
+        return found, kept
     if len(kept) < 2:
-        return RunAgain(rules.base_seed + 1, found.reason)
+        return RunAgain(rules.base_seed + 1, found.reason), kept
     second = kept[1]
     if second.outcome != Outcome.OK or second.val_bpb is None:
-        return Verdict(Status.DISCARD, f"{found.reason}; the confirmation run failed: {second.outcome}")
-    return verdict_confirmed([first.val_bpb, second.val_bpb], best_bpb, margin)
+        why = f"{found.reason}; the confirmation run failed: {second.outcome}"
+        return Verdict(Status.DISCARD, why), kept
+    return verdict_confirmed([first.val_bpb, second.val_bpb], best_bpb, margin), kept
 
 
 def baseline_runs(
@@ -214,12 +215,9 @@ def baseline_runs(
     counted: list[RunRecord] = []
     again: dict[int, str] = {}
     for seed in wanted:
-        mine = [r for r in ok if r.seed == seed]
-        chosen, why = list(range(len(mine))), ""
-        if rules.cores is not None and mine:
-            chosen, why = undisturbed([r.other_load for r in mine], [r.other_load for r in ok], rules.cores)
+        kept, why = counted_runs([r for r in ok if r.seed == seed], ok, rules)
         if why:
             again[seed] = why
-        elif chosen:
-            counted.append(mine[chosen[-1]])
+        elif kept:
+            counted.append(kept[-1])
     return counted, again

@@ -45,7 +45,7 @@ from agent.commands import (
     Veto,
 )
 from agent.config import EngineConfig, default_seeds, detect_device
-from agent.decisions import Rules, RunAgain, baseline_runs, counted_runs, next_step, noise_floor
+from agent.decisions import Rules, RunAgain, baseline_runs, next_step, noise_floor
 from agent.edits import EditError, file_hash
 from agent.events import (
     EngineError,
@@ -742,7 +742,7 @@ class Engine:
         against = self.books.started_from(exp)
         assert against.val_bpb is not None
         reference = self.books.current_runs(against)
-        found = next_step(measured, reference, against.val_bpb, self.books.margin(), self._rules())
+        found, counted = next_step(measured, reference, against.val_bpb, self.books.margin(), self._rules())
         if isinstance(found, RunAgain):
             if found.say:
                 self._emit(Info(message=f"#{exp_id}: {found.say}"))
@@ -751,14 +751,14 @@ class Engine:
         if found.status == Status.KEEP and exp.parent_commit != self.books.best_commit():
             self._merge_onto_best(exp, against, found.reason)
             return
-        reason, runs = found.reason, counted_runs(measured, reference, self._rules())[0]
+        reason = found.reason
         if len(self.ledger.runs(exp_id)) > len(measured):  # it trained on the commit it was merged from
             started = self.books.experiment_at(exp.base_commit)
             reason = (
                 f"beat #{started.id if started else '?'}, the best it started from, and was merged onto the new "
                 f"best #{against.id}; its run there: {reason}"
             )
-        self._decide(exp_id, found.status, reason, runs)
+        self._decide(exp_id, found.status, reason, counted)
 
     def _rules(self) -> Rules:
         alone = self._slots.count == 1 and not self._slots.ray and not self.overlap

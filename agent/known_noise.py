@@ -53,8 +53,8 @@ def remember(
     path: Path, device: str, budget: str, code: str, std: float, seeds: int, workspace: Path
 ) -> None:
     """Add a session's measured baseline noise (its seeds' standard deviation) to the record."""
-    record = {**_key(device, budget, code), "std": std, "seeds": seeds, "workspace": str(workspace)}
-    record["at"] = round(time.time(), 1)  # type: ignore[assignment]
+    record: dict[str, object] = {**_key(device, budget, code), "std": std, "seeds": seeds}
+    record.update(workspace=str(workspace), at=round(time.time(), 1))
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:

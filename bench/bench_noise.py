@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_budget import hog  # noqa: E402
 from bench_research import workspace_of  # noqa: E402
 
 from agent.budget import Budget  # noqa: E402
@@ -38,10 +39,6 @@ from agent.session import open_engine  # noqa: E402
 from agent.workspace import HARNESS  # noqa: E402
 
 SCENARIOS = ("quiet", "steady", "bursts")
-
-
-def hog() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def near_noops(n: int) -> IdeaQueue:

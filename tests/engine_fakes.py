@@ -277,6 +277,32 @@ def working_in(folder: Path) -> list[int]:
     return found
 
 
+class BusyMachine:
+    """Competing busy processes, one pinned to each core this process may use (so a run shares every core with
+    one of them, wherever the scheduler puts it), from `start()` until `stop()`; a context manager too."""
+
+    def __init__(self) -> None:
+        self.hogs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        for core in sorted(os.sched_getaffinity(0)):
+            self.hogs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+            os.sched_setaffinity(self.hogs[-1].pid, {core})
+
+    def stop(self) -> None:
+        for hog in self.hogs:
+            hog.kill()
+            hog.wait()
+        self.hogs.clear()
+
+    def __enter__(self) -> BusyMachine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @contextlib.contextmanager
 def outside_tmp(name: str) -> Iterator[Path]:
     """A fresh folder outside /tmp, where users keep their workspaces (a run's private /tmp would hide one under

@@ -141,29 +141,31 @@ def test_a_keep_always_beats_best_by_more_than_the_margin(val: float, best: floa
 def test_the_next_step_of_an_experiment_from_its_runs() -> None:
     rules = Rules(base_seed=1, confirm_marginal=True, cores=2)
     reference = [_run(1, 2.50, load=0.05), _run(2, 2.51, load=0.07)]
-    step = next_step([], reference, 2.5, 0.01, rules)
-    assert step == RunAgain(1)  # its first run
-    assert next_step([_run(1, 2.45, load=0.06)], reference, 2.5, 0.01, rules).status == "keep"
-    assert next_step([_run(1, 2.60, load=0.06)], reference, 2.5, 0.01, rules).status == "discard"
-    crashed = next_step([_run(1, None, outcome="crash")], reference, 2.5, 0.01, rules)
-    assert crashed == Verdict("crash", "the run failed")
-    marginal = next_step([_run(1, 2.485, load=0.06)], reference, 2.5, 0.01, rules)
+
+    def step(runs: list[RunRecord], with_rules: Rules = rules) -> RunAgain | Verdict:
+        return next_step(runs, reference, 2.5, 0.01, with_rules)[0]
+
+    assert step([]) == RunAgain(1)  # its first run
+    keep, discard = step([_run(1, 2.45, load=0.06)]), step([_run(1, 2.60, load=0.06)])
+    assert isinstance(keep, Verdict) and keep.status == "keep"
+    assert isinstance(discard, Verdict) and discard.status == "discard"
+    assert step([_run(1, None, outcome="crash")]) == Verdict("crash", "the run failed")
+    marginal = step([_run(1, 2.485, load=0.06)])
     assert isinstance(marginal, RunAgain) and marginal.seed == 2 and "marginal win" in marginal.say
-    held = next_step([_run(1, 2.485), _run(2, 2.486)], reference, 2.5, 0.01, rules)
-    assert held.status == "keep" and "held up" in held.reason
-    # A disturbed first run is run again with its seed; its rerun alone is decided on.
-    disturbed = next_step([_run(1, 2.70, load=0.9)], reference, 2.5, 0.01, rules)
+    held = step([_run(1, 2.485), _run(2, 2.486)])
+    assert isinstance(held, Verdict) and held.status == "keep" and "held up" in held.reason
+    # A disturbed first run is run again with its seed; its rerun alone is decided on, and counts.
+    disturbed = step([_run(1, 2.70, load=0.9)])
     assert isinstance(disturbed, RunAgain) and disturbed.seed == 1 and "the machine was busy" in disturbed.say
-    assert (
-        next_step([_run(1, 2.70, load=0.9), _run(1, 2.45, load=0.05)], reference, 2.5, 0.01, rules).status
-        == "keep"
-    )
+    rerun = _run(1, 2.45, load=0.05)
+    found, counted = next_step([_run(1, 2.70, load=0.9), rerun], reference, 2.5, 0.01, rules)
+    assert isinstance(found, Verdict) and found.status == "keep" and counted == [rerun]
     # A disturbed confirmation run is run again with the confirmation's seed.
-    again = next_step([_run(1, 2.485, load=0.05), _run(2, 2.52, load=0.9)], reference, 2.5, 0.01, rules)
+    again = step([_run(1, 2.485, load=0.05), _run(2, 2.52, load=0.9)])
     assert isinstance(again, RunAgain) and again.seed == 2
     # Without weighing (several trainers, Ray), every run counts as measured.
-    unweighed = next_step([_run(1, 2.70, load=0.9)], reference, 2.5, 0.01, Rules(cores=None))
-    assert unweighed.status == "discard"
+    unweighed = step([_run(1, 2.70, load=0.9)], Rules(cores=None))
+    assert isinstance(unweighed, Verdict) and unweighed.status == "discard"
 
 
 def test_the_baseline_counts_each_seeds_newest_quiet_run_and_runs_a_disturbed_seed_again() -> None:

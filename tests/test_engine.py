@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from engine_fakes import (
     MARGINAL,
     SLOW,
     WORSE,
+    BusyMachine,
     Recorder,
     assert_consistent,
     idea,
@@ -298,27 +296,22 @@ def test_a_run_the_machine_disturbed_runs_again_and_is_not_decided_on(tmp_path: 
     same = idea("export a moment longer", "EXPORT = 0.2", "EXPORT = 0.3")
     engine, events = _engine(ws, same, budget=Budget.parse("6"))
     started: dict[tuple[int, int], int] = {}
-    hogs: list[subprocess.Popen[bytes]] = []
+    machine = BusyMachine()
 
     def busy_machine(event: Event) -> None:
         if isinstance(event, RunStarted):
             key = (event.exp_id, event.seed)
             started[key] = started.get(key, 0) + 1
-            if key in ((0, 2), (1, 1)) and started[key] == 1:  # a busy process on every core
-                for core in sorted(os.sched_getaffinity(0)):
-                    hogs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
-                    os.sched_setaffinity(hogs[-1].pid, {core})
+            if key in ((0, 2), (1, 1)) and started[key] == 1:
+                machine.start()
         elif isinstance(event, RunFinished):
-            for hog in hogs:
-                hog.kill()
-                hog.wait()
-            hogs.clear()
+            machine.stop()
 
     events.hooks.append(busy_machine)
     try:
         engine.run()
     finally:
-        busy_machine(RunFinished(exp_id=-1, outcome="ok", val_bpb=None, seconds=0.0))
+        machine.stop()
     assert engine.error is None
     ledger = assert_consistent(ws)
     baseline_runs, runs = ledger.runs(0), ledger.runs(1)

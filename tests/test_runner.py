@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, alive, working_in, write_harness
+from engine_fakes import FAKE_HARNESS_SHA256, FAKE_METRIC, BusyMachine, alive, working_in, write_harness
 
 from agent.budget import Budget
 from agent.events import Event, LogLine, StepMetric
@@ -664,14 +664,9 @@ def test_what_the_rest_of_the_machine_did_is_measured_never_claimed(tmp_path: Pa
     (tmp_path / "busy").mkdir()
     short = _run(tmp_path / "short", claims_quiet.replace("SECONDS", "0.5"))
     assert short.outcome == "ok" and "other_load" not in short.summary
-    # Six seconds beside two busy processes: the runner's measure, not the claim.
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
+    # Six seconds beside a busy process on every core: the runner's measure, not the claim.
+    with BusyMachine():
         busy = _run(tmp_path / "busy", claims_quiet.replace("SECONDS", "6"))
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
     assert busy.outcome == "ok" and busy.summary["other_load"] >= 1.0, busy.summary
 
 
