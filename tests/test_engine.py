@@ -22,6 +22,7 @@ from engine_fakes import (
     assert_consistent,
     idea,
     make_workspace,
+    outside_tmp,
 )
 
 from agent import paths
@@ -290,46 +291,50 @@ print("other_load:       0.00")
 '''
 
 
-def test_a_run_the_machine_disturbed_runs_again_and_is_not_decided_on(tmp_path: Path) -> None:
-    # Competing busy processes while baseline seed 2 and experiment #1 first train; gone for their reruns.
-    ws = make_workspace(tmp_path, train=FEELS_THE_MACHINE)
-    same = idea("export a moment longer", "EXPORT = 0.2", "EXPORT = 0.3")
-    engine, events = _engine(ws, same, budget=Budget.parse("6"))
-    started: dict[tuple[int, int], int] = {}
-    machine = BusyMachine()
+def test_a_run_the_machine_disturbed_runs_again_and_is_not_decided_on() -> None:
+    # Competing busy processes while baseline seed 2 and experiment #1 first train; gone for their reruns. The
+    # run prints a quiet machine into its summary; the workspace is where users keep theirs (outside /tmp).
+    with outside_tmp("disturbed") as folder:
+        ws = make_workspace(folder, train=FEELS_THE_MACHINE)
+        same = idea("export a moment longer", "EXPORT = 0.2", "EXPORT = 0.3")
+        engine, events = _engine(ws, same, budget=Budget.parse("6"))
+        started: dict[tuple[int, int], int] = {}
+        machine = BusyMachine()
 
-    def busy_machine(event: Event) -> None:
-        if isinstance(event, RunStarted):
-            key = (event.exp_id, event.seed)
-            started[key] = started.get(key, 0) + 1
-            if key in ((0, 2), (1, 1)) and started[key] == 1:
-                machine.start()
-        elif isinstance(event, RunFinished):
+        def busy_machine(event: Event) -> None:
+            if isinstance(event, RunStarted):
+                key = (event.exp_id, event.seed)
+                started[key] = started.get(key, 0) + 1
+                if key in ((0, 2), (1, 1)) and started[key] == 1:
+                    machine.start()
+            elif isinstance(event, RunFinished):
+                machine.stop()
+
+        events.hooks.append(busy_machine)
+        try:
+            engine.run()
+        finally:
             machine.stop()
-
-    events.hooks.append(busy_machine)
-    try:
-        engine.run()
-    finally:
-        machine.stop()
-    assert engine.error is None
-    ledger = assert_consistent(ws)
-    baseline_runs, runs = ledger.runs(0), ledger.runs(1)
-    assert [r.seed for r in baseline_runs] == [1, 2, 2] and [r.seed for r in runs] == [1, 1]
-    busy, quiet = baseline_runs[1], [baseline_runs[0], baseline_runs[2], runs[1]]
-    assert all(r.other_load is not None and r.other_load < 0.3 for r in quiet), [r.other_load for r in quiet]
-    assert busy.other_load is not None and busy.other_load > 1.0  # measured, not the 0.00 the run claimed
-    assert runs[0].other_load is not None and runs[0].other_load > 1.0
-    said = [e.message for e in events.of(Info) if "the machine was busy" in e.message]
-    assert len(said) == 2 and said[0].startswith("baseline seed 2:") and said[1].startswith("#1:"), said
-    assert "runs again with seed 1" in said[1]
-    # The noise floor and the decision come from the quiet runs alone.
-    [noise] = events.of(NoiseMeasured)
-    assert noise.values == (2.0, 2.0) and baseline_runs[1].val_bpb == 2.5
-    exp = ledger.get(1)
-    assert exp is not None and exp.status == "discard" and exp.seeds == (1,)
-    assert runs[0].val_bpb == 2.5 and runs[1].val_bpb == 2.0  # the busy machine cost the first run
-    assert exp.val_bpb == 2.0  # its value is the quiet rerun's, not a mean with the disturbed run
+        assert engine.error is None
+        ledger = assert_consistent(ws)
+        baseline_runs, runs = ledger.runs(0), ledger.runs(1)
+        assert [r.seed for r in baseline_runs] == [1, 2, 2] and [r.seed for r in runs] == [1, 1]
+        busy, quiet = baseline_runs[1], [baseline_runs[0], baseline_runs[2], runs[1]]
+        assert all(r.other_load is not None and r.other_load < 0.3 for r in quiet), [
+            r.other_load for r in quiet
+        ]
+        assert busy.other_load is not None and busy.other_load > 1.0  # measured, not the 0.00 the run claimed
+        assert runs[0].other_load is not None and runs[0].other_load > 1.0
+        said = [e.message for e in events.of(Info) if "the machine was busy" in e.message]
+        assert len(said) == 2 and said[0].startswith("baseline seed 2:") and said[1].startswith("#1:"), said
+        assert "runs again with seed 1" in said[1]
+        # The noise floor and the decision come from the quiet runs alone.
+        [noise] = events.of(NoiseMeasured)
+        assert noise.values == (2.0, 2.0) and baseline_runs[1].val_bpb == 2.5
+        exp = ledger.get(1)
+        assert exp is not None and exp.status == "discard" and exp.seeds == (1,)
+        assert runs[0].val_bpb == 2.5 and runs[1].val_bpb == 2.0  # the busy machine cost the first run
+        assert exp.val_bpb == 2.0  # its value is the quiet rerun's, not a mean with the disturbed run
 
 
 def test_the_judge_gets_ten_times_the_parents_judging_at_least_30_s(tmp_path: Path) -> None:
