@@ -91,7 +91,8 @@ def _common(suppress: bool) -> Parser:
 
 
 def _scheduling(suppress: bool) -> Parser:
-    """--trainers, --ray and --overlap: how many runs train at once and where (the cockpit and `run`)."""
+    """--trainers, --ray, --overlap and --promote: how many runs train at once, where, and what they verify
+    (the cockpit and `run`)."""
     parser = Parser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument(
@@ -114,6 +115,21 @@ def _scheduling(suppress: bool) -> Parser:
         default=default,
         help="think of the next proposal while runs train (default: on with CUDA, off on CPU, where the "
         "model and the training share the cores; see the README)",
+    )
+    parser.add_argument(
+        "--promote",
+        default=default,
+        metavar="RUNGS",
+        help="verify every keep at larger budgets: 4x, or 4x,16x (each keep and its parent trained again there; "
+        "a workspace setting, kept until changed; off ends it)",
+    )
+    parser.add_argument(
+        "--promote-share",
+        type=float,
+        default=default,
+        metavar="S",
+        help="share of the trainers' time promotion may take while experiments wait (default 0.25; at 0 it "
+        "takes only slots no experiment wants, and finishes at the session's end)",
     )
     return parser
 
@@ -206,8 +222,15 @@ def build_parser() -> Parser:
     models.add_argument("--all", action="store_true", help="with --assemble: every embedded model installed")
     models.add_argument("--force", action="store_true", help="with --assemble: join and verify again")
 
+    commands.add_parser(
+        "promote",
+        parents=[sub_common, _scheduling(suppress=True)],
+        help="verify the keeps at a larger budget (--promote, default the workspace's rungs, else 4x), "
+        "then the best without each keep; no new experiments",
+    )
+
     report = commands.add_parser(
-        "report", parents=[sub_common], help="write progress.png and print the gains"
+        "report", parents=[sub_common], help="write progress.png and print the gains (and what transfers)"
     )
     report.add_argument(
         "--output", type=Path, metavar="PNG", help="where to write (default: DIR/progress.png)"
@@ -217,7 +240,7 @@ def build_parser() -> Parser:
 
 SEEDED_COMMANDS = (None, "run")
 """The commands that make proposals with the local model, where --seed means something."""
-TRAINING_COMMANDS = (None, "run", "reapply")
+TRAINING_COMMANDS = (None, "run", "reapply", "promote")
 """The commands that train, where AUTORESEARCH_BUDGET is read (a bad one stops no other command)."""
 
 
@@ -241,7 +264,7 @@ def _config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
 
 
 def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:
-    """EngineConfig fields from --trainers, --ray and --overlap (CliError on a bad value)."""
+    """EngineConfig fields from --trainers, --ray, --overlap and --promote (CliError on a bad value)."""
     trainers = getattr(args, "trainers", None)
     if trainers is not None and trainers < 1:
         raise CliError("--trainers must be at least 1")
@@ -251,6 +274,18 @@ def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {"trainers": trainers or 1, "ray": ray or None}
     if getattr(args, "overlap", None) is not None:
         fields["overlap"] = args.overlap == "on"
+    if getattr(args, "promote", None) is not None:
+        from agent.promotion import parse_rungs
+
+        try:
+            fields["promote"] = tuple(r.factor for r in parse_rungs(args.promote))
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    share = getattr(args, "promote_share", None)
+    if share is not None:
+        if not 0 <= share <= 1:
+            raise CliError("--promote-share must be between 0 and 1")
+        fields["promote_share"] = share
     return fields
 
 
@@ -651,8 +686,39 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    """The promotion of the workspace's keeps, and the leave-one-out pass, as a session with no experiments."""
+    from agent.ledger import Ledger
+    from agent.printer import make_printer
+    from agent.promotion import PROMOTE_META
+    from agent.researcher.ideas import IdeaQueue
+    from agent.session import open_engine
+
+    workspace = _open(args)
+    scheduling = _scheduling_config(args)
+    if "promote" not in scheduling:
+        ledger = Ledger(workspace.ledger_path)
+        stored = ledger.get_meta(PROMOTE_META)
+        ledger.close()
+        scheduling["promote"] = tuple(stored) if stored else (4.0,)
+    if not scheduling["promote"]:
+        raise CliError("--promote off: nothing to promote")
+    config = _config(args, max_experiments=0, **scheduling)
+    engine = open_engine(workspace, IdeaQueue([]), config, make_printer())
+    return _drive(engine)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from agent.report import ledger_noise, summarize, summary_text, write_progress_png
+    from agent.ledger import Ledger
+    from agent.promotion import read_plan
+    from agent.report import (
+        ledger_noise,
+        summarize,
+        summary_text,
+        transfer_text,
+        write_progress_png,
+        write_transfer_png,
+    )
 
     ws = _open(args)
     experiments = _experiments(ws)
@@ -660,6 +726,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     write_progress_png(experiments, output)
     print(summary_text(summarize(experiments, ledger_noise(ws.ledger_path))))
     print(f"wrote {output}")
+    ledger = Ledger(ws.ledger_path)
+    try:
+        plan = read_plan(ledger)
+    finally:
+        ledger.close()
+    if plan is not None:
+        transfer = output.with_name("transfer.png")
+        write_transfer_png(plan, experiments, transfer)
+        print(transfer_text(plan, experiments))
+        print(f"wrote {transfer}")
     return 0
 
 
@@ -689,6 +765,7 @@ COMMANDS = {
     "init": cmd_init,
     "models": cmd_models,
     "report": cmd_report,
+    "promote": cmd_promote,
 }
 
 

@@ -73,6 +73,13 @@ class EngineConfig:
     fingerprint with its parent's: a no-op is recorded as such instead of trained, a crash costs seconds.
     None: on for local CPU runs, off on CUDA (each probe would pay torch.compile) and with Ray. The static
     check (same syntax tree) always runs."""
+    promote: tuple[float, ...] | None = None
+    """Promotion rungs, as factors of the budget (`agent.promotion`; (4.0,) is '4x'): each keep trained again at
+    each, with its parent, to say whether it transfers. A workspace setting: None keeps the workspace's, () ends it."""
+    promote_share: float = 0.25
+    """The share of the trainers' time promotion may take while experiments wait for a slot (so that verdicts
+    come during a session that never ends, as the cockpit's); besides, it takes the slots no experiment wants (no
+    proposal waiting or being thought of) and finishes at the session's end. At 0 it waits for those."""
     overlap: bool | None = None
     """Propose the next experiment while runs train; None: on with CUDA, off on CPU (a run beside the model
     loses 30-37 % of its steps, a handicap under a wall budget: bench/bench_overlap.py, the README)."""

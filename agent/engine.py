@@ -60,7 +60,9 @@ from agent.events import (
     RunStarted,
     StateChanged,
 )
+from agent.ladder import Ladder
 from agent.ledger import Experiment, Ledger, Phase, RunRecord, Status
+from agent.promotion import Job, Rung
 from agent.proposals import Proposal, ProposalContext, Proposer, SwitchableProposer, model_name
 from agent.sandbox.spec import Outcome, PrepareError, ProbeParent, RunRequest
 from agent.slots import Flight, RunDone, Slots, training_on, trial
@@ -71,6 +73,9 @@ from agent.workspace import Workspace, WorkspaceError
 
 _STOPPED = {"stop": "stopped by the user", "skip": "skipped by the user", "shutdown": "the engine shut down"}
 """Why a run was stopped, in the ledger's words."""
+PROMOTION_RUN = 1000
+"""A promotion run's number in its request: past any experiment's own runs, and one per slot, so that the runs
+training at once have folders of their own (a promotion is not a run of the experiment's: see agent.ladder)."""
 _Message = Command | RunDone | Proposed
 """What the engine's inbox takes: the user's commands and what its slots and its proposer thread report."""
 
@@ -129,6 +134,9 @@ class Engine:
         self.ledger = Ledger(workspace.ledger_path)
         """The experiments, for reading (the cockpit's timeline); only `books` writes it."""
         self.books = Books(workspace, self.ledger, self._emit, config.default_margin)
+        rungs = None if config.promote is None else tuple(Rung(f) for f in config.promote)
+        self.ladder = Ladder(workspace, self.ledger, self._emit, rungs)
+        """Promotion: keeps trained again at larger budgets (`agent.promotion`), in slots experiments leave."""
         self.device = detect_device()
         self.seeds = config.seeds or default_seeds(self.device)
         self.overlap = config.overlap if config.overlap is not None else self.device.startswith("cuda")
@@ -165,6 +173,10 @@ class Engine:
         self._retrain: SetTrainers | None = None
         """A change of trainers asked for: nothing new starts until the runs in flight end and it is made."""
         self._decided_runs = 0
+        self._trained_s = 0.0
+        self._promoted_s = 0.0
+        """Trainer seconds of every run and of promotion runs, since the session started."""
+        self._promotion_said = False
 
     # ---- the command API (any thread) -----------------------------------------------------------------
 
@@ -258,6 +270,9 @@ class Engine:
 
     def _run_pid(self, flight: Flight, pid: int) -> None:
         """(a slot's thread) The run's process exists here: recorded, so that a restart can kill it."""
+        if flight.promotion is not None:
+            self.ladder.started(flight.promotion, pid)
+            return
         self.books.run_started(flight.exp_id, flight.n, pid)
 
     def _skip(self) -> None:
@@ -296,6 +311,7 @@ class Engine:
             with self.ws.engine_lock():
                 trainer = self._slots.open()
                 self.recover()
+                self.ladder.open()
                 self.ws.check_harness()
                 self.books.record_budget(self.budget)
                 self._emit(Info(message=f"training on {trainer.description}"))
@@ -327,6 +343,9 @@ class Engine:
         for exp_id, pid in found.stale:
             if trainer.reap(pid):
                 found.notes.append(f"killed the orphaned run of #{exp_id} (pid {pid})")
+        for what, pid in self.ladder.recover():
+            if trainer.reap(pid):
+                found.notes.append(f"killed the orphaned {what} (pid {pid})")
         if found.notes:
             self._emit(Info(message="recovered: " + "; ".join(found.notes)))
 
@@ -338,6 +357,9 @@ class Engine:
             words += f"; {snap.trainers} trainer(s) busy {snap.busy_share:.0%} of the time"
         if snap.experiments_per_hour is not None:
             words += f", {snap.experiments_per_hour:.1f} experiments/hour"
+        if self._promoted_s:
+            share = self._promoted_s / max(self._trained_s, 1e-9)
+            words += f"; promotion took {self._promoted_s / 60:.1f} trainer-minutes ({share:.0%} of training)"
         return words
 
     def _abandon(self) -> None:
@@ -352,7 +374,12 @@ class Engine:
                     flight = self._slots.done(message.slot)
                     if flight is not None and message.result is not None:
                         with contextlib.suppress(Exception):
-                            self.books.finish_run(flight.exp_id, flight.n, message.result, flight.slot)
+                            if flight.promotion is not None:
+                                self.ladder.finish(
+                                    flight.promotion, message.result, flight.slot, flight.exp_id
+                                )
+                            else:
+                                self.books.finish_run(flight.exp_id, flight.n, message.result, flight.slot)
         self._thinking.join(timeout=5)
 
     def _loop(self) -> None:
@@ -388,6 +415,8 @@ class Engine:
             return
         while self._resume_ids:
             self._advance(self._resume_ids.pop(0))
+        if self._promotion_owed():
+            self._start_promotions(1)
         while (
             not self._paused()
             and self._review is None
@@ -400,6 +429,7 @@ class Engine:
             self._start_experiment(item)
         if self._want_proposal():
             self._thinking.start(self.proposer, self._context(), self.books.best_commit())
+        self._start_promotions(self._spare_slots())
         self._show_state()
 
     def _ended(self) -> bool:
@@ -412,6 +442,8 @@ class Engine:
             return True
         if self._paused() or not self.books.baseline_decided():
             return False
+        if self._session_over() and self._promoting():
+            return False  # the keeps' promotion is finished before the session ends
         if self._limit_reached():
             self._emit(Info(message=f"reached --max-experiments {self.config.max_experiments}"))
             return True
@@ -420,6 +452,10 @@ class Engine:
             self._emit(Info(message=f"nothing more to try: the {name} proposer has no more proposals"))
             return True
         return False
+
+    def _session_over(self) -> bool:
+        """No experiment will start any more: the limit is reached, or the proposer ran dry."""
+        return self._limit_reached() or (self._dry and not self._ready and not self.ledger.queued())
 
     def _limit_reached(self) -> bool:
         limit = self.config.max_experiments
@@ -433,6 +469,12 @@ class Engine:
             self._set_state(EngineState.WAITING_REVIEW)
         elif flights:
             newest = flights[-1]
+            if newest.promotion is not None:
+                job = newest.promotion
+                self._set_state(
+                    EngineState.RUNNING, f"{job.subject.describe()} at {job.rung.name} seed {job.seed}"
+                )
+                return
             state = EngineState.BASELINE if newest.exp_id == 0 else EngineState.RUNNING
             self._set_state(state, f"#{newest.exp_id} seed {newest.seed}")
         elif thinking:
@@ -837,6 +879,12 @@ class Engine:
     def _run_done(self, message: RunDone) -> None:
         flight = self._slots.done(message.slot)
         assert flight is not None
+        seconds = time.monotonic() - flight.started
+        self._trained_s += seconds
+        if flight.promotion is not None:
+            self._promoted_s += seconds
+            self._promotion_done(flight, message)
+            return
         if message.result is None:
             self._run_lost(flight, message)
             if message.unpreparable:
@@ -850,15 +898,10 @@ class Engine:
 
     def _run_lost(self, flight: Flight, message: RunDone) -> None:
         """The trainer lost the run (a node or worker went away) or the runner failed: interrupted, re-queued."""
-        retries = 0
-        if message.lost is not None:
-            reason = f"the trainer lost the run: {message.lost.reason}"
-            retries = message.lost.system_retries
-        elif message.unpreparable:
-            reason = f"the data could not be prepared: {message.unpreparable}"
-        else:
-            reason = f"the runner failed: {message.error.splitlines()[0] if message.error else 'unknown'}"
+        reason = _why_lost(message)
+        if message.lost is None and not message.unpreparable:
             self._emit(EngineError(message=reason, detail=message.error))
+        retries = message.lost.system_retries if message.lost is not None else 0
         self.books.lose_run(flight.exp_id, flight.n, reason, retries)
         if flight.exp_id == 0:
             self._emit(Info(message=f"baseline seed {flight.seed}: {reason}; it runs again"))
@@ -875,6 +918,72 @@ class Engine:
                 self._emit(Info(message="the baseline cannot be skipped; it will run again"))
             return
         self.books.interrupt(flight.exp_id, _STOPPED.get(why, why), requeue=why == "shutdown")
+
+    # ---- promotion ------------------------------------------------------------------------------------
+
+    def _spare_slots(self) -> int:
+        """Free slots no experiment wants: none while a proposal waits or is thought of, unless the session has
+        no more experiments to run."""
+        spare = len(self._free_slots()) - len(self._waiting)
+        if self._session_over():
+            return spare
+        with self._lock:
+            wanted = len(self._ready) + int(self._thinking.busy or self._review is not None)
+        return 0 if self.ledger.queued() or self._limit_reached() else spare - wanted
+
+    def _promotion_owed(self) -> bool:
+        """Whether promotion is owed a slot before experiments, to keep its share of the trainers' time."""
+        share = self.config.promote_share
+        return share > 0 and self._promoted_s < share * max(self._trained_s, 1e-9)
+
+    def _start_promotions(self, slots: int) -> None:
+        """Promotion runs in up to `slots` free slots (none while paused, stopping or before the baseline)."""
+        if slots <= 0 or not self.ladder.rungs or self._paused() or self._stopping():
+            return
+        if not self.books.baseline_decided():
+            return
+        busy = {f.promotion.key for f in self._slots.in_flight() if f.promotion is not None}
+        free = self._free_slots()[len(self._waiting) :]
+        for slot in free[:slots]:
+            job = self.ladder.next_job(busy, finishing=self._session_over())
+            if job is None:
+                return
+            busy.add(job.key)
+            self._start_promotion(job, slot)
+
+    def _start_promotion(self, job: Job, slot: int) -> None:
+        """`job` in `slot`: contained and judged like any run, at the rung's budget, without a probe."""
+        exp_id = self.ladder.shown_as(job)
+        template = self._run_request(exp_id, PROMOTION_RUN + slot, job.seed, "", Path(), None, None)
+        request = self.ladder.request(job, template)
+        self.ladder.start(job, request, slot, exp_id)
+        flight = Flight(exp_id=exp_id, n=request.n, seed=job.seed, slot=slot, promotion=job)
+        self._slots.occupy(flight)
+        self._show_state()
+        self._slots.start(flight, request)
+
+    def _promotion_done(self, flight: Flight, message: RunDone) -> None:
+        job = flight.promotion
+        assert job is not None
+        if message.result is None:
+            reason = _why_lost(message)
+            self.ladder.lose(job, reason)
+            what = f"promotion {job.rung.name} of {job.subject.describe()}"
+            self._emit(Info(message=f"{what}: {reason}; it runs again"))
+            if message.unpreparable:
+                raise PrepareError(message.unpreparable)
+            return
+        self.ladder.finish(job, self.books.check_after_run(message.result), flight.slot, flight.exp_id)
+
+    def _promoting(self) -> bool:
+        """(the session has no more experiments) Whether promotion has runs left; once it has none, its
+        transfer table is said (once)."""
+        if self.ladder.pending(finishing=True):
+            return True
+        if not self._promotion_said and self.ladder.plan() is not None:
+            self._promotion_said = True
+            self._emit(Info(message=self.ladder.summary()))
+        return False
 
     # ---- the baseline ---------------------------------------------------------------------------------
 
@@ -930,6 +1039,15 @@ class Engine:
         self.books.record_baseline(runs, noise)
         if record and noise.measured:
             known_noise.remember(record, self.device, budget, code, noise.std, len(values), self.ws.path)
+
+
+def _why_lost(message: RunDone) -> str:
+    """Why a run came back without a result, in the ledger's words."""
+    if message.lost is not None:
+        return f"the trainer lost the run: {message.lost.reason}"
+    if message.unpreparable:
+        return f"the data could not be prepared: {message.unpreparable}"
+    return f"the runner failed: {message.error.splitlines()[0] if message.error else 'unknown'}"
 
 
 __all__ = ["Engine", "EngineSnapshot"]

@@ -59,6 +59,9 @@ class RunStarted(Event):
     """The trainer slot it runs in (0 .. trainers-1)."""
     where: str = ""
     """Where it trains when that is not this machine (a Ray node)."""
+    promotion: str = ""
+    """The rung of a promotion run ('4x': `agent.promotion`), which trains an experiment's train.py again at a
+    larger budget and changes nothing of the experiment; '' for the experiment's own runs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +102,17 @@ class RunFinished(Event):
     """The judge's wall time after it (load, scoring with its causality checks)."""
     slot: int = 0
     """The trainer slot of the run (seeds of one experiment may train at once in several)."""
+    promotion: str = ""
+    """The rung of a promotion run (see RunStarted); '' for the experiment's own runs."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transferred(Event):
+    """A promotion run ended (`agent.promotion`): what it measured, and each keep's marks per rung."""
+
+    message: str
+    marks: dict[int, str] = field(default_factory=dict)
+    """Keep id -> one mark per rung, smallest first: '✓' transfers, '✗' does not, '…' pending."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -133,6 +133,24 @@ CREATE TABLE IF NOT EXISTS overrides (
     at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS promotions (
+    rung TEXT NOT NULL,
+    code_hash TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    exp_id INTEGER,
+    without_id INTEGER,
+    budget TEXT NOT NULL,
+    outcome TEXT,
+    val_bpb REAL,
+    reason TEXT NOT NULL DEFAULT '',
+    seconds REAL,
+    log_path TEXT NOT NULL,
+    log_tail TEXT NOT NULL DEFAULT '',
+    pid INTEGER,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (rung, code_hash, seed)
+);
 """
 
 
@@ -208,6 +226,33 @@ class RunRecord:
         """CPU cores the rest of the machine kept busy while it trained (the runner's measure; None: unknown)."""
         value = self.summary.get("other_load")
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class PromotionRun:
+    """One run of a configuration at a promotion rung (`agent.promotion`): never a row of results.tsv."""
+
+    rung: str
+    """The rung's name: '4x'."""
+    code_hash: str
+    """The train.py it trained (`file_hash`): one configuration is measured once per rung and seed."""
+    seed: int
+    exp_id: int | None
+    """The experiment whose train.py it is (None: a leave-one-out variant)."""
+    without_id: int | None
+    """The keep a leave-one-out variant of the best leaves out."""
+    budget: str
+    """The rung's budget, in the harness's grammar."""
+    outcome: str | None
+    """None while running; interrupted: it runs again."""
+    val_bpb: float | None
+    reason: str
+    seconds: float | None
+    log_path: str
+    log_tail: str
+    pid: int | None
+    started_at: float
+    finished_at: float | None
 
 
 @dataclass(frozen=True)
@@ -486,6 +531,32 @@ class Ledger:
             writing.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value))
             )
+
+    # ---- promotion runs -------------------------------------------------------------------------------
+
+    def start_promotion(self, run: PromotionRun) -> None:
+        """A promotion run starts (a run of the same rung, code and seed that was interrupted is replaced)."""
+        values = asdict(run)
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO promotions ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                list(values.values()),
+            )
+
+    def set_promotion(self, rung: str, code_hash: str, seed: int, **values: Any) -> None:
+        """Record what is known of a promotion run: its pid, or how it ended."""
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        with self.transaction() as conn:
+            conn.execute(
+                f"UPDATE promotions SET {assignments} WHERE rung = ? AND code_hash = ? AND seed = ?",
+                [*values.values(), rung, code_hash, seed],
+            )
+
+    def promotions(self) -> list[PromotionRun]:
+        """Every promotion run, in the order they started."""
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM promotions ORDER BY started_at").fetchall()
+        return [PromotionRun(**dict(row)) for row in rows]
 
     # ---- results.tsv ----------------------------------------------------------------------------------
 

@@ -21,6 +21,16 @@ def format_event(event: Event, verbose: bool = False) -> str | None:
     match event:
         case ev.StateChanged(state=state, detail=detail):
             return f"== {state}{f' ({detail})' if detail else ''}" if verbose else None
+        case ev.RunStarted(
+            exp_id=exp_id, description=description, seed=seed, budget=budget, promotion=rung
+        ) if rung:
+            return f"#{exp_id} promotion {rung}, seed {seed}, budget {budget}: {description}"
+        case ev.RunFinished(
+            exp_id=exp_id, outcome=outcome, val_bpb=val_bpb, seconds=seconds, promotion=rung
+        ) if rung:
+            return f"#{exp_id} promotion {rung} done {outcome}, val_bpb {_bpb(val_bpb)}, {seconds:.1f} s"
+        case ev.Transferred(message=message):
+            return message
         case ev.RunStarted(exp_id=exp_id, description=description, commit=commit, seed=seed, budget=budget):
             return f"#{exp_id} run  seed {seed}, budget {budget}, commit {commit[:7]}: {description}"
         case ev.LogLine(exp_id=exp_id, text=text, replace=replace):
@@ -90,8 +100,10 @@ def make_printer(stream: TextIO | None = None, as_json: bool = False, verbose: b
             line: str | None = json.dumps(ev.to_dict(event), default=str, ensure_ascii=False)
         else:
             line = format_event(event, verbose)
-            if line is not None:
-                line = f"{time.strftime('%H:%M:%S', time.localtime(event.ts))} {line}"
+            if line is not None:  # a message of several lines is indented under its time
+                line = f"{time.strftime('%H:%M:%S', time.localtime(event.ts))} {line}".replace(
+                    "\n", "\n" + " " * 9
+                )
         if line is None:
             return
         with lock:

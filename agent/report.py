@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.ledger import Experiment
+from agent.promotion import FAILS, TRANSFERS, Additivity, Plan, Step, Verdict, measured
 from agent.proposals import proposer_label
 
 if TYPE_CHECKING:
@@ -341,3 +342,209 @@ def _keep_labels_inside(fig: Figure, labels: list[Annotation]) -> None:
         up = extent.y1 <= bounds.y1
         if not (right and up):
             _point_label(text, right=right, up=up)
+
+
+TRANSFER_WIDTH = 100
+"""The transfer table fits this many columns (with one or two rungs)."""
+
+_GAIN = 8
+"""Width of a signed gain with four decimals: '+0.0123'."""
+_VERDICT = 17
+"""Width of a verdict word: 'does not transfer'."""
+
+
+def transfer_text(plan: Plan, experiments: Sequence[Experiment]) -> str:
+    """The promotion as text: each keep of the best's lineage (oldest first) with its gain at the session's
+    budget and at each rung, its verdict there and its leave-one-out contribution at the largest rung; then
+    each rung's noise margin and whether the contributions add up to the best's gain at scale."""
+    rungs = ", ".join(rung.name for rung in plan.rungs)
+    if not plan.steps:
+        return f"promotion to {rungs}: nothing kept to promote"
+    described = {e.id: e.description for e in experiments}
+    verdicts = plan.verdicts()
+    found = plan.additivity()
+    contributions = {c.exp_id: c.contribution for c in found.contributions} if found else {}
+    last = plan.rungs[-1].name
+    room = max(12, TRANSFER_WIDTH - _transfer_fixed(len(plan.rungs)))
+    lines = [
+        f"promotion to {rungs} the session's budget (1x): each keep's gain in bpb over its parent, "
+        f"seed {plan.seeds[0]}",
+        f"(transfers: the gain beats the rung's noise margin; w/o @{last}: what the best loses without it)",
+        "  "
+        + f"{'#':<5} {'kept change':<{room}} {'1x':>{_GAIN}}"
+        + "".join(f"   {rung.name:>{_GAIN}} {'':<{_VERDICT}}" for rung in plan.rungs)
+        + f"  {'w/o @' + last:>{_GAIN}}",
+    ]
+    notes: list[str] = []
+    for step in plan.steps:
+        line = f"  #{step.exp_id:<4} {_shorten(described.get(step.exp_id, ''), room):<{room}} {_signed(step.gain)}"
+        for v in verdicts[step.exp_id]:
+            line += f"   {_signed(v.gain)} {_verdict_word(plan, step, v):<{_VERDICT}}"
+            if v.gain is None and v.reason:
+                notes.append(f"#{step.exp_id}: {v.reason}")
+        lines.append(f"{line}  {_signed(contributions.get(step.exp_id))}")
+    lines += ["  " + _shorten(note, TRANSFER_WIDTH - 2) for note in notes]
+    lines.append(_noise_line(plan))
+    lines += _additivity_lines(plan, found)
+    return "\n".join(lines)
+
+
+def _transfer_fixed(n_rungs: int) -> int:
+    """The transfer table's width but for the description: indent, id, the gains, verdicts and gaps."""
+    return 2 + 5 + 1 + 1 + _GAIN + n_rungs * (3 + _GAIN + 1 + _VERDICT) + 2 + _GAIN
+
+
+def _signed(value: float | None) -> str:
+    """A gain in bpb, signed with four decimals, right-aligned; '-' when unknown."""
+    return f"{value:+{_GAIN}.4f}" if value is not None else f"{'-':>{_GAIN}}"
+
+
+def _shorten(text: str, width: int) -> str:
+    """`text` on one line, cut to `width` with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _verdict_word(plan: Plan, step: Step, found: Verdict) -> str:
+    """The verdict in a word or two; a failed run says how it failed ('failed: crash', 'parent crash')."""
+    if found.gain is not None or not found.reason:
+        return found.state
+    if found.state == FAILS:
+        run = measured(plan.runs, found.rung, step.code_hash, plan.seeds[0])
+        return f"failed: {run.outcome}" if run is not None else "failed"
+    run = measured(plan.runs, found.rung, step.parent_hash, plan.seeds[0])
+    return f"parent {run.outcome}" if run is not None else found.state
+
+
+def _noise_line(plan: Plan) -> str:
+    """Each rung's noise margin, from the baseline's seeds there ('-' until they are all measured)."""
+    parts = []
+    for rung in plan.rungs:
+        noise = plan.noise(rung)
+        if noise is None:
+            parts.append(f"{rung.name} -")
+        else:
+            parts.append(f"{rung.name} {noise.margin:.4f}" + ("" if noise.measured else " (default)"))
+    seeds = ", ".join(str(seed) for seed in plan.seeds)
+    return f"noise margin (the baseline over seeds {seeds}): " + ", ".join(parts)
+
+
+def _additivity_lines(plan: Plan, found: Additivity | None) -> list[str]:
+    """Whether the keeps' leave-one-out contributions add up to the best's gain over the baseline at scale."""
+    last = plan.rungs[-1].name
+    if found is None:
+        return [
+            f"contributions at {last}: not measured yet (the leave-one-out pass comes at the end of a session)"
+        ]
+    total = f"total gain {found.total:+.4f}" if found.total is not None else "total gain not measured yet"
+    summed = found.summed
+    if summed is not None:
+        return [f"best vs baseline at {found.rung}: {total}; sum of the keeps' contributions {summed:+.4f}"]
+    lines = [f"best vs baseline at {found.rung}: {total}; sum of the keeps' contributions not known yet:"]
+    lines += [
+        "  " + _shorten(f"#{c.exp_id}: {c.reason or 'not measured yet'}", TRANSFER_WIDTH - 2)
+        for c in found.contributions
+        if c.contribution is None
+    ]
+    return lines
+
+
+RUNG_MARKERS = ("o", "s", "^", "D", "v", "P")
+"""One marker per rung, smallest first (cycled past six)."""
+RUNG_COLORS = ("#2980b9", "#8e44ad", "#d35400", "#16a085", "#c0392b", "#7f8c8d")
+"""One colour per rung, smallest first (cycled past six)."""
+
+
+def write_transfer_png(plan: Plan, experiments: Sequence[Experiment], path: Path) -> None:
+    """Plot each keep's gain at the session's budget against its gain at each rung (see `transfer_figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = transfer_figure(plan, experiments)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def transfer_figure(plan: Plan, experiments: Sequence[Experiment]) -> Figure:
+    """Gain at the session's budget (x) against gain at each rung (y): one marker and colour per rung, filled
+    where the keep transfers, hollow where it does not, each point labelled with its keep; pending and failed
+    runs are left out. On the y = x line a gain holds at scale unchanged; below y = 0 it reverses. Close it
+    with `plt.close`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 7))
+    described = {e.id: _shorten(e.description, 24) for e in experiments}
+    values: list[float] = []
+    labels: list[tuple[float, float, str]] = []
+    left_out = 0
+    for i, rung in enumerate(plan.rungs):
+        marker, color = RUNG_MARKERS[i % len(RUNG_MARKERS)], RUNG_COLORS[i % len(RUNG_COLORS)]
+        shown = _transfer_points(plan, i)
+        left_out += len(plan.steps) - len(shown)
+        for state, face in ((TRANSFERS, color), (FAILS, "none")):
+            chosen = [(x, y, exp_id) for x, y, exp_id, verdict in shown if verdict == state]
+            if not chosen:
+                continue
+            xs, ys, _ = zip(*chosen, strict=True)
+            ax.scatter(
+                xs,
+                ys,
+                marker=marker,
+                s=60,
+                facecolors=face,
+                edgecolors=color,
+                linewidths=1.5,
+                label=f"{rung.name}: {state}",
+                zorder=3,
+            )
+            labels += [(x, y, f"#{exp_id} {described.get(exp_id, '')}".rstrip()) for x, y, exp_id in chosen]
+            values += [*xs, *ys]
+        noise = plan.noise(rung)
+        if noise is not None:
+            ax.axhline(noise.margin, color=color, linestyle=":", linewidth=1, alpha=0.7)
+    low, high = _limits(values)
+    for x, y, label in labels:
+        # Labels run away from the nearer side, so that they stay inside the figure.
+        right = x <= (low + high) / 2
+        ax.annotate(
+            label,
+            (x, y),
+            xytext=(5 if right else -5, 5),
+            textcoords="offset points",
+            horizontalalignment="left" if right else "right",
+            fontsize=8,
+        )
+    ax.plot([low, high], [low, high], color="#7f8c8d", linestyle="--", linewidth=1, label="y = x", zorder=1)
+    ax.axhline(0.0, color="black", linewidth=0.8, zorder=1)
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("gain at the session's budget (bpb, over its parent)")
+    ax.set_ylabel("gain at the rung (bpb, over its parent; dotted: the rung's noise margin)")
+    rungs = ", ".join(rung.name for rung in plan.rungs)
+    pending = f"; {left_out} pending or failed, not shown" if left_out else ""
+    ax.set_title(f"do the keeps' gains transfer to {rungs} the budget? ({len(plan.steps)} keeps{pending})")
+    ax.grid(True, alpha=0.2)
+    ax.legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _transfer_points(plan: Plan, index: int) -> list[tuple[float, float, int, str]]:
+    """(gain at the session's budget, gain at rung `index`, keep id, verdict) of each keep measured there."""
+    verdicts = plan.verdicts()
+    points = []
+    for step in plan.steps:
+        found = verdicts[step.exp_id][index]
+        if step.gain is not None and found.gain is not None:
+            points.append((step.gain, found.gain, step.exp_id, found.state))
+    return points
+
+
+def _limits(values: Sequence[float]) -> tuple[float, float]:
+    """Square axis limits around `values` and 0, with a margin (a small default window when empty)."""
+    low, high = min([0.0, *values]), max([0.0, *values])
+    pad = (high - low) * 0.1 or 0.01
+    return low - pad, high + pad

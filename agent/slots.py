@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from agent.books import crash_point
 from agent.edits import file_hash
 from agent.events import EngineError, Event, EventSink, Info, LogLine, RunFinished, StepMetric
+from agent.promotion import Job
 from agent.sandbox.spec import PrepareError, RunRequest, RunResult
 from agent.trainers.base import Trainer, TrainerFactory, TrainerLost
 
@@ -37,6 +38,8 @@ class Flight:
     why: str = ""
     """Why it was stopped: stop, skip or shutdown."""
     pgid: int | None = None
+    promotion: Job | None = None
+    """A promotion run (`agent.promotion`): the experiment's train.py again at a larger budget."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ class Slots:
         def emit(event: Event) -> None:
             if isinstance(event, LogLine | StepMetric | RunFinished):
                 event = replace(event, slot=flight.slot)
-                if flight.pgid is None and not isinstance(event, RunFinished):
+                if flight.pgid is None and flight.promotion is None and not isinstance(event, RunFinished):
                     crash_point("during_run", flight.exp_id)  # a remote run has no pid here: its first line
             self._emit(event)
 

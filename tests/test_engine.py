@@ -57,6 +57,7 @@ from agent.events import (
     RunFinished,
     RunStarted,
     StateChanged,
+    Transferred,
 )
 from agent.ledger import Experiment, Ledger, read_results_tsv
 from agent.proposals import Edit, Proposal, ProposalContext, ProposalFailed
@@ -625,12 +626,19 @@ def test_full_loop_on_the_real_nanogpt(tmp_path: Path) -> None:
     crash = _real_idea(text, "N_HEAD", "heads that do not divide the width", str(heads - 1))
     ws = Workspace.init(tmp_path / "ws", tag="real")
     engine, events = _engine(
-        ws, better, worse, crash, budget=Budget.parse("1e11flops"), deadline_s=None, seeds=1
+        ws, better, worse, crash, budget=Budget.parse("1e11flops"), deadline_s=None, seeds=1, promote=(2.0,)
     )
     engine.run()
     assert engine.error is None, engine.error
     ledger = assert_consistent(ws)
     assert _statuses(ledger) == ["baseline", "keep", "discard", "crash"]
+    # Promoted at 2x the budget: the baseline and the keep trained again, contained and judged, once each.
+    promoted = ledger.promotions()
+    assert [(r.exp_id, r.seed, r.budget, r.outcome) for r in promoted] == [
+        (0, 2, "2e+11flops", "ok"), (1, 2, "2e+11flops", "ok")
+    ]  # fmt: skip
+    assert all(r.val_bpb is not None and "[judge] ok" in Path(r.log_path).read_text() for r in promoted)
+    assert set(events.of(Transferred)[-1].marks) == {1}
     baseline, kept, discarded, crashed = ledger.experiments()
     assert len(ledger.runs(0)) == 1 and events.of(NoiseMeasured)[0].margin == EngineConfig().default_margin
     assert kept.val_bpb is not None and baseline.val_bpb is not None and kept.val_bpb < baseline.val_bpb

@@ -77,6 +77,14 @@ def test_printer_prefixes_time_and_writes_json() -> None:
     make_printer(out)(ev.Info(message="hello", ts=0.0))
     line = out.getvalue()
     assert line.endswith(" hello\n") and line[2] == ":"
+    make_printer(out)(ev.Transferred(message="promotion 4x: #1\n#1 transfers at 4x", ts=0.0))
+    assert out.getvalue().endswith(
+        " promotion 4x: #1\n         #1 transfers at 4x\n"
+    )  # indented under its time
+    make_printer(out)(
+        ev.RunStarted(exp_id=1, description="#1 at 4x", commit="", seed=1, budget="240 s", promotion="4x")
+    )
+    assert out.getvalue().endswith(" #1 promotion 4x, seed 1, budget 240 s: #1 at 4x\n")
     out = io.StringIO()
     sink = make_printer(out, as_json=True)
     sink(ev.Decided(exp_id=1, status="keep", val_bpb=2.4, best_bpb=2.4, margin=0.01, reason="r"))

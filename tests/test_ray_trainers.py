@@ -47,7 +47,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from agent.budget import Budget  # noqa: E402
 from agent.commands import SetTrainers  # noqa: E402
 from agent.config import EngineConfig  # noqa: E402
-from agent.events import Decided, Event, Info, LogLine, RunFinished, StepMetric  # noqa: E402
+from agent.events import Decided, Event, Info, LogLine, RunFinished, StepMetric, Transferred  # noqa: E402
 from agent.ledger import Ledger  # noqa: E402
 from agent.researcher.ideas import IdeaQueue, parse_ideas  # noqa: E402
 from agent.sandbox.spec import RunRequest, RunResult  # noqa: E402
@@ -348,7 +348,8 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
         parse_ideas("".join(json.dumps(i) + "\n" for i in (BETTER, WORSE, CRASHES, MARGINAL)), Path("i"))
     )
     events = Recorder()
-    engine = open_engine(ws, ideas, EngineConfig(seeds=2, deadline_s=60.0, trainers=2, ray="local"), events)
+    config = EngineConfig(seeds=2, deadline_s=60.0, trainers=2, ray="local", promote=(2.0,))
+    engine = open_engine(ws, ideas, config, events)
     engine.run()
     assert engine.error is None
     assert any(e.message == "training on 2 Ray trainers (local, 127.0.0.1)" for e in events.of(Info))
@@ -359,11 +360,19 @@ def test_engine_with_two_local_ray_trainers_records_every_result_once(tmp_path: 
     assert status[str(BETTER["description"])] == "keep" and status[str(CRASHES["description"])] == "crash"
     assert status[str(WORSE["description"])] == "discard"
     # Every run recorded once, with the outcome the engine was told; the kept one scored as the fake computes.
-    finished = [(e.exp_id, e.outcome) for e in events.of(RunFinished)]
+    finished = [(e.exp_id, e.outcome) for e in events.of(RunFinished) if not e.promotion]
     recorded = [(e.id, r.outcome) for e in experiments for r in ledger.runs(e.id)]
     assert sorted(finished) == sorted(recorded) and all(outcome for _, outcome in recorded)
     kept = next(e for e in experiments if e.status == "keep")
     assert kept.val_bpb == pytest.approx(2.1, abs=0.001)
+    # Promotion is trainer work like any run: on the cluster, the baseline's seeds at once, each measured once.
+    promoted = ledger.promotions()
+    assert all(r.outcome == "ok" and r.budget == "120" for r in promoted)
+    assert len({(r.code_hash, r.seed) for r in promoted}) == len(promoted)
+    keeps = [e.id for e in experiments if e.status == "keep"]  # the marginal one may be kept too
+    assert {(r.exp_id, r.seed) for r in promoted} >= {(0, 3), (0, 4), *((k, 3) for k in keeps)}
+    marks = events.of(Transferred)[-1].marks
+    assert set(marks) == set(keeps) and marks[kept.id] == "✓"
     assert any(isinstance(e, LogLine) and e.text.startswith("step ") for e in events.events)
     # The node keeps the whole frozen harness the driver shipped, hash checked, under one folder per harness.
     [shipped] = (node_root() / "harness").iterdir()
