@@ -36,12 +36,14 @@ from agent.commands import (
 )
 from agent.config import EngineConfig
 from agent.events import EngineSnapshot, EngineState, Event, EventSink, ReviewRequested
+from agent.ledger import Ledger
+from agent.promotion import read_plan
 from agent.proposals import Edit, Proposal, Proposer, model_name
 from agent.researcher.optuna_search import SAMPLERS, STUDY_FILE, OptunaSearch, shown_name
 from agent.researcher.random_search import MODEL_NAME as RANDOM_SEARCH
 from agent.researcher.random_search import RandomSearch
 from tui.bridge import EventBridge
-from tui.protocols import EngineLike
+from tui.protocols import EngineLike, LedgerLike
 from tui.screens import (
     HelpScreen,
     MainScreen,
@@ -92,6 +94,15 @@ class OpenedEngine:
 
 EngineBuilder = Callable[[EventSink], OpenedEngine]
 """Opens a workspace and makes an engine whose sink is the given one; called in a worker thread."""
+
+
+def promotion_marks(ledger: LedgerLike) -> dict[int, str]:
+    """Each keep's promotion marks as the workspace's ledger holds them (none without a promotion, or from a
+    ledger that is not the real one)."""
+    if not isinstance(ledger, Ledger):
+        return {}
+    plan = read_plan(ledger)
+    return plan.marks() if plan is not None else {}
 
 
 def default_engine_builder(
@@ -192,6 +203,11 @@ class CockpitApp(App[int]):
         def __init__(self, rows: list[ExperimentRow]) -> None:
             super().__init__()
             self.rows = rows
+
+    class MarksRead(Message):
+        def __init__(self, marks: dict[int, str]) -> None:
+            super().__init__()
+            self.marks = marks
 
     class CurveRead(Message):
         def __init__(self, exp_id: int, curve: Curve) -> None:
@@ -334,6 +350,10 @@ class CockpitApp(App[int]):
             return
         rows = [row_from_experiment(exp) for exp in engine.ledger.experiments()]
         self.post_message(self.RowsRead(rows))
+        # After the rows: a promotion that cannot be read must not keep the timeline empty.
+        marks = promotion_marks(engine.ledger)
+        if marks:
+            self.post_message(self.MarksRead(marks))
 
     @on(RowsRead)
     def _rows_read(self, message: RowsRead) -> None:
@@ -342,6 +362,11 @@ class CockpitApp(App[int]):
         best = self.state.header.best_exp_id
         if best is not None and self.state.best_curve.exp_id != best:
             self._read_curve(best)
+
+    @on(MarksRead)
+    def _marks_read(self, message: MarksRead) -> None:
+        self.state.marks = message.marks
+        self._render_rows()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="snapshot", description="engine snapshot")
     def _read_snapshot(self) -> None:
@@ -505,7 +530,7 @@ class CockpitApp(App[int]):
         if not self.showing:
             return
         main = self.main
-        main.timeline.show(self.state.ordered_rows(), self.state.header.best_bpb)
+        main.timeline.show(self.state.ordered_rows(), self.state.header.best_bpb, self.state.marks)
         main.progress.show_state(self.state)
         self._render_header()
 

@@ -30,6 +30,7 @@ from agent.events import (
     RunStarted,
     StateChanged,
     StepMetric,
+    Transferred,
     first_line,
     last_line,
 )
@@ -168,6 +169,8 @@ class LiveRun:
     """The trainer slot it runs in."""
     where: str = ""
     """The node it trains on when that is not this machine."""
+    promotion: str = ""
+    """The rung of a promotion run ('4x'), which trains the experiment's train.py again at a larger budget."""
     log: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_RUN_LOG_LINES))
     """Its last log lines (its banner first while they fit)."""
 
@@ -196,6 +199,8 @@ class TrainerRow:
     """Its log and curve are the ones the live pane shows."""
     status: str = ""
     """Its experiment's status in the timeline (running, keep, discard, ...)."""
+    promotion: str = ""
+    """The rung of a promotion run ('4x'); '' for the experiment's own run."""
 
 
 @dataclass
@@ -287,6 +292,8 @@ class CockpitState:
         self.proposal = ProposalView()
         self.pending_review: ReviewRequested | None = None
         self.last_log_exp: int | None = None
+        self.marks: dict[int, str] = {}
+        """Each keep's promotion marks, one per rung ('✓✗'): empty when the workspace has no promotion."""
 
     # -- derived ---------------------------------------------------------------------------------
 
@@ -317,9 +324,9 @@ class CockpitState:
                 continue
             step = run.curve.steps[-1] if run.curve.steps else None
             best = self.best_curve
-            best_loss = (
-                best.loss_at(step) if step is not None and best.exp_id not in (None, run.exp_id) else None
-            )
+            # A promotion run trains to another budget: its loss at a step is not comparable to the best's.
+            comparable = not run.promotion and best.exp_id not in (None, run.exp_id)
+            best_loss = best.loss_at(step) if step is not None and comparable else None
             rows.append(
                 TrainerRow(
                     slot=slot,
@@ -333,6 +340,7 @@ class CockpitState:
                     finished=run.finished,
                     shown=slot == self.shown_slot,
                     status=self.rows[run.exp_id].status if run.exp_id in self.rows else "",
+                    promotion=run.promotion,
                 )
             )
         return rows
@@ -501,6 +509,8 @@ class CockpitState:
                     self.proposal.phase = "ready"
                 update.dirty.add("proposal")
             update.dirty.add("header")
+        elif isinstance(event, RunStarted) and event.promotion:
+            self._promotion_started(event, update)
         elif isinstance(event, RunStarted):
             row = self.row(event.exp_id)
             row.status = "running"
@@ -509,14 +519,16 @@ class CockpitState:
             header.budget = event.budget or header.budget
             run = self._new_run(event.exp_id, event.seed, event.description, event.slot, event.where)
             self.newest_slot = event.slot
-            on = ""
-            if self.n_trainers > 1:
-                on = f" · trainer {event.slot + 1}" + (f" on {event.where}" if event.where else "")
-            banner = f"── #{event.exp_id} seed {event.seed}{on}: {event.description} ──"
+            banner = f"── #{event.exp_id} seed {event.seed}{self._on(event)}: {event.description} ──"
             run.add_line(banner)
             if event.slot == self.shown_slot:
                 update.log.lines.append(banner)
             update.dirty.update({"timeline", "run", "header", "trainers"})
+        elif isinstance(event, RunFinished) and event.promotion:
+            slot = self._slot_of(event)
+            if slot is not None:
+                self.slots[slot].finished = True
+            update.dirty.update({"run", "trainers"})
         elif isinstance(event, RunFinished):
             row = self.row(event.exp_id)
             row.seconds = (row.seconds or 0.0) + event.seconds if row.seeds > 1 else event.seconds
@@ -643,12 +655,42 @@ class CockpitState:
             update.notifications.append((text, "error"))
         elif isinstance(event, Info):
             update.notifications.append((event.message, "information"))
+        elif isinstance(event, Transferred):
+            self.marks = dict(event.marks)
+            update.notifications.append((event.message, "information"))
+            update.dirty.add("timeline")
+
+    def _promotion_started(self, event: RunStarted, update: Update) -> None:
+        """A promotion run began: it shows in its trainer and the log, and changes nothing of the experiment
+        (its status, seeds, time and val_bpb are the session's budget's)."""
+        run = self._new_run(
+            event.exp_id, event.seed, event.description, event.slot, event.where, promotion=event.promotion
+        )
+        self.newest_slot = event.slot
+        banner = f"── {event.promotion} promotion: #{event.exp_id} seed {event.seed}{self._on(event)}: "
+        banner += f"{event.description} ──"
+        run.add_line(banner)
+        if event.slot == self.shown_slot:
+            update.log.lines.append(banner)
+        update.dirty.update({"run", "trainers"})
+
+    def _on(self, event: RunStarted) -> str:
+        """' · trainer 2 on node-b' when there are several trainers; '' with one."""
+        if self.n_trainers <= 1:
+            return ""
+        return f" · trainer {event.slot + 1}" + (f" on {event.where}" if event.where else "")
 
     def _new_run(
-        self, exp_id: int, seed: int | None = None, description: str = "", slot: int = 0, where: str = ""
+        self,
+        exp_id: int,
+        seed: int | None = None,
+        description: str = "",
+        slot: int = 0,
+        where: str = "",
+        promotion: str = "",
     ) -> LiveRun:
         """A fresh run in `slot`; only the curves of the trainers' runs and the best's are kept, so memory
-        stays flat."""
+        stays flat. A promotion run's curve is not the experiment's (another budget): it is not kept as one."""
         run = LiveRun(
             exp_id=exp_id,
             seed=seed,
@@ -656,11 +698,13 @@ class CockpitState:
             curve=Curve(exp_id=exp_id),
             slot=slot,
             where=where,
+            promotion=promotion,
         )
         self.slots[slot] = run
         held = {r.exp_id for r in self.slots.values()} | {self.best_curve.exp_id}
         self.curves = {k: v for k, v in self.curves.items() if k in held}
-        self.curves[exp_id] = run.curve
+        if not promotion:
+            self.curves[exp_id] = run.curve
         return run
 
     def _slot_of(self, event: LogLine | StepMetric | RunFinished) -> int | None:

@@ -182,11 +182,14 @@ def run_title(run: LiveRun, best: Curve, trainers: int = 1) -> str:
     loss at that step, throughput."""
     if run.exp_id is None:
         return "loss (no run yet)"
-    parts = [f"#{run.exp_id}" + (f" on trainer {run.slot + 1}" if trainers > 1 else "")]
+    at = f" at {run.promotion}" if run.promotion else ""
+    parts = [f"#{run.exp_id}{at}" + (f" on trainer {run.slot + 1}" if trainers > 1 else "")]
     if run.curve.losses:
         step = run.curve.steps[-1]
         parts.append(f"step {step} loss {run.curve.losses[-1]:.3f}")
-        best_loss = best.loss_at(step) if best.exp_id not in (None, run.exp_id) else None
+        # A promotion run trains to another budget: its loss at a step is not comparable to the best's.
+        comparable = not run.promotion and best.exp_id not in (None, run.exp_id)
+        best_loss = best.loss_at(step) if comparable else None
         if best_loss is not None:
             parts.append(f"best {best_loss:.3f}")
     parts.append(fmt.tokens_per_s(run.tokens_per_s))

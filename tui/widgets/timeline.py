@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rich.text import Text
 from textual.message import Message
 from textual.widgets import DataTable
@@ -20,9 +22,24 @@ COLUMNS = (
     ("by", "by"),
 )
 
+TRANSFER_COLUMN = ("scale", "transfer")
+"""Shown after the status while the workspace has a promotion: each keep's marks, one per rung."""
+
+MARK_STYLE = {"✓": "bold green", "✗": "bold red", "…": "grey62"}
+"""How each promotion mark reads: transfers, does not transfer, pending."""
+
+
+def marks_text(marks: str) -> Text:
+    """A keep's promotion marks, each in its colour ('✓✗': transfers at the first rung, not at the second)."""
+    text = Text()
+    for mark in marks:
+        text.append(mark, style=MARK_STYLE.get(mark, ""))
+    return text
+
 
 class Timeline(FocusCachedTable[Text | str]):
-    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, who proposed it, description).
+    """Every experiment as a row (id, status, val_bpb, delta vs best, seconds, who proposed it, description);
+    while a promotion is set, each keep's marks at scale after its status.
 
     Its rendered rows survive focus moves (see `tui.internals.FocusCachedTable`).
     """
@@ -38,11 +55,23 @@ class Timeline(FocusCachedTable[Text | str]):
         super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
         self._shown: dict[int, tuple[object, ...]] = {}
         self._order: list[int] = []
+        self._transfer = False
+        """The transfer column is shown (some keep has promotion marks)."""
 
     def on_mount(self) -> None:
-        for label, key in COLUMNS:
+        self._add_columns()
+
+    @property
+    def columns_shown(self) -> list[tuple[str, str]]:
+        """(label, key) of each column, in order."""
+        columns = list(COLUMNS)
+        if self._transfer:
+            columns.insert(2, TRANSFER_COLUMN)
+        return [*columns, ("description", "description")]
+
+    def _add_columns(self) -> None:
+        for label, key in self.columns_shown:
             self.add_column(label, key=key)
-        self.add_column("description", key="description")
 
     @property
     def selected_id(self) -> int | None:
@@ -56,11 +85,15 @@ class Timeline(FocusCachedTable[Text | str]):
         """Experiment ids in display order (newest first)."""
         return list(self._order)
 
-    def _cells(self, row: ExperimentRow, best: float | None) -> tuple[Text | str, ...]:
+    def _cells(
+        self, row: ExperimentRow, best: float | None, marks: Mapping[int, str]
+    ) -> tuple[Text | str, ...]:
         value_delta = None if row.val_bpb is None or best is None else row.val_bpb - best
+        transfer = (marks_text(marks.get(row.exp_id, "")),) if self._transfer else ()
         return (
             Text(str(row.exp_id), style="bold"),
             fmt.status_text(row.status, row.decided_by),
+            *transfer,
             fmt.bpb(row.val_bpb),
             fmt.delta(value_delta),
             fmt.seconds(row.seconds),
@@ -68,14 +101,23 @@ class Timeline(FocusCachedTable[Text | str]):
             row.description.replace("\n", " "),
         )
 
-    def show(self, rows: list[ExperimentRow], best: float | None) -> None:
-        """Show `rows` (newest first), touching only the cells that changed."""
+    def show(
+        self, rows: list[ExperimentRow], best: float | None, marks: Mapping[int, str] | None = None
+    ) -> None:
+        """Show `rows` (newest first), touching only the cells that changed; `marks`: each keep's promotion
+        marks (the transfer column shows only while there are some)."""
+        marks = marks or {}
+        transfer = bool(marks)
+        columns_change = transfer != self._transfer
+        self._transfer = transfer
         order = [row.exp_id for row in rows]
-        cells = {row.exp_id: self._cells(row, best) for row in rows}
-        if order != self._order:
+        cells = {row.exp_id: self._cells(row, best, marks) for row in rows}
+        if order != self._order or columns_change:
             selected = self.selected_id
             at_top = self.cursor_row <= 0
-            self.clear()
+            self.clear(columns=columns_change)
+            if columns_change:
+                self._add_columns()
             for exp_id in order:
                 self.add_row(*cells[exp_id], key=str(exp_id))
             self._order = order
@@ -83,7 +125,7 @@ class Timeline(FocusCachedTable[Text | str]):
             if selected is not None and selected in order and not at_top:
                 self.move_cursor(row=order.index(selected), animate=False)
             return
-        keys = [key for _, key in COLUMNS] + ["description"]
+        keys = [key for _, key in self.columns_shown]
         for exp_id in order:
             plain = tuple(str(c) for c in cells[exp_id])
             if plain == self._shown.get(exp_id):

@@ -17,6 +17,8 @@ def trainer_line(row: TrainerRow) -> Text:
         text.append("idle", style="grey62")
         return text
     text.append(f"#{row.exp_id}", style="bold")
+    if row.promotion:
+        text.append(f" at {row.promotion}", style="bold magenta")
     if row.step is not None:
         text.append(f" step {row.step}", style="grey62")
     if row.loss is not None:
@@ -28,6 +30,8 @@ def trainer_line(row: TrainerRow) -> Text:
             text.append(" vs best", style="grey62")
     if not row.finished:
         text.append(f"  {fmt.tokens_per_s(row.tokens_per_s)}", style="grey62")
+    elif row.promotion:
+        text.append("  finished", style="grey62")
     elif row.status and row.status not in ("running", "pending"):
         text.append("  ")
         text.append_text(fmt.status_text(row.status))
