@@ -53,8 +53,11 @@ CRASH_POINTS = (
     "after_decide",
     "during_baseline",
     "after_baseline",
+    "during_promotion",
+    "after_promotion",
 )
-"""Every transition's point (the baseline's decision has its own two: it is recorded by another path)."""
+"""Every transition's point (the baseline's decision has its own two: it is recorded by another path; a promotion
+run's two are `agent.ladder`'s, keyed by the rung's factor: during_promotion:4)."""
 
 
 def crash_point(name: str, exp_id: int | None = None) -> None:

@@ -929,7 +929,7 @@ class Engine:
             return spare
         with self._lock:
             wanted = len(self._ready) + int(self._thinking.busy or self._review is not None)
-        return 0 if self.ledger.queued() or self._limit_reached() else spare - wanted
+        return 0 if self.ledger.queued() else spare - wanted
 
     def _promotion_owed(self) -> bool:
         """Whether promotion is owed a slot before experiments, to keep its share of the trainers' time."""

@@ -34,9 +34,6 @@ from agent.report import transfer_text
 from agent.sandbox.spec import Outcome, RunRequest, RunResult
 from agent.workspace import Workspace
 
-PROMOTION_CRASH_POINTS = ("during_promotion", "after_promotion")
-"""Where the kill -9 tests stop the engine in a promotion run (`crash_point`, keyed by the rung's factor)."""
-
 
 class Ladder:
     """The workspace's promotion rungs (`rungs`: asked for now; None: the ones the workspace keeps)."""
@@ -84,8 +81,6 @@ class Ladder:
         best, keep = self.ledger.get(best_id), self.ledger.get(keep_id)
         if best is None or keep is None or not best.commit or not keep.commit or not keep.parent_commit:
             return None
-        if keep_id == best_id:
-            return self.ws.file_at(keep.parent_commit)
         return merge3(
             self.ws.file_at(keep.commit), self.ws.file_at(keep.parent_commit), self.ws.file_at(best.commit)
         )
@@ -200,7 +195,7 @@ class Ladder:
         )
 
     def say(self, message: str) -> None:
-        """`message`, with every keep's verdicts so far (and newly settled ones in words)."""
+        """`message`, and in words each verdict settled since the last time (with everyone's marks)."""
         plan = self.plan()
         if plan is None:
             return
