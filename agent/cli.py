@@ -125,7 +125,6 @@ def _scheduling(suppress: bool) -> Parser:
     )
     parser.add_argument(
         "--promote-share",
-        type=float,
         default=default,
         metavar="S",
         help="share of the trainers' time promotion may take while experiments wait (default 0.25; at 0 it "
@@ -283,9 +282,12 @@ def _scheduling_config(args: argparse.Namespace) -> dict[str, Any]:
             raise CliError(str(exc)) from None
     share = getattr(args, "promote_share", None)
     if share is not None:
-        if not 0 <= share <= 1:
-            raise CliError("--promote-share must be between 0 and 1")
-        fields["promote_share"] = share
+        try:
+            fields["promote_share"] = float(share)
+        except ValueError:
+            fields["promote_share"] = -1.0
+        if not 0 <= fields["promote_share"] <= 1:
+            raise CliError(f"--promote-share must be a number between 0 and 1, not {share!r}")
     return fields
 
 
@@ -333,6 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--seeds must be at least 1")
     if args.max_experiments is not None and args.max_experiments < 0:
         raise CliError("--max-experiments must be 0 or more")
+    scheduling = _scheduling_config(args)  # a bad value is refused before anything is made
     from agent.printer import make_printer
     from agent.session import open_engine
     from agent.workspace import Workspace
@@ -368,13 +371,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from agent.researcher.hybrid import hybrid
 
         proposer = hybrid(proposer, workspace.state_dir, args.seed)
-    config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **_scheduling_config(args))
+    config = _config(args, seeds=args.seeds, max_experiments=args.max_experiments, **scheduling)
     engine = open_engine(workspace, proposer, config, make_printer(as_json=args.json, verbose=args.verbose))
     return _drive(engine)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.ledger import Ledger
+    from agent.promotion import read_plan
     from agent.sandbox.containment import probe as probe_containment
 
     ws = _open(args)
@@ -406,6 +410,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"experiments {len(experiments)}{': ' + shown if shown else ''}")
         if queued := ledger.queued():
             print(f"queued     {len(queued)}: " + "; ".join(q.proposal.description for q in queued))
+        if (plan := read_plan(ledger)) is not None:
+            marks = ", ".join(f"#{exp_id} {m}" for exp_id, m in plan.marks().items()) or "nothing kept yet"
+            print(
+                f"promotion  {', '.join(r.name for r in plan.rungs)}: {marks} (✓ transfers, ✗ does not, … pending)"
+            )
         for exp in experiments[-5:]:
             print("  " + _log_line(exp))
     finally:

@@ -242,10 +242,15 @@ def test_promote_on_a_finished_session_and_the_setting_is_the_workspaces(ws: Wor
     again = cli("promote", "--workspace", str(ws.path))  # the workspace's rungs; everything measured already
     assert again.returncode == 0, again.stderr
     assert "promotion 3x" not in again.stdout  # nothing trained twice
+    status = cli("status", "--workspace", str(ws.path))
+    assert "promotion  3x: #1 ✓" in status.stdout
     report = cli("report", "--workspace", str(ws.path))
     assert report.returncode == 0 and (ws.path / "transfer.png").stat().st_size > 0
     bad = cli("promote", "--workspace", str(ws.path), "--promote", "0.5x")
     assert bad.returncode == 2 and "budget factors above 1" in bad.stderr
+    fresh = ws.path.parent / "fresh"
+    bad = cli("run", "--headless", "--workspace", str(fresh), "--promote-share", "2")
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr and not fresh.exists()  # refused first
 
 
 @pytest.mark.parametrize("point", ["during_promotion:2", "after_promotion:2"])
