@@ -70,6 +70,21 @@ def crash_point(name: str, exp_id: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_finished(exp_id: int, result: RunResult, slot: int, promotion: str = "") -> RunFinished:
+    """The event that says how a run of `exp_id` in trainer `slot` ended (a promotion run's: at its rung)."""
+    return RunFinished(
+        exp_id=exp_id,
+        outcome=result.outcome,
+        val_bpb=result.val_bpb,
+        seconds=result.seconds,
+        summary=result.summary,
+        log_tail=result.log_tail,
+        judge_seconds=result.judge_seconds,
+        slot=slot,
+        promotion=promotion,
+    )
+
+
 PROBE_TRUST = 3
 """Children of one parent settled by their probes in a row after which the parent's children train in full."""
 
@@ -467,18 +482,7 @@ class Books:
             summary=summary,
         )
         crash_point("after_run", exp_id)
-        self._emit(
-            RunFinished(
-                exp_id=exp_id,
-                outcome=result.outcome,
-                val_bpb=result.val_bpb,
-                seconds=result.seconds,
-                summary=summary,
-                log_tail=result.log_tail,
-                judge_seconds=result.judge_seconds,
-                slot=slot,
-            )
-        )
+        self._emit(run_finished(exp_id, result, slot))
         return result
 
     def lose_run(self, exp_id: int, n: int, reason: str, system_retries: int = 0) -> None:

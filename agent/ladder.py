@@ -12,10 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from agent.books import crash_point
+from agent.books import crash_point, run_finished
 from agent.candidate import merge3
 from agent.edits import file_hash
-from agent.events import EventSink, Info, RunFinished, RunStarted, Transferred
+from agent.events import EventSink, Info, RunStarted, Transferred
 from agent.ledger import Ledger, PromotionRun
 from agent.promotion import (
     PENDING,
@@ -171,19 +171,7 @@ class Ladder:
             finished_at=time.time(),
         )
         crash_point("after_promotion", _factor(job))
-        self._emit(
-            RunFinished(
-                exp_id=exp_id,
-                outcome=result.outcome,
-                val_bpb=result.val_bpb,
-                seconds=result.seconds,
-                summary=result.summary,
-                log_tail=result.log_tail,
-                judge_seconds=result.judge_seconds,
-                slot=slot,
-                promotion=job.rung.name,
-            )
-        )
+        self._emit(run_finished(exp_id, result, slot, promotion=job.rung.name))
         if result.outcome == Outcome.INTERRUPTED:
             return
         value = f"val_bpb {result.val_bpb:.6f}" if result.val_bpb is not None else f"{result.outcome}"

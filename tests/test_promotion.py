@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 from engine_fakes import Recorder, assert_consistent, cli, idea, make_workspace, write_ideas
+from test_transfer_report import run as promotion_run
 
 from agent.budget import Budget
 from agent.config import EngineConfig
 from agent.engine import PROMOTION_RUN
 from agent.events import EventSink, Info, RunFinished, RunStarted, Transferred
-from agent.ledger import Ledger, PromotionRun, read_results_tsv
+from agent.ledger import Ledger, read_results_tsv
 from agent.promotion import (
     FAILS,
     PENDING,
@@ -98,26 +99,6 @@ def test_rungs_are_factors_above_one_smallest_first() -> None:
             parse_rungs(bad)
 
 
-def _run_row(code: str, seed: int, val: float | None, rung: str = "2x", outcome: str = "ok") -> PromotionRun:
-    return PromotionRun(
-        rung=rung,
-        code_hash=code,
-        seed=seed,
-        exp_id=None,
-        without_id=None,
-        budget="120",
-        outcome=outcome,
-        val_bpb=val,
-        reason="",
-        seconds=1.0,
-        log_path="x.log",
-        log_tail="",
-        pid=None,
-        started_at=0.0,
-        finished_at=1.0,
-    )
-
-
 def test_each_configuration_is_wanted_once_per_rung_and_seed_in_the_order_that_settles_verdicts() -> None:
     steps = [Step(1, "k1", 0, "base", 0.4), Step(2, "k2", 1, "k1", 0.3)]
     jobs = wanted([Rung(2.0), Rung(4.0)], [1, 2], "base", steps, {1: "v1", 2: "k1"})
@@ -129,7 +110,7 @@ def test_each_configuration_is_wanted_once_per_rung_and_seed_in_the_order_that_s
         ("4x", "base", 1), ("4x", "base", 2), ("4x", "k1", 1), ("4x", "k2", 1), ("4x", "v1", 1),
     ]  # fmt: skip
     assert wanted([Rung(2.0)], [1, 2], "base", [], None) == []  # nothing kept: nothing to verify
-    done = [_run_row("base", 1, 2.5), _run_row("base", 2, 2.5, outcome="interrupted")]
+    done = [promotion_run("2x", "base", 2.5, 1), promotion_run("2x", "base", 2.5, 2, outcome="interrupted")]
     job = next_job(jobs, done, busy=set())
     assert job is not None and job.key == ("2x", "base", 2)  # an interrupted run runs again
     job = next_job(jobs, done, busy={("2x", "base", 2)})
@@ -141,10 +122,10 @@ def test_a_keep_transfers_when_its_gain_at_the_rung_beats_the_rungs_margin() -> 
 
     step = Step(2, "k2", 1, "k1", 0.05)
     noise = noise_floor([2.50, 2.51], 0.002, 0.01)  # std 0.00707: margin 0.0141
-    runs = [_run_row("k1", 1, 2.40), _run_row("k2", 1, 2.38)]
+    runs = [promotion_run("2x", "k1", 2.40, 1), promotion_run("2x", "k2", 2.38, 1)]
     found = verdict(step, "2x", runs, noise, 1)
     assert found.state == TRANSFERS and found.gain == pytest.approx(0.02)
-    runs = [_run_row("k1", 1, 2.40), _run_row("k2", 1, 2.39)]
+    runs = [promotion_run("2x", "k1", 2.40, 1), promotion_run("2x", "k2", 2.39, 1)]
     found = verdict(step, "2x", runs, noise, 1)
     assert (
         found.state == FAILS
@@ -153,16 +134,16 @@ def test_a_keep_transfers_when_its_gain_at_the_rung_beats_the_rungs_margin() -> 
     )
     assert verdict(step, "2x", runs, None, 1).state == PENDING  # the rung's margin is not measured yet
     assert verdict(step, "2x", runs[:1], noise, 1).state == PENDING
-    crashed = [_run_row("k1", 1, 2.40), _run_row("k2", 1, None, outcome="oom")]
+    crashed = [promotion_run("2x", "k1", 2.40, 1), promotion_run("2x", "k2", None, 1, outcome="oom")]
     assert verdict(step, "2x", crashed, noise, 1).state == FAILS  # it does not even train at that scale
 
 
 def test_the_leave_one_out_contributions_and_their_sum() -> None:
     runs = [
-        _run_row("base", 1, 2.5),
-        _run_row("best", 1, 2.0),
-        _run_row("w1", 1, 2.3),
-        _run_row("w2", 1, 2.1),
+        promotion_run("2x", "base", 2.5, 1),
+        promotion_run("2x", "best", 2.0, 1),
+        promotion_run("2x", "w1", 2.3, 1),
+        promotion_run("2x", "w2", 2.1, 1),
     ]
     found = additivity("2x", runs, "base", 2, "best", {1: "w1", 2: "w2", 3: None}, 1)
     assert found.total == pytest.approx(0.5)
@@ -344,12 +325,15 @@ def test_a_keep_whose_parent_fails_at_the_rung_is_said_unknown_not_left_pending(
     from agent.decisions import noise_floor
 
     step = Step(2, "k2", 1, "k1", 0.05)
-    runs = [_run_row("k1", 1, None, outcome="oom"), _run_row("k2", 1, 2.38)]
+    runs = [promotion_run("2x", "k1", None, 1, outcome="oom"), promotion_run("2x", "k2", 2.38, 1)]
     found = verdict(step, "2x", runs, noise_floor([2.5, 2.5], 0.002, 0.01), 1)
     assert found.state == UNKNOWN and found.mark == "?" and "its parent failed at 2x (oom)" in found.reason
     from agent.promotion import rung_noise
 
-    failed = [_run_row("base", 3, None, outcome="oom"), _run_row("base", 4, None, outcome="oom")]
+    failed = [
+        promotion_run("2x", "base", None, 3, outcome="oom"),
+        promotion_run("2x", "base", None, 4, outcome="oom"),
+    ]
     noise = rung_noise(failed, "2x", "base", [3, 4], 0.002, 0.01)
     assert noise is not None and noise.margin == 0.01 and not noise.measured  # not pending for ever
     assert rung_noise(failed[:1], "2x", "base", [3, 4], 0.002, 0.01) is None

@@ -6,8 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from test_report import experiment
 
-from agent.ledger import Experiment, PromotionRun
+from agent.ledger import PromotionRun
 from agent.promotion import Plan, Rung, Step
 from agent.report import TRANSFER_WIDTH, transfer_figure, transfer_text, write_transfer_png
 
@@ -15,37 +16,10 @@ BASELINE = (2.400, 2.402, 2.398)
 """The baseline at 4x over seeds 1, 2, 3: sample std 0.002, so the rung's margin is 2 x 0.002 = 0.004."""
 
 
-def experiment(exp_id: int, description: str) -> Experiment:
-    return Experiment(
-        id=exp_id,
-        parent_commit=None,
-        commit=f"{exp_id:07d}",
-        description=description,
-        proposal="{}",
-        diff="",
-        proposer="ideas",
-        model=None,
-        status="keep",
-        val_bpb=None,
-        peak_memory_mb=None,
-        training_seconds=None,
-        total_seconds=None,
-        seeds=(1,),
-        log_path=None,
-        started_at=None,
-        finished_at=None,
-        decided_by="engine",
-        reason="",
-        log_tail="",
-        temperature=None,
-        seed=None,
-    )
-
-
 EXPERIMENTS = [
-    experiment(0, "baseline"),
-    experiment(2, "raise the learning rate to 3e-3"),
-    experiment(5, "swap the GELU for a SwiGLU feed-forward with a wider hidden layer " * 2),
+    experiment(0, "baseline", None, "baseline"),
+    experiment(2, "keep", None, "raise the learning rate to 3e-3"),
+    experiment(5, "keep", None, "swap the GELU for a SwiGLU feed-forward with a wider hidden layer " * 2),
 ]
 
 
