@@ -942,10 +942,13 @@ class Engine:
             return
         if not self.books.baseline_decided():
             return
-        busy = {f.promotion.key for f in self._slots.in_flight() if f.promotion is not None}
+        flights = self._slots.in_flight()
+        busy = {f.promotion.key for f in flights if f.promotion is not None}
+        # The leave-one-out pass is of the final best: asked for once no experiment can still change it.
+        final = self._session_over() and not self._waiting and all(f.promotion for f in flights)
         free = self._free_slots()[len(self._waiting) :]
         for slot in free[:slots]:
-            job = self.ladder.next_job(busy, finishing=self._session_over())
+            job = self.ladder.next_job(busy, finishing=final)
             if job is None:
                 return
             busy.add(job.key)
