@@ -970,11 +970,15 @@ class Engine:
         assert job is not None
         if message.result is None:
             reason = _why_lost(message)
-            self.ladder.lose(job, reason)
-            what = f"promotion {job.rung.name} of {job.subject.describe()}"
-            self._emit(Info(message=f"{what}: {reason}; it runs again"))
             if message.unpreparable:
                 raise PrepareError(message.unpreparable)
+            if message.lost is None:  # the runner failed: said as an error, and not tried again
+                self._emit(EngineError(message=reason, detail=message.error))
+            again = self.ladder.lose(job, reason, retry=message.lost is not None)
+            what = f"promotion {job.rung.name} of {job.subject.describe()}"
+            self._emit(
+                Info(message=f"{what}: {reason}; {'it runs again' if again else 'recorded as failed'}")
+            )
             return
         self.ladder.finish(job, self.books.check_after_run(message.result), flight.slot, flight.exp_id)
 

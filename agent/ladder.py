@@ -34,6 +34,9 @@ from agent.report import transfer_text
 from agent.sandbox.spec import Outcome, RunRequest, RunResult
 from agent.workspace import Workspace
 
+MAX_LOSSES = 3
+"""A promotion run lost this many times in a session (a node that dies on it each time) is recorded as failed."""
+
 
 class Ladder:
     """The workspace's promotion rungs (`rungs`: asked for now; None: the ones the workspace keeps)."""
@@ -44,6 +47,8 @@ class Ladder:
         self.rungs = self._asked if self._asked is not None else self._stored()
         self._said: set[tuple[int, str]] = set()
         """The verdicts already said in words (each once per engine)."""
+        self._losses: dict[tuple[str, str, int], int] = {}
+        """Times each promotion run came back without a result in this session."""
 
     def _stored(self) -> tuple[Rung, ...]:
         return tuple(Rung(float(f)) for f in self.ledger.get_meta(PROMOTE_META, []))
@@ -177,10 +182,15 @@ class Ladder:
         value = f"val_bpb {result.val_bpb:.6f}" if result.val_bpb is not None else f"{result.outcome}"
         self.say(f"promotion {job.rung.name}: {job.subject.describe()} seed {job.seed}: {value}")
 
-    def lose(self, job: Job, reason: str) -> None:
-        self.ledger.set_promotion(
-            *job.key, outcome=Outcome.INTERRUPTED, reason=reason, finished_at=time.time()
-        )
+    def lose(self, job: Job, reason: str, retry: bool) -> bool:
+        """A run that came back without a result: interrupted, to run again when `retry` (its node went away)
+        up to MAX_LOSSES times in a session; else recorded as invalid, so that the ladder goes on. Whether it
+        runs again."""
+        self._losses[job.key] = self._losses.get(job.key, 0) + 1
+        again = retry and self._losses[job.key] < MAX_LOSSES
+        outcome = Outcome.INTERRUPTED if again else Outcome.INVALID
+        self.ledger.set_promotion(*job.key, outcome=outcome, reason=reason, finished_at=time.time())
+        return again
 
     def say(self, message: str) -> None:
         """`message`, and in words each verdict settled since the last time (with everyone's marks)."""

@@ -13,7 +13,7 @@ from test_transfer_report import run as promotion_run
 from agent.budget import Budget
 from agent.config import EngineConfig
 from agent.engine import PROMOTION_RUN
-from agent.events import EventSink, Info, RunFinished, RunStarted, Transferred
+from agent.events import EngineError, EventSink, Info, RunFinished, RunStarted, Transferred
 from agent.ledger import Ledger, read_results_tsv
 from agent.promotion import (
     FAILS,
@@ -258,38 +258,66 @@ def test_kill_mid_promotion_then_resume_loses_nothing_and_runs_nothing_twice(
     assert plan is not None and plan.marks() == {1: "✓", 2: "✗"}
 
 
-class _LosesTheFirstPromotion:
-    """The real local trainers, except that the first promotion run is lost, as a Ray node that goes away."""
+class _FailsPromotions:
+    """The real local trainers, except that promotion runs of the baseline fail: the first `lost` of them as a
+    Ray node that goes away, then (`broken`) as a runner that fails on them every time."""
 
-    def __init__(self, real: Trainer) -> None:
-        self.real, self.lost = real, 0
+    def __init__(self, real: Trainer, lost: int, broken: bool) -> None:
+        self.real, self.to_lose, self.broken, self.lost = real, lost, broken, 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
 
     def run(self, slot: int, request: RunRequest, *args: object, **kwargs: object) -> RunResult:
-        if request.n >= PROMOTION_RUN and not self.lost:
-            self.lost += 1
-            raise TrainerLost("the node went away")
+        if request.n >= PROMOTION_RUN and request.exp_id == 0 and request.seed == 3:
+            if self.lost < self.to_lose:
+                self.lost += 1
+                raise TrainerLost("the node went away")
+            if self.broken:
+                raise RuntimeError("the runner broke")
         return self.real.run(slot, request, *args, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_lost_promotion_run_runs_again_like_any_run(ws: Workspace) -> None:
+def _failing(ws: Workspace, lost: int, broken: bool) -> tuple[_FailsPromotions, Recorder, Ledger]:
     config = EngineConfig(seeds=2, deadline_s=60.0, promote=(2.0,))
     real = trainer_factory(ws, replace(config, budget=Budget.parse("60")))
-    made: list[_LosesTheFirstPromotion] = []
+    made: list[_FailsPromotions] = []
 
     def make(slots: int, ray: str | None, emit: EventSink) -> Trainer:
-        made.append(_LosesTheFirstPromotion(real(slots, ray, emit)))
+        made.append(_FailsPromotions(real(slots, ray, emit), lost, broken))
         return made[-1]  # type: ignore[return-value]
 
     events = Recorder()
     engine = open_engine(ws, _queue(TRANSFERS_IDEA), config, events, make)
     engine.run()
     engine.close()
-    assert engine.error is None and made[0].lost == 1
+    assert engine.error is None
+    return made[0], events, assert_consistent(ws)
+
+
+def test_a_failing_promotion_run_is_recorded_not_tried_for_ever(ws: Workspace) -> None:
+    trainer, events, ledger = _failing(ws, lost=5, broken=False)
+    assert trainer.lost == 3  # a node that dies on it every time: given up after 3 losses
+    runs = {(r.exp_id, r.seed): r for r in ledger.promotions()}
+    assert runs[0, 3].outcome == "invalid" and "the node went away" in runs[0, 3].reason
+    assert any("recorded as failed" in e.message for e in events.of(Info))
+    plan = read_plan(ledger)
+    assert plan is not None and plan.marks() == {
+        1: "?"
+    }  # its parent, the baseline, failed at 2x with that seed
+
+
+def test_a_runner_that_fails_on_a_promotion_run_is_said_and_recorded(tmp_path: Path) -> None:
+    ws = make_workspace(tmp_path, train=SCALED_TRAIN)
+    trainer, events, ledger = _failing(ws, lost=0, broken=True)
+    assert any("the runner broke" in e.message for e in events.of(EngineError))
+    assert {(r.exp_id, r.seed): r.outcome for r in ledger.promotions()}[0, 3] == "invalid"
+
+
+def test_a_lost_promotion_run_runs_again_like_any_run(ws: Workspace) -> None:
+    trainer, events, ledger = _failing(ws, lost=1, broken=False)
+    assert trainer.lost == 1
     assert any("the node went away; it runs again" in e.message for e in events.of(Info))
-    ledger = assert_consistent(ws)
     assert [(r.exp_id, r.seed, r.outcome) for r in ledger.promotions()] == [
         (0, 3, "ok"),
         (0, 4, "ok"),

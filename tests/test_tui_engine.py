@@ -191,6 +191,7 @@ async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Pa
             lambda: app.state.header.state == EngineState.STOPPED and all(decided(app, i) for i in (0, 1, 2)),
             RUN_TIMEOUT,
             "the ideas to run out",
+            lambda: (app.state.header.state, {i: r.status for i, r in app.state.rows.items()}, said.messages),
         )
         assert app.state.rows[0].status == "baseline" and app.state.rows[0].seeds == 2
         assert all(app.state.rows[i].decided for i in (0, 1, 2)), said.messages

@@ -31,12 +31,15 @@ def async_test(fn: Callable[P, Awaitable[None]]) -> Callable[P, None]:
     return wrapper
 
 
-async def wait_until(pilot: Any, condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Let the app run until `condition()` holds; fail saying `what` did not happen within `timeout` s."""
+async def wait_until(
+    pilot: Any, condition: Callable[[], bool], timeout: float, what: str, explain: Callable[[], object] = str
+) -> None:
+    """Let the app run until `condition()` holds; fail saying `what` did not happen within `timeout` s, and
+    what `explain()` says of the app then (what it told the user, say: a flaky wait needs it to be understood)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for: {what}; {explain()}")
         await pilot.pause(0.1)
 
 
