@@ -699,7 +699,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     """The promotion of the workspace's keeps, and the leave-one-out pass, as a session with no experiments."""
     from agent.ledger import Ledger
     from agent.printer import make_printer
-    from agent.promotion import PROMOTE_META
+    from agent.promotion import stored_rungs
     from agent.researcher.ideas import IdeaQueue
     from agent.session import open_engine
 
@@ -707,9 +707,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     scheduling = _scheduling_config(args)
     if "promote" not in scheduling:
         ledger = Ledger(workspace.ledger_path)
-        stored = ledger.get_meta(PROMOTE_META)
+        stored = stored_rungs(ledger)
         ledger.close()
-        scheduling["promote"] = tuple(stored) if stored else (4.0,)
+        scheduling["promote"] = tuple(r.factor for r in stored) or (4.0,)
     if not scheduling["promote"]:
         raise CliError("--promote off: nothing to promote")
     config = _config(args, max_experiments=0, **scheduling)

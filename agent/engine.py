@@ -173,9 +173,6 @@ class Engine:
         self._retrain: SetTrainers | None = None
         """A change of trainers asked for: nothing new starts until the runs in flight end and it is made."""
         self._decided_runs = 0
-        self._trained_s = 0.0
-        self._promoted_s = 0.0
-        """Trainer seconds of every run and of promotion runs, since the session started."""
         self._promotion_said = False
 
     # ---- the command API (any thread) -----------------------------------------------------------------
@@ -357,9 +354,10 @@ class Engine:
             words += f"; {snap.trainers} trainer(s) busy {snap.busy_share:.0%} of the time"
         if snap.experiments_per_hour is not None:
             words += f", {snap.experiments_per_hour:.1f} experiments/hour"
-        if self._promoted_s:
-            share = self._promoted_s / max(self._trained_s, 1e-9)
-            words += f"; promotion took {self._promoted_s / 60:.1f} trainer-minutes ({share:.0%} of training)"
+        trained, promoted = self._slots.trained_seconds()
+        if promoted:
+            share = promoted / max(trained, 1e-9)
+            words += f"; promotion took {promoted / 60:.1f} trainer-minutes ({share:.0%} of training)"
         return words
 
     def _abandon(self) -> None:
@@ -879,10 +877,7 @@ class Engine:
     def _run_done(self, message: RunDone) -> None:
         flight = self._slots.done(message.slot)
         assert flight is not None
-        seconds = time.monotonic() - flight.started
-        self._trained_s += seconds
         if flight.promotion is not None:
-            self._promoted_s += seconds
             self._promotion_done(flight, message)
             return
         if message.result is None:
@@ -934,7 +929,8 @@ class Engine:
     def _promotion_owed(self) -> bool:
         """Whether promotion is owed a slot before experiments, to keep its share of the trainers' time."""
         share = self.config.promote_share
-        return share > 0 and self._promoted_s < share * max(self._trained_s, 1e-9)
+        trained, promoted = self._slots.trained_seconds()
+        return share > 0 and promoted < share * max(trained, 1e-9)
 
     def _start_promotions(self, slots: int) -> None:
         """Promotion runs in up to `slots` free slots (none while paused, stopping or before the baseline)."""

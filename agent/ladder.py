@@ -29,6 +29,7 @@ from agent.promotion import (
     Subject,
     next_job,
     read_plan,
+    stored_rungs,
 )
 from agent.report import transfer_text
 from agent.sandbox.spec import Outcome, RunRequest, RunResult
@@ -44,19 +45,16 @@ class Ladder:
     def __init__(self, ws: Workspace, ledger: Ledger, emit: EventSink, rungs: Sequence[Rung] | None) -> None:
         self.ws, self.ledger, self._emit = ws, ledger, emit
         self._asked = None if rungs is None else tuple(rungs)
-        self.rungs = self._asked if self._asked is not None else self._stored()
+        self.rungs = self._asked if self._asked is not None else stored_rungs(ledger)
         self._said: set[tuple[int, str]] = set()
         """The verdicts already said in words (each once per engine)."""
         self._losses: dict[tuple[str, str, int], int] = {}
         """Times each promotion run came back without a result in this session."""
 
-    def _stored(self) -> tuple[Rung, ...]:
-        return tuple(Rung(float(f)) for f in self.ledger.get_meta(PROMOTE_META, []))
-
     def open(self) -> None:
         """The session starts (the workspace is the engine's): rungs asked for become the workspace's setting,
         and the verdicts so far are said."""
-        if self._asked is not None and self._asked != self._stored():
+        if self._asked is not None and self._asked != stored_rungs(self.ledger):
             self.ledger.set_meta(PROMOTE_META, [r.factor for r in self._asked])
             names = ", ".join(r.name for r in self._asked) or "off"
             self._emit(Info(message=f"promotion: {names} (kept as this workspace's setting)"))

@@ -356,11 +356,16 @@ def rung_seeds(baseline_seeds: Sequence[int]) -> tuple[int, ...]:
     return tuple(range(start, start + len(baseline_seeds)))
 
 
+def stored_rungs(ledger: Ledger) -> tuple[Rung, ...]:
+    """The workspace's promotion rungs, as its ledger keeps them (none: no promotion)."""
+    return tuple(Rung(float(f)) for f in ledger.get_meta(PROMOTE_META, []))
+
+
 def read_plan(ledger: Ledger, rungs: Sequence[Rung] | None = None) -> Plan | None:
     """The workspace's promotion as its ledger holds it (`rungs`: the ones asked for now, else the stored ones);
     None when there is none or the baseline is not measured yet."""
     if rungs is None:
-        rungs = tuple(Rung(float(f)) for f in ledger.get_meta(PROMOTE_META, []))
+        rungs = stored_rungs(ledger)
     baseline = ledger.get(0)
     if (
         not rungs

@@ -74,6 +74,8 @@ class Slots:
         self._lock = threading.Lock()
         self._since = self._session = time.monotonic()
         self._busy_s = 0.0
+        self._promoted_s = 0.0
+        """Of the busy seconds, those of promotion runs."""
         self._slot_s = 0.0
         """Slot-seconds of the trainer setups before the current one (the busy share's base)."""
 
@@ -158,8 +160,16 @@ class Slots:
         with self._lock:
             flight = self.flights.pop(slot, None)
             if flight is not None:
-                self._busy_s += time.monotonic() - flight.started
+                seconds = time.monotonic() - flight.started
+                self._busy_s += seconds
+                if flight.promotion is not None:
+                    self._promoted_s += seconds
             return flight
+
+    def trained_seconds(self) -> tuple[float, float]:
+        """Trainer seconds of the runs that ended since the session started: all of them, and promotion's."""
+        with self._lock:
+            return self._busy_s, self._promoted_s
 
     def busy_share(self) -> float | None:
         """Seconds the trainers trained / (slots x wall seconds) since the session started."""
