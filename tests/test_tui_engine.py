@@ -166,7 +166,10 @@ class RecordingBridge(EventBridge):
 async def test_two_trainers_show_side_by_side_with_their_own_curves(tmp_path: Path, cleanup: Any) -> None:
     # Two runs share the 2 cores (and whatever else runs here): give the export time, or a loaded machine
     # makes the baseline an overrun.
-    config = EngineConfig(budget=Budget.parse("2"), seeds=2, trainers=2, handover_s=60, probe=False)
+    # No confirmation runs: a 2 s run's noise may make an idea a marginal win, and its rerun a fifth start.
+    config = EngineConfig(
+        budget=Budget.parse("2"), seeds=2, trainers=2, handover_s=60, probe=False, confirm_marginal=False
+    )
     app = create_app(
         tmp_path / "ws", proposer=proposer(WORSE, DECAY), config=config, welcome=False, model_loader=list
     )
